@@ -1,0 +1,272 @@
+"""The accelerator configuration: the one source of truth for every width and size.
+
+An :class:`AcceleratorConfig` is frozen, validated on construction and
+JSON-serialisable. The Amaranth elaboration, the golden model, the packer, the
+host driver and the tests all read their constants from it. Widths that follow
+from others (code value widths, W1/W2 growth, accumulator, requant product) are
+derived properties and never stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "AcceleratorConfig",
+    "ConfigError",
+    "DECODE_FORMS",
+    "CONFIG_SCHEMA_VERSION",
+    "code_value_bits",
+    "clog2",
+]
+
+CONFIG_SCHEMA_VERSION = 1
+DECODE_FORMS = ("signed", "odd")
+KERNEL_SIZES = (1, 3, 5, 7)
+
+
+class ConfigError(ValueError):
+    """An :class:`AcceleratorConfig` field is out of range or inconsistent."""
+
+
+def clog2(n: int) -> int:
+    """Bits needed to count ``n`` distinct values (0 for n <= 1)."""
+    return max(0, math.ceil(math.log2(n))) if n > 1 else 0
+
+
+def code_value_bits(bits: int, form: str) -> int:
+    """Signed width of the value a ``bits``-wide code decodes to.
+
+    ``signed`` codes are two's complement and keep their width; ``odd`` codes
+    decode to ``2c - (2**bits - 1)``, an odd integer that needs one more bit.
+    """
+    return bits if form == "signed" else bits + 1
+
+
+def _check_int(name: str, value, lo: int, hi: int | None = None, *, choices=None):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"AcceleratorConfig.{name} must be an integer, got {value!r}")
+    if choices is not None:
+        if value not in choices:
+            raise ConfigError(
+                f"AcceleratorConfig.{name} = {value} is not supported; accepted: "
+                + ", ".join(str(c) for c in choices))
+        return
+    if value < lo or (hi is not None and value > hi):
+        accepted = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ConfigError(f"AcceleratorConfig.{name} = {value} is out of range; accepted: {accepted}")
+
+
+@dataclass(frozen=True)
+class AcceleratorConfig:
+    """Elaboration parameters of one accelerator build.
+
+    Array shape, data widths and buffer maxima are fixed in hardware; layer
+    shapes are run-time descriptor fields that must stay within the maxima.
+
+    Parameters
+    ----------
+    rows, cols:
+        Shape of the systolic array (processing elements), each >= 2.
+    a_bits:
+        Activation width (signed two's complement), 2..16.
+    w_bits:
+        Processing-element weight width: generated weights W2 are rounded to it.
+    m_bits:
+        Width of the signed per-channel requant multiplier.
+    qb, qu, qv:
+        Code widths of the basis B, the intra-kernel coefficients U and the
+        cross-kernel coefficients V, 1..8.
+    qd:
+        Code width of dense (non-generated) layers, 1..8.
+    decode:
+        How a code decodes to its integer value: ``"signed"`` or ``"odd"``.
+    max_ci, max_co, max_k, max_h, max_w, max_bi, max_bo:
+        Maxima over the layers the build must run (input/output channels,
+        kernel size, input feature map, bases).
+    act_depth:
+        Elements in one activation buffer (the largest tensor of the network).
+    act_buffers:
+        Number of activation buffers the layer program addresses.
+    base_store_bytes:
+        Capacity of the on-chip base store, in bytes.
+    gen_lanes:
+        Generation multipliers working in parallel.
+    baud:
+        Host link UART rate in bit/s.
+    """
+
+    rows: int = 8
+    cols: int = 8
+    a_bits: int = 8
+    w_bits: int = 8
+    m_bits: int = 16
+    qb: int = 3
+    qu: int = 6
+    qv: int = 3
+    qd: int = 8
+    decode: str = "odd"
+    max_ci: int = 64
+    max_co: int = 64
+    max_k: int = 3
+    max_h: int = 32
+    max_w: int = 32
+    max_bi: int = 2
+    max_bo: int = 64
+    act_depth: int = 65536
+    act_buffers: int = 4
+    base_store_bytes: int = 65536
+    gen_lanes: int = 8
+    baud: int = 3_000_000
+    schema: int = field(default=CONFIG_SCHEMA_VERSION)
+
+    def __post_init__(self):
+        _check_int("schema", self.schema, 0, choices=(CONFIG_SCHEMA_VERSION,))
+        _check_int("rows", self.rows, 2, 64)
+        _check_int("cols", self.cols, 2, 64)
+        _check_int("a_bits", self.a_bits, 2, 16)
+        _check_int("w_bits", self.w_bits, 2, 16)
+        _check_int("m_bits", self.m_bits, 2, 24)
+        for name in ("qb", "qu", "qv", "qd"):
+            _check_int(name, getattr(self, name), 1, 8)
+        if self.decode not in DECODE_FORMS:
+            raise ConfigError(
+                f"AcceleratorConfig.decode = {self.decode!r} is not supported; accepted: "
+                + ", ".join(DECODE_FORMS))
+        _check_int("max_ci", self.max_ci, 1, 4096)
+        _check_int("max_co", self.max_co, 1, 4096)
+        _check_int("max_k", self.max_k, 0, choices=KERNEL_SIZES)
+        _check_int("max_h", self.max_h, 1, 1024)
+        _check_int("max_w", self.max_w, 1, 1024)
+        _check_int("max_bi", self.max_bi, 1, 64)
+        _check_int("max_bo", self.max_bo, 1, 4096)
+        _check_int("act_depth", self.act_depth, 1, 1 << 24)
+        _check_int("act_buffers", self.act_buffers, 2, 16)
+        _check_int("base_store_bytes", self.base_store_bytes, 1, 1 << 24)
+        _check_int("gen_lanes", self.gen_lanes, 1, 256)
+        _check_int("baud", self.baud, 1200, 50_000_000)
+        if self.post_bits > 63:
+            raise ConfigError(
+                f"requant product needs {self.post_bits} bits (accumulator {self.acc_bits} + "
+                f"multiplier {self.m_bits} + 1); at most 63 are supported: lower m_bits, "
+                "a_bits, w_bits or max_ci")
+
+    # Derived widths -----------------------------------------------------
+
+    @property
+    def b_value_bits(self) -> int:
+        return code_value_bits(self.qb, self.decode)
+
+    @property
+    def u_value_bits(self) -> int:
+        return code_value_bits(self.qu, self.decode)
+
+    @property
+    def v_value_bits(self) -> int:
+        return code_value_bits(self.qv, self.decode)
+
+    @property
+    def d_value_bits(self) -> int:
+        return code_value_bits(self.qd, self.decode)
+
+    @property
+    def w1_bits(self) -> int:
+        """Signed width of a level-1 weight: sum of ``max_bi`` products B x U."""
+        return self.b_value_bits + self.u_value_bits + clog2(self.max_bi)
+
+    @property
+    def w2_bits(self) -> int:
+        """Signed width of an unrounded level-2 weight: sum of ``max_bo`` products V x W1."""
+        w1 = max(self.w1_bits, self.b_value_bits)
+        return max(w1 + self.v_value_bits + clog2(self.max_bo), self.d_value_bits)
+
+    @property
+    def max_taps(self) -> int:
+        return self.max_ci * self.max_k * self.max_k
+
+    @property
+    def acc_bits(self) -> int:
+        """Signed accumulator width: ``max_taps`` products of a_bits x w_bits, plus headroom
+        for the pooled sum of a whole feature map."""
+        conv = self.a_bits + self.w_bits + clog2(self.max_taps)
+        pool = self.a_bits + clog2(self.max_h * self.max_w)
+        return max(conv, pool)
+
+    @property
+    def bias_bits(self) -> int:
+        """Signed width of a bias, which is added in the product domain acc * M."""
+        return self.acc_bits + self.m_bits
+
+    @property
+    def post_bits(self) -> int:
+        """Signed width of acc * M + bias + residual * m_res before the rounding shift."""
+        return self.acc_bits + self.m_bits + 1
+
+    @property
+    def shift_max(self) -> int:
+        """Largest requant shift a descriptor may carry."""
+        return self.post_bits - 1
+
+    @property
+    def w_shift_max(self) -> int:
+        """Largest W2 rounding shift a descriptor may carry."""
+        return max(0, self.w2_bits - 1)
+
+    # Serialisation ------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, **kw)
+
+    @classmethod
+    def from_dict(cls, data: dict, *, source: str = "config") -> "AcceleratorConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; "
+                              f"accepted: {', '.join(sorted(names))}")
+        missing = sorted(names - set(data))
+        if missing:
+            raise ConfigError(f"{source}: missing field(s) {', '.join(missing)}")
+        try:
+            return cls(**data)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "config") -> "AcceleratorConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{source}: not valid JSON ({e})") from None
+        return cls.from_dict(data, source=source)
+
+    @classmethod
+    def load(cls, path) -> "AcceleratorConfig":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+        return cls.from_json(text, source=str(path))
+
+    def save(self, path) -> None:
+        Path(path).write_text(self.to_json(indent=2) + "\n")
+
+    @property
+    def digest(self) -> bytes:
+        """SHA-256 of the canonical JSON form: the identity of a build."""
+        return hashlib.sha256(self.to_json().encode()).digest()
+
+    @property
+    def hash_hex(self) -> str:
+        return self.digest.hex()

@@ -1,0 +1,204 @@
+"""MLG networks: the digits CNN trained by ``mlg train`` and ResNet-18 for CIFAR-10.
+
+Each model describes itself as a layer program (:meth:`program`): the ordered
+operations, which activation buffers they read and write and which quantizers
+fix their scales. :func:`gen.lower.lower_model` turns that into integers. The
+float ``forward`` computes exactly the same graph with fake quantization.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import ActQuant, MLGConv2d, MLGLinear, MLGSettings, ste_round
+from .integer import int_range
+
+__all__ = ["Op", "DigitsNet", "ResNet18", "BasicBlock", "build_model", "ARCHS",
+           "mlg_conv"]
+
+
+@dataclass
+class Op:
+    """One step of a model's layer program (see :func:`gen.lower.lower_model`)."""
+
+    name: str
+    op: str                       # "conv" or "pool"
+    src: int
+    dst: int
+    in_q: ActQuant
+    out_q: ActQuant
+    h: int
+    w: int
+    conv: nn.Module | None = None
+    bn: nn.BatchNorm2d | None = None
+    relu: bool = False
+    res: int | None = None
+    res_q: ActQuant | None = None
+
+
+def mlg_conv(ci, co, k, stride, s: MLGSettings, quant: bool) -> MLGConv2d:
+    """Model-level rule of the official code: a 1x1 conv whose requested ``bo`` is
+    at least ``min(Co, Ci)`` uses ``bo = int(0.9 * min(Co, Ci))``."""
+    bo = s.bo
+    if k == 1 and bo >= min(co, ci):
+        bo = int(0.9 * min(co, ci))
+    return MLGConv2d(ci, co, k, stride, settings=s, quant=quant, bo=bo)
+
+
+def _pool_q(x: torch.Tensor, q: ActQuant) -> torch.Tensor:
+    """Global average pool rounded at the input scale (the integer pool keeps the scale)."""
+    m = x.mean(dim=(2, 3))
+    if not q.enabled:
+        return m
+    lo, hi = int_range(q.bits)
+    return ste_round(m / q.scale).clamp(lo, hi) * q.scale
+
+
+class _MLGModel(nn.Module):
+    arch = "?"
+
+    def mlg_layers(self):
+        return [m for m in self.modules() if isinstance(m, (MLGConv2d, MLGLinear))]
+
+    def act_quants(self):
+        return [m for m in self.modules() if isinstance(m, ActQuant)]
+
+    def ortho_loss(self):
+        return sum((m.ortho_loss() for m in self.mlg_layers()), torch.zeros(()))
+
+    def set_act_quant(self, enabled: bool):
+        for q in self.act_quants():
+            q.enabled = enabled
+
+
+class DigitsNet(_MLGModel):
+    """Small residual MLG CNN for the 8x8 digits: 3x3 stem, a stride-2 3x3 conv,
+    one residual block of two 3x3 convs, global average pooling, a classifier."""
+
+    arch = "digits"
+
+    def __init__(self, settings: MLGSettings, quant: bool = True, widths=(16, 32),
+                 in_channels: int = 1, size: int = 8, num_classes: int = 10):
+        super().__init__()
+        s, a = settings, settings.a_bits
+        c1, c2 = widths
+        self.settings, self.size, self.in_channels = s, size, in_channels
+        self.num_classes, self.widths = num_classes, tuple(widths)
+        self.aq_in = ActQuant(a, scale=1.0 / ((1 << (a - 1)) - 1))
+        self.conv1, self.bn1, self.aq1 = mlg_conv(in_channels, c1, 3, 1, s, quant), nn.BatchNorm2d(c1), ActQuant(a)
+        self.conv2, self.bn2, self.aq2 = mlg_conv(c1, c2, 3, 2, s, quant), nn.BatchNorm2d(c2), ActQuant(a)
+        self.conv3, self.bn3, self.aq3 = mlg_conv(c2, c2, 3, 1, s, quant), nn.BatchNorm2d(c2), ActQuant(a)
+        self.conv4, self.bn4, self.aq4 = mlg_conv(c2, c2, 3, 1, s, quant), nn.BatchNorm2d(c2), ActQuant(a)
+        self.linear = MLGLinear(c2, num_classes, bias=True, settings=s, quant=quant)
+        self.aq_out = ActQuant(a)
+
+    def forward(self, x):
+        x = self.aq_in(x)
+        a1 = self.aq1(F.relu(self.bn1(self.conv1(x))))
+        a2 = self.aq2(F.relu(self.bn2(self.conv2(a1))))
+        a3 = self.aq3(F.relu(self.bn3(self.conv3(a2))))
+        a4 = self.aq4(F.relu(self.bn4(self.conv4(a3)) + a2))
+        return self.aq_out(self.linear(_pool_q(a4, self.aq4)))
+
+    def program(self) -> list[Op]:
+        n, h2 = self.size, (self.size + 1) // 2
+        return [
+            Op("conv1", "conv", 0, 1, self.aq_in, self.aq1, n, n, self.conv1, self.bn1, True),
+            Op("conv2", "conv", 1, 2, self.aq1, self.aq2, n, n, self.conv2, self.bn2, True),
+            Op("conv3", "conv", 2, 3, self.aq2, self.aq3, h2, h2, self.conv3, self.bn3, True),
+            Op("conv4", "conv", 3, 4, self.aq3, self.aq4, h2, h2, self.conv4, self.bn4, True,
+               res=2, res_q=self.aq2),
+            Op("pool", "pool", 4, 5, self.aq4, self.aq4, h2, h2),
+            Op("linear", "conv", 5, 6, self.aq4, self.aq_out, 1, 1, self.linear, None, False),
+        ]
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block; module names match the official checkpoint."""
+
+    def __init__(self, ci, co, stride, s: MLGSettings, quant: bool):
+        super().__init__()
+        a = s.a_bits
+        self.conv1, self.bn1, self.aq1 = mlg_conv(ci, co, 3, stride, s, quant), nn.BatchNorm2d(co), ActQuant(a)
+        self.conv2, self.bn2 = mlg_conv(co, co, 3, 1, s, quant), nn.BatchNorm2d(co)
+        self.shortcut = nn.Sequential()
+        self.aq_sc = None
+        if stride != 1 or ci != co:
+            self.shortcut = nn.Sequential(mlg_conv(ci, co, 1, stride, s, quant), nn.BatchNorm2d(co))
+            self.aq_sc = ActQuant(a)
+        self.aq_out = ActQuant(a)
+        self.stride = stride
+
+    def forward(self, x):
+        out = self.aq1(F.relu(self.bn1(self.conv1(x))))
+        sc = self.aq_sc(self.shortcut(x)) if self.aq_sc is not None else x
+        return self.aq_out(F.relu(self.bn2(self.conv2(out)) + sc))
+
+
+class ResNet18(_MLGModel):
+    """ResNet-18 for 32x32 CIFAR-10 with the official module names."""
+
+    arch = "resnet18"
+
+    def __init__(self, settings: MLGSettings, quant: bool = True, in_channels: int = 3,
+                 size: int = 32, num_classes: int = 10):
+        super().__init__()
+        s, a = settings, settings.a_bits
+        self.settings, self.size, self.in_channels, self.num_classes = s, size, in_channels, num_classes
+        self.aq_in = ActQuant(a)
+        self.conv1, self.bn1, self.aq1 = mlg_conv(in_channels, 64, 3, 1, s, quant), nn.BatchNorm2d(64), ActQuant(a)
+        cfg = [(64, 1), (128, 2), (256, 2), (512, 2)]
+        ci = 64
+        for i, (co, stride) in enumerate(cfg, 1):
+            blocks = [BasicBlock(ci, co, stride, s, quant), BasicBlock(co, co, 1, s, quant)]
+            setattr(self, f"layer{i}", nn.Sequential(*blocks))
+            ci = co
+        self.linear = MLGLinear(512, num_classes, bias=False, settings=s, quant=quant)
+        self.aq_out = ActQuant(a)
+
+    def blocks(self):
+        return [b for i in range(1, 5) for b in getattr(self, f"layer{i}")]
+
+    def forward(self, x):
+        x = self.aq1(F.relu(self.bn1(self.conv1(self.aq_in(x)))))
+        for b in self.blocks():
+            x = b(x)
+        last = self.blocks()[-1].aq_out
+        return self.aq_out(self.linear(_pool_q(x, last)))
+
+    def program(self) -> list[Op]:
+        n = self.size
+        ops = [Op("conv1", "conv", 0, 1, self.aq_in, self.aq1, n, n, self.conv1, self.bn1, True)]
+        buf, q, nxt = 1, self.aq1, 2
+        for i in range(1, 5):
+            for j, b in enumerate(getattr(self, f"layer{i}")):
+                p = f"layer{i}.{j}"
+                mid = nxt
+                ops.append(Op(f"{p}.conv1", "conv", buf, mid, q, b.aq1, n, n, b.conv1, b.bn1, True))
+                res, res_q = buf, q
+                if b.aq_sc is not None:
+                    sc = nxt + 1
+                    ops.append(Op(f"{p}.shortcut.0", "conv", buf, sc, q, b.aq_sc, n, n,
+                                  b.shortcut[0], b.shortcut[1], False))
+                    res, res_q = sc, b.aq_sc
+                n = (n + 2 - 3) // b.stride + 1
+                out = nxt + 2
+                ops.append(Op(f"{p}.conv2", "conv", mid, out, b.aq1, b.aq_out, n, n, b.conv2,
+                              b.bn2, True, res=res, res_q=res_q))
+                buf, q, nxt = out, b.aq_out, nxt + 3
+        ops.append(Op("pool", "pool", buf, nxt, q, q, n, n))
+        ops.append(Op("linear", "conv", nxt, nxt + 1, q, self.aq_out, 1, 1, self.linear, None, False))
+        return ops
+
+
+ARCHS = {"digits": DigitsNet, "resnet18": ResNet18}
+
+
+def build_model(arch: str, settings: MLGSettings, quant: bool = True, **kw) -> _MLGModel:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; accepted: {', '.join(ARCHS)}")
+    return ARCHS[arch](settings, quant=quant, **kw)
