@@ -219,6 +219,7 @@ class _MLGBase(nn.Module):
         w_pe = ste_round(w / (1 << shift)).clamp(lo, hi)
         return w_pe, scale * (1 << shift), shift
 
+    @torch.no_grad()
     def float_generated_weight(self) -> torch.Tensor:
         """What the official ``build_weight()`` returns: quantized bases, float product."""
         p = self.quantized_parts(ste=False)

@@ -1,0 +1,42 @@
+# Two entry points on a fresh machine: `make demo` and `make test`.
+# Both bootstrap .venv (torch 2.13.0 CPU build first, then the project).
+
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+MLG     := $(VENV)/bin/mlg
+BUILD   ?= build
+ROWS    ?= 8
+COLS    ?= 8
+STAMP   := $(VENV)/.installed
+
+.PHONY: demo test train compile venv clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+$(BUILD)/digits.pt: | $(STAMP)
+	$(MLG) train --out $@
+
+train: $(STAMP)
+	$(MLG) train --out $(BUILD)/digits.pt
+
+compile: $(BUILD)/digits.pt
+	$(MLG) compile $(BUILD)/digits.pt --out $(BUILD)/digits --rows $(ROWS) --cols $(COLS)
+
+# The main job: train (or reuse) the digits model, then compile it.
+demo: $(STAMP)
+	$(MLG) train --out $(BUILD)/digits.pt
+	$(MLG) compile $(BUILD)/digits.pt --out $(BUILD)/digits --rows $(ROWS) --cols $(COLS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 tests
+
+clean:
+	rm -rf $(BUILD) sim_build

@@ -1,0 +1,159 @@
+"""The compiler: integer network -> AcceleratorConfig + layer program + memory report.
+
+``compile_network`` derives the one :class:`AcceleratorConfig` of a build from the
+model's bit-widths and layer shapes (array shape from the caller), maps the
+logical activation buffers of the network onto as few physical buffers as
+liveness allows, and emits the packed binary program.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .config import AcceleratorConfig, ConfigError
+from .network import QuantizedNetwork
+from .program import write_program
+
+__all__ = ["CompileError", "CompileResult", "derive_config", "allocate_buffers",
+           "compile_network", "memory_report", "format_report"]
+
+
+class CompileError(ValueError):
+    """The network cannot be compiled for the requested accelerator."""
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+def allocate_buffers(net: QuantizedNetwork) -> QuantizedNetwork:
+    """Rename logical buffers to physical ones by liveness (greedy, lowest free id).
+
+    A buffer is free after the last layer that reads it. A layer never writes a
+    buffer it reads (as source or residual) in the same step.
+    """
+    last_use: dict[int, int] = {}
+    for i, l in enumerate(net.layers):
+        last_use[l.src] = i
+        if l.res is not None:
+            last_use[l.res] = i
+    last_use[net.output_buffer] = len(net.layers)
+    phys = {0: 0}
+    busy = {0}
+    layers = []
+    for i, l in enumerate(net.layers):
+        dst = next(p for p in range(len(net.layers) + 2) if p not in busy)
+        phys[l.dst] = dst
+        busy.add(dst)
+        layers.append(replace(l, src=phys[l.src], dst=dst,
+                              res=phys[l.res] if l.res is not None else None))
+        for b in {l.src, l.res} - {None}:
+            if last_use[b] == i:
+                busy.discard(phys[b])
+    return replace(net, layers=layers)
+
+
+def derive_config(net: QuantizedNetwork, rows: int = 8, cols: int = 8, **overrides) -> AcceleratorConfig:
+    """The smallest config that runs ``net`` on an ``rows x cols`` array."""
+    conv = net.conv_layers()
+    acts = [net.input_shape[0] * net.input_shape[1] * net.input_shape[2]]
+    acts += [l.co * l.ho * l.wo for l in net.layers]
+    layer_bits = []
+    for l in conv:
+        layer_bits.append(sum(t.numel() * bits for _, t, bits in l.code_tensors(net)))
+    bufs = 1 + max(max(l.src, l.dst, l.res or 0) for l in net.layers)
+    fields = dict(
+        rows=rows, cols=cols, a_bits=net.a_bits, w_bits=net.w_bits, m_bits=net.m_bits,
+        qb=net.qb, qu=net.qu, qv=net.qv, qd=net.qd, decode=net.decode,
+        max_ci=max(l.ci for l in net.layers), max_co=max(l.co for l in net.layers),
+        max_k=max(l.k for l in conv), max_h=max(l.h for l in net.layers),
+        max_w=max(l.w for l in net.layers),
+        max_bi=max([l.bi for l in conv if l.has_l1] or [1]),
+        max_bo=max([l.bo for l in conv if l.has_l2] or [1]),
+        act_depth=_pow2(max(acts)), act_buffers=max(2, bufs),
+        base_store_bytes=_pow2((max(layer_bits) + 7) // 8),
+    )
+    fields.update(overrides)
+    try:
+        return AcceleratorConfig(**fields)
+    except (ConfigError, TypeError) as e:
+        raise CompileError(f"cannot derive an accelerator config: {e}") from None
+
+
+def memory_report(net: QuantizedNetwork) -> dict:
+    """Per-layer and total weight memory: MLG packed vs int8 vs fp32 (bytes)."""
+    rows = []
+    for l in net.conv_layers():
+        bits = sum(t.numel() * b for _, t, b in l.code_tensors(net))
+        dense = l.co * l.ci * l.k * l.k
+        rows.append({
+            "layer": l.name, "ci": l.ci, "co": l.co, "k": l.k, "stride": l.stride,
+            "h": l.h, "w": l.w, "bi": l.bi, "bo": l.bo, "level1": l.has_l1, "level2": l.has_l2,
+            "mlg_bytes": bits / 8, "int8_bytes": dense, "fp32_bytes": 4 * dense,
+            "macs": l.macs,
+        })
+    tot = {k: sum(r[k] for r in rows) for k in ("mlg_bytes", "int8_bytes", "fp32_bytes", "macs")}
+    tot["int8_over_mlg"] = tot["int8_bytes"] / tot["mlg_bytes"] if tot["mlg_bytes"] else 0.0
+    tot["fp32_over_mlg"] = tot["fp32_bytes"] / tot["mlg_bytes"] if tot["mlg_bytes"] else 0.0
+    return {"layers": rows, "total": tot}
+
+
+@dataclass
+class CompileResult:
+    config: AcceleratorConfig
+    program: bytes
+    network: QuantizedNetwork
+    report: dict
+
+
+def compile_network(net: QuantizedNetwork, rows: int = 8, cols: int = 8) -> CompileResult:
+    net = allocate_buffers(net)
+    config = derive_config(net, rows, cols)
+    for l in net.layers:
+        if l.bias is not None and l.bias.numel():
+            lim = 1 << (config.bias_bits - 1)
+            if int(l.bias.abs().max()) >= lim:
+                raise CompileError(f"layer {l.name!r}: bias needs more than "
+                                   f"{config.bias_bits} bits (field bias)")
+    program = write_program(net, config)
+    report = memory_report(net)
+    report["program_bytes"] = len(program)
+    report["config_hash"] = config.hash_hex
+    report["array"] = f"{rows}x{cols}"
+    return CompileResult(config, program, net, report)
+
+
+def write_build(result: CompileResult, out_dir) -> dict[str, Path]:
+    """Write ``program.bin``, ``config.json``, ``report.json`` and ``report.txt``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"program": out / "program.bin", "config": out / "config.json",
+             "report": out / "report.json", "report_txt": out / "report.txt"}
+    paths["program"].write_bytes(result.program)
+    result.config.save(paths["config"])
+    paths["report"].write_text(json.dumps(result.report, indent=2) + "\n")
+    paths["report_txt"].write_text(format_report(result.report) + "\n")
+    return paths
+
+
+def _kib(b: float) -> str:
+    return f"{b / 1024:10.2f}"
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{'layer':<20} {'Ci':>4} {'Co':>4} {'k':>2} {'bi':>3} {'bo':>4} {'L1':>2} {'L2':>2} "
+             f"{'MLG KiB':>10} {'int8 KiB':>10} {'fp32 KiB':>10}"]
+    for r in report["layers"]:
+        lines.append(f"{r['layer']:<20} {r['ci']:>4} {r['co']:>4} {r['k']:>2} {r['bi']:>3} "
+                     f"{r['bo']:>4} {'y' if r['level1'] else '-':>2} {'y' if r['level2'] else '-':>2} "
+                     f"{_kib(r['mlg_bytes'])} {_kib(r['int8_bytes'])} {_kib(r['fp32_bytes'])}")
+    t = report["total"]
+    lines.append(f"{'total':<20} {'':>4} {'':>4} {'':>2} {'':>3} {'':>4} {'':>2} {'':>2} "
+                 f"{_kib(t['mlg_bytes'])} {_kib(t['int8_bytes'])} {_kib(t['fp32_bytes'])}")
+    lines.append(f"weights: MLG {t['mlg_bytes'] / 1024:.2f} KiB, {t['int8_over_mlg']:.1f}x smaller "
+                 f"than int8, {t['fp32_over_mlg']:.1f}x smaller than fp32; program "
+                 f"{report.get('program_bytes', 0)} bytes")
+    return "\n".join(lines)

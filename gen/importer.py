@@ -1,0 +1,213 @@
+"""Import of checkpoints saved by the official MLG code (ResNet-18, CIFAR-10).
+
+The file is a ``torch.save`` of a state_dict, or of a dict holding it under
+``"state_dict"``. Level presence is read from the keys (``coeff_in``,
+``coeff_out``) and ``bi``/``bo`` from their shapes; bit-widths are not in the
+file and come from the user (the official YAML keys ``mlg.basis_bit``,
+``mlg.coeff_in_bit``, ``mlg.coeff_out_bit``, ``model.weight_bit``). Bases are
+quantized with the official dorefa_sym scheme, so the generated weights are the
+ones the official ``build_weight()`` returns; BatchNorm is folded and
+activation scales calibrated before lowering to the integer network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .golden import golden_forward, quantize_input
+from .layers import ActQuant, MLGConv2d, MLGLinear, MLGSettings, level_sizes
+from .lower import lower_model
+from .models import ResNet18
+from .network import save_model_file
+
+__all__ = ["ImportError_", "OfficialBits", "read_official_checkpoint", "build_from_official",
+           "calibrate", "import_official", "load_calibration_data"]
+
+
+class ImportError_(ValueError):
+    """An official checkpoint cannot be imported (names the file, layer and field)."""
+
+
+@dataclass(frozen=True)
+class OfficialBits:
+    """Bit-widths of an official run (YAML keys in parentheses)."""
+
+    basis_bit: int = 3        # mlg.basis_bit
+    coeff_in_bit: int = 6     # mlg.coeff_in_bit
+    coeff_out_bit: int = 3    # mlg.coeff_out_bit
+    weight_bit: int = 8       # model.weight_bit (dense layers and the classifier)
+
+    def validate(self):
+        for name in ("basis_bit", "coeff_in_bit", "coeff_out_bit", "weight_bit"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or not 2 <= v <= 8:
+                extra = (" (the official code keeps weights in float at >= 16 bits and uses a "
+                         "different sign quantizer at 1 bit; the accelerator needs 2..8-bit codes)")
+                raise ImportError_(f"{name} = {v!r} out of range; accepted 2..8{extra}")
+
+
+def read_official_checkpoint(path) -> dict[str, torch.Tensor]:
+    """Load the state_dict of an official checkpoint (either container form)."""
+    path = Path(path)
+    if not path.exists():
+        raise ImportError_(f"{path}: no such checkpoint")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ImportError_(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+    if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ImportError_(f"{path}: expected a state_dict (name -> tensor) or a dict with key "
+                           "'state_dict'")
+    return {k[7:] if k.startswith("module.") else k: v for k, v in data.items()}
+
+
+def _expected_keys(model: nn.Module) -> set[str]:
+    keys = set()
+    for name, m in model.named_modules():
+        if isinstance(m, ActQuant):
+            continue
+        for pname, _ in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+            keys.add(f"{name}.{pname}" if name else pname)
+    return keys
+
+
+def build_from_official(sd: dict[str, torch.Tensor], bits: OfficialBits, source: str = "checkpoint",
+                        a_bits: int = 8, w_bits: int = 8, m_bits: int = 16) -> ResNet18:
+    """Instantiate our ResNet-18 with the levels and shapes the checkpoint holds."""
+    bits.validate()
+    conv_w = sd.get("conv1.weight")
+    if conv_w is None or conv_w.dim() != 4:
+        raise ImportError_(f"{source}: missing key 'conv1.weight' (layer conv1, field weight); "
+                           "this does not look like an official ResNet-18 checkpoint")
+    in_ch = conv_w.shape[1]
+    lin = sd.get("linear.weight")
+    if lin is None or lin.dim() != 2:
+        raise ImportError_(f"{source}: missing key 'linear.weight' (layer linear, field weight)")
+    bi = next((v.shape[2] for k, v in sd.items() if k.endswith(".coeff_in") and v.dim() == 3), 0)
+    bo = next((v.shape[1] for k, v in sd.items() if k.endswith(".coeff_out") and v.dim() == 2), 0)
+    settings = MLGSettings(bi=int(bi), bo=int(bo), qb=bits.basis_bit, qu=bits.coeff_in_bit,
+                           qv=bits.coeff_out_bit, qd=bits.weight_bit, decode="odd",
+                           w_bits=w_bits, a_bits=a_bits, m_bits=m_bits)
+    model = ResNet18(settings, quant=True, in_channels=in_ch, num_classes=lin.shape[0])
+
+    # Pre-flight: every key the accelerator cannot place is listed at once.
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, (MLGConv2d, MLGLinear))}
+    expected = _expected_keys(model)
+    coeff_keys = {f"{n}.{c}" for n in convs for c in ("coeff_in", "coeff_out")}
+    unknown = sorted(k for k in sd if k not in expected and k not in coeff_keys)
+    if unknown:
+        layers = sorted({k.rsplit(".", 1)[0] for k in unknown})
+        raise ImportError_(f"{source}: {len(layers)} unsupported layer(s) or field(s): "
+                           + ", ".join(f"{k} {tuple(sd[k].shape)}" for k in unknown)
+                           + "; an official ResNet-18 holds MLGConv2d, BatchNorm2d and linear")
+
+    for name, m in convs.items():
+        ci, co, k = m.in_channels, m.out_channels, m.kernel_size
+        cin, cout = sd.get(f"{name}.coeff_in"), sd.get(f"{name}.coeff_out")
+        l_bi = int(cin.shape[2]) if cin is not None and cin.dim() == 3 else 0
+        l_bo = int(cout.shape[1]) if cout is not None and cout.dim() == 2 else 0
+        if isinstance(m, MLGLinear) and cin is not None:
+            raise ImportError_(f"{source}: layer {name}: field coeff_in is not supported on the "
+                               "classifier (the official code never enables it)")
+        r_bi, r_bo, l1, l2 = level_sizes(ci, co, k, l_bi, l_bo)
+        if (cin is not None) != l1 or (cout is not None) != l2:
+            raise ImportError_(
+                f"{source}: layer {name}: coeff_in {None if cin is None else tuple(cin.shape)} / "
+                f"coeff_out {None if cout is None else tuple(cout.shape)} contradict the official "
+                f"level rules for Ci={ci}, Co={co}, k={k} (level 1 needs 0 < bi < {min(ci, k * k)}, "
+                f"level 2 needs 0 < bo < {min(co, ci * k * k)})")
+        m.base_in, m.base_out = r_bi, r_bo
+        m.coeff_in = nn.Parameter(torch.empty(r_bo, ci, r_bi)) if l1 else None
+        m.coeff_out = nn.Parameter(torch.empty(co, r_bo)) if l2 else None
+
+    expected = _expected_keys(model)
+    missing = sorted(k for k in expected if k not in sd and not k.endswith("num_batches_tracked"))
+    if missing:
+        raise ImportError_(f"{source}: missing key(s): " + ", ".join(
+            f"{k} (layer {k.rsplit('.', 1)[0]}, field {k.rsplit('.', 1)[1]})" for k in missing))
+    own = model.state_dict()
+    for k in sorted(expected & set(sd)):
+        if tuple(own[k].shape) != tuple(sd[k].shape):
+            layer, field = k.rsplit(".", 1)
+            raise ImportError_(f"{source}: layer {layer}, field {field}: shape "
+                               f"{tuple(sd[k].shape)}, expected {tuple(own[k].shape)}")
+    model.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=False)
+    return model
+
+
+def load_calibration_data(path, in_channels: int = 3, size: int = 32):
+    """Images ``[N, C, H, W]`` (already normalized as for training) and optional
+    labels from ``.npz`` (arrays ``x`` and optional ``y``), ``.npy`` or ``.pt``."""
+    path = Path(path)
+    if not path.exists():
+        raise ImportError_(f"{path}: no such calibration data file")
+    y = None
+    if path.suffix == ".npz":
+        with np.load(path) as d:
+            if "x" not in d:
+                raise ImportError_(f"{path}: .npz needs an array 'x' [N, {in_channels}, {size}, {size}]")
+            x = torch.tensor(d["x"], dtype=torch.float32)
+            y = torch.tensor(d["y"], dtype=torch.int64) if "y" in d else None
+    elif path.suffix == ".npy":
+        x = torch.tensor(np.load(path), dtype=torch.float32)
+    elif path.suffix == ".pt":
+        x = torch.load(path, map_location="cpu", weights_only=True).float()
+    else:
+        raise ImportError_(f"{path}: unsupported data format {path.suffix!r}; accepted .npz, .npy, .pt")
+    if x.dim() != 4 or tuple(x.shape[1:]) != (in_channels, size, size):
+        raise ImportError_(f"{path}: images have shape {tuple(x.shape)}, expected "
+                           f"[N, {in_channels}, {size}, {size}]")
+    return x, y
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, x: torch.Tensor, batch: int = 32) -> None:
+    """Fix every activation scale from the float activations of ``x`` (running max)."""
+    model.eval()
+    qs = [q for q in model.modules() if isinstance(q, ActQuant)]
+    for q in qs:
+        q.enabled, q.calibrating, q.momentum = False, True, 0.1
+    for i in range(0, x.shape[0], batch):
+        model(x[i:i + batch])
+    for q in qs:
+        q.enabled, q.calibrating = True, False
+
+
+def import_official(path, bits: OfficialBits, out_path=None, data=None, calib_images: int = 64,
+                    seed: int = 0, log=print) -> dict:
+    """Import, calibrate, lower and (optionally) save a model file. Returns metrics."""
+    sd = read_official_checkpoint(path)
+    model = build_from_official(sd, bits, source=str(path))
+    if data is not None:
+        x, y = load_calibration_data(data, model.in_channels, model.size)
+        log(f"calibrating activation scales on {x.shape[0]} images from {data}")
+    else:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(calib_images, model.in_channels, model.size, model.size, generator=g)
+        y = None
+        log(f"calibrating activation scales on {calib_images} synthetic N(0, 1) images "
+            "(no data set given: pass --data FILE.npz for real calibration)")
+    calibrate(model, x)
+    net = lower_model(model)
+    metrics: dict = {"calibration": "data" if data is not None else "synthetic",
+                     "calibration_images": int(x.shape[0])}
+    n_eval = x.shape[0] if y is not None else min(x.shape[0], 16)
+    with torch.no_grad():
+        f = model(x[:n_eval]).argmax(1)
+    g_ = golden_forward(net, quantize_input(net, x[:n_eval])).argmax(1)
+    metrics["golden_float_agreement"] = float((f == g_).float().mean())
+    metrics["agreement_images"] = n_eval
+    if y is not None:
+        metrics["float_acc"] = float((f == y[:n_eval]).float().mean())
+        metrics["golden_acc"] = float((g_ == y[:n_eval]).float().mean())
+    if out_path is not None:
+        save_model_file(out_path, arch="resnet18", mlg={**model.settings.to_dict()},
+                        network=net, state_dict=model.state_dict(), metrics=metrics)
+    return metrics

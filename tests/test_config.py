@@ -1,0 +1,54 @@
+import json
+
+import pytest
+
+from gen.config import AcceleratorConfig, ConfigError, clog2
+
+
+def test_defaults_valid_and_derived_widths():
+    c = AcceleratorConfig()
+    assert c.b_value_bits == 4 and c.u_value_bits == 7 and c.v_value_bits == 4  # odd: q + 1
+    assert c.w1_bits == 4 + 7 + clog2(c.max_bi)
+    assert c.w2_bits == c.w1_bits + 4 + clog2(c.max_bo)
+    assert c.acc_bits == c.a_bits + c.w_bits + clog2(c.max_ci * 9)
+    assert c.post_bits == c.acc_bits + c.m_bits + 1
+    s = AcceleratorConfig(decode="signed")
+    assert s.b_value_bits == 3
+
+
+def test_json_round_trip_and_hash():
+    c = AcceleratorConfig(rows=4, cols=16, qb=2, decode="signed")
+    d = AcceleratorConfig.from_json(c.to_json())
+    assert d == c and d.digest == c.digest and len(c.digest) == 32
+    assert AcceleratorConfig(rows=5).digest != c.digest
+
+
+def test_frozen():
+    with pytest.raises(Exception):
+        AcceleratorConfig().rows = 3
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("rows", 1, "rows = 1"), ("cols", 100, "cols = 100"), ("qb", 0, "qb = 0"), ("qv", 9, "qv = 9"),
+    ("decode", "gray", "decode"), ("max_k", 4, "max_k = 4"), ("a_bits", 1, "a_bits"),
+    ("rows", 2.5, "integer"),
+])
+def test_validation_names_field(field, value, needle):
+    with pytest.raises(ConfigError, match=needle):
+        AcceleratorConfig(**{field: value})
+
+
+def test_from_dict_unknown_and_missing(tmp_path):
+    d = AcceleratorConfig().to_dict()
+    with pytest.raises(ConfigError, match="unknown field.*bogus"):
+        AcceleratorConfig.from_dict({**d, "bogus": 1})
+    del d["rows"]
+    with pytest.raises(ConfigError, match="missing field.*rows"):
+        AcceleratorConfig.from_dict(d)
+    p = tmp_path / "c.json"
+    p.write_text("{not json")
+    with pytest.raises(ConfigError, match=str(p)):
+        AcceleratorConfig.load(p)
+    p.write_text(json.dumps({**AcceleratorConfig().to_dict(), "qu": 12}))
+    with pytest.raises(ConfigError, match="qu = 12"):
+        AcceleratorConfig.load(p)
