@@ -1,0 +1,82 @@
+"""The ``mlg`` command end to end: train -> compile, and its errors on bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gen.config import AcceleratorConfig
+from gen.golden import golden_forward, quantize_input
+from gen.network import load_model_file
+from gen.program import load_program
+from gen.train import load_digits_split
+from mlg.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_mlg(*args):
+    return subprocess.run([sys.executable, "-m", "mlg", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def quick_model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("m") / "digits.pt"
+    r = run_mlg("train", "--out", out, "--epochs", "2", "--teacher-epochs", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads(r.stdout)
+    assert {"float_acc", "golden_acc", "train_seconds"} <= set(metrics)
+    return out
+
+
+def test_compile_writes_a_consistent_build(quick_model, tmp_path):
+    r = run_mlg("compile", quick_model, "--out", tmp_path / "b", "--rows", "4", "--cols", "6", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    cfg = AcceleratorConfig.load(tmp_path / "b" / "config.json")
+    assert (cfg.rows, cfg.cols) == (4, 6) and out["config_hash"] == cfg.hash_hex
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    tot = report["total"]
+    assert tot["mlg_bytes"] == pytest.approx(sum(r["mlg_bytes"] for r in report["layers"]))
+    assert tot["fp32_bytes"] == 4 * tot["int8_bytes"] and tot["mlg_bytes"] < tot["int8_bytes"]
+    assert "smaller than int8" in (tmp_path / "b" / "report.txt").read_text()
+
+    # The program alone (what the accelerator receives) computes what the model computes.
+    prog = load_program(tmp_path / "b" / "program.bin", config=cfg)
+    net = load_model_file(quick_model)["network"]
+    _, _, x, _ = load_digits_split()
+    xi = quantize_input(net, x[:40])
+    assert torch.equal(golden_forward(prog.network(), xi), golden_forward(net, xi))
+    assert cfg.a_bits == net.a_bits and cfg.qb == net.qb and cfg.decode == net.decode
+    assert cfg.act_buffers < len(net.layers) + 1  # buffers were reused by liveness
+
+
+def test_golden_command(quick_model, capsys):
+    assert main(["golden", str(quick_model), "--json"]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out)["golden_acc"] <= 1
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["compile", "{tmp}/absent.pt", "--out", "{tmp}/o"], "absent.pt: no such model file"),
+    (["compile", "{tmp}/junk.pt", "--out", "{tmp}/o"], "junk.pt: not a readable model file"),
+    (["compile", "{tmp}/other.pt", "--out", "{tmp}/o"], "other.pt: not an mlg model file"),
+    (["train", "--qb", "9", "--out", "{tmp}/x.pt"], "qb = 9"),
+    (["train", "--decode", "signed", "--qv", "1", "--out", "{tmp}/x.pt"], "qv = 1"),
+    (["import", "{tmp}/absent.pt", "--out", "{tmp}/x.pt", "--basis-bit", "3",
+      "--coeff-in-bit", "6", "--coeff-out-bit", "3"], "absent.pt: no such checkpoint"),
+])
+def test_bad_input_gives_clear_error(tmp_path, capsys, args, needle):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    code = main([a.format(tmp=tmp_path) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "Traceback" not in err
+
+
+def test_compile_rejects_array_out_of_range(quick_model, tmp_path, capsys):
+    assert main(["compile", str(quick_model), "--out", str(tmp_path / "o"), "--rows", "1"]) == 2
+    assert "rows = 1" in capsys.readouterr().err
