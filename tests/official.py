@@ -55,3 +55,16 @@ def official_resnet18_state(bi=2, bo=44, seed=0, num_classes=10):
         ci = co
     sd["linear.weight"] = torch.randn(num_classes, 512, generator=g) * 0.1
     return sd
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="write a random official-format ResNet-18 checkpoint")
+    p.add_argument("out")
+    p.add_argument("--bi", type=int, default=2)
+    p.add_argument("--bo", type=int, default=44)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    torch.save({"state_dict": official_resnet18_state(a.bi, a.bo, a.seed)}, a.out)
+    print(f"wrote {a.out}")

@@ -1,0 +1,9 @@
+import os
+
+import torch
+
+# Under pytest-xdist every worker is one process per core: more torch threads than
+# cores makes OpenMP workers spin against each other and slows training tenfold.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
