@@ -10,7 +10,7 @@ ROWS    ?= 8
 COLS    ?= 8
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test train compile venv clean
+.PHONY: demo test train compile rtl venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ train: $(STAMP)
 
 compile: $(BUILD)/digits.pt
 	$(MLG) compile $(BUILD)/digits.pt --out $(BUILD)/digits --rows $(ROWS) --cols $(COLS)
+
+# Verilog of the accelerator blocks for the compiled digits model's config.
+rtl: compile
+	$(PY) -m hw.rtl $(BUILD)/digits
 
 # The main job: train (or reuse) the digits model, then compile it.
 demo: $(STAMP)
