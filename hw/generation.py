@@ -1,0 +1,677 @@
+"""The on-chip generation unit: packed MLG codes in, PE weight vectors out.
+
+Dataflow of one layer
+---------------------
+1. **Descriptor.** ``i_desc`` delivers the run-time fields (``ci``, ``co``,
+   ``k``, ``bi``, ``bo``, ``has_l1``, ``has_l2``, ``w_shift``; the others are
+   ignored). Without level 2 the unit uses ``bo = co``.
+2. **Load.** The layer's packed code stream arrives on ``i_codes`` as bytes:
+   the B section (``qb`` bits, ``qd`` for a dense layer), then U (``qu``, if
+   level 1 exists), then V (``qv``, if level 2 exists), each in the order of
+   its ``gen.network.LayerSpec`` tensor. With ``section_align`` (the default)
+   every section starts on a byte boundary, as three separately packed tensors
+   concatenated; without it the sections follow each other bit for bit. The
+   stream of a layer always ends on a byte boundary. A :class:`CodeUnpacker`
+   splits it into codes, one per cycle, written to on-chip memories:
+
+   * ``B`` ``[bo, bi, k*k]`` raw codes (only with level 1);
+   * ``U`` words ``(o, ci_tile, j)`` of ``rows`` raw codes (``ci`` within the tile);
+   * ``V`` words ``(co_tile, o)`` of ``cols`` raw codes (``co`` within the tile);
+   * ``W1`` words ``(o, ci_tile, tap)`` of ``rows`` signed values. Without
+     level 1 the B codes are decoded straight into it (this is the dense
+     bypass and the level-2-only basis); with level 1 it is filled by step 3.
+
+3. **Level 1** (``has_l1``): ``W1[o, c, t] = sum_j U[o, c, j] * B[o, j, t]``,
+   the lanes working across the ``rows`` input channels of a W1 word.
+4. **Weight tiles**, in the order of ``hw.interfaces`` (co tile, ci tile, tap):
+
+   * with level 2, ``W2[c, r] = sum_o V[co0+c, o] * W1[o, ci0+r, tap]``: each
+     cycle one V word and one W1 word are read and the lanes accumulate part
+     of their ``cols x rows`` outer product, ``bo`` cycles per lane group;
+   * without level 2, ``W2 = W1``: one W1 word (a column of the tile) per cycle.
+
+   Every weight is rounded exactly as ``gen.integer.round_w2`` (add
+   ``2**(s-1)``, arithmetic shift right by ``s = w_shift``, saturate to
+   ``w_bits``), and forced to zero past ``Co`` / ``Ci``.
+
+Lanes
+-----
+``config.gen_lanes`` multipliers, shared by level 1 and level 2. In level 2,
+with ``L <= cols`` lanes a group covers ``L`` columns of one tile row; with
+more, ``cols`` columns of ``L // cols`` rows (at most ``rows``). Level 1 uses
+``min(lanes, rows)`` of them. One lane does one multiply-accumulate per cycle,
+so a level-2 tile takes ``ceil(cols/Lc) * ceil(rows/Lr) * bo`` cycles.
+
+Double buffering
+----------------
+Results are written into a *work* tile (``rows x cols`` registers). A finished
+work tile moves in one cycle to the *output* tile, which shifts its ``rows``
+vectors out on ``o_weights`` while the next work tile is generated. The
+pipeline stalls only when a finished work tile still waits for the output
+tile to drain.
+
+Memory
+------
+The W1 buffer holds a whole layer: ``max(max_bo, max_co) * ceil(max_ci/rows) *
+max_k**2`` words of ``rows`` entries (it doubles as the store of dense
+weights, whose ``bo`` is ``co``). That is 4608 x 96 bits for the default
+config; for ResNet-18 maxima (512 channels) it would exceed an ECP5-85F, where
+a per-ci-tile W1 buffer regenerated for each co tile is the way to go.
+
+All streams are valid/ready; the unit tolerates any idle cycles on its inputs
+and any backpressure on its output. The next descriptor is accepted once the
+last tile of a layer has been generated, so loading overlaps the emission of
+the last tiles.
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, enum, stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from gen.config import KERNEL_SIZES, AcceleratorConfig
+from hw.interfaces import descriptor_layout, weight_stream_signature
+from hw.unpacker import CodeUnpacker, decode_code
+
+__all__ = ["GenerationUnit", "WeightRounder", "round_half", "shift_saturate", "saturate",
+           "lane_plan"]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def round_half(shift, width: int):
+    """``2**(shift-1)`` (0 for ``shift == 0``) as a ``width``-bit unsigned value."""
+    return ((Const(1, width + 1) << shift) >> 1)[:width]
+
+
+def saturate(y, w_bits: int):
+    """Signed ``y`` clamped to ``w_bits``: it fits iff every bit from ``w_bits - 1`` up
+    equals the sign, a reduction rather than two magnitude comparisons."""
+    y = y.as_signed()
+    top = y[w_bits - 1:]
+    if len(top) <= 1:
+        return y
+    fits = (top == 0) | (top == (1 << len(top)) - 1)
+    hi, lo = (1 << (w_bits - 1)) - 1, -(1 << (w_bits - 1))
+    return Mux(fits, y[:w_bits].as_signed(), Mux(y[-1], lo, hi))
+
+
+def shift_saturate(x, shift, w_bits: int):
+    """Arithmetic shift right of signed ``x`` by ``shift``, saturated to ``w_bits``."""
+    return saturate(x.as_signed() >> shift, w_bits)
+
+
+class WeightRounder(wiring.Component):
+    """Combinational ``sat_w(round_shift(x, shift))``, the W2 rounding of ``gen.integer``.
+
+    The generation unit uses the same three steps (:func:`round_half` add, shift,
+    :func:`saturate`) with registers between them.
+
+    Parameters
+    ----------
+    in_bits:
+        Signed width of ``x``.
+    w_bits:
+        Signed width of the result.
+    shift_bits:
+        Width of the ``shift`` input; shifts beyond ``in_bits + 1`` give the
+        same result as ``in_bits + 1`` (0).
+    """
+
+    def __init__(self, in_bits: int, w_bits: int, shift_bits: int):
+        self.in_bits, self.w_bits = in_bits, w_bits
+        super().__init__({
+            "x": In(signed(in_bits)),
+            "shift": In(unsigned(shift_bits)),
+            "y": Out(signed(w_bits)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        lim = self.in_bits + 1
+        s = Signal(range(lim + 1))
+        m.d.comb += s.eq(Mux(self.shift > lim, lim, self.shift))
+        t = Signal(signed(self.in_bits + 2))
+        m.d.comb += t.eq(self.x + round_half(s, self.in_bits + 1))
+        m.d.comb += self.y.eq(shift_saturate(t, s, self.w_bits))
+        return m
+
+
+def lane_plan(config: AcceleratorConfig) -> dict:
+    """How the ``gen_lanes`` multipliers map onto a weight tile.
+
+    Returns ``Lc``/``Lr`` (columns and rows of a level-2 lane group),
+    ``Pc``/``Pr`` (groups per tile along columns and rows), ``lanes`` (lanes in
+    use, ``Lc * Lr``), ``L1`` (lanes used by level 1) and ``P1`` (level-1 passes
+    per W1 word).
+    """
+    R, C, L = config.rows, config.cols, config.gen_lanes
+    if L <= C:
+        Lc, Lr = L, 1
+    else:
+        Lc, Lr = C, min(R, L // C)
+    L1 = min(Lc * Lr, R)
+    return {"Lc": Lc, "Lr": Lr, "Pc": _cdiv(C, Lc), "Pr": _cdiv(R, Lr), "lanes": Lc * Lr,
+            "L1": L1, "P1": _cdiv(R, L1)}
+
+
+class _State(enum.Enum, shape=4):
+    IDLE = 0
+    SETUP = 1
+    LOAD_B = 2
+    LOAD_U = 3
+    LOAD_V = 4
+    ALIGN = 5
+    ISSUE_L1 = 6
+    DRAIN_L1 = 7
+    ISSUE_MAIN = 8
+    DRAIN_MAIN = 9
+
+
+class GenerationUnit(wiring.Component):
+    """Generates a layer's PE weights from its packed MLG codes (see the module doc).
+
+    Parameters
+    ----------
+    config:
+        The :class:`~gen.config.AcceleratorConfig`: array shape, ``w_bits``,
+        ``qb``/``qu``/``qv``/``qd``, ``decode``, ``gen_lanes`` and the maxima
+        that size the code and W1 memories.
+    section_align:
+        Whether each code section (B, U, V) of a layer starts on a byte boundary.
+
+    Members
+    -------
+    i_desc: In(stream.Signature(hw.interfaces.descriptor_layout(config)))
+    i_codes: In(stream.Signature(unsigned(8)))
+        Packed code bytes of the layers, in descriptor order.
+    o_weights: Out(hw.interfaces.weight_stream_signature(config))
+    idle: Out(1)
+        No layer in progress and every generated weight delivered.
+
+    Descriptors must respect the config maxima (``ci <= max_ci``, ``co <=
+    max_co``, ``k`` one of the kernel sizes up to ``max_k``, ``bi <= max_bi``
+    with level 1, ``bo <= max_bo`` with level 2, all at least 1).
+    """
+
+    def __init__(self, config: AcceleratorConfig, *, section_align: bool = True):
+        if not isinstance(config, AcceleratorConfig):
+            raise TypeError(f"config must be an AcceleratorConfig, got {type(config).__name__}")
+        self.config = config
+        self.section_align = bool(section_align)
+        self.plan = lane_plan(config)
+        super().__init__({
+            "i_desc": In(stream.Signature(descriptor_layout(config))),
+            "i_codes": In(stream.Signature(unsigned(8))),
+            "o_weights": Out(weight_stream_signature(config)),
+            "idle": Out(1),
+        })
+
+    # Sizes derived from the config ------------------------------------------
+
+    @property
+    def w1_value_bits(self) -> int:
+        """Signed width of a W1 buffer entry: a level-1 sum, a basis or a dense value."""
+        c = self.config
+        return max(c.w1_bits, c.b_value_bits, c.d_value_bits)
+
+    @property
+    def memory_depths(self) -> dict[str, int]:
+        """Words in each code memory and in the W1 buffer.
+
+        Without level 2, ``bo = co``; so ``bo`` never exceeds ``max(max_bo, max_co)``.
+        """
+        c = self.config
+        bo = max(c.max_bo, c.max_co)
+        kk = c.max_k * c.max_k
+        ci_tiles = _cdiv(c.max_ci, c.rows)
+        return {
+            "B": bo * c.max_bi * kk,
+            "U": bo * ci_tiles * c.max_bi,
+            "V": _cdiv(c.max_co, c.cols) * c.max_bo,
+            "W1": bo * ci_tiles * kk,
+        }
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self.config
+        R, C = cfg.rows, cfg.cols
+        form = cfg.decode
+        plan = self.plan
+        Lc, Lr, Pc, Pr = plan["Lc"], plan["Lr"], plan["Pc"], plan["Pr"]
+        NL, L1L, P1 = plan["lanes"], plan["L1"], plan["P1"]
+        depth = self.memory_depths
+        w1w = self.w1_value_bits
+        a_w = max(cfg.u_value_bits, cfg.v_value_bits)
+        acc_w = max(cfg.w2_bits, a_w + w1w)
+        kk_max = cfg.max_k * cfg.max_k
+        bo_cap = max(cfg.max_bo, cfg.max_co)
+        ci_tiles_max = _cdiv(cfg.max_ci, R)
+        addr_lim = (bo_cap + C + 1) * ci_tiles_max * kk_max + kk_max + 1
+
+        # Memories --------------------------------------------------------
+        m.submodules.b_mem = b_mem = Memory(shape=unsigned(cfg.qb), depth=depth["B"], init=[])
+        m.submodules.u_mem = u_mem = Memory(
+            shape=data.ArrayLayout(unsigned(cfg.qu), R), depth=depth["U"], init=[])
+        m.submodules.v_mem = v_mem = Memory(
+            shape=data.ArrayLayout(unsigned(cfg.qv), C), depth=depth["V"], init=[])
+        m.submodules.w1_mem = w1_mem = Memory(
+            shape=data.ArrayLayout(signed(w1w), R), depth=depth["W1"], init=[])
+        b_wr, b_rd = b_mem.write_port(), b_mem.read_port()
+        u_wr, u_rd = u_mem.write_port(granularity=1), u_mem.read_port()
+        v_wr, v_rd = v_mem.write_port(granularity=1), v_mem.read_port()
+        w1_wr, w1_rd = w1_mem.write_port(granularity=1), w1_mem.read_port()
+
+        m.submodules.unpacker = unpacker = CodeUnpacker(8)
+        wiring.connect(m, wiring.flipped(self.i_codes), unpacker.i_stream)
+        code = unpacker.o_stream
+
+        # Layer registers -------------------------------------------------
+        desc = descriptor_layout(cfg)
+        ci = Signal(desc["ci"].shape)
+        co = Signal(desc["co"].shape)
+        k = Signal(desc["k"].shape)
+        has_l1, has_l2 = Signal(), Signal()
+        bi = Signal(desc["bi"].shape)
+        bo = Signal(range(bo_cap + 1))
+        kk = Signal(range(kk_max + 1))
+        stride = Signal(range(ci_tiles_max * kk_max + 1))  # W1 words per basis o
+        bikk = Signal(range(cfg.max_bi * kk_max + 1))
+        ws_acc = Signal(range(acc_w + 2))                  # w_shift clamped per path
+        ws_byp = Signal(range(w1w + 2))
+        half_acc = Signal(acc_w + 1)
+        half_byp = Signal(w1w + 1)
+        dense = Signal()
+        m.d.comb += dense.eq(~has_l1 & ~has_l2)
+
+        with m.Switch(k):
+            for size in KERNEL_SIZES:
+                if size <= cfg.max_k:
+                    with m.Case(size):
+                        m.d.comb += kk.eq(size * size)
+
+        state = Signal(_State)
+        pend = Signal(_State)       # where ALIGN goes next
+        setup_ci = Signal(range(cfg.max_ci + R + 1))
+        setup_j = Signal(range(cfg.max_bi + 1))
+
+        # Loader counters -------------------------------------------------
+        c0 = Signal(range(bo_cap + cfg.max_co + 1))
+        c1 = Signal(range(max(cfg.max_ci, bo_cap, cfg.max_bi) + 1))
+        c2 = Signal(range(max(kk_max, cfg.max_bi) + 1))
+        ln = Signal(range(max(R, C)))
+        lb = Signal(range(addr_lim))
+        la = Signal(range(depth["B"] + 1))
+
+        # Issue counters and addresses -------------------------------------
+        l0 = Signal(range(bo_cap + cfg.max_co + C + 1))   # o (level 1) or co0
+        ci0 = Signal(range(cfg.max_ci + R + 1))
+        tap = Signal(range(kk_max))
+        pr = Signal(range(Pr))
+        pc = Signal(range(max(Pc, P1, C)))
+        n = Signal(range(max(cfg.max_bi, bo_cap) + 1))
+        ub = Signal(range(addr_lim))
+        bb = Signal(range(addr_lim))
+        bt = Signal(range(addr_lim))
+        nk = Signal(range(addr_lim))
+        wa = Signal(range(addr_lim))
+        vb = Signal(range(addr_lim))
+        toff = Signal(range(addr_lim))
+        wo = Signal(range(addr_lim))
+        ob = Signal(range(addr_lim))
+        cob = Signal(range(addr_lim))
+
+        ctrl_layout = data.StructLayout({
+            "l1": 1, "l2": 1, "byp": 1, "first": 1, "last": 1,
+            "pr": range(Pr), "pc": range(max(Pc, P1, C)), "wa": range(addr_lim),
+            "rmask": R, "cmask": C, "tile_done": 1, "layer_last": 1,
+        })
+
+        # Pipeline stage registers -------------------------------------------
+        advance = Signal()
+        s0 = Signal(ctrl_layout)
+        s0_valid = Signal()
+        s1, s2, s3, s4, s5, s6 = (Signal(ctrl_layout, name=f"s{i}") for i in range(1, 7))
+        v1, v2, v3, v4, v5, v6 = (Signal(name=f"s{i}_valid") for i in range(1, 7))
+
+        # Output tiles ----------------------------------------------------
+        w_shape = signed(cfg.w_bits)
+        work = [[Signal(w_shape, name=f"work_{r}_{c}") for c in range(C)] for r in range(R)]
+        work_full = Signal()
+        work_last = Signal()
+        out = [[Signal(w_shape, name=f"out_{r}_{c}") for c in range(C)] for r in range(R)]
+        out_cnt = Signal(range(R + 1))
+        out_last = Signal()
+
+        # Descriptor and control FSM -----------------------------------------
+        issue_l1 = state == _State.ISSUE_L1
+        issue_main = state == _State.ISSUE_MAIN
+        pipe_empty = Signal()
+        m.d.comb += self.idle.eq((state == _State.IDLE) & ~work_full & (out_cnt == 0))
+
+        def reset_issue():
+            return [x.eq(0) for x in (l0, ci0, tap, pr, pc, n, ub, bb, bt, nk, wa, vb,
+                                      toff, wo, ob, cob)]
+
+        def reset_load():
+            return [x.eq(0) for x in (c0, c1, c2, ln, lb, la)]
+
+        d = self.i_desc.payload
+        m.d.comb += self.i_desc.ready.eq(state == _State.IDLE)
+        with m.If(self.i_desc.valid & self.i_desc.ready):
+            ws_a = Mux(d.w_shift > acc_w + 1, acc_w + 1, d.w_shift)
+            ws_b = Mux(d.w_shift > w1w + 1, w1w + 1, d.w_shift)
+            m.d.sync += [
+                ci.eq(d.ci), co.eq(d.co), k.eq(d.k), bi.eq(d.bi),
+                bo.eq(Mux(d.has_l2, d.bo, d.co)),
+                has_l1.eq(d.has_l1), has_l2.eq(d.has_l2),
+                ws_acc.eq(ws_a), ws_byp.eq(ws_b),
+                half_acc.eq(round_half(ws_a, acc_w + 1)),
+                half_byp.eq(round_half(ws_b, w1w + 1)),
+                stride.eq(0), bikk.eq(0), setup_ci.eq(0), setup_j.eq(0),
+                state.eq(_State.SETUP),
+            ]
+
+        with m.If(state == _State.SETUP):
+            ci_more = setup_ci < ci
+            j_more = setup_j < bi
+            with m.If(ci_more):
+                m.d.sync += [setup_ci.eq(setup_ci + R), stride.eq(stride + kk)]
+            with m.If(j_more):
+                m.d.sync += [setup_j.eq(setup_j + 1), bikk.eq(bikk + kk)]
+            with m.If(~ci_more & ~j_more):
+                m.d.sync += [state.eq(_State.LOAD_B), *reset_load()]
+
+        # Loader ------------------------------------------------------------
+        in_b, in_u, in_v = (state == _State.LOAD_B), (state == _State.LOAD_U), (state == _State.LOAD_V)
+        width = Signal(range(9))
+        with m.If(in_b):
+            m.d.comb += width.eq(Mux(dense, cfg.qd, cfg.qb))
+        with m.Elif(in_u):
+            m.d.comb += width.eq(cfg.qu)
+        with m.Else():
+            m.d.comb += width.eq(cfg.qv)
+        m.d.comb += [
+            unpacker.width.eq(width),
+            code.ready.eq(in_b | in_u | in_v),
+            unpacker.align.eq(state == _State.ALIGN),
+        ]
+
+        lim0 = Signal.like(c0)
+        lim1 = Signal.like(c1)
+        lim2 = Signal.like(c2)
+        inc = Signal(range(max(kk_max, cfg.max_bi, bo_cap) + 1))
+        with m.If(in_b):
+            m.d.comb += [lim0.eq(bo), lim1.eq(Mux(has_l1, bi, ci)), lim2.eq(kk), inc.eq(kk)]
+        with m.Elif(in_u):
+            m.d.comb += [lim0.eq(bo), lim1.eq(ci), lim2.eq(bi), inc.eq(bi)]
+        with m.Else():
+            m.d.comb += [lim0.eq(co), lim1.eq(bo), lim2.eq(1), inc.eq(bo)]
+        wrap2 = c2 == lim2 - 1
+        wrap1 = wrap2 & (c1 == lim1 - 1)
+        wrap0 = wrap1 & (c0 == lim0 - 1)
+        lane_step = Mux(in_v, wrap1, wrap2)
+        lane_wrap = Mux(in_v, ln == C - 1, (ln == R - 1) | (c1 == lim1 - 1))
+        onehot = Signal(max(R, C))
+        m.d.comb += onehot.eq(Const(1, max(R, C)) << ln)
+        load_addr = lb + Mux(in_v, c1, c2)
+
+        dec_b = decode_code(code.payload, cfg.qb, form)
+        dec_d = decode_code(code.payload, cfg.qd, form)
+        with m.If(code.valid & code.ready):
+            m.d.sync += c2.eq(Mux(wrap2, 0, c2 + 1))
+            with m.If(wrap2):
+                m.d.sync += c1.eq(Mux(wrap1, 0, c1 + 1))
+            with m.If(wrap1):
+                m.d.sync += c0.eq(c0 + 1)
+            with m.If(lane_step):
+                with m.If(lane_wrap):
+                    m.d.sync += [ln.eq(0), lb.eq(lb + inc)]
+                with m.Else():
+                    m.d.sync += ln.eq(ln + 1)
+            with m.If(in_b & has_l1):
+                m.d.comb += [b_wr.en.eq(1), b_wr.addr.eq(la), b_wr.data.eq(code.payload)]
+                m.d.sync += la.eq(la + 1)
+            with m.If(in_b & ~has_l1):
+                m.d.comb += [w1_wr.en.eq(onehot[:R]), w1_wr.addr.eq(load_addr)]
+                m.d.comb += [w1_wr.data[r].eq(Mux(dense, dec_d, dec_b)) for r in range(R)]
+            with m.If(in_u):
+                m.d.comb += [u_wr.en.eq(onehot[:R]), u_wr.addr.eq(load_addr)]
+                m.d.comb += [u_wr.data[r].eq(code.payload) for r in range(R)]
+            with m.If(in_v):
+                m.d.comb += [v_wr.en.eq(onehot[:C]), v_wr.addr.eq(load_addr)]
+                m.d.comb += [v_wr.data[c].eq(code.payload) for c in range(C)]
+            with m.If(wrap0):
+                m.d.sync += reset_load()
+                nxt_sig = Signal(_State)
+                with m.If(in_b):
+                    m.d.comb += nxt_sig.eq(Mux(has_l1, _State.LOAD_U,
+                                               Mux(has_l2, _State.LOAD_V, _State.ISSUE_MAIN)))
+                with m.Elif(in_u):
+                    m.d.comb += nxt_sig.eq(Mux(has_l2, _State.LOAD_V, _State.ISSUE_MAIN))
+                with m.Else():
+                    m.d.comb += nxt_sig.eq(_State.ISSUE_MAIN)
+                final = nxt_sig == _State.ISSUE_MAIN
+                if self.section_align:
+                    m.d.sync += [state.eq(_State.ALIGN), pend.eq(nxt_sig)]
+                else:
+                    with m.If(final):
+                        m.d.sync += [state.eq(_State.ALIGN), pend.eq(nxt_sig)]
+                    with m.Else():
+                        m.d.sync += state.eq(nxt_sig)
+
+        with m.If(state == _State.ALIGN):
+            with m.If(pend == _State.ISSUE_MAIN):
+                m.d.sync += [state.eq(Mux(has_l1, _State.ISSUE_L1, _State.ISSUE_MAIN)),
+                             *reset_issue()]
+            with m.Else():
+                m.d.sync += state.eq(pend)
+
+        # Issue stage ---------------------------------------------------------
+        n_lim = Signal.like(n)
+        pc_last = Signal()
+        pr_last = Signal()
+        with m.If(issue_l1):
+            m.d.comb += [n_lim.eq(bi), pc_last.eq(pc == P1 - 1), pr_last.eq(1)]
+        with m.Elif(has_l2):
+            m.d.comb += [n_lim.eq(bo), pc_last.eq(pc == Pc - 1), pr_last.eq(pr == Pr - 1)]
+        with m.Else():
+            m.d.comb += [n_lim.eq(1), pc_last.eq(pc == C - 1), pr_last.eq(1)]
+        last4 = n == n_lim - 1
+        last3 = pc_last & pr_last
+        last2 = tap == kk - 1
+        last1 = ci0 + R >= ci
+        last0 = Mux(issue_l1, l0 == bo - 1, l0 + C >= co)
+
+        m.d.comb += [
+            s0_valid.eq(issue_l1 | issue_main),
+            s0.l1.eq(issue_l1),
+            s0.l2.eq(issue_main & has_l2),
+            s0.byp.eq(issue_main & ~has_l2),
+            s0.first.eq(n == 0),
+            s0.last.eq(last4),
+            s0.pr.eq(pr), s0.pc.eq(pc), s0.wa.eq(wa),
+            s0.rmask.eq(Cat(ci0 + r < ci for r in range(R))),
+            s0.cmask.eq(Cat(l0 + c < co for c in range(C))),
+            s0.tile_done.eq(last3 & last4),
+            s0.layer_last.eq(last4 & last3 & last2 & last1 & last0),
+            u_rd.addr.eq(ub + n),
+            b_rd.addr.eq(bt + nk),
+            v_rd.addr.eq(vb + n),
+            w1_rd.addr.eq(Mux(has_l2, wo, ob + toff)),
+            u_rd.en.eq(advance), b_rd.en.eq(advance),
+            v_rd.en.eq(advance), w1_rd.en.eq(advance),
+        ]
+
+        with m.If(s0_valid & advance):
+            with m.If(~last4):
+                m.d.sync += [n.eq(n + 1), nk.eq(nk + kk), wo.eq(wo + stride)]
+            with m.Else():
+                m.d.sync += [n.eq(0), nk.eq(0)]
+                with m.If(~last3):
+                    with m.If(~pc_last):
+                        m.d.sync += pc.eq(pc + 1)
+                    with m.Else():
+                        m.d.sync += [pc.eq(0), pr.eq(pr + 1)]
+                    m.d.sync += [wo.eq(toff), ob.eq(ob + stride)]
+                with m.Else():
+                    m.d.sync += [pc.eq(0), pr.eq(0)]
+                    with m.If(~last2 | ~last1):
+                        m.d.sync += [
+                            tap.eq(Mux(last2, 0, tap + 1)),
+                            ci0.eq(Mux(last2, ci0 + R, ci0)),
+                            toff.eq(toff + 1), wo.eq(toff + 1), ob.eq(cob), wa.eq(wa + 1),
+                            bt.eq(Mux(last2, bb, bt + 1)),
+                            ub.eq(Mux(last2, ub + bi, ub)),
+                        ]
+                    with m.Else():
+                        m.d.sync += [tap.eq(0), ci0.eq(0)]
+                        with m.If(~last0):
+                            with m.If(issue_l1):
+                                m.d.sync += [l0.eq(l0 + 1), wa.eq(wa + 1), ub.eq(ub + bi),
+                                             bb.eq(bb + bikk), bt.eq(bb + bikk)]
+                            with m.Else():
+                                m.d.sync += [l0.eq(l0 + C), vb.eq(vb + bo), toff.eq(0), wo.eq(0),
+                                             cob.eq(ob + stride), ob.eq(ob + stride)]
+                        with m.Else():
+                            m.d.sync += state.eq(Mux(issue_l1, _State.DRAIN_L1, _State.DRAIN_MAIN))
+
+        with m.If((state == _State.DRAIN_L1) & pipe_empty):
+            m.d.sync += [state.eq(_State.ISSUE_MAIN), *reset_issue()]
+        with m.If((state == _State.DRAIN_MAIN) & pipe_empty):
+            m.d.sync += state.eq(_State.IDLE)
+
+        # Stage 1: memory data, registered at once (block RAM clock-to-out and the
+        # depth cascade of a large W1 buffer take most of a cycle already).
+        sm, vm = Signal(ctrl_layout, name="sm"), Signal(name="sm_valid")
+        u_q = Signal(u_mem.shape)
+        v_q = Signal(v_mem.shape)
+        b_q = Signal(b_mem.shape)
+        w1_q = Signal(w1_mem.shape)
+        with m.If(advance):
+            m.d.sync += [u_q.eq(u_rd.data), v_q.eq(v_rd.data), b_q.eq(b_rd.data),
+                         w1_q.eq(w1_rd.data), sm.eq(s1), vm.eq(v1)]
+
+        # Stage 1b: decode and route operands to the lanes.
+        u_val = [decode_code(u_q[r], cfg.qu, form) for r in range(R)]
+        v_val = [decode_code(v_q[c], cfg.qv, form) for c in range(C)]
+        b_val = decode_code(b_q, cfg.qb, form)
+        w1_val = [w1_q[r] for r in range(R)]
+
+        def pick(m, index, options, shape):
+            out = Signal(shape)
+            if len(options) == 1:
+                m.d.comb += out.eq(options[0])
+                return out
+            with m.Switch(index):
+                for i, opt in enumerate(options):
+                    with m.Case(i):
+                        m.d.comb += out.eq(opt)
+            return out
+
+        op_a = [Signal(signed(a_w), name=f"op_a_{l}") for l in range(NL)]
+        op_b = [Signal(signed(w1w), name=f"op_b_{l}") for l in range(NL)]
+        for lr in range(Lr):
+            for lc in range(Lc):
+                l = lr * Lc + lc
+                a2 = pick(m, sm.pc, [v_val[p * Lc + lc] if p * Lc + lc < C else 0
+                                     for p in range(Pc)], signed(a_w))
+                b2 = pick(m, sm.pr, [w1_val[p * Lr + lr] if p * Lr + lr < R else 0
+                                     for p in range(Pr)], signed(w1w))
+                if l < L1L:
+                    a1 = pick(m, sm.pc, [u_val[p * L1L + l] if p * L1L + l < R else 0
+                                         for p in range(P1)], signed(a_w))
+                    a_next, b_next = Mux(sm.l1, a1, a2), Mux(sm.l1, b_val, b2)
+                else:
+                    a_next, b_next = a2, b2
+                with m.If(advance):
+                    m.d.sync += [op_a[l].eq(a_next), op_b[l].eq(b_next)]
+
+        # Bypass: round-half add (stage 2), shift (stage 3), saturate into the tile.
+        byp = [Signal(signed(w1w + 2), name=f"byp_{r}") for r in range(R)]
+        byp_sh = [Signal(signed(w1w + 2), name=f"byp_sh_{r}") for r in range(R)]
+        with m.If(advance):
+            m.d.sync += [byp[r].eq(w1_val[r] + half_byp) for r in range(R)]
+            m.d.sync += [byp_sh[r].eq(byp[r] >> ws_byp) for r in range(R)]
+            m.d.sync += [s1.eq(s0), v1.eq(s0_valid), s2.eq(sm), v2.eq(vm), s3.eq(s2), v3.eq(v2),
+                         s4.eq(s3), v4.eq(v3), s5.eq(s4), v5.eq(v4), s6.eq(s5), v6.eq(v5)]
+
+        # Stages 3-6: multiply, accumulate, round-half add, shift -------------------
+        prod = [Signal(signed(a_w + w1w), name=f"prod_{l}") for l in range(NL)]
+        acc = [Signal(signed(acc_w), name=f"acc_{l}") for l in range(NL)]
+        rnd = [Signal(signed(acc_w + 2), name=f"rnd_{l}") for l in range(NL)]
+        rnd_sh = [Signal(signed(acc_w + 2), name=f"rnd_sh_{l}") for l in range(NL)]
+        with m.If(advance):
+            m.d.sync += [prod[l].eq(op_a[l] * op_b[l]) for l in range(NL)]
+            with m.If(v3):
+                m.d.sync += [acc[l].eq(Mux(s3.first, 0, acc[l]) + prod[l]) for l in range(NL)]
+            m.d.sync += [rnd[l].eq(acc[l] + half_acc) for l in range(NL)]
+            m.d.sync += [rnd_sh[l].eq(rnd[l] >> ws_acc) for l in range(NL)]
+
+        m.d.comb += pipe_empty.eq(~(v1 | vm | v2 | v3 | v4 | v5 | v6))
+
+        # Level 1 writes W1 straight from the accumulators.
+        with m.If(advance & v4 & s4.l1 & s4.last):
+            m.d.comb += [w1_wr.addr.eq(s4.wa)]
+            for p in range(P1):
+                with m.If(s4.pc == p):
+                    en = 0
+                    for l in range(L1L):
+                        r = p * L1L + l
+                        if r < R:
+                            en |= 1 << r
+                            m.d.comb += w1_wr.data[r].eq(acc[l])
+                    m.d.comb += w1_wr.en.eq(en)
+
+        # Writeback into the work tile ----------------------------------------
+        wb_l2 = v6 & s6.l2 & s6.last
+        wb_byp = v3 & s3.byp
+        wb = wb_l2 | wb_byp
+        copy = Signal()
+        handshake = self.o_weights.valid & self.o_weights.ready
+        m.d.comb += [
+            copy.eq(work_full & ((out_cnt == 0) | ((out_cnt == 1) & handshake))),
+            advance.eq(~(wb & work_full & ~copy)),
+        ]
+        lane_w = [saturate(rnd_sh[l], cfg.w_bits) for l in range(NL)]
+        byp_w = [saturate(byp_sh[r], cfg.w_bits) for r in range(R)]
+        with m.If(advance & wb):
+            done = Mux(wb_l2, s6.tile_done, s3.tile_done)
+            with m.If(done):
+                m.d.sync += [work_full.eq(1), work_last.eq(Mux(wb_l2, s6.layer_last, s3.layer_last))]
+            with m.If(wb_l2):
+                for r in range(R):
+                    for c in range(C):
+                        l = (r % Lr) * Lc + (c % Lc)
+                        with m.If((s6.pr == r // Lr) & (s6.pc == c // Lc)):
+                            keep = s6.rmask[r] & s6.cmask[c]
+                            m.d.sync += work[r][c].eq(Mux(keep, lane_w[l], 0))
+            with m.Else():
+                for c in range(C):
+                    with m.If(s3.pc == c):
+                        for r in range(R):
+                            keep = s3.rmask[r] & s3.cmask[c]
+                            m.d.sync += work[r][c].eq(Mux(keep, byp_w[r], 0))
+
+        # Output tile: shifts its vectors out --------------------------------------
+        m.d.comb += [
+            self.o_weights.valid.eq(out_cnt != 0),
+            self.o_weights.payload.last.eq(out_last & (out_cnt == 1)),
+        ]
+        m.d.comb += [self.o_weights.payload.w[c].eq(out[0][c]) for c in range(C)]
+        with m.If(handshake):
+            m.d.sync += out_cnt.eq(out_cnt - 1)
+            for r in range(R - 1):
+                m.d.sync += [out[r][c].eq(out[r + 1][c]) for c in range(C)]
+        with m.If(copy):
+            m.d.sync += [work_full.eq(0), out_cnt.eq(R), out_last.eq(work_last)]
+            m.d.sync += [out[r][c].eq(work[r][c]) for r in range(R) for c in range(C)]
+            # A tile finished in this very cycle refills the work tile.
+            with m.If(advance & wb & Mux(wb_l2, s6.tile_done, s3.tile_done)):
+                m.d.sync += work_full.eq(1)
+
+        return m

@@ -1,0 +1,171 @@
+"""Packed code stream -> codes of a run-time width, and the code decode to values.
+
+The program file packs the codes of a tensor as one LSB-first bit stream: code
+``i`` of width ``q`` occupies bits ``[i*q, (i+1)*q)``, bit ``n`` sits in byte
+``n // 8`` at position ``n % 8``. :class:`CodeUnpacker` turns a stream of such
+words back into codes; the width may change between codes (the B, U and V
+sections of a layer have different widths), and a code may straddle two words.
+
+:func:`decode_code` (elaboration-time width) and :class:`CodeDecoder` (run-time
+width) turn a raw code into its integer value exactly as
+``gen.integer.decode_codes`` does.
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, Value, signed, unsigned
+from amaranth.lib import stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from gen.config import DECODE_FORMS, code_value_bits
+
+__all__ = ["CodeUnpacker", "CodeDecoder", "decode_code", "MAX_CODE_BITS"]
+
+MAX_CODE_BITS = 8
+
+
+def _check_form(form: str) -> None:
+    if form not in DECODE_FORMS:
+        raise ValueError(f"decode form {form!r} is not one of {', '.join(DECODE_FORMS)}")
+
+
+def decode_code(code: Value, bits: int, form: str) -> Value:
+    """Integer value of a raw ``bits``-wide code, as ``gen.integer.decode_codes``.
+
+    Returns a signed value of ``code_value_bits(bits, form)`` bits. ``signed``
+    reinterprets the code as two's complement; ``odd`` is ``2c - (2**bits - 1)``,
+    which is the code shifted left with a 1 appended and its top bit inverted
+    (no adder).
+    """
+    _check_form(form)
+    if not 1 <= bits <= MAX_CODE_BITS:
+        raise ValueError(f"code width {bits} out of range; accepted 1..{MAX_CODE_BITS}")
+    code = Value.cast(code)[:bits]
+    if form == "signed":
+        return code.as_signed()
+    return Cat(Const(1, 1), code[:-1], ~code[-1]).as_signed()
+
+
+class CodeDecoder(wiring.Component):
+    """Combinational decode of a code whose width is chosen at run time.
+
+    Parameters
+    ----------
+    form:
+        ``"signed"`` or ``"odd"`` (see :func:`decode_code`).
+    max_bits:
+        Widest code, 1..8.
+
+    Members
+    -------
+    code: In(unsigned(max_bits))
+        Raw code; bits at and above ``width`` are ignored.
+    width: In(range(max_bits + 1))
+        Code width, 1..max_bits.
+    value: Out(signed(code_value_bits(max_bits, form)))
+    """
+
+    def __init__(self, form: str, max_bits: int = MAX_CODE_BITS):
+        _check_form(form)
+        if not 1 <= max_bits <= MAX_CODE_BITS:
+            raise ValueError(f"max_bits {max_bits} out of range; accepted 1..{MAX_CODE_BITS}")
+        self.form = form
+        self.max_bits = max_bits
+        super().__init__({
+            "code": In(unsigned(max_bits)),
+            "width": In(range(max_bits + 1)),
+            "value": Out(signed(code_value_bits(max_bits, form))),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        n = self.max_bits
+        full = Const(1, n + 2) << self.width
+        mask = (full - 1)[:n]
+        code = Signal(n + 2)
+        m.d.comb += code.eq(self.code & mask)
+        if self.form == "signed":
+            sign = code.bit_select((self.width - 1)[:len(self.width)], 1)
+            m.d.comb += self.value.eq(Mux(sign, code.as_signed() - full.as_signed(), code))
+        else:
+            m.d.comb += self.value.eq((code << 1).as_signed() + 1 - full.as_signed())
+        return m
+
+
+class CodeUnpacker(wiring.Component):
+    """Unpack an LSB-first packed word stream into codes of a run-time width.
+
+    Words enter on ``i_stream`` and fill a bit buffer of ``word_bits +
+    2 * max_code_bits`` bits; a code of ``width`` bits leaves on ``o_stream`` as
+    soon as that many bits are buffered, so codes straddling word boundaries
+    need no special case. With a steady input the unpacker sustains one code
+    per cycle at every width.
+
+    ``width`` may change between codes but must be stable while ``o_stream``
+    is valid. Asserting ``align`` for one cycle (while ``o_stream`` is not
+    being read) drops the bits left in the current byte, so the next code
+    starts on a byte boundary of the stream, as a section or a layer packed
+    into whole bytes requires.
+
+    Parameters
+    ----------
+    word_bits:
+        Width of an input word, a multiple of 8.
+    max_code_bits:
+        Widest code, 1..8.
+
+    Members
+    -------
+    i_stream: In(stream.Signature(unsigned(word_bits)))
+    o_stream: Out(stream.Signature(unsigned(max_code_bits)))
+        Raw code in the low ``width`` bits, zeros above.
+    width: In(range(max_code_bits + 1))
+    align: In(1)
+    """
+
+    def __init__(self, word_bits: int = 8, max_code_bits: int = MAX_CODE_BITS):
+        if word_bits < 8 or word_bits % 8:
+            raise ValueError(f"word_bits {word_bits} must be a positive multiple of 8")
+        if not 1 <= max_code_bits <= MAX_CODE_BITS:
+            raise ValueError(f"max_code_bits {max_code_bits} out of range; accepted 1..{MAX_CODE_BITS}")
+        self.word_bits = word_bits
+        self.max_code_bits = max_code_bits
+        super().__init__({
+            "i_stream": In(stream.Signature(unsigned(word_bits))),
+            "o_stream": Out(stream.Signature(unsigned(max_code_bits))),
+            "width": In(range(max_code_bits + 1)),
+            "align": In(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        W, Q = self.word_bits, self.max_code_bits
+        # A word is taken while at most 2*Q bits are buffered, so at least Q
+        # bits remain after any code leaves: one code per cycle at every width.
+        cap = W + 2 * Q
+        buf = Signal(cap)
+        count = Signal(range(cap + 1))
+
+        mask = (Const(1, Q + 1) << self.width) - 1
+        m.d.comb += [
+            self.o_stream.valid.eq((count >= self.width) & (self.width != 0) & ~self.align),
+            self.o_stream.payload.eq(buf[:Q] & mask[:Q]),
+            self.i_stream.ready.eq(count <= cap - W),
+        ]
+
+        drop = Signal(range(Q + 1))
+        with m.If(self.o_stream.valid & self.o_stream.ready):
+            m.d.comb += drop.eq(self.width)
+        with m.Elif(self.align):
+            m.d.comb += drop.eq(count[:3])
+        rest = Signal(range(cap + 1))
+        kept = Signal(cap)
+        m.d.comb += [rest.eq(count - drop), kept.eq(buf >> drop)]
+        with m.If(self.i_stream.valid & self.i_stream.ready):
+            m.d.sync += [
+                buf.eq(kept | (self.i_stream.payload << rest)),
+                count.eq(rest + W),
+            ]
+        with m.Else():
+            m.d.sync += [buf.eq(kept), count.eq(rest)]
+        return m

@@ -1,0 +1,372 @@
+"""Generation unit: Amaranth-simulator unit tests and cocotb benches on both simulators.
+
+The cocotb part elaborates a few tops, each holding several generation units
+with different elaboration configs (code widths, decode form, array shape,
+lanes), so that one build per simulator covers every code width 1..8 of qb,
+qu, qv and qd and both decode forms. Each unit runs many random layers in one
+simulation, with idle cycles on its inputs and backpressure on its output.
+
+``MLG_LONG=1`` adds a longer randomized regression; ``MLG_SEED`` changes the seed.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import os
+import random
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from amaranth.hdl import Module, UnusedElaboratable, signed
+from amaranth.lib import wiring
+from amaranth.lib.wiring import Out
+from amaranth.sim import Simulator
+
+from gen.config import AcceleratorConfig, code_value_bits
+from gen.integer import decode_codes, round_w2
+from hw.generation import GenerationUnit, WeightRounder, lane_plan
+from hw.unpacker import CodeDecoder, CodeUnpacker, decode_code
+from sim.runner import SIMULATORS, run_bench, simulator_available
+
+BENCHES = Path(__file__).resolve().parents[1] / "sim" / "benches"
+sys.path.insert(0, str(BENCHES))
+import bench_generation as bench  # noqa: E402
+
+SEED = int(os.environ.get("MLG_SEED", "2024"))
+LONG = os.environ.get("MLG_LONG", "") not in ("", "0")
+
+
+# Amaranth-simulator unit tests -------------------------------------------------------
+
+async def _put_words(ctx, port, words, rng, idle):
+    for w in words:
+        while rng.random() < idle:
+            await ctx.tick()
+        ctx.set(port.payload, w)
+        ctx.set(port.valid, 1)
+        while True:
+            ready = ctx.get(port.ready)
+            await ctx.tick()
+            if ready:
+                break
+        ctx.set(port.valid, 0)
+
+
+@pytest.mark.parametrize("word_bits", [8, 16])
+def test_unpacker_every_width_straddling(word_bits):
+    """Sections of every width 1..8 back to back (not byte aligned), some followed by
+    an align; random idle input and random backpressure."""
+    rng = random.Random(SEED + word_bits)
+    dut = CodeUnpacker(word_bits)
+    sections = []
+    for _ in range(2):
+        for q in rng.sample(range(1, 9), 8):
+            sections.append((q, [rng.randrange(1 << q) for _ in range(rng.randint(1, 23))],
+                             rng.random() < 0.5))
+    bits, n = 0, 0
+    for q, codes, align in sections:
+        for c in codes:
+            bits |= c << n
+            n += q
+        if align:
+            n = -(-n // 8) * 8
+    n = -(-n // word_bits) * word_bits
+    words = [(bits >> i) & ((1 << word_bits) - 1) for i in range(0, n, word_bits)]
+    got = []
+
+    async def consumer(ctx):
+        for q, codes, align in sections:
+            ctx.set(dut.width, q)
+            for _ in codes:
+                while rng.random() < 0.3:
+                    await ctx.tick()
+                ctx.set(dut.o_stream.ready, 1)
+                code, = await ctx.tick().sample(dut.o_stream.payload).until(dut.o_stream.valid)
+                ctx.set(dut.o_stream.ready, 0)
+                got.append(code)
+            if align:
+                ctx.set(dut.align, 1)
+                await ctx.tick()
+                ctx.set(dut.align, 0)
+
+    async def producer(ctx):
+        await _put_words(ctx, dut.i_stream, words, random.Random(SEED), 0.3)
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(producer, background=True)
+    sim.add_testbench(consumer)
+    sim.run()
+    assert got == [c for _, codes, _ in sections for c in codes]
+
+
+def test_unpacker_full_rate():
+    """One code per cycle at every width with a steady input."""
+    for q in range(1, 9):
+        dut = CodeUnpacker(8)
+        count = 64
+        words = list(range(256)) * ((count * q) // 2048 + 1)
+        cycles = []
+
+        async def tb(ctx, q=q):
+            ctx.set(dut.width, q)
+            ctx.set(dut.o_stream.ready, 1)
+            got = 0
+            for cycle in range(count + 8):
+                if ctx.get(dut.o_stream.valid):
+                    got += 1
+                    if got == count:
+                        cycles.append(cycle)
+                        return
+                await ctx.tick()
+
+        async def producer(ctx):
+            await _put_words(ctx, dut.i_stream, words, random.Random(0), 0.0)
+
+        sim = Simulator(dut)
+        sim.add_clock(1e-6)
+        sim.add_testbench(producer, background=True)
+        sim.add_testbench(tb)
+        sim.run()
+        assert cycles and cycles[0] <= count + 3, f"width {q}: {cycles}"
+
+
+@pytest.mark.parametrize("form", ["signed", "odd"])
+def test_decode_every_width(form):
+    """decode_code (static width) and CodeDecoder (run-time width) equal gen.integer."""
+    class Static(wiring.Component):
+        def __init__(self):
+            super().__init__({f"v{q}": Out(signed(code_value_bits(q, form))) for q in range(1, 9)}
+                             | {"code": wiring.In(8)})
+
+        def elaborate(self, platform):
+            m = Module()
+            for q in range(1, 9):
+                m.d.comb += getattr(self, f"v{q}").eq(decode_code(self.code, q, form))
+            return m
+
+    static, dynamic = Static(), CodeDecoder(form)
+    m = Module()
+    m.submodules.static, m.submodules.dynamic = static, dynamic
+
+    async def tb(ctx):
+        for q in range(1, 9):
+            want = decode_codes(torch.arange(1 << q), q, form).tolist()
+            ctx.set(dynamic.width, q)
+            for c in range(1 << q):
+                junk = random.Random(c).randrange(256) & ~((1 << q) - 1)
+                ctx.set(static.code, c | junk)
+                ctx.set(dynamic.code, c | junk)
+                assert ctx.get(getattr(static, f"v{q}")) == want[c], (q, c)
+                assert ctx.get(dynamic.value) == want[c], (q, c)
+
+    sim = Simulator(m)
+    sim.add_testbench(tb)
+    sim.run()
+
+
+def _raises(exc, match, build):
+    """``build()`` raises ``exc``; the half-built component is not reported as unused."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnusedElaboratable)
+        with pytest.raises(exc, match=match):
+            build()
+        gc.collect()
+
+
+def test_decode_rejects_bad_form():
+    _raises(ValueError, "'twos'", lambda: CodeDecoder("twos"))
+    _raises(ValueError, "word_bits 12", lambda: CodeUnpacker(12))
+
+
+@pytest.mark.parametrize("in_bits,w_bits", [(6, 4), (12, 8), (22, 8), (9, 2)])
+def test_rounder_matches_round_w2(in_bits, w_bits):
+    """WeightRounder equals gen.integer.round_w2 for random values and every shift."""
+    shift_bits = 6
+    dut = WeightRounder(in_bits, w_bits, shift_bits)
+    rng = random.Random(SEED + in_bits)
+    lo, hi = -(1 << (in_bits - 1)), (1 << (in_bits - 1)) - 1
+    xs = [lo, hi, 0, -1, 1] + [rng.randint(lo, hi) for _ in range(60)]
+
+    async def tb(ctx):
+        for s in range(in_bits + 4):
+            want = round_w2(torch.tensor(xs), s, w_bits).tolist()
+            ctx.set(dut.shift, s)
+            for x, y in zip(xs, want):
+                ctx.set(dut.x, x)
+                assert ctx.get(dut.y) == y, (x, s)
+
+    sim = Simulator(dut)
+    sim.add_testbench(tb)
+    sim.run()
+
+
+def test_lane_plan():
+    cfg = AcceleratorConfig()
+    assert lane_plan(cfg) == {"Lc": 8, "Lr": 1, "Pc": 1, "Pr": 8, "lanes": 8, "L1": 8, "P1": 1}
+    p = lane_plan(AcceleratorConfig(rows=8, cols=8, gen_lanes=16))
+    assert (p["Lc"], p["Lr"], p["Pr"], p["lanes"]) == (8, 2, 4, 16)
+    p = lane_plan(AcceleratorConfig(rows=8, cols=8, gen_lanes=3))
+    assert (p["Lc"], p["Pc"], p["L1"], p["P1"]) == (3, 3, 3, 3)
+
+
+def test_generation_unit_pysim():
+    """A few layers of every mode through the Amaranth simulator, with stalls."""
+    cfg = AcceleratorConfig(rows=3, cols=4, max_ci=7, max_co=9, max_k=3, max_bi=2, max_bo=4,
+                            gen_lanes=3, qb=3, qu=4, qv=2, qd=5, w_bits=6)
+    rng = random.Random(SEED)
+    layers = [bench.random_layer(cfg, rng, mode) for mode in bench.MODES]
+    entries = [bench.job_layer(cfg, layer) for layer in layers]
+    stream = b"".join(bytes.fromhex(e["bytes"]) for e in entries)
+    expected = [(vec, int(i == len(e["expected"]) - 1))
+                for e in entries for i, vec in enumerate(e["expected"])]
+    dut = GenerationUnit(cfg)
+    got = []
+
+    async def descs(ctx):
+        for e in entries:
+            ctx.set(dut.i_desc.payload.as_value(), e["desc"])
+            ctx.set(dut.i_desc.valid, 1)
+            await ctx.tick().until(dut.i_desc.ready)
+            ctx.set(dut.i_desc.valid, 0)
+
+    async def codes(ctx):
+        await _put_words(ctx, dut.i_codes, stream, random.Random(1), 0.3)
+
+    async def weights(ctx):
+        r = random.Random(2)
+        for _ in expected:
+            while r.random() < 0.3:
+                await ctx.tick()
+            ctx.set(dut.o_weights.ready, 1)
+            w, last = await ctx.tick().sample(dut.o_weights.payload.w,
+                                              dut.o_weights.payload.last).until(dut.o_weights.valid)
+            ctx.set(dut.o_weights.ready, 0)
+            got.append(([int(x) for x in w], int(last)))
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(descs, background=True)
+    sim.add_testbench(codes, background=True)
+    sim.add_testbench(weights)
+    sim.run()
+    assert got == expected
+
+
+def test_generation_unit_rejects_non_config():
+    _raises(TypeError, "dict", lambda: GenerationUnit({"rows": 8}))
+
+
+# cocotb benches ----------------------------------------------------------------------
+
+class GenerationBank(wiring.Component):
+    """Several generation units side by side in one top (ports ``u{i}__...``), so one
+    simulator build serves several elaboration configs."""
+
+    def __init__(self, units):
+        self.units = [GenerationUnit(cfg, section_align=align) for cfg, align in units]
+        super().__init__({f"u{i}": Out(u.signature) for i, u in enumerate(self.units)})
+
+    def elaborate(self, platform):
+        m = Module()
+        for i, unit in enumerate(self.units):
+            m.submodules[f"u{i}"] = unit
+            wiring.connect(m, wiring.flipped(getattr(self, f"u{i}")), unit)
+        return m
+
+
+def _width_configs() -> list[tuple[AcceleratorConfig, bool]]:
+    """Eight small units: qb, qu, qv and qd each take every width 1..8 once, the
+    decode forms alternate, and shapes and lane counts vary (fewer lanes than
+    columns, partial lane passes, several rows per lane group, more lanes than a tile)."""
+    shapes = [  # rows, cols, lanes, max_k, w_bits, max_bi, max_bo, section_align
+        (2, 3, 1, 3, 4, 2, 3, True),
+        (3, 2, 2, 3, 8, 3, 4, True),
+        (2, 4, 3, 3, 6, 1, 5, True),
+        (4, 2, 5, 3, 3, 2, 3, True),
+        (3, 3, 9, 5, 10, 3, 2, True),
+        (2, 2, 16, 3, 5, 2, 6, True),
+        (4, 4, 4, 5, 7, 2, 4, False),
+        (2, 5, 6, 7, 2, 3, 3, False),
+    ]
+    out = []
+    for i, (rows, cols, lanes, max_k, w_bits, max_bi, max_bo, align) in enumerate(shapes):
+        out.append((AcceleratorConfig(
+            rows=rows, cols=cols, gen_lanes=lanes, max_k=max_k, w_bits=w_bits,
+            max_bi=max_bi, max_bo=max_bo, max_ci=9 - i % 3, max_co=7 + i % 3,
+            qb=i + 1, qu=(i + 2) % 8 + 1, qv=(i + 5) % 8 + 1, qd=(i + 7) % 8 + 1,
+            decode=("signed", "odd")[i % 2]), align))
+    return out
+
+
+def _default_configs() -> list[tuple[AcceleratorConfig, bool]]:
+    """The paper's widths on an 8x8 array (odd decode), and a signed 4x8 one with
+    more lanes than columns."""
+    return [
+        (AcceleratorConfig(rows=8, cols=8, gen_lanes=8, qb=3, qu=6, qv=3, qd=8, decode="odd",
+                           max_ci=20, max_co=20, max_k=3, max_bi=2, max_bo=12), True),
+        (AcceleratorConfig(rows=4, cols=8, gen_lanes=16, qb=4, qu=5, qv=2, qd=6, decode="signed",
+                           w_bits=6, max_ci=12, max_co=18, max_k=3, max_bi=3, max_bo=7), True),
+    ]
+
+
+def _coverage_check(configs):
+    for field in ("qb", "qu", "qv", "qd"):
+        assert sorted(getattr(c, field) for c, _ in configs) == list(range(1, 9)), field
+    assert {c.decode for c, _ in configs} == {"signed", "odd"}
+
+
+def _job(configs, layers_per_unit: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    units = []
+    for i, (cfg, align) in enumerate(configs):
+        # Every mode first, then random ones.
+        modes = list(bench.MODES) + [None] * max(0, layers_per_unit - len(bench.MODES))
+        layers = [bench.random_layer(cfg, rng, mode) for mode in modes]
+        units.append({
+            "config": cfg, "prefix": f"u{i}__",
+            "layers": [bench.job_layer(cfg, layer, section_align=align) for layer in layers],
+            "idle": bench.PATTERNS[(i + seed) % len(bench.PATTERNS)],
+            "backpressure": bench.PATTERNS[(i + seed + 2) % len(bench.PATTERNS)],
+        })
+    return units
+
+
+BENCH_SETS = {
+    "widths": (_width_configs, 10),
+    "default": (_default_configs, 8),
+}
+
+
+@pytest.mark.parametrize("sim", SIMULATORS)
+@pytest.mark.parametrize("bench_set", sorted(BENCH_SETS))
+def test_generation_cocotb(sim, bench_set, tmp_path, monkeypatch):
+    # sim.runner passes a relative results_xml, which cocotb's runner refuses
+    # while PYTEST_CURRENT_TEST is set.
+    monkeypatch.delenv("PYTEST_CURRENT_TEST", raising=False)
+    monkeypatch.setenv("MAKEFLAGS", bench.VERILATOR_MAKEFLAGS_FAST_BUILD)
+    if not simulator_available(sim):
+        pytest.skip(f"{sim} not installed")
+    make, layers = BENCH_SETS[bench_set]
+    configs = make()
+    if bench_set == "widths":
+        _coverage_check(configs)
+    seeds = [SEED]
+    if LONG:
+        layers *= 4
+        seeds += [SEED + 1000 * i for i in range(1, 4)]
+    for seed in seeds:
+        job = tmp_path / f"job-{seed}.json"
+        bench.write_job(job, _job(configs, layers, seed))
+        run_bench(GenerationBank(configs), f"gen_{bench_set}", "bench_generation", sim,
+                  test_dir=BENCHES, testcase="generation_check",
+                  extra_env={"MLG_GEN_JOB": job, "MLG_SEED": seed})
+
+
+def test_pattern_names_cover_backpressure():
+    assert set(bench.PATTERNS) >= {"full", "random"}
+    assert list(itertools.islice(bench.pattern("half", 0), 4)) == [1, 0, 1, 0]
