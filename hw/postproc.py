@@ -1,0 +1,169 @@
+"""Post-processing: requantization of accumulators and the global-average-pool sum.
+
+:class:`Requantizer` implements point 5 of :mod:`gen.integer` on ``lanes``
+channels per cycle::
+
+    y = round_shift(acc * M[c] + bias[c] + res * m_res, shift)   # add 2^(s-1), >>> s
+    y = max(y, 0) if relu
+    y = clamp(y, -2^(a_bits-1), 2^(a_bits-1) - 1)
+
+Every intermediate is kept at its full width (no truncation anywhere), so the
+result equals the int64 golden model whenever the constants fit the config.
+The residual is multiplied by ``m_res`` and added before the single rounding.
+
+:class:`PoolAccumulator` sums ``rows`` channels over every pixel of a feature
+map (point 6: a global average pool is the requant of that sum with the pool
+multiplier, no bias, no ReLU in the golden model's usual use).
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Cat, Const, Module, Mux, Shape, Signal, signed, unsigned
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+
+from gen.config import AcceleratorConfig
+
+__all__ = ["Requantizer", "PoolAccumulator"]
+
+
+class Requantizer(wiring.Component):
+    """``lanes`` parallel requant pipelines with a fixed latency and no stalls.
+
+    Parameters
+    ----------
+    config:
+        The :class:`~gen.config.AcceleratorConfig` (``a_bits``, ``m_bits``,
+        ``acc_bits``, ``bias_bits``, ``shift_max``).
+    lanes:
+        Channels processed per cycle, >= 1.
+    tag_shape:
+        Shape of a value carried alongside each input (e.g. its write address).
+
+    Ports
+    -----
+    i_valid, i_lanes, i_acc, i_mult, i_bias, i_res, i_tag:
+        One input per cycle; ``i_lanes`` marks the lanes holding real channels.
+    shift, relu, has_res, m_res:
+        Layer constants, held stable from one cycle before the first input until
+        the last result.
+    o_valid, o_lanes, o_y, o_tag:
+        The results :attr:`latency` cycles later.
+    busy:
+        High while any input is in flight.
+
+    Raises
+    ------
+    ValueError
+        If ``lanes`` is not a positive integer.
+    """
+
+    latency = 6
+
+    def __init__(self, config: AcceleratorConfig, lanes: int, tag_shape=unsigned(1)):
+        if not isinstance(lanes, int) or lanes < 1:
+            raise ValueError(f"Requantizer lanes must be a positive integer, got {lanes!r}")
+        self.config = config
+        self.lanes = lanes
+        self.tag_shape = Shape.cast(tag_shape) if not isinstance(tag_shape, data.Layout) else tag_shape
+        super().__init__({
+            "i_valid": In(1),
+            "i_lanes": In(lanes),
+            "i_acc": In(data.ArrayLayout(signed(config.acc_bits), lanes)),
+            "i_mult": In(data.ArrayLayout(signed(config.m_bits), lanes)),
+            "i_bias": In(data.ArrayLayout(signed(config.bias_bits), lanes)),
+            "i_res": In(data.ArrayLayout(signed(config.a_bits), lanes)),
+            "i_tag": In(tag_shape),
+            "shift": In(range(config.shift_max + 1)),
+            "relu": In(1),
+            "has_res": In(1),
+            "m_res": In(signed(config.m_bits)),
+            "o_valid": Out(1),
+            "o_lanes": Out(lanes),
+            "o_y": Out(data.ArrayLayout(signed(config.a_bits), lanes)),
+            "o_tag": Out(tag_shape),
+            "busy": Out(1),
+        })
+
+    def elaborate(self, platform):
+        cfg = self.config
+        L = self.lanes
+        m = Module()
+        lo, hi = -(1 << (cfg.a_bits - 1)), (1 << (cfg.a_bits - 1)) - 1
+
+        valid = [Signal(name=f"valid_{i}") for i in range(self.latency)]
+        lanes = [Signal(L, name=f"lanes_{i}") for i in range(self.latency)]
+        tags = [Signal(self.tag_shape, name=f"tag_{i}") for i in range(self.latency)]
+        m.d.sync += [valid[0].eq(self.i_valid), lanes[0].eq(self.i_lanes), tags[0].eq(self.i_tag)]
+        for i in range(1, self.latency):
+            m.d.sync += [valid[i].eq(valid[i - 1]), lanes[i].eq(lanes[i - 1]), tags[i].eq(tags[i - 1])]
+        m.d.comb += [self.o_valid.eq(valid[-1]), self.o_lanes.eq(lanes[-1]), self.o_tag.eq(tags[-1]),
+                     self.busy.eq(Cat(*valid).any())]
+
+        # 1 << (shift - 1) for shift > 0, else 0: the round-half-up constant. The shift is
+        # a layer constant, so registering it costs no cycle of any result.
+        rnd = Signal(cfg.post_bits + 1)
+        m.d.sync += rnd.eq((Const(1, cfg.post_bits + 2) << self.shift) >> 1)
+
+        # Every stage ends in a register: inputs (they come from block RAM), products,
+        # sum, rounding add, shift, clamp.
+        for g in range(L):
+            acc = Signal(signed(cfg.acc_bits), name=f"acc_{g}")
+            mult = Signal(signed(cfg.m_bits), name=f"mult_{g}")
+            bias0 = Signal(signed(cfg.bias_bits), name=f"bias0_{g}")
+            res = Signal(signed(cfg.a_bits), name=f"res_{g}")
+            m.d.sync += [acc.eq(self.i_acc[g]), mult.eq(self.i_mult[g]), bias0.eq(self.i_bias[g]),
+                         res.eq(Mux(self.has_res, self.i_res[g], 0))]
+            prod = Signal(signed(cfg.acc_bits + cfg.m_bits), name=f"prod_{g}")
+            rprod = Signal(signed(cfg.a_bits + cfg.m_bits), name=f"rprod_{g}")
+            bias = Signal(signed(cfg.bias_bits), name=f"bias_{g}")
+            m.d.sync += [prod.eq(acc * mult), rprod.eq(res * self.m_res), bias.eq(bias0)]
+            total = Signal(signed(cfg.post_bits + 2), name=f"total_{g}")
+            m.d.sync += total.eq(prod + bias + rprod)
+            rounded = Signal(signed(cfg.post_bits + 3), name=f"rounded_{g}")
+            m.d.sync += rounded.eq(total + rnd)
+            shifted = Signal(signed(cfg.post_bits + 3), name=f"shifted_{g}")
+            m.d.sync += shifted.eq(rounded >> self.shift)
+            y = Mux(self.relu & (shifted < 0), 0, shifted)
+            m.d.sync += self.o_y[g].eq(Mux(y > hi, hi, Mux(y < lo, lo, y)))
+        return m
+
+
+class PoolAccumulator(wiring.Component):
+    """Per-channel sums over a feature map, ``rows`` channels at a time.
+
+    Parameters
+    ----------
+    config:
+        The :class:`~gen.config.AcceleratorConfig` (``rows``, ``a_bits``,
+        ``acc_bits``, which covers a whole ``max_h x max_w`` map).
+
+    Ports
+    -----
+    i_valid, i_first, i_last, i_act:
+        One pixel of ``rows`` channels per valid cycle; ``i_first`` restarts the
+        sums, ``i_last`` marks the final pixel.
+    o_sum:
+        The running sums; complete the cycle after ``o_done``.
+    o_done:
+        Pulses the cycle after the final pixel was added.
+    """
+
+    def __init__(self, config: AcceleratorConfig):
+        self.config = config
+        super().__init__({
+            "i_valid": In(1),
+            "i_first": In(1),
+            "i_last": In(1),
+            "i_act": In(data.ArrayLayout(signed(config.a_bits), config.rows)),
+            "o_sum": Out(data.ArrayLayout(signed(config.acc_bits), config.rows)),
+            "o_done": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        m.d.sync += self.o_done.eq(self.i_valid & self.i_last)
+        with m.If(self.i_valid):
+            for r in range(self.config.rows):
+                m.d.sync += self.o_sum[r].eq(Mux(self.i_first, 0, self.o_sum[r]) + self.i_act[r])
+        return m
