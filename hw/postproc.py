@@ -58,7 +58,7 @@ class Requantizer(wiring.Component):
         If ``lanes`` is not a positive integer.
     """
 
-    latency = 6
+    latency = 7
 
     def __init__(self, config: AcceleratorConfig, lanes: int, tag_shape=unsigned(1)):
         if not isinstance(lanes, int) or lanes < 1:
@@ -105,8 +105,8 @@ class Requantizer(wiring.Component):
         rnd = Signal(cfg.post_bits + 1)
         m.d.sync += rnd.eq((Const(1, cfg.post_bits + 2) << self.shift) >> 1)
 
-        # Every stage ends in a register: inputs (they come from block RAM), products,
-        # sum, rounding add, shift, clamp.
+        # Every stage ends in a register: inputs (they come from block RAM), partial
+        # products, products, sum, rounding add, shift, clamp.
         for g in range(L):
             acc = Signal(signed(cfg.acc_bits), name=f"acc_{g}")
             mult = Signal(signed(cfg.m_bits), name=f"mult_{g}")
@@ -114,10 +114,21 @@ class Requantizer(wiring.Component):
             res = Signal(signed(cfg.a_bits), name=f"res_{g}")
             m.d.sync += [acc.eq(self.i_acc[g]), mult.eq(self.i_mult[g]), bias0.eq(self.i_bias[g]),
                          res.eq(Mux(self.has_res, self.i_res[g], 0))]
+            # acc * M as two products of at most 18 x 18 bits, one DSP block each, summed
+            # in the next stage: a wider product would chain DSPs and an adder in one cycle.
+            lo_bits = min(cfg.acc_bits, 17)
+            p_lo = Signal(signed(lo_bits + cfg.m_bits + 1), name=f"prod_lo_{g}")
+            p_hi = Signal(signed(max(1, cfg.acc_bits - lo_bits) + cfg.m_bits), name=f"prod_hi_{g}")
+            rprod1 = Signal(signed(cfg.a_bits + cfg.m_bits), name=f"rprod1_{g}")
+            bias1 = Signal(signed(cfg.bias_bits), name=f"bias1_{g}")
+            acc_hi = acc[lo_bits:].as_signed() if cfg.acc_bits > lo_bits else Const(0, signed(1))
+            acc_lo = acc[:lo_bits] if cfg.acc_bits > lo_bits else acc
+            m.d.sync += [p_lo.eq(acc_lo * mult), p_hi.eq(acc_hi * mult),
+                         rprod1.eq(res * self.m_res), bias1.eq(bias0)]
             prod = Signal(signed(cfg.acc_bits + cfg.m_bits), name=f"prod_{g}")
             rprod = Signal(signed(cfg.a_bits + cfg.m_bits), name=f"rprod_{g}")
             bias = Signal(signed(cfg.bias_bits), name=f"bias_{g}")
-            m.d.sync += [prod.eq(acc * mult), rprod.eq(res * self.m_res), bias.eq(bias0)]
+            m.d.sync += [prod.eq((p_hi << lo_bits) + p_lo), rprod.eq(rprod1), bias.eq(bias1)]
             total = Signal(signed(cfg.post_bits + 2), name=f"total_{g}")
             m.d.sync += total.eq(prod + bias + rprod)
             rounded = Signal(signed(cfg.post_bits + 3), name=f"rounded_{g}")

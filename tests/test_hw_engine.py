@@ -8,8 +8,8 @@ stride, partial channel tiles, pooling), the requantizer against
 The cocotb benches (``sim/benches/bench_engine.py``) run random layers on
 Verilator and Icarus, with random idle cycles on every input stream and random
 backpressure on the read-back stream, and compare every output with
-:func:`gen.golden.golden_layer`. ``MLG_LONG=1`` adds a longer randomized
-regression.
+:func:`gen.golden.golden_layer`. ``MLG_LONG=1`` turns them into a longer
+randomized regression: every config on both simulators, many more layers.
 """
 
 from __future__ import annotations
@@ -466,12 +466,18 @@ BENCH_RUNS = [
     ("verilator", "6x4", dict(random_layers=250, max_macs=30_000)),
     ("icarus", "3x5", dict(random_layers=16, max_macs=2_000, scale=0.8)),
 ]
+# MLG_LONG=1: every config on both simulators, many more random layers. Each design is
+# built by one test only, so parallel workers never share a build directory.
+LONG_RUNS = [(sim, name, dict(random_layers=600, max_macs=150_000) if sim == "verilator"
+              else dict(random_layers=40, max_macs=8_000, scale=0.8))
+             for sim in ("verilator", "icarus") for name in BENCH_CONFIGS]
+RUNS = LONG_RUNS if LONG else BENCH_RUNS
 
 
-@pytest.mark.parametrize("sim,config_name,sizes", BENCH_RUNS, ids=[f"{s}-{c}" for s, c, _ in BENCH_RUNS])
+@pytest.mark.parametrize("sim,config_name,sizes", RUNS, ids=[f"{s}-{c}" for s, c, _ in RUNS])
 def test_engine_matches_golden(sim, config_name, sizes, monkeypatch, tmp_path):
     config = BENCH_CONFIGS[config_name]
-    plan = bench_plan(config, seed=20261101, **sizes)
+    plan = bench_plan(config, seed=7 if LONG else 20261101, **sizes)
     report = tmp_path / "report.json"
     run_engine_bench(config, sim, plan, monkeypatch, report)
     layers = json.loads(report.read_text())["layers"]
@@ -479,17 +485,3 @@ def test_engine_matches_golden(sim, config_name, sizes, monkeypatch, tmp_path):
     conv = [lay for lay in layers if lay["op"] == "conv"]
     assert all(lay["macs"] == bench.layer_macs(lay) for lay in layers)
     assert all(lay["mac_cycles"] >= lay["macs"] / (config.rows * config.cols) for lay in conv)
-
-
-LONG_RUNS = [(sim, name) for sim in ("verilator", "icarus") for name in BENCH_CONFIGS]
-
-
-@pytest.mark.skipif(not LONG, reason="long randomized regression: set MLG_LONG=1")
-@pytest.mark.parametrize("sim,config_name", LONG_RUNS, ids=[f"{s}-{c}" for s, c in LONG_RUNS])
-def test_engine_long_regression(sim, config_name, monkeypatch):
-    config = BENCH_CONFIGS[config_name]
-    if sim == "verilator":
-        plan = bench_plan(config, seed=7, random_layers=600, max_macs=150_000)
-    else:
-        plan = bench_plan(config, seed=7, random_layers=40, max_macs=8_000, scale=0.8)
-    run_engine_bench(config, sim, plan, monkeypatch)
