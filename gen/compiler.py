@@ -61,9 +61,8 @@ def derive_config(net: QuantizedNetwork, rows: int = 8, cols: int = 8, **overrid
     conv = net.conv_layers()
     acts = [net.input_shape[0] * net.input_shape[1] * net.input_shape[2]]
     acts += [l.co * l.ho * l.wo for l in net.layers]
-    layer_bits = []
-    for l in conv:
-        layer_bits.append(sum(t.numel() * bits for _, t, bits in l.code_tensors(net)))
+    code_bytes = sum(l.aligned_code_bytes(net) for l in conv)
+    in_bytes = net.input_shape[0] * net.input_shape[1] * net.input_shape[2] * ((net.a_bits + 7) // 8)
     bufs = 1 + max(max(l.src, l.dst, l.res or 0) for l in net.layers)
     fields = dict(
         rows=rows, cols=cols, a_bits=net.a_bits, w_bits=net.w_bits, m_bits=net.m_bits,
@@ -74,7 +73,12 @@ def derive_config(net: QuantizedNetwork, rows: int = 8, cols: int = 8, **overrid
         max_bi=max([l.bi for l in conv if l.has_l1] or [1]),
         max_bo=max([l.bo for l in conv if l.has_l2] or [1]),
         act_depth=_pow2(max(acts)), act_buffers=max(2, bufs),
-        base_store_bytes=_pow2((max(layer_bits) + 7) // 8),
+        # Every layer's codes stay resident in the base store.
+        base_store_bytes=_pow2(max(1, code_bytes)),
+        max_layers=_pow2(max(8, len(net.layers))),
+        const_depth=_pow2(sum(l.out_channels for l in net.layers)),
+        # The frame buffer holds a whole input image and its LOAD_ACT header.
+        max_payload=min(65535, _pow2(max(256, in_bytes + 7))),
     )
     fields.update(overrides)
     try:

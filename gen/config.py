@@ -97,6 +97,15 @@ class AcceleratorConfig:
         Capacity of the on-chip base store, in bytes.
     gen_lanes:
         Generation multipliers working in parallel.
+    max_layers:
+        Layer records the program memory holds.
+    const_depth:
+        Per-channel requant constant words (multiplier and bias) the constants
+        memory holds, summed over the layers of a program.
+    max_payload:
+        Largest request payload of the host link, in bytes (the frame buffer).
+    link_timeout:
+        Clock cycles without a byte after which a partly received frame is dropped.
     baud:
         Host link UART rate in bit/s.
     """
@@ -122,6 +131,10 @@ class AcceleratorConfig:
     act_buffers: int = 4
     base_store_bytes: int = 65536
     gen_lanes: int = 8
+    max_layers: int = 32
+    const_depth: int = 1024
+    max_payload: int = 1024
+    link_timeout: int = 1 << 20
     baud: int = 3_000_000
     schema: int = field(default=CONFIG_SCHEMA_VERSION)
 
@@ -149,6 +162,10 @@ class AcceleratorConfig:
         _check_int("act_buffers", self.act_buffers, 2, 16)
         _check_int("base_store_bytes", self.base_store_bytes, 1, 1 << 24)
         _check_int("gen_lanes", self.gen_lanes, 1, 256)
+        _check_int("max_layers", self.max_layers, 1, 4096)
+        _check_int("const_depth", self.const_depth, 1, 1 << 20)
+        _check_int("max_payload", self.max_payload, 64, 65535)
+        _check_int("link_timeout", self.link_timeout, 16, 1 << 32)
         _check_int("baud", self.baud, 1200, 50_000_000)
         if self.post_bits > 63:
             raise ConfigError(

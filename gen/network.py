@@ -114,6 +114,16 @@ class LayerSpec:
             out.append(("V", self.v, net.qv))
         return out
 
+    def aligned_code_bytes(self, net: "QuantizedNetwork") -> int:
+        """Bytes of this layer's codes in the base store: each tensor packed on its own,
+        starting on a byte boundary (the order the generation unit loads them)."""
+        return sum((t.numel() * bits + 7) // 8 for _, t, bits in self.code_tensors(net))
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of the output: ``co`` (``ci`` for a pool), one requant constant each."""
+        return self.ci if self.op == "pool" else self.co
+
     def weights_w2(self, net: "QuantizedNetwork") -> torch.Tensor:
         """Unrounded generated weights ``[co, ci, k*k]`` (exact integers)."""
         bits_b = net.qd if self.dense else net.qb

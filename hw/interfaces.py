@@ -23,6 +23,15 @@ Layer descriptor
 ----------------
 :func:`descriptor_layout` holds the run-time fields of one layer as the program
 file stores them (``gen.program``); widths follow from the config maxima.
+
+Layer record
+------------
+:func:`layer_record_layout` is one entry of the accelerator's program memory:
+the descriptor plus where the layer's operands sit on chip, ``code_addr`` and
+``code_len`` (bytes of the base store holding its B, U and V sections, each
+packed on its own from a byte boundary) and ``const_addr`` (the first of its
+``co`` words in the constants memory, ``ci`` for a pool). The host driver
+builds the records from a program file (``host.image``).
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from amaranth.lib import data, stream
 from gen.config import AcceleratorConfig, clog2
 
 __all__ = ["weight_beat_layout", "weight_stream_signature", "descriptor_layout",
-           "weight_vectors", "weight_vector_count"]
+           "layer_record_layout", "weight_vectors", "weight_vector_count"]
 
 
 def weight_beat_layout(config: AcceleratorConfig) -> data.StructLayout:
@@ -70,6 +79,15 @@ def descriptor_layout(config: AcceleratorConfig) -> data.StructLayout:
         "w_shift": dim(config.w_shift_max),
         "shift": dim(config.shift_max),
         "m_res": signed(config.m_bits),
+    })
+
+
+def layer_record_layout(config: AcceleratorConfig) -> data.StructLayout:
+    return data.StructLayout({
+        "desc": descriptor_layout(config),
+        "code_addr": unsigned(max(1, (config.base_store_bytes - 1).bit_length())),
+        "code_len": unsigned(config.base_store_bytes.bit_length()),
+        "const_addr": unsigned(max(1, (config.const_depth - 1).bit_length())),
     })
 
 

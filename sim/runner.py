@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 from pathlib import Path
 
 __all__ = ["SIMULATORS", "run_bench", "verilog_of", "simulator_available", "setup_verilator",
@@ -94,6 +95,10 @@ def run_bench(component, toplevel: str, test_module: str, sim: str = "verilator"
                  build_args=build_args, timescale=("1ns", "1ps"), waves=waves,
                  always=False, log_file=build_dir / "build.log")
     test_dir = Path(test_dir) if test_dir else Path(__file__).resolve().parent / "benches"
+    # The runner hands the simulator's Python this process's sys.path (the PYTHONPATH
+    # of extra_env does not reach it), so the bench directory must be on it.
+    if str(test_dir) not in sys.path:
+        sys.path.insert(0, str(test_dir))
     env = {k: str(v) for k, v in (extra_env or {}).items()}
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([root, str(test_dir), os.environ.get("PYTHONPATH", "")])

@@ -1,0 +1,276 @@
+"""The host driver: identifies the accelerator, loads a program, runs images, reads counters.
+
+A :class:`Driver` speaks :mod:`host.protocol` over any :class:`~host.transport.Transport`,
+so the same code drives a board (UART) and the simulated board (TCP bridge).
+Every request waits for its one response; a missing response raises
+:class:`LinkTimeout`, an error frame :class:`DeviceError` naming the device's
+error and the request, a device built for another config :class:`IdentityMismatch`.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass
+
+import torch
+
+from gen.config import AcceleratorConfig
+from gen.program import Program, load_program
+
+from .image import DeviceImage, build_image
+from .protocol import (COUNTERS, ERRORS, OP_ABORT, OP_COUNTERS, OP_ERROR, OP_IDENTIFY,
+                       OP_LOAD_ACT, OP_NAMES, OP_READ, OP_READ_ACT, OP_RUN, OP_STATUS, OP_WRITE,
+                       PROTOCOL_VERSION, REGION_BASES, REGION_CONSTS, REGION_PROGRAM, RESPONSE,
+                       STATE_DONE, STATE_ERROR, STATE_NAMES, STATE_RUNNING, FrameDecoder,
+                       Identity, ProtocolError, encode_frame, parse_identity)
+from .transport import Transport
+
+__all__ = ["Driver", "DriverError", "LinkTimeout", "DeviceError", "IdentityMismatch",
+           "RunError", "Status"]
+
+
+class DriverError(Exception):
+    """Base of the driver's errors."""
+
+
+class LinkTimeout(DriverError):
+    """The device did not answer in time."""
+
+
+class DeviceError(DriverError):
+    """The device refused a request with an error frame."""
+
+    def __init__(self, code: int, op: int):
+        self.code, self.op = code, op
+        super().__init__(f"device refused {OP_NAMES.get(op, f'opcode 0x{op:02x}')}: "
+                         f"{ERRORS.get(code, f'error {code}')}")
+
+
+class IdentityMismatch(DriverError):
+    """The device was built for another AcceleratorConfig than the program."""
+
+
+class RunError(DriverError):
+    """A run ended in the error state or did not finish in time."""
+
+
+@dataclass(frozen=True)
+class Status:
+    state: int
+    error: int
+    layer: int
+
+    @property
+    def name(self) -> str:
+        return STATE_NAMES.get(self.state, f"state {self.state}")
+
+
+class Driver:
+    """Driver of one accelerator over ``transport``.
+
+    Parameters
+    ----------
+    transport:
+        The byte pipe.
+    timeout:
+        Seconds to wait for a response.
+    progress:
+        Show progress bars on long transfers.
+    """
+
+    def __init__(self, transport: Transport, *, timeout: float = 5.0, progress: bool = False):
+        self.transport = transport
+        self.timeout = timeout
+        self.progress = progress
+        self.decoder = FrameDecoder()
+        self.identity: Identity | None = None
+        self.config: AcceleratorConfig | None = None
+        self.program: Program | None = None
+        self.image: DeviceImage | None = None
+
+    # ---- frames -----------------------------------------------------------------------
+
+    def request(self, op: int, payload: bytes = b"", timeout: float | None = None) -> bytes:
+        """Send one request and return its response payload."""
+        self.transport.write(encode_frame(op, payload))
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            frame = self.decoder.pop()
+            if frame is not None:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LinkTimeout(f"no response to {OP_NAMES.get(op, op)} within "
+                                  f"{self.timeout if timeout is None else timeout:.1f} s")
+            chunk = self.transport.read(65536, min(left, 0.5))
+            if chunk:
+                try:
+                    self.decoder.feed(chunk)
+                except ProtocolError as e:
+                    raise DriverError(f"corrupt response to {OP_NAMES.get(op, op)}: {e}") from None
+        if frame.op == OP_ERROR:
+            code, req = frame.error()
+            raise DeviceError(code, req)
+        if frame.op != op | RESPONSE:
+            raise DriverError(f"response opcode 0x{frame.op:02x} to {OP_NAMES.get(op, op)}, "
+                              f"expected 0x{op | RESPONSE:02x}")
+        return frame.payload
+
+    def resync(self) -> bytes:
+        """Forget partial input: drain the line and clear the decoder; returns what was dropped."""
+        self.decoder = FrameDecoder()
+        return self.transport.drain()
+
+    # ---- device ------------------------------------------------------------------------
+
+    def identify(self) -> Identity:
+        ident = parse_identity(self.request(OP_IDENTIFY))
+        if ident.protocol != PROTOCOL_VERSION:
+            raise DriverError(f"device speaks protocol version {ident.protocol}; this driver "
+                              f"speaks {PROTOCOL_VERSION}")
+        self.identity = ident
+        return ident
+
+    def attach(self, config: AcceleratorConfig, program: Program) -> Identity:
+        """Identify the device and check that it, ``config`` and ``program`` agree."""
+        if program.config_digest != config.digest:
+            raise IdentityMismatch(
+                f"program is built for config {program.config_hash[:16]}, the config given is "
+                f"{config.hash_hex[:16]}")
+        ident = self.identify()
+        if ident.config_digest != config.digest:
+            raise IdentityMismatch(
+                f"device is built for config {ident.config_hash[:16]}, the program for "
+                f"{config.hash_hex[:16]}: rebuild the bitstream (or simulator) from this "
+                "build's config.json")
+        self.config, self.program = config, program
+        return ident
+
+    def write(self, region: int, addr: int, data: bytes, desc: str = "") -> None:
+        ident = self._ident()
+        word = {REGION_PROGRAM: ident.record_bytes, REGION_CONSTS: ident.const_bytes}.get(region, 1)
+        step = (ident.max_payload - 5) // word * word
+        bar = self._bar(len(data), desc or f"write region {region}")
+        for off in range(0, len(data), step):
+            chunk = data[off:off + step]
+            self.request(OP_WRITE, struct.pack("<BI", region, addr + off) + chunk)
+            if bar:
+                bar.update(len(chunk))
+        if bar:
+            bar.close()
+
+    def read(self, region: int, addr: int, count: int) -> bytes:
+        out = bytearray()
+        for off in range(0, count, 0xFFFF):
+            n = min(0xFFFF, count - off)
+            out += self.request(OP_READ, struct.pack("<BIH", region, addr + off, n))
+        return bytes(out)
+
+    def load_program(self, config: AcceleratorConfig, program: Program | str) -> DeviceImage:
+        """Check identity, then write the program's records, bases and constants."""
+        if not isinstance(program, Program):
+            program = load_program(program, config)
+        self.attach(config, program)
+        image = build_image(program, config)
+        self.write(REGION_PROGRAM, 0, image.records, "layer records")
+        self.write(REGION_BASES, 0, image.bases, "bases")
+        self.write(REGION_CONSTS, 0, image.consts, "constants")
+        self.image = image
+        return image
+
+    def status(self) -> Status:
+        state, error, layer = struct.unpack("<BBH", self.request(OP_STATUS))
+        return Status(state, error, layer)
+
+    def counters(self) -> dict[str, int]:
+        values = struct.unpack(f"<{len(COUNTERS)}Q", self.request(OP_COUNTERS))
+        return dict(zip(COUNTERS, values))
+
+    def abort(self) -> None:
+        self.request(OP_ABORT)
+
+    def run(self, n_layers: int | None = None, timeout: float = 60.0) -> Status:
+        """Run the loaded program (or its first ``n_layers``) and wait until it ends."""
+        n = n_layers if n_layers is not None else self._image().n_layers
+        self.request(OP_RUN, struct.pack("<H", n))
+        deadline = time.monotonic() + timeout
+        poll = 0.001
+        while True:
+            st = self.status()
+            if st.state == STATE_DONE:
+                return st
+            if st.state == STATE_ERROR:
+                raise RunError(f"run stopped at layer {st.layer} with device error 0x{st.error:02x}")
+            if st.state != STATE_RUNNING or time.monotonic() > deadline:
+                if st.state == STATE_RUNNING:
+                    self.abort()
+                    raise RunError(f"run did not finish within {timeout:.0f} s (at layer "
+                                   f"{st.layer}); aborted")
+                raise RunError(f"device in state {st.name} after RUN")
+            time.sleep(poll)
+            poll = min(poll * 2, 0.05)
+
+    # ---- activations -------------------------------------------------------------------
+
+    def load_activations(self, buf: int, x: torch.Tensor) -> None:
+        """Write ``x`` ``[C, H, W]`` (integers of the activation width) into buffer ``buf``."""
+        ident = self._ident()
+        x = torch.as_tensor(x, dtype=torch.int64)
+        c = x.shape[0]
+        pixels = x[0].numel()
+        bits = self._config().a_bits
+        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        if x.numel() and (int(x.min()) < lo or int(x.max()) > hi):
+            raise DriverError(f"activation values {int(x.min())}..{int(x.max())} do not fit "
+                              f"{bits} bits (accepted {lo}..{hi})")
+        body = b"".join(int(v).to_bytes(ident.act_bytes, "little", signed=True)
+                        for v in x.reshape(-1).tolist())
+        if len(body) + 7 > ident.max_payload:
+            raise DriverError(f"tensor of {len(body)} bytes exceeds the device's frame payload "
+                              f"({ident.max_payload} bytes, config max_payload)")
+        self.request(OP_LOAD_ACT, struct.pack("<BHI", buf, c, pixels) + body)
+
+    def read_activations(self, buf: int, channels: int, pixels: int) -> torch.Tensor:
+        ident = self._ident()
+        raw = self.request(OP_READ_ACT, struct.pack("<BHI", buf, channels, pixels))
+        ab = ident.act_bytes
+        if len(raw) != channels * pixels * ab:
+            raise DriverError(f"READ_ACT returned {len(raw)} bytes, expected {channels * pixels * ab}")
+        vals = [int.from_bytes(raw[i:i + ab], "little", signed=True) for i in range(0, len(raw), ab)]
+        return torch.tensor(vals, dtype=torch.int64).reshape(channels, pixels)
+
+    def infer(self, x_int: torch.Tensor, timeout: float = 60.0) -> torch.Tensor:
+        """One quantized image ``[C, H, W]`` through the whole program: integer logits."""
+        net = self._program().network()
+        self.load_activations(net.layers[0].src, x_int)
+        self.run(timeout=timeout)
+        last = net.layers[-1]
+        return self.read_activations(last.dst, last.out_channels, last.ho * last.wo).reshape(-1)
+
+    # ---- helpers -----------------------------------------------------------------------
+
+    def _ident(self) -> Identity:
+        return self.identity if self.identity is not None else self.identify()
+
+    def _config(self) -> AcceleratorConfig:
+        if self.config is None:
+            raise DriverError("no program loaded: call load_program first")
+        return self.config
+
+    def _program(self) -> Program:
+        if self.program is None:
+            raise DriverError("no program loaded: call load_program first")
+        return self.program
+
+    def _image(self) -> DeviceImage:
+        if self.image is None:
+            raise DriverError("no program loaded: call load_program first")
+        return self.image
+
+    def _bar(self, total: int, desc: str):
+        if not self.progress or total < 4096:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False)

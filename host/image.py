@@ -1,0 +1,98 @@
+"""The device image of a program: what the driver writes into the accelerator's memories.
+
+A program file (:mod:`gen.program`) keeps every tensor in one unaligned bit
+stream; the accelerator wants, per layer, a record in its program memory
+(:func:`hw.interfaces.layer_record_layout`), the layer's B, U and V sections
+in the base store (each packed on its own from a byte boundary, as
+:class:`hw.generation.GenerationUnit` loads them) and one word of requant
+constants per output channel (:func:`hw.engine.channel_layout`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gen.config import AcceleratorConfig
+from gen.packing import pack_codes
+from gen.program import Program
+
+from .protocol import const_bytes, pack_struct, record_bytes
+
+__all__ = ["DeviceImage", "ImageError", "build_image", "descriptor_fields"]
+
+
+class ImageError(ValueError):
+    """A program does not fit the accelerator it is loaded into."""
+
+
+@dataclass(frozen=True)
+class DeviceImage:
+    records: bytes
+    bases: bytes
+    consts: bytes
+    n_layers: int
+
+    @property
+    def total_bytes(self) -> int:
+        return len(self.records) + len(self.bases) + len(self.consts)
+
+
+def descriptor_fields(layer) -> dict:
+    """Fields of :func:`hw.interfaces.descriptor_layout` for one ``LayerSpec``."""
+    pool = layer.op == "pool"
+    return {
+        "op": int(pool), "relu": int(bool(layer.relu)), "has_l1": int(layer.has_l1),
+        "has_l2": int(layer.has_l2), "has_res": int(layer.res is not None),
+        "k": layer.k, "stride": layer.stride, "pad": layer.pad, "ci": layer.ci,
+        "co": layer.ci if pool else layer.co, "h": layer.h, "w": layer.w,
+        "bi": layer.bi if layer.has_l1 else 0, "bo": layer.bo if layer.has_l2 else 0,
+        "src": layer.src, "dst": layer.dst, "res": layer.res or 0,
+        "w_shift": layer.w_shift, "shift": layer.shift, "m_res": layer.m_res,
+    }
+
+
+def _le(word: int, nbytes: int) -> bytes:
+    return int(word).to_bytes(nbytes, "little")
+
+
+def build_image(program: Program, config: AcceleratorConfig) -> DeviceImage:
+    """Lay ``program`` out in the memories of an accelerator built for ``config``.
+
+    Raises :class:`ImageError` naming the layer and the memory that overflows.
+    """
+    from hw.engine import channel_layout
+    from hw.interfaces import layer_record_layout
+
+    net = program.network()
+    if len(net.layers) > config.max_layers:
+        raise ImageError(f"program has {len(net.layers)} layers, the accelerator's program "
+                         f"memory holds {config.max_layers} (config max_layers)")
+    rec_layout, chan = layer_record_layout(config), channel_layout(config)
+    rb, cb = record_bytes(config), const_bytes(config)
+    records, bases, consts = bytearray(), bytearray(), bytearray()
+    n_consts = 0
+    for layer in net.layers:
+        code_addr = len(bases)
+        for _, codes, bits in layer.code_tensors(net):
+            bases += pack_codes(np.asarray(codes, dtype=np.int64), bits)
+        if len(bases) > config.base_store_bytes:
+            raise ImageError(f"layer {layer.name!r}: codes end at byte {len(bases)} of the base "
+                             f"store, which holds {config.base_store_bytes} (config base_store_bytes)")
+        const_addr = n_consts
+        for mv, bv in zip(layer.mult.tolist(), layer.bias.tolist()):
+            consts += _le(pack_struct(chan, {"mult": mv, "bias": bv}), cb)
+        n_consts += layer.out_channels
+        if n_consts > config.const_depth:
+            raise ImageError(f"layer {layer.name!r}: constants end at word {n_consts}, the "
+                             f"constants memory holds {config.const_depth} (config const_depth)")
+        try:
+            word = pack_struct(rec_layout, {
+                "desc": pack_struct(rec_layout["desc"].shape, descriptor_fields(layer)),
+                "code_addr": code_addr if len(bases) > code_addr else 0,
+                "code_len": len(bases) - code_addr, "const_addr": const_addr})
+        except ValueError as e:
+            raise ImageError(f"layer {layer.name!r}: {e}") from None
+        records += _le(word, rb)
+    return DeviceImage(bytes(records), bytes(bases), bytes(consts), len(net.layers))

@@ -1,0 +1,97 @@
+"""Byte transports between the driver and a device: a board, or the simulated board.
+
+A :class:`Transport` moves bytes and counts them; it knows nothing of frames.
+:class:`SerialTransport` opens any pyserial URL: ``/dev/ttyUSB0`` for a board,
+``socket://127.0.0.1:PORT`` for the simulated board (:mod:`sim.board`),
+``loop://`` for tests of the driver itself.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Transport", "SerialTransport", "TransportError"]
+
+
+class TransportError(OSError):
+    """The transport cannot be opened or has failed."""
+
+
+class Transport:
+    """Abstract byte pipe. Subclasses implement :meth:`_write`, :meth:`_read`, :meth:`close`."""
+
+    def __init__(self):
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def write(self, data: bytes) -> None:
+        self._write(bytes(data))
+        self.bytes_sent += len(data)
+
+    def read(self, n: int, timeout: float) -> bytes:
+        """Up to ``n`` bytes; waits at most ``timeout`` seconds for the first one."""
+        data = self._read(n, timeout)
+        self.bytes_received += len(data)
+        return data
+
+    def drain(self, quiet: float = 0.05) -> bytes:
+        """Read and return whatever arrives until the line has been quiet for ``quiet`` s."""
+        out = bytearray()
+        while True:
+            chunk = self.read(4096, quiet)
+            if not chunk:
+                return bytes(out)
+            out += chunk
+
+    def _write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _read(self, n: int, timeout: float) -> bytes:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class SerialTransport(Transport):
+    """A pyserial URL (``/dev/ttyUSB0``, ``socket://host:port``, ``loop://``)."""
+
+    def __init__(self, url: str, baud: int = 3_000_000):
+        super().__init__()
+        import serial
+
+        self.url = url
+        try:
+            self.port = serial.serial_for_url(url, baudrate=baud, timeout=0.1)
+        except (serial.SerialException, ValueError) as e:
+            raise TransportError(f"cannot open {url!r}: {e}") from None
+
+    def _write(self, data: bytes) -> None:
+        import serial
+
+        try:
+            self.port.write(data)
+            self.port.flush()
+        except serial.SerialException as e:
+            raise TransportError(f"{self.url}: write failed: {e}") from None
+
+    def _read(self, n: int, timeout: float) -> bytes:
+        import serial
+
+        self.port.timeout = timeout
+        try:
+            first = self.port.read(1)
+            if not first:
+                return b""
+            waiting = self.port.in_waiting
+            rest = self.port.read(min(n - 1, waiting)) if waiting and n > 1 else b""
+        except serial.SerialException as e:
+            raise TransportError(f"{self.url}: read failed: {e}") from None
+        return first + rest
+
+    def close(self) -> None:
+        self.port.close()

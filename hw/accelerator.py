@@ -1,0 +1,574 @@
+"""The whole accelerator: host link, program and base memories, controller, generation unit, engine.
+
+::
+
+    i_rx --HostLink--> executor --+--> program memory (layer records)
+    o_tx <-----------------'      +--> base store (packed B/U/V codes)
+                                  +--> constants (per-channel mult/bias)
+                                  +--> ConvEngine host port (activations)
+                                  +--> RUN -> controller
+
+    controller:  generation sequencer: record -> GenerationUnit.i_desc, codes -> i_codes
+                 engine sequencer:     record -> ConvEngine.i_desc, constants -> i_chan
+                 GenerationUnit.o_weights ---------------------> ConvEngine.i_weights
+
+**Executor.** Runs one verified request of :mod:`host.protocol` at a time and
+answers it; every argument is checked before anything is written, so a refused
+request changes no state. Writes to the memories, activation transfers and RUN
+are refused with ``ERR_BUSY`` while the controller runs; IDENTIFY, STATUS,
+COUNTERS, READ and ABORT are served at any time.
+
+**Controller.** ``RUN n`` executes layer records ``0 .. n-1`` without the host.
+Two sequencers walk the records independently: the generation sequencer hands
+each conv layer's descriptor and code bytes to the generation unit, the engine
+sequencer hands every layer's descriptor and constants to the engine and waits
+for it. Stream back-pressure keeps them in step, and the generation of a
+layer's weights starts as soon as the generation unit is free, so it overlaps
+the end of the previous layer. All bases stay resident in the base store.
+If the engine reports an error, the run stops in state ``error`` with the
+engine's error bits and the layer index, and the generation unit and engine
+are reset (activation memories keep their contents). ``ABORT`` does the same
+from the host.
+
+**Counters** (:data:`host.protocol.COUNTERS`): the run counters restart at
+RUN; the link counters count since reset.
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Cat, Const, Module, Mux, ResetInserter, Signal, unsigned
+from amaranth.lib import data, enum, stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from gen.config import AcceleratorConfig
+from host.protocol import (COUNTERS, ERR_ADDRESS, ERR_ARGUMENT, ERR_BUSY, ERR_LENGTH, ERR_OPCODE,
+                           OP_ABORT, OP_COUNTERS, OP_ERROR, OP_IDENTIFY, OP_LOAD_ACT, OP_READ,
+                           OP_READ_ACT, OP_RUN, OP_STATUS, OP_WRITE, REGION_BASES, REGION_CONSTS,
+                           REGION_PROGRAM, RESPONSE, STATE_DONE, STATE_ERROR, STATE_IDLE,
+                           STATE_RUNNING, act_bytes, const_bytes, identity_bytes, record_bytes)
+
+from .engine import ConvEngine, channel_layout
+from .generation import GenerationUnit
+from .interfaces import layer_record_layout
+from .link import COUNTER_BITS, HostLink
+
+__all__ = ["Accelerator", "ERR_ABORTED"]
+
+# Status error code of a run stopped by ABORT; engine errors use bits 0..1
+# (hw.engine.ERR_DESCRIPTOR, hw.engine.ERR_WEIGHTS).
+ERR_ABORTED = 0x40
+
+
+class _Ex(enum.Enum, shape=4):
+    IDLE = 0
+    ARGS = 1
+    CHECK = 2
+    WRITE = 3
+    RESPOND = 4
+    STREAM = 5
+    ACT_CMD = 6
+    ACT_LOAD = 7
+    ACT_WAIT = 8
+    ERROR = 9
+    TILES = 10
+
+
+class _Seq(enum.Enum, shape=3):
+    IDLE = 0
+    FETCH = 1
+    DESC = 2
+    DATA = 3
+    WAIT = 4
+    NEXT = 5
+
+
+def _stream_words(m, rp, start, count, go, out_valid, out_ready, name):
+    """Stream ``count`` words from read port ``rp`` starting at ``start`` after ``go``.
+
+    ``out_valid`` is a register; ``rp.data`` holds while the output is stalled
+    (``rp.en`` low). Returns the signal that is high while words remain to be read.
+    """
+    addr = Signal.like(rp.addr, name=f"{name}_addr")
+    left = Signal(len(count) + 1, name=f"{name}_left")
+    pending = Signal(name=f"{name}_pending")
+    m.d.comb += [rp.addr.eq(addr), rp.en.eq(~pending | out_ready), out_valid.eq(pending)]
+    with m.If(go):
+        m.d.sync += [addr.eq(start), left.eq(count), pending.eq(0)]
+    with m.Elif(rp.en):
+        with m.If(left != 0):
+            m.d.sync += [addr.eq(addr + 1), left.eq(left - 1), pending.eq(1)]
+        with m.Else():
+            m.d.sync += pending.eq(0)
+    return (left != 0) | pending
+
+
+class Accelerator(wiring.Component):
+    """The accelerator of one :class:`~gen.config.AcceleratorConfig` (see the module doc).
+
+    Members
+    -------
+    i_rx, o_tx: the host link byte streams (a UART PHY on a board).
+    running: a run is in progress. error: the last run ended in an error.
+    """
+
+    def __init__(self, config: AcceleratorConfig):
+        self.config = config
+        self.link = HostLink(config)
+        self.gen = GenerationUnit(config)
+        self.engine = ConvEngine(config)
+        self.record_bytes = record_bytes(config)
+        self.const_bytes = const_bytes(config)
+        self.act_bytes = act_bytes(config)
+        for what, n in (("record", self.record_bytes), ("constant", self.const_bytes)):
+            if n & (n - 1):
+                raise ValueError(f"{what} word of {n} bytes: must be a power of two")
+        super().__init__({
+            "i_rx": In(stream.Signature(8)),
+            "o_tx": Out(stream.Signature(8)),
+            "running": Out(1),
+            "error": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self.config
+        RB, CB, AB = self.record_bytes, self.const_bytes, self.act_bytes
+        rb_log, cb_log = RB.bit_length() - 1, CB.bit_length() - 1
+        soft_reset = Signal()
+        m.submodules.link = link = self.link
+        m.submodules.gen = ResetInserter(soft_reset)(self.gen)
+        m.submodules.engine = ResetInserter(soft_reset)(self.engine)
+        gen, eng = self.gen, self.engine
+        wiring.connect(m, wiring.flipped(self.i_rx), link.i_rx)
+        wiring.connect(m, link.o_tx, wiring.flipped(self.o_tx))
+        wiring.connect(m, gen.o_weights, eng.i_weights)
+
+        rec_layout = layer_record_layout(cfg)
+        m.submodules.prog = prog = Memory(shape=8 * RB, depth=cfg.max_layers, init=[])
+        m.submodules.bases = bases = Memory(shape=8, depth=cfg.base_store_bytes, init=[])
+        m.submodules.consts = consts = Memory(shape=8 * CB, depth=cfg.const_depth, init=[])
+        m.submodules.ident = ident = Memory(shape=8, depth=len(identity_bytes(cfg)),
+                                            init=list(identity_bytes(cfg)))
+        prog_wp, prog_rd_gen, prog_rd_eng, prog_rd_host = (
+            prog.write_port(granularity=8), prog.read_port(), prog.read_port(), prog.read_port())
+        bases_wp, bases_rd_gen, bases_rd_host = bases.write_port(), bases.read_port(), bases.read_port()
+        consts_wp, consts_rd_eng, consts_rd_host = (
+            consts.write_port(granularity=8), consts.read_port(), consts.read_port())
+        ident_rd = ident.read_port()
+
+        # ---- controller ----------------------------------------------------------------
+        running = Signal()
+        state = Signal(range(4))
+        status_err = Signal(8)
+        n_layers = Signal(range(cfg.max_layers + 1))
+        start = Signal()
+        m.d.comb += [self.running.eq(running), self.error.eq(state == STATE_ERROR)]
+        ctr = {name: Signal(COUNTER_BITS, name=f"ctr_{name}") for name in COUNTERS}
+
+        # Generation sequencer: conv records -> descriptor + code bytes.
+        g_st = Signal(_Seq)
+        g_idx = Signal(range(cfg.max_layers + 1))
+        g_rec = Signal(rec_layout)
+        g_go = Signal()
+        g_more = _stream_words(m, bases_rd_gen, g_rec.code_addr, g_rec.code_len, g_go,
+                               gen.i_codes.valid, gen.i_codes.ready, "gcode")
+        m.d.comb += [gen.i_codes.payload.eq(bases_rd_gen.data), prog_rd_gen.addr.eq(g_idx),
+                     gen.i_desc.payload.eq(g_rec.desc)]
+        with m.If(gen.i_codes.valid & gen.i_codes.ready):
+            m.d.sync += ctr["code_bytes"].eq(ctr["code_bytes"] + 1)
+        with m.Switch(g_st):
+            with m.Case(_Seq.FETCH):
+                m.d.sync += g_st.eq(_Seq.DESC)
+            with m.Case(_Seq.DESC):
+                fetched = data.View(rec_layout, prog_rd_gen.data[:rec_layout.size])
+                m.d.sync += g_rec.eq(fetched)
+                with m.If(fetched.desc.op):  # a pool has no weights
+                    m.d.sync += g_st.eq(_Seq.NEXT)
+                with m.Else():
+                    m.d.sync += g_st.eq(_Seq.WAIT)
+            with m.Case(_Seq.WAIT):
+                m.d.comb += gen.i_desc.valid.eq(1)
+                with m.If(gen.i_desc.ready):
+                    m.d.comb += g_go.eq(1)
+                    m.d.sync += g_st.eq(_Seq.DATA)
+            with m.Case(_Seq.DATA):
+                with m.If(~g_more):
+                    m.d.sync += g_st.eq(_Seq.NEXT)
+            with m.Case(_Seq.NEXT):
+                with m.If(g_idx + 1 >= n_layers):
+                    m.d.sync += g_st.eq(_Seq.IDLE)
+                with m.Else():
+                    m.d.sync += [g_idx.eq(g_idx + 1), g_st.eq(_Seq.FETCH)]
+
+        # Engine sequencer: every record -> descriptor + constants, then wait for done.
+        e_st = Signal(_Seq)
+        e_idx = Signal(range(cfg.max_layers + 1))
+        e_rec = Signal(rec_layout)
+        e_go = Signal()
+        n_out = Mux(e_rec.desc.op, e_rec.desc.ci, e_rec.desc.co)
+        _stream_words(m, consts_rd_eng, e_rec.const_addr, n_out, e_go,
+                      eng.i_chan.valid, eng.i_chan.ready, "const")
+        m.d.comb += [eng.i_chan.payload.eq(consts_rd_eng.data[:channel_layout(cfg).size]),
+                     prog_rd_eng.addr.eq(e_idx), eng.i_desc.payload.eq(e_rec.desc)]
+        layer_done = Signal()
+        engine_fault = Signal()
+        with m.Switch(e_st):
+            with m.Case(_Seq.FETCH):
+                m.d.sync += e_st.eq(_Seq.DESC)
+            with m.Case(_Seq.DESC):
+                m.d.sync += [e_rec.eq(prog_rd_eng.data), e_st.eq(_Seq.WAIT)]
+            with m.Case(_Seq.WAIT):
+                m.d.comb += eng.i_desc.valid.eq(1)
+                with m.If(eng.i_desc.ready):
+                    m.d.comb += e_go.eq(1)
+                    m.d.sync += e_st.eq(_Seq.DATA)
+            with m.Case(_Seq.DATA):
+                with m.If(eng.done):
+                    m.d.comb += layer_done.eq(1)
+                    for name in ("mac_cycles", "macs", "stall_weights", "stall_output"):
+                        m.d.sync += ctr[name].eq(ctr[name] + getattr(eng, name))
+                    with m.If(eng.error != 0):
+                        m.d.sync += [state.eq(STATE_ERROR), status_err.eq(eng.error),
+                                     e_st.eq(_Seq.IDLE), g_st.eq(_Seq.IDLE), running.eq(0)]
+                        m.d.comb += engine_fault.eq(1)
+                    with m.Elif(e_idx + 1 >= n_layers):
+                        m.d.sync += [state.eq(STATE_DONE), e_st.eq(_Seq.IDLE), running.eq(0)]
+                    with m.Else():
+                        m.d.sync += [e_idx.eq(e_idx + 1), e_st.eq(_Seq.FETCH)]
+
+        with m.If(running):
+            m.d.sync += ctr["cycles"].eq(ctr["cycles"] + 1)
+            with m.If(eng.busy):
+                m.d.sync += ctr["engine_busy"].eq(ctr["engine_busy"] + 1)
+            with m.If(~gen.idle):
+                m.d.sync += ctr["gen_busy"].eq(ctr["gen_busy"] + 1)
+        m.d.comb += [ctr["bytes_in"].eq(link.bytes_in), ctr["bytes_out"].eq(link.bytes_out),
+                     ctr["frames"].eq(link.frames), ctr["frame_errors"].eq(link.frame_errors)]
+
+        # ---- executor ------------------------------------------------------------------
+        ex = Signal(_Ex)
+        op = Signal(8)
+        length = Signal(16)
+        args = Signal(7 * 8)
+        n_args = Signal(range(8))
+        arg_i = Signal(range(9))
+        arg_wr = Signal(range(8))
+        arg_pending = Signal()
+        abort = Signal()
+        err = Signal(8)
+        region, addr, count = args[:8], args[8:40], args[40:56]
+        abuf, achan, apix = args[:8], args[8:24], args[24:56]
+        data_len = Signal(17)
+        resp_op = Signal(8)
+        resp_len = Signal(16)
+        # Payload source of a streamed response (STREAM state).
+        src_sel = Signal(range(8))
+        (SRC_IDENT, SRC_PROG, SRC_BASES, SRC_CONSTS, SRC_STATUS, SRC_COUNTERS, SRC_ACT,
+         SRC_ERROR) = range(8)
+        tiles = Signal(17)       # ceil(channels / rows) of an activation transfer
+        rem = Signal(17)
+        link_rd = Signal(range(cfg.max_payload))
+        m.d.comb += link.buf_addr.eq(link_rd)
+
+        def refuse(code):
+            m.d.sync += [err.eq(code), ex.eq(_Ex.ERROR)]
+
+        def respond(rop, rlen, sel=None):
+            m.d.sync += [resp_op.eq(rop), resp_len.eq(rlen), ex.eq(_Ex.RESPOND)]
+            if sel is not None:
+                m.d.sync += src_sel.eq(sel)
+
+        m.d.comb += link.o_req.ready.eq(ex == _Ex.IDLE)
+        bytes_of = {OP_WRITE: 5, OP_READ: 7, OP_RUN: 2, OP_LOAD_ACT: 7, OP_READ_ACT: 7}
+        fixed_len = {OP_IDENTIFY: 0, OP_READ: 7, OP_RUN: 2, OP_STATUS: 0, OP_COUNTERS: 0,
+                     OP_READ_ACT: 7, OP_ABORT: 0}
+
+        with m.Switch(ex):
+            with m.Case(_Ex.IDLE):
+                with m.If(link.o_req.valid):
+                    rq = link.o_req.payload
+                    m.d.sync += [op.eq(rq.op), length.eq(rq.len), arg_i.eq(0), args.eq(0),
+                                 link_rd.eq(0), arg_pending.eq(0), ex.eq(_Ex.ARGS)]
+                    m.d.sync += n_args.eq(0)
+                    with m.Switch(rq.op):
+                        for code, n in bytes_of.items():
+                            with m.Case(code):
+                                m.d.sync += n_args.eq(n)
+                    # Length checks first: nothing else is read from a short payload.
+                    ok_len = Signal()
+                    with m.Switch(rq.op):
+                        for code, n in fixed_len.items():
+                            with m.Case(code):
+                                m.d.comb += ok_len.eq(rq.len == n)
+                        for code in (OP_WRITE, OP_LOAD_ACT):
+                            with m.Case(code):
+                                m.d.comb += ok_len.eq(rq.len > bytes_of[code])
+                        with m.Default():
+                            m.d.comb += ok_len.eq(1)
+                    with m.If(~ok_len):
+                        refuse(ERR_LENGTH)
+            with m.Case(_Ex.ARGS):
+                # Arguments are little endian: byte i lands at bits 8i.
+                with m.If(arg_pending):
+                    m.d.sync += args.word_select(arg_wr, 8).eq(link.buf_data)
+                with m.If(arg_i < n_args):
+                    m.d.sync += [link_rd.eq(link_rd + 1), arg_i.eq(arg_i + 1), arg_pending.eq(1),
+                                 arg_wr.eq(arg_i)]
+                with m.Else():
+                    m.d.sync += [arg_pending.eq(0), ex.eq(_Ex.CHECK), data_len.eq(length - n_args)]
+            with m.Case(_Ex.CHECK):
+                self._check(m, cfg, op, region, addr, count, data_len, abuf, achan, apix,
+                            running, refuse, respond, ex, src_sel, state, status_err, start,
+                            abort, n_layers, args, tiles, rem, length,
+                            (SRC_IDENT, SRC_PROG, SRC_BASES, SRC_CONSTS, SRC_STATUS, SRC_COUNTERS))
+            with m.Case(_Ex.TILES):
+                # ceil(channels / rows) by repeated subtraction: no divider for a rare check.
+                with m.If(rem != 0):
+                    m.d.sync += [tiles.eq(tiles + 1), rem.eq(Mux(rem > cfg.rows, rem - cfg.rows, 0))]
+                with m.Else():
+                    need = tiles * apix
+                    with m.If(need > self.engine.bank_depth):
+                        refuse(ERR_ARGUMENT)
+                    with m.Elif(op == OP_LOAD_ACT):
+                        with m.If(data_len != achan * apix * AB):
+                            refuse(ERR_LENGTH)
+                        with m.Else():
+                            m.d.sync += ex.eq(_Ex.ACT_CMD)
+                    with m.Else():
+                        with m.If(achan * apix * AB > 0xFFFF):
+                            refuse(ERR_ARGUMENT)
+                        with m.Else():
+                            m.d.sync += ex.eq(_Ex.ACT_CMD)
+            with m.Case(_Ex.ERROR):
+                respond(OP_ERROR, 2, SRC_ERROR)
+            with m.Case(_Ex.RESPOND):
+                m.d.comb += [link.i_resp.valid.eq(1), link.i_resp.payload.op.eq(resp_op),
+                             link.i_resp.payload.len.eq(resp_len)]
+                with m.If(link.i_resp.ready):
+                    m.d.sync += ex.eq(Mux(resp_len == 0, _Ex.IDLE, _Ex.STREAM))
+
+        # WRITE: payload bytes after the 5 argument bytes, assembled into words.
+        w_byte = Signal(17)
+        w_pending = Signal()
+        with m.If(ex == _Ex.WRITE):
+            m.d.comb += link.buf_addr.eq(link_rd)
+            with m.If(w_byte < data_len):
+                m.d.sync += [link_rd.eq(link_rd + 1), w_byte.eq(w_byte + 1)]
+            m.d.sync += w_pending.eq(w_byte < data_len)
+            with m.If(w_pending):
+                pos = addr + w_byte - 1
+                b = link.buf_data
+                with m.Switch(region):
+                    with m.Case(REGION_BASES):
+                        m.d.comb += [bases_wp.addr.eq(pos), bases_wp.data.eq(b), bases_wp.en.eq(1)]
+                    with m.Case(REGION_PROGRAM):
+                        m.d.comb += [prog_wp.addr.eq(pos >> rb_log),
+                                     prog_wp.data.eq(Cat(*([b] * RB))),
+                                     prog_wp.en.eq(1 << pos[:rb_log] if rb_log else 1)]
+                    with m.Case(REGION_CONSTS):
+                        m.d.comb += [consts_wp.addr.eq(pos >> cb_log),
+                                     consts_wp.data.eq(Cat(*([b] * CB))),
+                                     consts_wp.en.eq(1 << pos[:cb_log] if cb_log else 1)]
+            with m.If(~w_pending & (w_byte >= data_len)):
+                respond(op | RESPONSE, 0)
+        with m.If((ex == _Ex.CHECK) & (op == OP_WRITE)):
+            m.d.sync += [w_byte.eq(0), w_pending.eq(0), link_rd.eq(5)]
+
+        # Streamed responses: identity, memory reads, status, counters, activations.
+        s_idx = Signal(17)
+        s_pending = Signal()
+        s_sel_byte = Signal(8)
+        s_data = Signal(8)
+        s_pos = Signal(40)
+        status_word = Cat(state, Const(0, 8 - len(state)), status_err,
+                          e_idx, Const(0, 16 - len(e_idx)))
+        counter_word = Signal(COUNTER_BITS)
+        payload = link.i_payload
+        m.d.comb += payload.payload.eq(s_data)
+        # Activation read-back: elements from the engine, AB bytes each.
+        act_byte = Signal(range(max(2, AB)))
+        with m.If(ex == _Ex.STREAM):
+            with m.If(src_sel == SRC_ACT):
+                elem = eng.o_read.payload.as_signed()
+                ext = Signal(8 * AB)
+                m.d.comb += ext.eq(elem)
+                m.d.comb += [payload.valid.eq(eng.o_read.valid),
+                             payload.payload.eq(ext.word_select(act_byte, 8))]
+                with m.If(payload.valid & payload.ready):
+                    m.d.sync += s_idx.eq(s_idx + 1)
+                    with m.If(act_byte == AB - 1):
+                        m.d.comb += eng.o_read.ready.eq(1)
+                        m.d.sync += act_byte.eq(0)
+                    with m.Else():
+                        m.d.sync += act_byte.eq(act_byte + 1)
+                    with m.If(s_idx == resp_len - 1):
+                        m.d.sync += ex.eq(_Ex.IDLE)
+            with m.Else():
+                # Byte s_idx is addressed this cycle and valid the next (s_pending).
+                adv = ~s_pending | payload.ready
+                m.d.comb += payload.valid.eq(s_pending)
+                m.d.comb += s_pos.eq(addr + s_idx)
+                rd_en = Signal()
+                m.d.comb += rd_en.eq(adv)
+                m.d.comb += [ident_rd.addr.eq(s_idx), bases_rd_host.addr.eq(s_pos),
+                             prog_rd_host.addr.eq(s_pos >> rb_log),
+                             consts_rd_host.addr.eq(s_pos >> cb_log),
+                             ident_rd.en.eq(rd_en), bases_rd_host.en.eq(rd_en),
+                             prog_rd_host.en.eq(rd_en), consts_rd_host.en.eq(rd_en)]
+                sel_q = Signal(8)
+                with m.If(adv):
+                    m.d.sync += sel_q.eq(s_idx)
+                with m.Switch(src_sel):
+                    with m.Case(SRC_IDENT):
+                        m.d.comb += s_data.eq(ident_rd.data)
+                    with m.Case(SRC_BASES):
+                        m.d.comb += s_data.eq(bases_rd_host.data)
+                    with m.Case(SRC_PROG):
+                        m.d.comb += s_data.eq(prog_rd_host.data.word_select(s_sel_byte[:max(1, rb_log)], 8)
+                                              if rb_log else prog_rd_host.data)
+                    with m.Case(SRC_CONSTS):
+                        m.d.comb += s_data.eq(consts_rd_host.data.word_select(s_sel_byte[:max(1, cb_log)], 8)
+                                              if cb_log else consts_rd_host.data)
+                    with m.Case(SRC_ERROR):
+                        m.d.comb += s_data.eq(Mux(sel_q == 0, err, op))
+                    with m.Case(SRC_STATUS):
+                        m.d.comb += s_data.eq(status_word.word_select(sel_q[:2], 8))
+                    with m.Case(SRC_COUNTERS):
+                        m.d.comb += s_data.eq(Cat(counter_word, Const(0, 64 - COUNTER_BITS))
+                                              .word_select(sel_q[:3], 8))
+                with m.If(adv):
+                    m.d.sync += s_sel_byte.eq(s_pos[:8])
+                    with m.If(s_idx < resp_len):
+                        m.d.sync += [s_idx.eq(s_idx + 1), s_pending.eq(1)]
+                    with m.Else():
+                        m.d.sync += [s_pending.eq(0), ex.eq(_Ex.IDLE)]
+            # Counters: the one whose byte is sent next, registered.
+            cidx = Signal(range(len(COUNTERS)))
+            with m.If(~s_pending | payload.ready):
+                m.d.sync += cidx.eq(s_idx >> 3)
+            with m.Switch(cidx):
+                for i, name in enumerate(COUNTERS):
+                    with m.Case(i):
+                        m.d.comb += counter_word.eq(ctr[name])
+        with m.If(ex == _Ex.RESPOND):
+            m.d.sync += [s_idx.eq(0), s_pending.eq(0), act_byte.eq(0)]
+
+        # Activation transfers: one engine host command, then the elements.
+        hc = eng.i_host.payload
+        m.d.comb += [hc.write.eq(op == OP_LOAD_ACT), hc.buf.eq(abuf), hc.channels.eq(achan),
+                     hc.pixels.eq(apix)]
+        l_idx = Signal(17)
+        l_pending = Signal()
+        l_byte = Signal(range(max(2, AB)))
+        l_word = Signal(8 * AB)
+        with m.Switch(ex):
+            with m.Case(_Ex.ACT_CMD):
+                m.d.comb += eng.i_host.valid.eq(1)
+                with m.If(eng.i_host.ready):
+                    with m.If(op == OP_LOAD_ACT):
+                        m.d.sync += [ex.eq(_Ex.ACT_LOAD), l_idx.eq(0), l_pending.eq(0),
+                                     l_byte.eq(0), link_rd.eq(7)]
+                    with m.Else():
+                        respond(op | RESPONSE, achan * apix * AB, SRC_ACT)
+            with m.Case(_Ex.ACT_LOAD):
+                # Frame buffer bytes -> elements; the buffer read runs one byte ahead.
+                m.d.comb += link.buf_addr.eq(link_rd)
+                full = Signal()
+                m.d.comb += full.eq(l_pending & (l_byte == AB - 1) & ~eng.i_load.ready)
+                word = Cat(l_word[8:], link.buf_data) if AB > 1 else link.buf_data
+                m.d.comb += eng.i_load.payload.eq(word[:cfg.a_bits])
+                with m.If(l_pending & (l_byte == AB - 1)):
+                    m.d.comb += eng.i_load.valid.eq(1)
+                with m.If(~full):
+                    with m.If(l_pending):
+                        m.d.sync += l_word.eq(word)
+                        m.d.sync += l_byte.eq(Mux(l_byte == AB - 1, 0, l_byte + 1))
+                    with m.If(l_idx < data_len):
+                        m.d.sync += [link_rd.eq(link_rd + 1), l_idx.eq(l_idx + 1), l_pending.eq(1)]
+                    with m.Else():
+                        m.d.sync += l_pending.eq(0)
+                        with m.If(~l_pending):
+                            m.d.sync += ex.eq(_Ex.ACT_WAIT)
+            with m.Case(_Ex.ACT_WAIT):
+                with m.If(~eng.busy):
+                    respond(op | RESPONSE, 0)
+
+        with m.If(start):
+            m.d.sync += [running.eq(1), state.eq(STATE_RUNNING), status_err.eq(0),
+                         g_idx.eq(0), e_idx.eq(0), g_st.eq(_Seq.FETCH), e_st.eq(_Seq.FETCH)]
+            for name in ("cycles", "engine_busy", "gen_busy", "mac_cycles", "macs",
+                         "stall_weights", "stall_output", "code_bytes"):
+                m.d.sync += ctr[name].eq(0)
+        m.d.comb += soft_reset.eq(abort | engine_fault)
+        with m.If(abort):
+            m.d.sync += [running.eq(0), g_st.eq(_Seq.IDLE), e_st.eq(_Seq.IDLE)]
+            with m.If(running):
+                m.d.sync += [state.eq(STATE_ERROR), status_err.eq(ERR_ABORTED)]
+        return m
+
+    def _check(self, m, cfg, op, region, addr, count, data_len, abuf, achan, apix, running,
+               refuse, respond, ex, src_sel, state, status_err, start, abort, n_layers,
+               args, tiles, rem, length, srcs):  # noqa: PLR0913
+        SRC_IDENT, SRC_PROG, SRC_BASES, SRC_CONSTS, SRC_STATUS, SRC_COUNTERS = srcs
+        RB, CB = self.record_bytes, self.const_bytes
+        sizes = {REGION_PROGRAM: cfg.max_layers * RB, REGION_BASES: cfg.base_store_bytes,
+                 REGION_CONSTS: cfg.const_depth * CB}
+        words = {REGION_PROGRAM: RB, REGION_BASES: 1, REGION_CONSTS: CB}
+        with m.Switch(op):
+            with m.Case(OP_IDENTIFY):
+                respond(op | RESPONSE, len(identity_bytes(cfg)), SRC_IDENT)
+            with m.Case(OP_STATUS):
+                respond(op | RESPONSE, 4, SRC_STATUS)
+            with m.Case(OP_COUNTERS):
+                respond(op | RESPONSE, 8 * len(COUNTERS), SRC_COUNTERS)
+            with m.Case(OP_ABORT):
+                m.d.comb += abort.eq(1)
+                respond(op | RESPONSE, 0)
+            with m.Case(OP_RUN):
+                n = args[:16]
+                with m.If(running):
+                    refuse(ERR_BUSY)
+                with m.Elif((n == 0) | (n > cfg.max_layers)):
+                    refuse(ERR_ARGUMENT)
+                with m.Else():
+                    m.d.comb += start.eq(1)
+                    m.d.sync += n_layers.eq(n)
+                    respond(op | RESPONSE, 0)
+            with m.Case(OP_WRITE, OP_READ):
+                n = Mux(op == OP_WRITE, data_len, count)
+                with m.If((op == OP_WRITE) & running):
+                    refuse(ERR_BUSY)
+                with m.Elif((op == OP_READ) & (count == 0)):
+                    refuse(ERR_ARGUMENT)
+                with m.Else():
+                    with m.Switch(region):
+                        for reg, size in sizes.items():
+                            with m.Case(reg):
+                                wb = words[reg]
+                                aligned = ((addr & (wb - 1)) == 0) & ((n & (wb - 1)) == 0)
+                                in_range = (addr < size) & (n <= size) & (addr + n <= size)
+                                with m.If(~in_range | ((op == OP_WRITE) & ~aligned)):
+                                    refuse(ERR_ADDRESS)
+                                with m.Elif(op == OP_WRITE):
+                                    m.d.sync += ex.eq(_Ex.WRITE)
+                                with m.Else():
+                                    respond(op | RESPONSE, count,
+                                            {REGION_PROGRAM: SRC_PROG, REGION_BASES: SRC_BASES,
+                                             REGION_CONSTS: SRC_CONSTS}[reg])
+                        with m.Default():
+                            refuse(ERR_ADDRESS)
+            with m.Case(OP_LOAD_ACT, OP_READ_ACT):
+                max_ch = max(cfg.max_ci, cfg.max_co)
+                with m.If(running):
+                    refuse(ERR_BUSY)
+                with m.Elif(abuf >= cfg.act_buffers):
+                    refuse(ERR_ADDRESS)
+                with m.Elif((achan == 0) | (achan > max_ch) | (apix == 0)
+                            | (apix > cfg.max_h * cfg.max_w)):
+                    refuse(ERR_ARGUMENT)
+                with m.Else():
+                    m.d.sync += [ex.eq(_Ex.TILES), tiles.eq(0), rem.eq(achan)]
+            with m.Default():
+                refuse(ERR_OPCODE)
+
