@@ -40,10 +40,13 @@ compile: $(BUILD)/digits.pt
 rtl: compile
 	$(PY) -m hw.rtl $(BUILD)/digits
 
-# The main job: train (or reuse) the digits model, then compile it.
-demo: $(STAMP)
-	$(MLG) train --out $(BUILD)/digits.pt
+# The main job: train (or reuse) the digits model, compile it, write its RTL, and run
+# test images end to end on the simulated board through the host driver.
+IMAGES  ?= 100
+demo: $(BUILD)/digits.pt
 	$(MLG) compile $(BUILD)/digits.pt --out $(BUILD)/digits --rows $(ROWS) --cols $(COLS)
+	$(PY) -m hw.rtl $(BUILD)/digits
+	$(MLG) sim $(BUILD)/digits --images $(IMAGES)
 
 test: $(STAMP) iverilog
 	$(PY) -m pytest -q -n 2 tests

@@ -113,9 +113,12 @@ class CompileResult:
     report: dict
 
 
-def compile_network(net: QuantizedNetwork, rows: int = 8, cols: int = 8) -> CompileResult:
+def compile_network(net: QuantizedNetwork, rows: int = 8, cols: int = 8,
+                    **overrides) -> CompileResult:
+    """Compile ``net`` for an ``rows x cols`` array; ``overrides`` replace derived
+    config fields (e.g. ``gen_lanes``, ``link_timeout``)."""
     net = allocate_buffers(net)
-    config = derive_config(net, rows, cols)
+    config = derive_config(net, rows, cols, **overrides)
     for l in net.layers:
         if l.bias is not None and l.bias.numel():
             lim = 1 << (config.bias_bits - 1)

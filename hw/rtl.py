@@ -21,6 +21,7 @@ __all__ = ["BLOCKS", "elaborate", "write_rtl", "main"]
 BLOCKS = [
     ("mlg_generation_unit", "hw.generation", "GenerationUnit"),
     ("mlg_conv_engine", "hw.engine", "ConvEngine"),
+    ("mlg_accelerator", "hw.accelerator", "Accelerator"),
 ]
 
 

@@ -63,6 +63,8 @@ def cmd_compile(args) -> int:
 
     data = load_model_file(args.model)
     result = compile_network(data["network"], rows=args.rows, cols=args.cols)
+    result.report["model"] = {"file": str(args.model), "arch": data.get("arch"),
+                              "metrics": data.get("metrics", {})}
     paths = write_build(result, args.out)
     if args.json:
         _print_json({"config": result.config.to_dict(), "config_hash": result.config.hash_hex,
@@ -91,6 +93,97 @@ def cmd_golden(args) -> int:
     else:
         print(f"golden accuracy {acc:.4f} on {y.numel()} test images")
     return 0
+
+
+def _load_build(build: str):
+    from gen.config import AcceleratorConfig
+    from gen.program import load_program
+
+    b = Path(build)
+    if not (b / "config.json").exists() or not (b / "program.bin").exists():
+        raise ValueError(f"{b}: not a build directory (needs config.json and program.bin from "
+                         "'mlg compile MODEL --out DIR')")
+    config = AcceleratorConfig.load(b / "config.json")
+    return config, load_program(b / "program.bin", config)
+
+
+def _images(program, n: int):
+    from gen.train import load_digits_split
+
+    if n < 1:
+        raise ValueError(f"--images {n}: accepted a count >= 1")
+    _, _, x, y = load_digits_split()
+    shape = tuple(x.shape[1:])
+    if tuple(program.input_shape) != shape:
+        raise ValueError(f"program input {tuple(program.input_shape)} is not the embedded digits "
+                         f"images {shape}: this command runs digits builds")
+    if n > x.shape[0]:
+        raise ValueError(f"--images {n}: the digits test split has {x.shape[0]} images")
+    return x[:n], y[:n]
+
+
+def _run_on(url: str, args, config, program, extra: dict) -> int:
+    from host.driver import Driver
+    from host.inference import format_summary, run_images
+    from host.transport import SerialTransport
+
+    x, y = _images(program, args.images)
+    progress = not args.json and sys.stderr.isatty()
+    with SerialTransport(url, baud=config.baud) as transport:
+        driver = Driver(transport, timeout=args.timeout, progress=progress)
+        report = run_images(driver, config, program, x, y, progress=progress)
+    report.update(extra)
+    if args.json:
+        _print_json(report)
+    else:
+        print(format_summary(report, {k: v for k, v in extra.items() if isinstance(v, str)}))
+    return 0 if report["mismatches"] == 0 else 1
+
+
+def cmd_sim(args) -> int:
+    import time
+
+    from sim.board import SimulatedBoard
+
+    config, program = _load_build(args.build)
+    _images(program, args.images)
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    log(f"building and starting the simulated board ({args.simulator}) ...")
+    t0 = time.monotonic()
+    with SimulatedBoard(config, args.simulator, waves=args.waves) as board:
+        log(f"simulated board on {board.url} after {time.monotonic() - t0:.0f} s")
+        extra = {"simulator": args.simulator}
+        extra.update(_build_rows(args.build))
+        rc = _run_on(board.url, args, config, program, extra)
+    if args.waves and board.build_dir is not None:
+        log(f"waveforms in {board.build_dir}")
+    return rc
+
+
+def cmd_run(args) -> int:
+    config, program = _load_build(args.build)
+    return _run_on(args.port, args, config, program, {"port": args.port, **_build_rows(args.build)})
+
+
+def _build_rows(build: str) -> dict:
+    """Summary rows from the build's compile report: float accuracy, weight memory."""
+    path = Path(build) / "report.json"
+    if not path.exists():
+        return {}
+    rep = json.loads(path.read_text())
+    rows = {}
+    metrics = rep.get("model", {}).get("metrics", {})
+    if "float_acc" in metrics:
+        rows["accuracy float (whole test split)"] = (
+            f"{metrics['float_acc']:.4f}, golden {metrics.get('golden_acc', float('nan')):.4f} "
+            f"on {metrics.get('test_images', '?')} images")
+    t = rep.get("total", {})
+    if t:
+        rows["weight memory MLG / int8 / fp32"] = (
+            f"{t['mlg_bytes'] / 1024:.2f} / {t['int8_bytes'] / 1024:.2f} / "
+            f"{t['fp32_bytes'] / 1024:.2f} KiB ({t['int8_over_mlg']:.1f}x / "
+            f"{t['fp32_over_mlg']:.1f}x smaller)")
+    return rows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("model")
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=cmd_golden)
+    for name, helptext in (("sim", "run test images end to end on the RTL in simulation"),
+                           ("run", "run test images end to end on a board")):
+        r = sub.add_parser(name, help=helptext)
+        r.add_argument("build", help="build directory from 'mlg compile'")
+        if name == "sim":
+            r.add_argument("--simulator", choices=("verilator", "icarus"), default="verilator")
+            r.add_argument("--waves", action="store_true", help="write a waveform file")
+        else:
+            r.add_argument("--port", required=True,
+                           help="pyserial URL: /dev/ttyUSB0, socket://HOST:PORT, ...")
+        r.add_argument("--images", type=int, default=100, help="test images of the digits split")
+        r.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a response")
+        r.add_argument("--json", action="store_true")
+        r.set_defaults(func=cmd_sim if name == "sim" else cmd_run)
     return p
 
 
@@ -147,9 +254,16 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"mlg {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from host.driver import DriverError
+
+        if isinstance(e, DriverError):
+            print(f"mlg {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

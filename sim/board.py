@@ -37,14 +37,17 @@ class SimulatedBoard:
         Write a waveform file (FST for Verilator, VCD/FST for Icarus) in the build dir.
     start_timeout:
         Seconds to wait for the simulator to build and listen.
+    fast_build:
+        Compile Verilator's C++ without optimization: builds faster, simulates slower.
     """
 
     def __init__(self, config: AcceleratorConfig, simulator: str = "verilator", *,
-                 waves: bool = False, start_timeout: float = 900.0):
+                 waves: bool = False, start_timeout: float = 900.0, fast_build: bool = False):
         self.config = config
         self.simulator = simulator
         self.waves = waves
         self.start_timeout = start_timeout
+        self.fast_build = fast_build
         self.url: str | None = None
         self.build_dir: Path | None = None
         self._thread: threading.Thread | None = None
@@ -64,7 +67,7 @@ class SimulatedBoard:
             try:
                 self.build_dir = run_bench(Accelerator(self.config), "mlg_accelerator", "bench_board",
                                            self.simulator, extra_env=env, waves=self.waves,
-                                           fast_build=False).parent
+                                           fast_build=self.fast_build).parent
             except BaseException as e:  # reported to the caller's thread
                 self._error = e
 

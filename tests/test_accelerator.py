@@ -1,0 +1,197 @@
+"""The whole accelerator on the simulated board, through the host driver.
+
+A small random network exercises every layer kind the controller sequences
+(dense, level 1 + 2, level 1 only, level 2 only, stride 2, residual, pool,
+classifier); every logit is compared with the golden model. The link is fed
+malformed frames and random bytes; each gets its error response, nothing
+changes state, and the device still computes bit-exactly afterwards.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+import time
+
+import pytest
+import torch
+
+from gen.compiler import compile_network
+from gen.golden import golden_forward
+from gen.integer import bitlen, conv2d_int, int_range, pool_multiplier, w2_shift
+from gen.network import LayerSpec, QuantizedNetwork
+from gen.program import read_program
+from host.driver import DeviceError, Driver
+from host.image import build_image
+from host.protocol import (ERR_ADDRESS, ERR_ARGUMENT, ERR_CRC, ERR_LENGTH, ERR_OPCODE,
+                           ERR_TIMEOUT, OP_ERROR, OP_IDENTIFY, OP_LOAD_ACT, OP_READ, OP_RUN,
+                           OP_STATUS, OP_WRITE, REGION_BASES, SYNC, FrameDecoder, encode_frame)
+from host.transport import SerialTransport
+from sim.board import SimulatedBoard
+from sim.runner import simulator_available
+
+LINK_TIMEOUT = 4000
+
+
+def _codes(gen, shape, bits):
+    return torch.randint(0, 1 << bits, shape, generator=gen, dtype=torch.int64)
+
+
+def random_network(seed: int = 0) -> QuantizedNetwork:
+    """Random integer network with calibrated shifts (outputs neither all 0 nor saturated)."""
+    g = torch.Generator().manual_seed(seed)
+    net = QuantizedNetwork(arch="test", input_shape=(2, 8, 8), input_scale=1.0, num_classes=5,
+                           a_bits=8, w_bits=8, m_bits=16, qb=3, qu=6, qv=3, qd=7, decode="odd")
+    specs = [  # name, ci, co, k, stride, pad, bi, bo, l1, l2, src, dst, res, relu
+        ("dense", 2, 6, 3, 1, 1, 0, 6, False, False, 0, 1, None, True),
+        ("both_s2", 6, 8, 3, 2, 1, 2, 4, True, True, 1, 2, None, True),
+        ("l1_only", 8, 8, 3, 1, 1, 2, 8, True, False, 2, 3, None, True),
+        ("l2_only_res", 8, 8, 3, 1, 1, 0, 4, False, True, 3, 4, 2, True),
+        ("pool", 8, 8, 1, 1, 0, 0, 0, False, False, 4, 5, None, False),
+        ("classifier", 8, 5, 1, 1, 0, 0, 5, False, False, 5, 6, None, False),
+    ]
+    bufs = {0: torch.randint(-100, 100, (1, 2, 8, 8), generator=g)}
+    h = 8
+    for name, ci, co, k, s, p, bi, bo, l1, l2, src, dst, res, relu in specs:
+        x = bufs[src]
+        h = x.shape[2]
+        if name == "pool":
+            m, shift = pool_multiplier(h * h, net.m_bits)
+            layer = LayerSpec(name=name, op="pool", ci=ci, co=ci, h=h, w=h, src=src, dst=dst,
+                              mult=torch.full((ci,), m), bias=torch.zeros(ci, dtype=torch.int64),
+                              shift=shift)
+        else:
+            kk = k * k
+            dense = not (l1 or l2)
+            b = _codes(g, (bo, bi, kk) if l1 else (bo, ci, kk), net.qd if dense else net.qb)
+            layer = LayerSpec(name=name, op="conv", ci=ci, co=co, h=h, w=h, k=k, stride=s, pad=p,
+                              bi=bi if l1 else 0, bo=bo, src=src, dst=dst, res=res, relu=relu, b=b,
+                              u=_codes(g, (bo, ci, bi), net.qu) if l1 else None,
+                              v=_codes(g, (co, bo), net.qv) if l2 else None)
+            layer.w_shift = w2_shift(layer.weights_w2(net), net.w_bits)
+            acc = conv2d_int(x, layer.weights_pe(net), s, p)
+            layer.mult = torch.randint(1 << 12, 1 << 14, (co,), generator=g)
+            peak = int((acc * layer.mult.view(1, -1, 1, 1)).abs().max())
+            layer.shift = max(1, bitlen(peak) - (net.a_bits - 1))
+            layer.bias = torch.randint(-(1 << layer.shift), 1 << layer.shift, (co,), generator=g)
+            if res is not None:
+                layer.m_res = 1 << min(layer.shift - 1, net.m_bits - 2)
+        net.layers.append(layer)
+        bufs[dst] = _golden_layer(net, layer, bufs)
+    net.validate("random network")
+    return net
+
+
+def _golden_layer(net, layer, bufs):
+    from gen.golden import golden_layer
+
+    return golden_layer(net, layer, bufs[layer.src], bufs[layer.res] if layer.res is not None else None)
+
+
+@pytest.fixture(scope="module")
+def build():
+    result = compile_network(random_network(seed=1), rows=4, cols=4, gen_lanes=4,
+                             link_timeout=LINK_TIMEOUT)
+    program = read_program(result.program, config=result.config)
+    return result.config, program
+
+
+def _images(program, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = int_range(program.a_bits)
+    return torch.randint(lo, hi + 1, (n, *program.input_shape), generator=g)
+
+
+def _check_images(driver, program, n, seed):
+    net = program.network()
+    x = _images(program, n, seed)
+    golden = golden_forward(net, x)
+    assert golden.abs().sum() > 0
+    for i in range(n):
+        assert torch.equal(driver.infer(x[i]), golden[i]), f"image {i} differs from the golden model"
+
+
+def _raw(driver, frame: bytes, quiet: float = 0.3):
+    """Send raw bytes; return every frame that comes back before the line goes quiet."""
+    driver.transport.write(frame)
+    dec = FrameDecoder()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        chunk = driver.transport.read(4096, quiet)
+        if not chunk and dec.frames:
+            break
+        dec.feed(chunk)
+    return dec.frames
+
+
+def _expect_error(driver, frame: bytes, code: int):
+    frames = _raw(driver, frame)
+    assert [(f.op, f.payload[0]) for f in frames] == [(OP_ERROR, code)], frames
+
+
+@pytest.mark.skipif(not simulator_available("verilator"), reason="Verilator not installed")
+def test_board_verilator_bit_exact_counters_and_faults(build):
+    config, program = build
+    with SimulatedBoard(config, "verilator", fast_build=True) as board:
+        with SerialTransport(board.url) as tr:
+            drv = Driver(tr, timeout=30)
+            image = drv.load_program(config, program)
+            assert drv.read(REGION_BASES, 0, len(image.bases)) == image.bases
+            _check_images(drv, program, 3, seed=11)
+            c = drv.counters()
+            net = program.network()
+            # Every conv layer's codes stream once per image, every MAC is counted.
+            assert c["code_bytes"] == len(image.bases)
+            assert c["macs"] == sum(layer.macs for layer in net.layers)
+            assert 0 < c["engine_busy"] <= c["cycles"] and c["mac_cycles"] <= c["engine_busy"]
+
+            # Malformed frames: one error response each, no state change.
+            bad_crc = bytearray(encode_frame(OP_WRITE, struct.pack("<BI", REGION_BASES, 0) + b"\xAA" * 8))
+            bad_crc[-1] ^= 0x5A
+            _expect_error(drv, bytes(bad_crc), ERR_CRC)
+            assert drv.read(REGION_BASES, 0, 8) == image.bases[:8]
+            _expect_error(drv, bytes([SYNC, OP_STATUS]) + struct.pack("<H", config.max_payload + 1),
+                          ERR_LENGTH)
+            _expect_error(drv, encode_frame(0x42), ERR_OPCODE)
+            _expect_error(drv, encode_frame(OP_STATUS, b"\x00"), ERR_LENGTH)
+            _expect_error(drv, encode_frame(OP_WRITE, struct.pack("<BI", 7, 0) + b"\x00"), ERR_ADDRESS)
+            _expect_error(drv, encode_frame(OP_WRITE, struct.pack("<BI", REGION_BASES,
+                                                                  config.base_store_bytes - 2) + b"\x00" * 4),
+                          ERR_ADDRESS)
+            _expect_error(drv, encode_frame(OP_READ, struct.pack("<BIH", REGION_BASES, 0, 0)), ERR_ARGUMENT)
+            _expect_error(drv, encode_frame(OP_RUN, struct.pack("<H", 0)), ERR_ARGUMENT)
+            _expect_error(drv, encode_frame(OP_LOAD_ACT, struct.pack("<BHI", config.act_buffers, 1, 1) + b"\x00"),
+                          ERR_ADDRESS)
+            _expect_error(drv, encode_frame(OP_LOAD_ACT, struct.pack("<BHI", 0, 2, 4) + b"\x00" * 7),
+                          ERR_LENGTH)
+            # A truncated frame is dropped after the link timeout.
+            _expect_error(drv, encode_frame(OP_IDENTIFY)[:3], ERR_TIMEOUT)
+            with pytest.raises(DeviceError, match="READ: address out of range"):
+                drv.read(REGION_BASES, config.base_store_bytes, 1)
+
+            # Random bytes: whatever comes back is error frames only.
+            rng = random.Random(5)
+            junk = bytes(rng.randrange(256) for _ in range(300))
+            frames = _raw(drv, junk, quiet=1.0)
+            assert all(f.op == OP_ERROR for f in frames)
+            drv.resync()
+            assert drv.identify().config_digest == config.digest
+            assert drv.read(REGION_BASES, 0, len(image.bases)) == image.bases
+            _check_images(drv, program, 2, seed=12)
+            assert drv.counters()["frame_errors"] >= 3
+
+
+@pytest.mark.skipif(not simulator_available("icarus"), reason="Icarus Verilog not installed")
+def test_board_icarus_bit_exact(build):
+    config, program = build
+    with SimulatedBoard(config, "icarus") as board:
+        with SerialTransport(board.url) as tr:
+            drv = Driver(tr, timeout=60)
+            drv.load_program(config, program)
+            _check_images(drv, program, 1, seed=13)
+
+
+def test_device_image_fits_the_derived_config(build):
+    config, program = build
+    image = build_image(program, config)
+    assert len(image.bases) <= config.base_store_bytes
