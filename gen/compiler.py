@@ -18,7 +18,12 @@ from .network import QuantizedNetwork
 from .program import write_program
 
 __all__ = ["CompileError", "CompileResult", "derive_config", "allocate_buffers",
-           "compile_network", "memory_report", "format_report"]
+           "compile_network", "memory_report", "format_report", "place_codes",
+           "BASE_STORE_BUDGET"]
+
+# Default on-chip base store limit: 256 KiB of block RAM (an ECP5-85F has 468 KiB).
+# A network whose codes need more keeps the first layers resident and streams the rest.
+BASE_STORE_BUDGET = 256 * 1024
 
 
 class CompileError(ValueError):
@@ -56,8 +61,33 @@ def allocate_buffers(net: QuantizedNetwork) -> QuantizedNetwork:
     return replace(net, layers=layers)
 
 
-def derive_config(net: QuantizedNetwork, rows: int = 8, cols: int = 8, **overrides) -> AcceleratorConfig:
-    """The smallest config that runs ``net`` on an ``rows x cols`` array."""
+def place_codes(net: QuantizedNetwork, base_store_bytes: int) -> list[bool]:
+    """Which layers' codes stay resident in a base store of ``base_store_bytes``.
+
+    Layers are placed in program order while they fit; a layer that does not fit,
+    and every conv layer after it, is streamed from the host during the run (so
+    the stream is consumed in the order it is sent). Pools have no codes and
+    count as resident.
+    """
+    used, streaming, out = 0, False, []
+    for l in net.layers:
+        n = l.aligned_code_bytes(net)
+        if n and (streaming or used + n > base_store_bytes):
+            streaming = True
+            out.append(False)
+        else:
+            used += n
+            out.append(True)
+    return out
+
+
+def derive_config(net: QuantizedNetwork, rows: int = 8, cols: int = 8, *,
+                  base_store_budget: int = BASE_STORE_BUDGET, **overrides) -> AcceleratorConfig:
+    """The smallest config that runs ``net`` on an ``rows x cols`` array.
+
+    The base store holds every layer's codes if they fit ``base_store_budget``
+    bytes, else the budget (see :func:`place_codes`).
+    """
     conv = net.conv_layers()
     acts = [net.input_shape[0] * net.input_shape[1] * net.input_shape[2]]
     acts += [l.co * l.ho * l.wo for l in net.layers]
@@ -74,7 +104,7 @@ def derive_config(net: QuantizedNetwork, rows: int = 8, cols: int = 8, **overrid
         max_bo=max([l.bo for l in conv if l.has_l2] or [1]),
         act_depth=_pow2(max(acts)), act_buffers=max(2, bufs),
         # Every layer's codes stay resident in the base store.
-        base_store_bytes=_pow2(max(1, code_bytes)),
+        base_store_bytes=min(_pow2(max(1, code_bytes)), _pow2(base_store_budget)),
         max_layers=_pow2(max(8, len(net.layers))),
         const_depth=_pow2(sum(l.out_channels for l in net.layers)),
         # The frame buffer holds a whole input image and its LOAD_ACT header.
@@ -127,6 +157,12 @@ def compile_network(net: QuantizedNetwork, rows: int = 8, cols: int = 8,
                                    f"{config.bias_bits} bits (field bias)")
     program = write_program(net, config)
     report = memory_report(net)
+    resident = place_codes(net, config.base_store_bytes)
+    for row, l in zip(report["layers"], net.conv_layers()):
+        row["resident"] = resident[net.layers.index(l)]
+    report["base_store_bytes"] = config.base_store_bytes
+    report["streamed_code_bytes"] = sum(l.aligned_code_bytes(net)
+                                        for l, r in zip(net.layers, resident) if not r)
     report["program_bytes"] = len(program)
     report["config_hash"] = config.hash_hex
     report["array"] = f"{rows}x{cols}"

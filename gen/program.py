@@ -360,7 +360,6 @@ class _Writer:
             if co * ho * wo > cfg.act_depth:
                 self.fail(layer, "co", f"output {co}x{ho}x{wo} exceeds config act_depth "
                           f"{cfg.act_depth}")
-            start = self.bits
             dense = layer.u is None and layer.v is None
             b_shape = (bo, bi, kk) if layer.u is not None else (bo, ci, kk)
             offs["B"] = self.add(layer, "B", layer.b, b_shape, net.qd if dense else net.qb, False)
@@ -368,10 +367,6 @@ class _Writer:
                 offs["U"] = self.add(layer, "U", layer.u, (bo, ci, bi), net.qu, False)
             if layer.v is not None:
                 offs["V"] = self.add(layer, "V", layer.v, (co, bo), net.qv, False)
-            code_bits = self.bits - start
-            if code_bits > 8 * cfg.base_store_bytes:
-                self.fail(layer, "B", f"codes take {code_bits} bits, more than the config "
-                          f"base store ({cfg.base_store_bytes} bytes)")
         offs["mult"] = self.add(layer, "mult", layer.mult, (co,), cfg.m_bits, True)
         offs["bias"] = self.add(layer, "bias", layer.bias, (co,), cfg.bias_bits, True)
         return DESCRIPTOR.pack(OP_CODES[layer.op], flags, k, stride, pad, src, dst, res,

@@ -21,7 +21,8 @@ from gen.program import Program, load_program
 from .image import DeviceImage, build_image
 from .protocol import (COUNTERS, ERRORS, OP_ABORT, OP_COUNTERS, OP_ERROR, OP_IDENTIFY,
                        OP_LOAD_ACT, OP_NAMES, OP_READ, OP_READ_ACT, OP_RUN, OP_STATUS, OP_WRITE,
-                       PROTOCOL_VERSION, REGION_BASES, REGION_CONSTS, REGION_PROGRAM, RESPONSE,
+                       PROTOCOL_VERSION, REGION_BASES, REGION_CONSTS, REGION_PROGRAM,
+                       REGION_STREAM, RESPONSE,
                        STATE_DONE, STATE_ERROR, STATE_NAMES, STATE_RUNNING, FrameDecoder,
                        Identity, ProtocolError, encode_frame, parse_identity)
 from .transport import Transport
@@ -147,14 +148,18 @@ class Driver:
         self.config, self.program = config, program
         return ident
 
-    def write(self, region: int, addr: int, data: bytes, desc: str = "") -> None:
+    def write(self, region: int, addr: int, data: bytes, desc: str = "",
+              timeout: float | None = None) -> None:
+        """Write ``data`` at ``addr`` of ``region`` in frames of at most ``max_payload``
+        bytes (``REGION_STREAM`` takes every frame at address 0)."""
         ident = self._ident()
         word = {REGION_PROGRAM: ident.record_bytes, REGION_CONSTS: ident.const_bytes}.get(region, 1)
         step = (ident.max_payload - 5) // word * word
         bar = self._bar(len(data), desc or f"write region {region}")
         for off in range(0, len(data), step):
             chunk = data[off:off + step]
-            self.request(OP_WRITE, struct.pack("<BI", region, addr + off) + chunk)
+            where = 0 if region == REGION_STREAM else addr + off
+            self.request(OP_WRITE, struct.pack("<BI", region, where) + chunk, timeout=timeout)
             if bar:
                 bar.update(len(chunk))
         if bar:
@@ -192,9 +197,15 @@ class Driver:
 
     def run(self, n_layers: int | None = None, timeout: float = 60.0) -> Status:
         """Run the loaded program (or its first ``n_layers``) and wait until it ends."""
-        n = n_layers if n_layers is not None else self._image().n_layers
+        image = self._image()
+        n = n_layers if n_layers is not None else image.n_layers
         self.request(OP_RUN, struct.pack("<H", n))
         deadline = time.monotonic() + timeout
+        # Codes of the layers that are not resident follow RUN; each WRITE is answered
+        # once the device has room for it, so this paces itself to the generation unit.
+        for index, blob in image.streamed:
+            if index < n:
+                self.write(REGION_STREAM, 0, blob, "streamed codes", timeout=timeout)
         poll = 0.001
         while True:
             st = self.status()

@@ -29,14 +29,22 @@ class ImageError(ValueError):
 
 @dataclass(frozen=True)
 class DeviceImage:
+    """Memory contents of one program; ``streamed`` holds ``(layer index, code bytes)``
+    of every non-resident layer, in layer order, sent to ``REGION_STREAM`` during each run."""
+
     records: bytes
     bases: bytes
     consts: bytes
     n_layers: int
+    streamed: tuple[tuple[int, bytes], ...] = ()
 
     @property
     def total_bytes(self) -> int:
         return len(self.records) + len(self.bases) + len(self.consts)
+
+    @property
+    def streamed_bytes(self) -> int:
+        return sum(len(b) for _, b in self.streamed)
 
 
 def descriptor_fields(layer) -> dict:
@@ -65,6 +73,8 @@ def build_image(program: Program, config: AcceleratorConfig) -> DeviceImage:
     from hw.engine import channel_layout
     from hw.interfaces import layer_record_layout
 
+    from gen.compiler import place_codes
+
     net = program.network()
     if len(net.layers) > config.max_layers:
         raise ImageError(f"program has {len(net.layers)} layers, the accelerator's program "
@@ -72,11 +82,17 @@ def build_image(program: Program, config: AcceleratorConfig) -> DeviceImage:
     rec_layout, chan = layer_record_layout(config), channel_layout(config)
     rb, cb = record_bytes(config), const_bytes(config)
     records, bases, consts = bytearray(), bytearray(), bytearray()
+    streamed = []
     n_consts = 0
-    for layer in net.layers:
-        code_addr = len(bases)
-        for _, codes, bits in layer.code_tensors(net):
-            bases += pack_codes(np.asarray(codes, dtype=np.int64), bits)
+    for index, (layer, resident) in enumerate(zip(net.layers,
+                                                  place_codes(net, config.base_store_bytes))):
+        codes = b"".join(pack_codes(np.asarray(t, dtype=np.int64), bits)
+                         for _, t, bits in layer.code_tensors(net))
+        code_addr = len(bases) if resident else 0
+        if resident:
+            bases += codes
+        else:
+            streamed.append((index, codes))
         if len(bases) > config.base_store_bytes:
             raise ImageError(f"layer {layer.name!r}: codes end at byte {len(bases)} of the base "
                              f"store, which holds {config.base_store_bytes} (config base_store_bytes)")
@@ -90,9 +106,11 @@ def build_image(program: Program, config: AcceleratorConfig) -> DeviceImage:
         try:
             word = pack_struct(rec_layout, {
                 "desc": pack_struct(rec_layout["desc"].shape, descriptor_fields(layer)),
-                "code_addr": code_addr if len(bases) > code_addr else 0,
-                "code_len": len(bases) - code_addr, "const_addr": const_addr})
+                "code_addr": code_addr if code_addr < config.base_store_bytes else 0,
+                "code_len": len(codes), "const_addr": const_addr,
+                "streamed": int(not resident)})
         except ValueError as e:
             raise ImageError(f"layer {layer.name!r}: {e}") from None
         records += _le(word, rb)
-    return DeviceImage(bytes(records), bytes(bases), bytes(consts), len(net.layers))
+    return DeviceImage(bytes(records), bytes(bases), bytes(consts), len(net.layers),
+                       tuple(streamed))

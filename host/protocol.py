@@ -49,12 +49,18 @@ written in whole words (address and length multiples of its word size):
   ``record_bytes(config)`` each;
 * ``REGION_BASES``: the base store, packed codes (bytes);
 * ``REGION_CONSTS``: per-channel requant constants (:func:`hw.engine.channel_layout`),
-  ``const_bytes(config)`` each.
+  ``const_bytes(config)`` each;
+* ``REGION_STREAM`` (write only, address 0): code bytes of the layers that are
+  not resident in the base store (record flag ``streamed``), in layer order.
+  They go into a FIFO that the running program drains; the WRITE is answered
+  once its last byte is in the FIFO, so the host simply sends the streamed
+  layers' codes after RUN. ABORT empties the FIFO.
 
 Activations (``LOAD_ACT``/``READ_ACT``) are tensors ``[channels, pixels]`` in
 CHW order, one element in ``act_bytes(config)`` bytes (two's complement, little
 endian). ``WRITE`` to the program or constants, ``LOAD_ACT``, ``READ_ACT`` and
-``RUN`` are refused with ``ERR_BUSY`` while the device runs.
+``RUN`` are refused with ``ERR_BUSY`` while the device runs (``REGION_STREAM`` is
+written during a run).
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ __all__ = [
     "SYNC", "PROTOCOL_VERSION", "IDENTITY_MAGIC", "OP_IDENTIFY", "OP_WRITE", "OP_READ",
     "OP_RUN", "OP_STATUS", "OP_COUNTERS", "OP_LOAD_ACT", "OP_READ_ACT", "OP_ABORT",
     "OP_ERROR", "OP_NAMES", "RESPONSE", "REGION_PROGRAM", "REGION_BASES", "REGION_CONSTS",
+    "REGION_STREAM",
     "REGION_NAMES", "ERRORS", "ERR_CRC", "ERR_LENGTH", "ERR_OPCODE", "ERR_ADDRESS",
     "ERR_BUSY", "ERR_TIMEOUT", "ERR_ARGUMENT", "STATE_IDLE", "STATE_RUNNING", "STATE_DONE",
     "STATE_ERROR", "STATE_NAMES", "COUNTERS", "N_COUNTERS", "HEADER_BYTES", "CRC_BYTES",
@@ -97,7 +104,9 @@ OP_NAMES = {OP_IDENTIFY: "IDENTIFY", OP_WRITE: "WRITE", OP_READ: "READ", OP_RUN:
 REGION_PROGRAM = 0
 REGION_BASES = 1
 REGION_CONSTS = 2
-REGION_NAMES = {REGION_PROGRAM: "program", REGION_BASES: "bases", REGION_CONSTS: "consts"}
+REGION_STREAM = 3
+REGION_NAMES = {REGION_PROGRAM: "program", REGION_BASES: "bases", REGION_CONSTS: "consts",
+                REGION_STREAM: "stream"}
 
 ERR_CRC = 1
 ERR_LENGTH = 2

@@ -24,7 +24,10 @@ each conv layer's descriptor and code bytes to the generation unit, the engine
 sequencer hands every layer's descriptor and constants to the engine and waits
 for it. Stream back-pressure keeps them in step, and the generation of a
 layer's weights starts as soon as the generation unit is free, so it overlaps
-the end of the previous layer. All bases stay resident in the base store.
+the end of the previous layer. A layer's codes come from the base store, or,
+for a record flagged ``streamed`` (the compiler's choice when the base store
+is too small for the whole network), from the stream FIFO that the host fills
+through ``REGION_STREAM`` writes during the run.
 If the engine reports an error, the run stops in state ``error`` with the
 engine's error bits and the layer index, and the generation unit and engine
 are reset (activation memories keep their contents). ``ABORT`` does the same
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 from amaranth.hdl import Cat, Const, Module, Mux, ResetInserter, Signal, unsigned
 from amaranth.lib import data, enum, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
@@ -45,7 +49,7 @@ from gen.config import AcceleratorConfig
 from host.protocol import (COUNTERS, ERR_ADDRESS, ERR_ARGUMENT, ERR_BUSY, ERR_LENGTH, ERR_OPCODE,
                            OP_ABORT, OP_COUNTERS, OP_ERROR, OP_IDENTIFY, OP_LOAD_ACT, OP_READ,
                            OP_READ_ACT, OP_RUN, OP_STATUS, OP_WRITE, REGION_BASES, REGION_CONSTS,
-                           REGION_PROGRAM, RESPONSE, STATE_DONE, STATE_ERROR, STATE_IDLE,
+                           REGION_PROGRAM, REGION_STREAM, RESPONSE, STATE_DONE, STATE_ERROR, STATE_IDLE,
                            STATE_RUNNING, act_bytes, const_bytes, identity_bytes, record_bytes)
 
 from .engine import ConvEngine, channel_layout
@@ -120,6 +124,8 @@ class Accelerator(wiring.Component):
         self.record_bytes = record_bytes(config)
         self.const_bytes = const_bytes(config)
         self.act_bytes = act_bytes(config)
+        # Room for one whole WRITE frame of streamed codes.
+        self.stream_depth = config.max_payload
         for what, n in (("record", self.record_bytes), ("constant", self.const_bytes)):
             if n & (n - 1):
                 raise ValueError(f"{what} word of {n} bytes: must be a power of two")
@@ -138,6 +144,8 @@ class Accelerator(wiring.Component):
         soft_reset = Signal()
         m.submodules.link = link = self.link
         m.submodules.gen = ResetInserter(soft_reset)(self.gen)
+        m.submodules.code_fifo = code_fifo = ResetInserter(soft_reset)(
+            SyncFIFOBuffered(width=8, depth=self.stream_depth))
         m.submodules.engine = ResetInserter(soft_reset)(self.engine)
         gen, eng = self.gen, self.engine
         wiring.connect(m, wiring.flipped(self.i_rx), link.i_rx)
@@ -171,10 +179,22 @@ class Accelerator(wiring.Component):
         g_idx = Signal(range(cfg.max_layers + 1))
         g_rec = Signal(rec_layout)
         g_go = Signal()
-        g_more = _stream_words(m, bases_rd_gen, g_rec.code_addr, g_rec.code_len, g_go,
-                               gen.i_codes.valid, gen.i_codes.ready, "gcode")
-        m.d.comb += [gen.i_codes.payload.eq(bases_rd_gen.data), prog_rd_gen.addr.eq(g_idx),
-                     gen.i_desc.payload.eq(g_rec.desc)]
+        b_valid, b_ready = Signal(), Signal()
+        g_more = _stream_words(m, bases_rd_gen, g_rec.code_addr, g_rec.code_len,
+                               g_go & ~g_rec.streamed, b_valid, b_ready, "gcode")
+        s_left = Signal.like(g_rec.code_len)
+        with m.If(g_go & g_rec.streamed):
+            m.d.sync += s_left.eq(g_rec.code_len)
+        with m.If(g_rec.streamed):
+            m.d.comb += [gen.i_codes.valid.eq(code_fifo.r_rdy & (s_left != 0)),
+                         gen.i_codes.payload.eq(code_fifo.r_data),
+                         code_fifo.r_en.eq(gen.i_codes.ready & (s_left != 0))]
+            with m.If(code_fifo.r_rdy & code_fifo.r_en):
+                m.d.sync += s_left.eq(s_left - 1)
+        with m.Else():
+            m.d.comb += [gen.i_codes.valid.eq(b_valid), gen.i_codes.payload.eq(bases_rd_gen.data),
+                         b_ready.eq(gen.i_codes.ready)]
+        m.d.comb += [prog_rd_gen.addr.eq(g_idx), gen.i_desc.payload.eq(g_rec.desc)]
         with m.If(gen.i_codes.valid & gen.i_codes.ready):
             m.d.sync += ctr["code_bytes"].eq(ctr["code_bytes"] + 1)
         with m.Switch(g_st):
@@ -193,7 +213,7 @@ class Accelerator(wiring.Component):
                     m.d.comb += g_go.eq(1)
                     m.d.sync += g_st.eq(_Seq.DATA)
             with m.Case(_Seq.DATA):
-                with m.If(~g_more):
+                with m.If(~g_more & (s_left == 0)):
                     m.d.sync += g_st.eq(_Seq.NEXT)
             with m.Case(_Seq.NEXT):
                 with m.If(g_idx + 1 >= n_layers):
@@ -351,7 +371,14 @@ class Accelerator(wiring.Component):
         # WRITE: payload bytes after the 5 argument bytes, assembled into words.
         w_byte = Signal(17)
         w_pending = Signal()
-        with m.If(ex == _Ex.WRITE):
+        # A streamed byte waits for room in the FIFO; the frame buffer read then holds.
+        w_stall = Signal()
+        m.d.comb += w_stall.eq((region == REGION_STREAM) & w_pending & ~code_fifo.w_rdy)
+        m.d.comb += code_fifo.w_data.eq(link.buf_data)
+        with m.If(w_stall):
+            # The frame buffer read port is always enabled: re-read the pending byte.
+            m.d.comb += link.buf_addr.eq(link_rd - 1)
+        with m.If((ex == _Ex.WRITE) & ~w_stall):
             m.d.comb += link.buf_addr.eq(link_rd)
             with m.If(w_byte < data_len):
                 m.d.sync += [link_rd.eq(link_rd + 1), w_byte.eq(w_byte + 1)]
@@ -366,6 +393,8 @@ class Accelerator(wiring.Component):
                         m.d.comb += [prog_wp.addr.eq(pos >> rb_log),
                                      prog_wp.data.eq(Cat(*([b] * RB))),
                                      prog_wp.en.eq(1 << pos[:rb_log] if rb_log else 1)]
+                    with m.Case(REGION_STREAM):
+                        m.d.comb += code_fifo.w_en.eq(1)
                     with m.Case(REGION_CONSTS):
                         m.d.comb += [consts_wp.addr.eq(pos >> cb_log),
                                      consts_wp.data.eq(Cat(*([b] * CB))),
@@ -473,9 +502,9 @@ class Accelerator(wiring.Component):
                         respond(op | RESPONSE, achan * apix * AB, SRC_ACT)
             with m.Case(_Ex.ACT_LOAD):
                 # Frame buffer bytes -> elements; the buffer read runs one byte ahead.
-                m.d.comb += link.buf_addr.eq(link_rd)
                 full = Signal()
                 m.d.comb += full.eq(l_pending & (l_byte == AB - 1) & ~eng.i_load.ready)
+                m.d.comb += link.buf_addr.eq(Mux(full, link_rd - 1, link_rd))
                 word = Cat(l_word[8:], link.buf_data) if AB > 1 else link.buf_data
                 m.d.comb += eng.i_load.payload.eq(word[:cfg.a_bits])
                 with m.If(l_pending & (l_byte == AB - 1)):
@@ -494,6 +523,8 @@ class Accelerator(wiring.Component):
                 with m.If(~eng.busy):
                     respond(op | RESPONSE, 0)
 
+        with m.If(g_st == _Seq.IDLE):
+            m.d.sync += s_left.eq(0)
         with m.If(start):
             m.d.sync += [running.eq(1), state.eq(STATE_RUNNING), status_err.eq(0),
                          g_idx.eq(0), e_idx.eq(0), g_st.eq(_Seq.FETCH), e_st.eq(_Seq.FETCH)]
@@ -537,7 +568,12 @@ class Accelerator(wiring.Component):
                     respond(op | RESPONSE, 0)
             with m.Case(OP_WRITE, OP_READ):
                 n = Mux(op == OP_WRITE, data_len, count)
-                with m.If((op == OP_WRITE) & running):
+                with m.If(region == REGION_STREAM):
+                    with m.If((op != OP_WRITE) | (addr != 0)):
+                        refuse(ERR_ADDRESS)
+                    with m.Else():
+                        m.d.sync += ex.eq(_Ex.WRITE)
+                with m.Elif((op == OP_WRITE) & running):
                     refuse(ERR_BUSY)
                 with m.Elif((op == OP_READ) & (count == 0)):
                     refuse(ERR_ARGUMENT)

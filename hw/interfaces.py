@@ -30,7 +30,9 @@ Layer record
 the descriptor plus where the layer's operands sit on chip, ``code_addr`` and
 ``code_len`` (bytes of the base store holding its B, U and V sections, each
 packed on its own from a byte boundary) and ``const_addr`` (the first of its
-``co`` words in the constants memory, ``ci`` for a pool). The host driver
+``co`` words in the constants memory, ``ci`` for a pool). With ``streamed``
+the ``code_len`` code bytes come from the host during the run instead
+(``host.protocol.REGION_STREAM``) and ``code_addr`` is unused. The host driver
 builds the records from a program file (``host.image``).
 """
 
@@ -88,6 +90,7 @@ def layer_record_layout(config: AcceleratorConfig) -> data.StructLayout:
         "code_addr": unsigned(max(1, (config.base_store_bytes - 1).bit_length())),
         "code_len": unsigned(config.base_store_bytes.bit_length()),
         "const_addr": unsigned(max(1, (config.const_depth - 1).bit_length())),
+        "streamed": unsigned(1),
     })
 
 

@@ -83,7 +83,7 @@ def run_bench(component, toplevel: str, test_module: str, sim: str = "verilator"
         raise RuntimeError(f"simulator {sim!r} is not installed")
     text = verilog_text if verilog_text is not None else verilog_of(component, toplevel)
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-    flavour = "-O0" if fast_build and sim == "verilator" else ""
+    flavour = ("-O0" if fast_build and sim == "verilator" else "") + ("-waves" if waves else "")
     build_dir = SIM_BUILD_ROOT / f"{toplevel}-{sim}{flavour}-{digest}"
     build_dir.mkdir(parents=True, exist_ok=True)
     src = build_dir / f"{toplevel}.v"

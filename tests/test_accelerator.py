@@ -25,7 +25,8 @@ from host.driver import DeviceError, Driver
 from host.image import build_image
 from host.protocol import (ERR_ADDRESS, ERR_ARGUMENT, ERR_CRC, ERR_LENGTH, ERR_OPCODE,
                            ERR_TIMEOUT, OP_ERROR, OP_IDENTIFY, OP_LOAD_ACT, OP_READ, OP_RUN,
-                           OP_STATUS, OP_WRITE, REGION_BASES, SYNC, FrameDecoder, encode_frame)
+                           OP_STATUS, OP_WRITE, REGION_BASES, REGION_STREAM, SYNC, FrameDecoder,
+                           encode_frame)
 from host.transport import SerialTransport
 from sim.board import SimulatedBoard
 from sim.runner import simulator_available
@@ -88,12 +89,22 @@ def _golden_layer(net, layer, bufs):
     return golden_layer(net, layer, bufs[layer.src], bufs[layer.res] if layer.res is not None else None)
 
 
+def _build(**overrides):
+    result = compile_network(random_network(seed=1), rows=4, cols=4, gen_lanes=4,
+                             link_timeout=LINK_TIMEOUT, **overrides)
+    return result.config, read_program(result.program, config=result.config)
+
+
 @pytest.fixture(scope="module")
 def build():
-    result = compile_network(random_network(seed=1), rows=4, cols=4, gen_lanes=4,
-                             link_timeout=LINK_TIMEOUT)
-    program = read_program(result.program, config=result.config)
-    return result.config, program
+    """Every layer's codes resident in the base store."""
+    return _build()
+
+
+@pytest.fixture(scope="module")
+def streamed_build():
+    """A base store of 128 bytes: the first layer resident, the others streamed."""
+    return _build(base_store_budget=128)
 
 
 def _images(program, n, seed):
@@ -130,18 +141,20 @@ def _expect_error(driver, frame: bytes, code: int):
 
 
 @pytest.mark.skipif(not simulator_available("verilator"), reason="Verilator not installed")
-def test_board_verilator_bit_exact_counters_and_faults(build):
-    config, program = build
+def test_board_verilator_bit_exact_counters_and_faults(streamed_build):
+    config, program = streamed_build
     with SimulatedBoard(config, "verilator", fast_build=True) as board:
         with SerialTransport(board.url) as tr:
             drv = Driver(tr, timeout=30)
             image = drv.load_program(config, program)
+            assert image.bases and len(image.streamed) >= 3
             assert drv.read(REGION_BASES, 0, len(image.bases)) == image.bases
             _check_images(drv, program, 3, seed=11)
             c = drv.counters()
             net = program.network()
-            # Every conv layer's codes stream once per image, every MAC is counted.
-            assert c["code_bytes"] == len(image.bases)
+            # Every conv layer's codes reach the generation unit once per image, from
+            # the base store or the stream; every MAC is counted.
+            assert c["code_bytes"] == len(image.bases) + image.streamed_bytes
             assert c["macs"] == sum(layer.macs for layer in net.layers)
             assert 0 < c["engine_busy"] <= c["cycles"] and c["mac_cycles"] <= c["engine_busy"]
 
@@ -159,6 +172,9 @@ def test_board_verilator_bit_exact_counters_and_faults(build):
                                                                   config.base_store_bytes - 2) + b"\x00" * 4),
                           ERR_ADDRESS)
             _expect_error(drv, encode_frame(OP_READ, struct.pack("<BIH", REGION_BASES, 0, 0)), ERR_ARGUMENT)
+            _expect_error(drv, encode_frame(OP_READ, struct.pack("<BIH", REGION_STREAM, 0, 1)), ERR_ADDRESS)
+            _expect_error(drv, encode_frame(OP_WRITE, struct.pack("<BI", REGION_STREAM, 4) + b"\x00"),
+                          ERR_ADDRESS)
             _expect_error(drv, encode_frame(OP_RUN, struct.pack("<H", 0)), ERR_ARGUMENT)
             _expect_error(drv, encode_frame(OP_LOAD_ACT, struct.pack("<BHI", config.act_buffers, 1, 1) + b"\x00"),
                           ERR_ADDRESS)
@@ -191,7 +207,11 @@ def test_board_icarus_bit_exact(build):
             _check_images(drv, program, 1, seed=13)
 
 
-def test_device_image_fits_the_derived_config(build):
+def test_device_image_fits_the_derived_config(build, streamed_build):
     config, program = build
     image = build_image(program, config)
-    assert len(image.bases) <= config.base_store_bytes
+    assert len(image.bases) <= config.base_store_bytes and not image.streamed
+    config, program = streamed_build
+    image = build_image(program, config)
+    assert config.base_store_bytes == 128 and len(image.bases) <= 128
+    assert [i for i, _ in image.streamed] == [1, 2, 3, 5]
