@@ -23,7 +23,7 @@ venv: $(STAMP)
 
 # YoWASP Yosys/nextpnr and amaranth-boards for synthesis (PyPI only, no system tools).
 SYNTH_STAMP := $(VENV)/.installed-synth
-$(SYNTH_STAMP): $(STAMP)
+$(SYNTH_STAMP): $(STAMP) pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,synth]'
 	touch $(SYNTH_STAMP)
 
@@ -59,7 +59,7 @@ BOARD   ?= ulx3s-85f
 synth: compile $(SYNTH_STAMP)
 	$(MLG) synth $(BUILD)/digits --board $(BOARD) $(if $(FREQ),--freq $(FREQ))
 
-test: $(STAMP) iverilog
+test: $(SYNTH_STAMP) iverilog
 	$(PY) -m pytest -q -n 2 tests
 
 clean:
