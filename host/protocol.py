@@ -58,9 +58,9 @@ written in whole words (address and length multiples of its word size):
 
 Activations (``LOAD_ACT``/``READ_ACT``) are tensors ``[channels, pixels]`` in
 CHW order, one element in ``act_bytes(config)`` bytes (two's complement, little
-endian). ``WRITE`` to the program or constants, ``LOAD_ACT``, ``READ_ACT`` and
-``RUN`` are refused with ``ERR_BUSY`` while the device runs (``REGION_STREAM`` is
-written during a run).
+endian). ``WRITE`` and ``READ`` of the program, bases and constants regions,
+``LOAD_ACT``, ``READ_ACT`` and ``RUN`` are refused with ``ERR_BUSY`` while the
+device runs (``REGION_STREAM`` is written during a run).
 """
 
 from __future__ import annotations

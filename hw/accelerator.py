@@ -14,9 +14,10 @@
 
 **Executor.** Runs one verified request of :mod:`host.protocol` at a time and
 answers it; every argument is checked before anything is written, so a refused
-request changes no state. Writes to the memories, activation transfers and RUN
-are refused with ``ERR_BUSY`` while the controller runs; IDENTIFY, STATUS,
-COUNTERS, READ and ABORT are served at any time.
+request changes no state. Memory writes and reads (host read-back shares the
+sequencers' memory ports), activation transfers and RUN are refused with
+``ERR_BUSY`` while the controller runs; IDENTIFY, STATUS, COUNTERS, ABORT and
+writes of streamed codes are served at any time.
 
 **Controller.** ``RUN n`` executes layer records ``0 .. n-1`` without the host.
 Two sequencers walk the records independently: the generation sequencer hands
@@ -158,11 +159,13 @@ class Accelerator(wiring.Component):
         m.submodules.consts = consts = Memory(shape=8 * CB, depth=cfg.const_depth, init=[])
         m.submodules.ident = ident = Memory(shape=8, depth=len(identity_bytes(cfg)),
                                             init=list(identity_bytes(cfg)))
-        prog_wp, prog_rd_gen, prog_rd_eng, prog_rd_host = (
-            prog.write_port(granularity=8), prog.read_port(), prog.read_port(), prog.read_port())
-        bases_wp, bases_rd_gen, bases_rd_host = bases.write_port(), bases.read_port(), bases.read_port()
-        consts_wp, consts_rd_eng, consts_rd_host = (
-            consts.write_port(granularity=8), consts.read_port(), consts.read_port())
+        # Host read-back shares the sequencers' read ports (it is refused while a run
+        # uses them): every extra read port would be another copy of the memory.
+        prog_wp, prog_rd_gen, prog_rd_eng = (
+            prog.write_port(granularity=8), prog.read_port(), prog.read_port())
+        bases_wp, bases_rd_gen = bases.write_port(), bases.read_port()
+        consts_wp, consts_rd_eng = consts.write_port(granularity=8), consts.read_port()
+        prog_rd_host, bases_rd_host, consts_rd_host = prog_rd_eng, bases_rd_gen, consts_rd_eng
         ident_rd = ident.read_port()
 
         # ---- controller ----------------------------------------------------------------
@@ -286,8 +289,13 @@ class Accelerator(wiring.Component):
         src_sel = Signal(range(8))
         (SRC_IDENT, SRC_PROG, SRC_BASES, SRC_CONSTS, SRC_STATUS, SRC_COUNTERS, SRC_ACT,
          SRC_ERROR) = range(8)
-        tiles = Signal(17)       # ceil(channels / rows) of an activation transfer
+        # Activation transfer checks, summed channel by channel (no multipliers for a
+        # check that runs once per transfer): elements, and entries per bank.
         rem = Signal(17)
+        elems = Signal(40)
+        need = Signal(40)
+        lane = Signal(range(cfg.rows))
+        ab_log = AB.bit_length() - 1
         link_rd = Signal(range(cfg.max_payload))
         m.d.comb += link.buf_addr.eq(link_rd)
 
@@ -340,23 +348,24 @@ class Accelerator(wiring.Component):
             with m.Case(_Ex.CHECK):
                 self._check(m, cfg, op, region, addr, count, data_len, abuf, achan, apix,
                             running, refuse, respond, ex, src_sel, state, status_err, start,
-                            abort, n_layers, args, tiles, rem, length,
+                            abort, n_layers, args, (rem, elems, need, lane), length,
                             (SRC_IDENT, SRC_PROG, SRC_BASES, SRC_CONSTS, SRC_STATUS, SRC_COUNTERS))
             with m.Case(_Ex.TILES):
-                # ceil(channels / rows) by repeated subtraction: no divider for a rare check.
                 with m.If(rem != 0):
-                    m.d.sync += [tiles.eq(tiles + 1), rem.eq(Mux(rem > cfg.rows, rem - cfg.rows, 0))]
+                    m.d.sync += [rem.eq(rem - 1), elems.eq(elems + apix),
+                                 lane.eq(Mux(lane == cfg.rows - 1, 0, lane + 1))]
+                    with m.If(lane == 0):
+                        m.d.sync += need.eq(need + apix)
                 with m.Else():
-                    need = tiles * apix
                     with m.If(need > self.engine.bank_depth):
                         refuse(ERR_ARGUMENT)
                     with m.Elif(op == OP_LOAD_ACT):
-                        with m.If(data_len != achan * apix * AB):
+                        with m.If(data_len != (elems << ab_log)):
                             refuse(ERR_LENGTH)
                         with m.Else():
                             m.d.sync += ex.eq(_Ex.ACT_CMD)
                     with m.Else():
-                        with m.If(achan * apix * AB > 0xFFFF):
+                        with m.If((elems << ab_log) > 0xFFFF):
                             refuse(ERR_ARGUMENT)
                         with m.Else():
                             m.d.sync += ex.eq(_Ex.ACT_CMD)
@@ -440,11 +449,15 @@ class Accelerator(wiring.Component):
                 m.d.comb += s_pos.eq(addr + s_idx)
                 rd_en = Signal()
                 m.d.comb += rd_en.eq(adv)
-                m.d.comb += [ident_rd.addr.eq(s_idx), bases_rd_host.addr.eq(s_pos),
-                             prog_rd_host.addr.eq(s_pos >> rb_log),
-                             consts_rd_host.addr.eq(s_pos >> cb_log),
-                             ident_rd.en.eq(rd_en), bases_rd_host.en.eq(rd_en),
-                             prog_rd_host.en.eq(rd_en), consts_rd_host.en.eq(rd_en)]
+                m.d.comb += [ident_rd.addr.eq(s_idx), ident_rd.en.eq(rd_en)]
+                with m.Switch(src_sel):
+                    with m.Case(SRC_BASES):
+                        m.d.comb += [bases_rd_host.addr.eq(s_pos), bases_rd_host.en.eq(rd_en)]
+                    with m.Case(SRC_PROG):
+                        m.d.comb += [prog_rd_host.addr.eq(s_pos >> rb_log), prog_rd_host.en.eq(rd_en)]
+                    with m.Case(SRC_CONSTS):
+                        m.d.comb += [consts_rd_host.addr.eq(s_pos >> cb_log),
+                                     consts_rd_host.en.eq(rd_en)]
                 sel_q = Signal(8)
                 with m.If(adv):
                     m.d.sync += sel_q.eq(s_idx)
@@ -499,7 +512,7 @@ class Accelerator(wiring.Component):
                         m.d.sync += [ex.eq(_Ex.ACT_LOAD), l_idx.eq(0), l_pending.eq(0),
                                      l_byte.eq(0), link_rd.eq(7)]
                     with m.Else():
-                        respond(op | RESPONSE, achan * apix * AB, SRC_ACT)
+                        respond(op | RESPONSE, elems << ab_log, SRC_ACT)
             with m.Case(_Ex.ACT_LOAD):
                 # Frame buffer bytes -> elements; the buffer read runs one byte ahead.
                 full = Signal()
@@ -540,7 +553,7 @@ class Accelerator(wiring.Component):
 
     def _check(self, m, cfg, op, region, addr, count, data_len, abuf, achan, apix, running,
                refuse, respond, ex, src_sel, state, status_err, start, abort, n_layers,
-               args, tiles, rem, length, srcs):  # noqa: PLR0913
+               args, sums, length, srcs):  # noqa: PLR0913
         SRC_IDENT, SRC_PROG, SRC_BASES, SRC_CONSTS, SRC_STATUS, SRC_COUNTERS = srcs
         RB, CB = self.record_bytes, self.const_bytes
         sizes = {REGION_PROGRAM: cfg.max_layers * RB, REGION_BASES: cfg.base_store_bytes,
@@ -573,7 +586,7 @@ class Accelerator(wiring.Component):
                         refuse(ERR_ADDRESS)
                     with m.Else():
                         m.d.sync += ex.eq(_Ex.WRITE)
-                with m.Elif((op == OP_WRITE) & running):
+                with m.Elif(running):
                     refuse(ERR_BUSY)
                 with m.Elif((op == OP_READ) & (count == 0)):
                     refuse(ERR_ARGUMENT)
@@ -604,7 +617,9 @@ class Accelerator(wiring.Component):
                             | (apix > cfg.max_h * cfg.max_w)):
                     refuse(ERR_ARGUMENT)
                 with m.Else():
-                    m.d.sync += [ex.eq(_Ex.TILES), tiles.eq(0), rem.eq(achan)]
+                    rem, elems, need, lane = sums
+                    m.d.sync += [ex.eq(_Ex.TILES), rem.eq(achan), elems.eq(0), need.eq(0),
+                                 lane.eq(0)]
             with m.Default():
                 refuse(ERR_OPCODE)
 
