@@ -234,7 +234,6 @@ class Accelerator(wiring.Component):
                       eng.i_chan.valid, eng.i_chan.ready, "const")
         m.d.comb += [eng.i_chan.payload.eq(consts_rd_eng.data[:channel_layout(cfg).size]),
                      prog_rd_eng.addr.eq(e_idx), eng.i_desc.payload.eq(e_rec.desc)]
-        layer_done = Signal()
         engine_fault = Signal()
         with m.Switch(e_st):
             with m.Case(_Seq.FETCH):
@@ -248,7 +247,6 @@ class Accelerator(wiring.Component):
                     m.d.sync += e_st.eq(_Seq.DATA)
             with m.Case(_Seq.DATA):
                 with m.If(eng.done):
-                    m.d.comb += layer_done.eq(1)
                     for name in ("mac_cycles", "macs", "stall_weights", "stall_output"):
                         m.d.sync += ctr[name].eq(ctr[name] + getattr(eng, name))
                     with m.If(eng.error != 0):
@@ -553,7 +551,7 @@ class Accelerator(wiring.Component):
 
     def _check(self, m, cfg, op, region, addr, count, data_len, abuf, achan, apix, running,
                refuse, respond, ex, src_sel, state, status_err, start, abort, n_layers,
-               args, sums, length, srcs):  # noqa: PLR0913
+               args, sums, length, srcs):
         SRC_IDENT, SRC_PROG, SRC_BASES, SRC_CONSTS, SRC_STATUS, SRC_COUNTERS = srcs
         RB, CB = self.record_bytes, self.const_bytes
         sizes = {REGION_PROGRAM: cfg.max_layers * RB, REGION_BASES: cfg.base_store_bytes,
