@@ -200,6 +200,17 @@ class HostLink(wiring.Component):
         m.d.comb += [tx_crc.start.eq(tx == _Tx.SYNC), tx_crc.data.eq(out.payload),
                      tx_crc.valid.eq(tx_fire & ~_any(tx, _Tx.SYNC, _Tx.CRC_HI, _Tx.CRC_LO))]
 
+        # The executor's payload bytes land in a register before framing and the CRC:
+        # their sources (block RAM outputs, read-back muxes) are slow enough already.
+        p_valid = Signal()
+        p_data = Signal(8)
+        in_payload = (tx == _Tx.PAYLOAD) & ~t_own
+        m.d.comb += self.i_payload.ready.eq(in_payload & (~p_valid | out.ready))
+        with m.If(self.i_payload.valid & self.i_payload.ready):
+            m.d.sync += [p_valid.eq(1), p_data.eq(self.i_payload.payload)]
+        with m.Elif(in_payload & tx_fire):
+            m.d.sync += p_valid.eq(0)
+
         m.d.comb += self.i_resp.ready.eq((tx == _Tx.IDLE) & (rx == _Rx.EXEC) & ~req_pending)
         with m.Switch(tx):
             with m.Case(_Tx.IDLE):
@@ -228,9 +239,7 @@ class HostLink(wiring.Component):
                 with m.If(t_own):
                     m.d.comb += [out.valid.eq(1), out.payload.eq(Mux(t_count == 0, err_code, op))]
                 with m.Else():
-                    m.d.comb += [out.valid.eq(self.i_payload.valid),
-                                 out.payload.eq(self.i_payload.payload),
-                                 self.i_payload.ready.eq(out.ready)]
+                    m.d.comb += [out.valid.eq(p_valid), out.payload.eq(p_data)]
                 with m.If(tx_fire):
                     m.d.sync += t_count.eq(t_count + 1)
                     with m.If(t_count == t_len - 1):

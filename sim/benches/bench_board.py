@@ -26,6 +26,13 @@ from cocotb.triggers import ClockCycles, FallingEdge, Timer
 PERIOD_NS = 10
 
 
+def _high(sig) -> bool:
+    """A handshake bit; unresolved reads as low. Icarus leaves a combinational output X
+    until one of its inputs changes, which for o_tx.valid is the first frame."""
+    v = sig.value
+    return v.is_resolvable and bool(int(v))
+
+
 @cocotb.test()
 async def board(dut):
     cocotb.start_soon(Clock(dut.clk, PERIOD_NS, unit="ns").start())
@@ -64,15 +71,15 @@ async def board(dut):
                     closed = True
             except BlockingIOError:
                 pass
-        if rx or int(dut.o_tx__valid.value):
+        if rx or _high(dut.o_tx__valid):
             step = 1
             dut.o_tx__ready.value = 1
             # Cycle by cycle while there is traffic in either direction.
-            while rx or int(dut.o_tx__valid.value):
+            while rx or _high(dut.o_tx__valid):
                 await FallingEdge(dut.clk)
-                if int(dut.o_tx__valid.value):
+                if _high(dut.o_tx__valid):
                     tx.append(int(dut.o_tx__payload.value))
-                if rx and int(dut.i_rx__ready.value):
+                if rx and _high(dut.i_rx__ready):
                     dut.i_rx__valid.value = 1
                     dut.i_rx__payload.value = rx.pop(0)
                 else:
@@ -80,7 +87,7 @@ async def board(dut):
                 if len(tx) >= 4096:
                     break
             await FallingEdge(dut.clk)
-            if int(dut.o_tx__valid.value):
+            if _high(dut.o_tx__valid):
                 tx.append(int(dut.o_tx__payload.value))
             dut.i_rx__valid.value = 0
             dut.o_tx__ready.value = 0
