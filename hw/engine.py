@@ -72,6 +72,7 @@ import math
 
 from amaranth.hdl import Array, Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
@@ -277,11 +278,19 @@ class ConvEngine(wiring.Component):
         h_more = Signal()
         h_addr = Signal(addr_shape)
         m.d.comb += h_addr.eq(h_base + h_pix)
-        rd_valid = Signal()
-        rd_bank = Signal(range(R))
+        # Host reads: bank read, then the act_q register (block RAM outputs are slow),
+        # then the bank select into a small FIFO. A read is issued only while the FIFO
+        # has room for it and the reads in flight, so the pipeline never stalls.
+        m.submodules.rd_fifo = rd_fifo = SyncFIFOBuffered(width=A, depth=4)
+        rd_v1, rd_v2 = Signal(), Signal()
+        rd_b1, rd_b2 = Signal(range(R)), Signal(range(R))
+        rd_room = Signal()
+        m.d.comb += rd_room.eq(rd_fifo.level + rd_v1 + rd_v2 < rd_fifo.depth)
         h_last = (h_pix == h_pixels - 1) & (h_ch == h_chans - 1)
         host_rd = (st == HOST) & ~h_write
-        host_adv = host_rd & (~rd_valid | self.o_read.ready)
+        host_adv = Signal()
+        m.d.comb += host_adv.eq(host_rd & h_more & rd_room)
+        m.d.sync += [rd_v1.eq(host_adv), rd_b1.eq(h_bank), rd_v2.eq(rd_v1), rd_b2.eq(rd_b1)]
         host_wr_fire = (st == HOST) & h_write & self.i_load.valid
 
         def host_step():
@@ -332,6 +341,8 @@ class ConvEngine(wiring.Component):
         pr_half = Signal()
 
         chan_cnt = Signal(range(max_ch + 1))
+        chan_open = Signal()
+        n_out_m1 = Signal(range(max_ch + 1))
         c_lane = Signal(range(max(2, G)))
         c_addr = Signal(range(const_depth + 1))
 
@@ -340,13 +351,15 @@ class ConvEngine(wiring.Component):
         layer_end = Signal()
 
         # ---- per-channel constants -----------------------------------------------------
-        m.d.comb += self.i_chan.ready.eq(in_layer & (chan_cnt < n_out))
+        # Ready is two registers ANDed: whether more constants are due is decided a
+        # cycle ahead against the registered channel count of the layer.
+        m.d.comb += self.i_chan.ready.eq(in_layer & chan_open)
         chan_fire = self.i_chan.valid & self.i_chan.ready
         for g in range(G):
             m.d.comb += [const_wp[g].en.eq(chan_fire & (c_lane == g)), const_wp[g].addr.eq(c_addr),
                          const_wp[g].data.eq(self.i_chan.payload)]
         with m.If(chan_fire):
-            m.d.sync += chan_cnt.eq(chan_cnt + 1)
+            m.d.sync += [chan_cnt.eq(chan_cnt + 1), chan_open.eq(chan_cnt != n_out_m1)]
             with m.If(c_lane == G - 1):
                 m.d.sync += [c_lane.eq(0), c_addr.eq(c_addr + 1)]
             with m.Else():
@@ -595,8 +608,10 @@ class ConvEngine(wiring.Component):
                     wp.addr.eq(Mux(hw_, h_addr, rq.o_tag.addr)),
                     wp.data.eq(Mux(hw_, self.i_load.payload, rq.o_y[r % G])),
                 ]
-        host_data = Array([Array([act_rp[b][r].data for r in range(R)]) for b in range(NB)])
-        m.d.comb += [self.o_read.valid.eq(rd_valid), self.o_read.payload.eq(host_data[h_buf][rd_bank])]
+        host_data = Array([Array([act_q[b][r] for r in range(R)]) for b in range(NB)])
+        m.d.comb += [rd_fifo.w_en.eq(rd_v2), rd_fifo.w_data.eq(host_data[h_buf][rd_b2]),
+                     self.o_read.valid.eq(rd_fifo.r_rdy), self.o_read.payload.eq(rd_fifo.r_data),
+                     rd_fifo.r_en.eq(self.o_read.ready)]
 
         # ---- top-level FSM (last, so that its resets take precedence) -----------------
         counters = [self.cycles, self.mac_cycles, self.stall_weights, self.stall_output, self.macs]
@@ -613,7 +628,7 @@ class ConvEngine(wiring.Component):
                     hp = self.i_host.payload
                     m.d.sync += [h_write.eq(hp.write), h_buf.eq(hp.buf), h_chans.eq(hp.channels),
                                  h_pixels.eq(hp.pixels), h_ch.eq(0), h_bank.eq(0), h_base.eq(0),
-                                 h_pix.eq(0), h_more.eq(1), rd_valid.eq(0)]
+                                 h_pix.eq(0), h_more.eq(1)]
                     with m.If((hp.channels != 0) & (hp.pixels != 0) & (hp.buf < NB)):
                         m.d.sync += st.eq(HOST)
             with m.Case(HOST):
@@ -624,13 +639,11 @@ class ConvEngine(wiring.Component):
                         with m.If(h_last):
                             m.d.sync += st.eq(IDLE)
                 with m.Elif(host_adv):
-                    with m.If(h_more):
-                        m.d.sync += [rd_valid.eq(1), rd_bank.eq(h_bank)]
-                        host_step()
-                        with m.If(h_last):
-                            m.d.sync += h_more.eq(0)
-                    with m.Else():
-                        m.d.sync += [rd_valid.eq(0), st.eq(IDLE)]
+                    host_step()
+                    with m.If(h_last):
+                        m.d.sync += h_more.eq(0)
+                with m.Elif(~h_more & ~rd_v1 & ~rd_v2 & ~rd_fifo.r_rdy):
+                    m.d.sync += st.eq(IDLE)
             with m.Case(CHECK):
                 m.d.sync += self.cycles.eq(self.cycles + 1)
                 with m.If(desc_ok):
@@ -643,7 +656,8 @@ class ConvEngine(wiring.Component):
                         half_busy.eq(0), half_full.eq(0), pool_free.eq(1), pool_ready.eq(0),
                         pr_active.eq(1), pr_done.eq(0), pr_base.eq(0), pr_cg.eq(0), pr_gi.eq(0),
                         pr_cbhw.eq(0), pr_j.eq(0), pr_p.eq(0), pr_half.eq(0), group_moved.eq(1),
-                        chan_cnt.eq(0), c_lane.eq(0), c_addr.eq(0), vec_valid.eq(0),
+                        chan_cnt.eq(0), chan_open.eq(1), n_out_m1.eq(n_out - 1),
+                        c_lane.eq(0), c_addr.eq(0), vec_valid.eq(0),
                         skid_valid.eq(0), res_is_src.eq(d.has_res & (d.res == d.src)),
                     ]
                     with m.Switch(d.k):

