@@ -237,13 +237,17 @@ class ConvEngine(wiring.Component):
             act_rp.append(rps)
             act_wp.append(wps)
 
-        acc_rp, acc_wp = [], []
+        # Accumulators: one read port for the read-modify-write, one for the post reader,
+        # each addressed straight from a register (a shared port's address mux sat on the
+        # critical path).
+        acc_rp, acc_pp, acc_wp = [], [], []
         for h in range(2):
             mem = Memory(shape=data.ArrayLayout(signed(cfg.acc_bits), C), depth=max_p, init=[])
             m.submodules[f"acc_{h}"] = mem
             wp = mem.write_port()
             acc_wp.append(wp)
             acc_rp.append(mem.read_port())
+            acc_pp.append(mem.read_port())
 
         const_depth = -(-max_ch // G)
         const_rp, const_wp = [], []
@@ -515,11 +519,13 @@ class ConvEngine(wiring.Component):
         m.d.sync += [sum2.eq(sum1)]
         acc_q = [Signal(data.ArrayLayout(signed(cfg.acc_bits), C), name=f"acc_q_{h}")
                  for h in range(2)]
-        post_reads = pr_fire & ~is_pool
+        post_q = [Signal(data.ArrayLayout(signed(cfg.acc_bits), C), name=f"post_q_{h}")
+                  for h in range(2)]
         for h in range(2):
-            m.d.sync += acc_q[h].eq(acc_rp[h].data)
+            m.d.sync += [acc_q[h].eq(acc_rp[h].data), post_q[h].eq(acc_pp[h].data)]
             m.d.comb += [
-                acc_rp[h].addr.eq(Mux(post_reads & (pr_half == h), pr_p, pre.pix)),
+                acc_rp[h].addr.eq(pre.pix),
+                acc_pp[h].addr.eq(pr_p),
                 acc_wp[h].addr.eq(acc.pix),
                 acc_wp[h].en.eq(acc.valid & (acc.half == h)),
             ]
@@ -574,7 +580,7 @@ class ConvEngine(wiring.Component):
         res_q = [Array([act_q[b][r] for b in range(NB)])[d.res] for r in range(R)]
         m.d.sync += [const_q[g].eq(const_rp[g].data) for g in range(G)]
         for g in range(G):
-            conv_acc = Array([Mux(p2.half, acc_q[1][j * G + g], acc_q[0][j * G + g])
+            conv_acc = Array([Mux(p2.half, post_q[1][j * G + g], post_q[0][j * G + g])
                               for j in range(groups_c)])[p2.j]
             pool_acc = Array([pool.o_sum[j * G + g] for j in range(groups_r)])[p2.j]
             m.d.comb += [

@@ -300,6 +300,14 @@ class GenerationUnit(wiring.Component):
         pend = Signal(_State)       # where ALIGN goes next
         setup_ci = Signal(range(cfg.max_ci + R + 1))
         setup_j = Signal(range(cfg.max_bi + 1))
+        setup_co = Signal(range(cfg.max_co + C + 1))
+        # End-of-loop values of the issue counters, so that the issue stage compares
+        # registers for equality instead of adding and comparing magnitudes.
+        bi_m1 = Signal.like(bi)
+        bo_m1 = Signal.like(bo)
+        kk_m1 = Signal.like(kk)
+        ci_last = Signal.like(setup_ci)
+        co_last = Signal.like(setup_co)
 
         # Loader counters -------------------------------------------------
         c0 = Signal(range(bo_cap + cfg.max_co + 1))
@@ -377,19 +385,25 @@ class GenerationUnit(wiring.Component):
                 ws_acc.eq(ws_a), ws_byp.eq(ws_b),
                 half_acc.eq(round_half(ws_a, acc_w + 1)),
                 half_byp.eq(round_half(ws_b, w1w + 1)),
-                stride.eq(0), bikk.eq(0), setup_ci.eq(0), setup_j.eq(0),
+                stride.eq(0), bikk.eq(0), setup_ci.eq(0), setup_j.eq(0), setup_co.eq(0),
+                bi_m1.eq(d.bi - 1), bo_m1.eq(Mux(d.has_l2, d.bo, d.co) - 1),
                 state.eq(_State.SETUP),
             ]
 
         with m.If(state == _State.SETUP):
             ci_more = setup_ci < ci
             j_more = setup_j < bi
+            co_more = setup_co < co
+            m.d.sync += kk_m1.eq(kk - 1)
+            with m.If(co_more):
+                m.d.sync += setup_co.eq(setup_co + C)
             with m.If(ci_more):
                 m.d.sync += [setup_ci.eq(setup_ci + R), stride.eq(stride + kk)]
             with m.If(j_more):
                 m.d.sync += [setup_j.eq(setup_j + 1), bikk.eq(bikk + kk)]
-            with m.If(~ci_more & ~j_more):
-                m.d.sync += [state.eq(_State.LOAD_B), *reset_load()]
+            with m.If(~ci_more & ~j_more & ~co_more):
+                m.d.sync += [state.eq(_State.LOAD_B), ci_last.eq(setup_ci - R),
+                             co_last.eq(setup_co - C), *reset_load()]
 
         # Loader ------------------------------------------------------------
         in_b, in_u, in_v = (state == _State.LOAD_B), (state == _State.LOAD_U), (state == _State.LOAD_V)
@@ -481,16 +495,16 @@ class GenerationUnit(wiring.Component):
         pc_last = Signal()
         pr_last = Signal()
         with m.If(issue_l1):
-            m.d.comb += [n_lim.eq(bi), pc_last.eq(pc == P1 - 1), pr_last.eq(1)]
+            m.d.comb += [n_lim.eq(bi_m1), pc_last.eq(pc == P1 - 1), pr_last.eq(1)]
         with m.Elif(has_l2):
-            m.d.comb += [n_lim.eq(bo), pc_last.eq(pc == Pc - 1), pr_last.eq(pr == Pr - 1)]
+            m.d.comb += [n_lim.eq(bo_m1), pc_last.eq(pc == Pc - 1), pr_last.eq(pr == Pr - 1)]
         with m.Else():
-            m.d.comb += [n_lim.eq(1), pc_last.eq(pc == C - 1), pr_last.eq(1)]
-        last4 = n == n_lim - 1
+            m.d.comb += [n_lim.eq(0), pc_last.eq(pc == C - 1), pr_last.eq(1)]
+        last4 = n == n_lim
         last3 = pc_last & pr_last
-        last2 = tap == kk - 1
-        last1 = ci0 + R >= ci
-        last0 = Mux(issue_l1, l0 == bo - 1, l0 + C >= co)
+        last2 = tap == kk_m1
+        last1 = ci0 == ci_last
+        last0 = Mux(issue_l1, l0 == bo_m1, l0 == co_last)
 
         # A tile is issued only into a free slot, so a result never waits at the end of
         # the pipeline and nothing past the issue stage needs a stall.
