@@ -318,6 +318,10 @@ class ConvEngine(wiring.Component):
                    & (~d.has_res | ((d.res < NB) & (d.res != d.dst)))
                    & (is_pool | conv_ok))
 
+        desc_ok_r = Signal()
+        chk_ready = Signal()
+        m.d.sync += desc_ok_r.eq(desc_ok)
+
         # ---- layer state ---------------------------------------------------------------
         wl_active = Signal()
         stg_count = Signal(range(R + 1))
@@ -628,7 +632,8 @@ class ConvEngine(wiring.Component):
                 # ready never depends on the other stream's valid.
                 m.d.comb += [self.i_desc.ready.eq(turn), self.i_host.ready.eq(~turn)]
                 with m.If(self.i_desc.valid & turn):
-                    m.d.sync += [desc.eq(self.i_desc.payload), error.eq(0), st.eq(CHECK)]
+                    m.d.sync += [desc.eq(self.i_desc.payload), error.eq(0), st.eq(CHECK),
+                                 chk_ready.eq(0)]
                     m.d.sync += [c.eq(0) for c in counters]
                 with m.If(self.i_host.valid & ~turn):
                     hp = self.i_host.payload
@@ -651,8 +656,10 @@ class ConvEngine(wiring.Component):
                 with m.Elif(~h_more & ~rd_v1 & ~rd_v2 & ~rd_fifo.r_rdy):
                     m.d.sync += st.eq(IDLE)
             with m.Case(CHECK):
-                m.d.sync += self.cycles.eq(self.cycles + 1)
-                with m.If(desc_ok):
+                m.d.sync += [self.cycles.eq(self.cycles + 1), chk_ready.eq(1)]
+                # The descriptor check is registered: its comparisons and the start of
+                # every unit do not share a cycle.
+                with m.If(chk_ready & desc_ok_r):
                     m.d.comb += feeder.start.eq(1)
                     m.d.sync += [
                         st.eq(LAYER), in_layer.eq(1), wl_active.eq(~is_pool), stg_count.eq(0),
@@ -671,7 +678,7 @@ class ConvEngine(wiring.Component):
                             if kk <= cfg.max_k:
                                 with m.Case(kk):
                                     m.d.sync += kk_m1.eq(kk * kk - 1)
-                with m.Else():
+                with m.Elif(chk_ready):
                     m.d.sync += [error.eq(error | ERR_DESCRIPTOR), self.done.eq(1), st.eq(IDLE)]
             with m.Case(LAYER):
                 m.d.sync += self.cycles.eq(self.cycles + 1)

@@ -344,8 +344,8 @@ class GenerationUnit(wiring.Component):
         # Pipeline stage registers: they advance every cycle; only the issue stage waits.
         s0 = Signal(ctrl_layout)
         s0_valid = Signal()
-        s1, s2, s3, s4, s5, s6 = (Signal(ctrl_layout, name=f"s{i}") for i in range(1, 7))
-        v1, v2, v3, v4, v5, v6 = (Signal(name=f"s{i}_valid") for i in range(1, 7))
+        s1, s2, s3, s4, s5, s6, s7 = (Signal(ctrl_layout, name=f"s{i}") for i in range(1, 8))
+        v1, v2, v3, v4, v5, v6, v7 = (Signal(name=f"s{i}_valid") for i in range(1, 8))
 
         # Tiles: two work tiles, filled in turn, and the output tile ---------------
         w_shape = signed(cfg.w_bits)
@@ -615,15 +615,16 @@ class GenerationUnit(wiring.Component):
                     a_next, b_next = a2, b2
                 m.d.sync += [op_a[l].eq(a_next), op_b[l].eq(b_next)]
 
-        # Bypass: round-half add (stage 2), shift (stage 3), saturate into the tile.
+        # Bypass: round-half add (stage 2), shift (stage 3), saturate (stage 4).
         byp = [Signal(signed(w1w + 2), name=f"byp_{r}") for r in range(R)]
         byp_sh = [Signal(signed(w1w + 2), name=f"byp_sh_{r}") for r in range(R)]
         m.d.sync += [byp[r].eq(w1_val[r] + half_byp) for r in range(R)]
         m.d.sync += [byp_sh[r].eq(byp[r] >> ws_byp) for r in range(R)]
         m.d.sync += [s1.eq(s0), v1.eq(s0_valid), s2.eq(sm), v2.eq(vm), s3.eq(s2), v3.eq(v2),
-                     s4.eq(s3), v4.eq(v3), s5.eq(s4), v5.eq(v4), s6.eq(s5), v6.eq(v5)]
+                     s4.eq(s3), v4.eq(v3), s5.eq(s4), v5.eq(v4), s6.eq(s5), v6.eq(v5),
+                     s7.eq(s6), v7.eq(v6)]
 
-        # Stages 3-6: multiply, accumulate, round-half add, shift -------------------
+        # Stages 3-7: multiply, accumulate, round-half add, shift, saturate ----------
         prod = [Signal(signed(a_w + w1w), name=f"prod_{l}") for l in range(NL)]
         acc = [Signal(signed(acc_w), name=f"acc_{l}") for l in range(NL)]
         rnd = [Signal(signed(acc_w + 2), name=f"rnd_{l}") for l in range(NL)]
@@ -634,7 +635,7 @@ class GenerationUnit(wiring.Component):
         m.d.sync += [rnd[l].eq(acc[l] + half_acc) for l in range(NL)]
         m.d.sync += [rnd_sh[l].eq(rnd[l] >> ws_acc) for l in range(NL)]
 
-        m.d.comb += pipe_empty.eq(~(v1 | vm | v2 | v3 | v4 | v5 | v6))
+        m.d.comb += pipe_empty.eq(~(v1 | vm | v2 | v3 | v4 | v5 | v6 | v7))
 
         # Level 1 writes W1 straight from the accumulators.
         with m.If(v4 & s4.l1 & s4.last):
@@ -650,29 +651,33 @@ class GenerationUnit(wiring.Component):
                     m.d.comb += w1_wr.en.eq(en)
 
         # Writeback into the work tile of the result's slot ---------------------------
-        wb_l2 = v6 & s6.l2 & s6.last
-        wb_byp = v3 & s3.byp
+        # Saturation is registered (stage 7 for the lanes, 4 for the bypass): the tile
+        # write muxes start from registers.
+        lane_w = [Signal(w_shape, name=f"lane_w_{l}") for l in range(NL)]
+        byp_w = [Signal(w_shape, name=f"byp_w_{r}") for r in range(R)]
+        m.d.sync += [lane_w[l].eq(saturate(rnd_sh[l], cfg.w_bits)) for l in range(NL)]
+        m.d.sync += [byp_w[r].eq(saturate(byp_sh[r], cfg.w_bits)) for r in range(R)]
+        wb_l2 = v7 & s7.l2 & s7.last
+        wb_byp = v4 & s4.byp
         wb = wb_l2 | wb_byp
-        wb_slot = Mux(wb_l2, s6.slot, s3.slot)
-        lane_w = [saturate(rnd_sh[l], cfg.w_bits) for l in range(NL)]
-        byp_w = [saturate(byp_sh[r], cfg.w_bits) for r in range(R)]
-        with m.If(wb & Mux(wb_l2, s6.tile_done, s3.tile_done)):
+        wb_slot = Mux(wb_l2, s7.slot, s4.slot)
+        with m.If(wb & Mux(wb_l2, s7.tile_done, s4.tile_done)):
             m.d.sync += [full.bit_select(wb_slot, 1).eq(1),
-                         work_last.bit_select(wb_slot, 1).eq(Mux(wb_l2, s6.layer_last,
-                                                                  s3.layer_last))]
+                         work_last.bit_select(wb_slot, 1).eq(Mux(wb_l2, s7.layer_last,
+                                                                  s4.layer_last))]
         for t in range(2):
-            with m.If(wb_l2 & (s6.slot == t)):
+            with m.If(wb_l2 & (s7.slot == t)):
                 for r in range(R):
                     for c in range(C):
                         l = (r % Lr) * Lc + (c % Lc)
-                        with m.If((s6.pr == r // Lr) & (s6.pc == c // Lc)):
-                            keep = s6.rmask[r] & s6.cmask[c]
+                        with m.If((s7.pr == r // Lr) & (s7.pc == c // Lc)):
+                            keep = s7.rmask[r] & s7.cmask[c]
                             m.d.sync += work[t][r][c].eq(Mux(keep, lane_w[l], 0))
-            with m.If(wb_byp & (s3.slot == t)):
+            with m.If(wb_byp & (s4.slot == t)):
                 for c in range(C):
-                    with m.If(s3.pc == c):
+                    with m.If(s4.pc == c):
                         for r in range(R):
-                            keep = s3.rmask[r] & s3.cmask[c]
+                            keep = s4.rmask[r] & s4.cmask[c]
                             m.d.sync += work[t][r][c].eq(Mux(keep, byp_w[r], 0))
 
         # Output tile: takes a complete work tile when empty, shifts its vectors out -------
