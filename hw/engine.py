@@ -631,15 +631,18 @@ class ConvEngine(wiring.Component):
                 # Descriptors and host commands are offered on alternate cycles, so a
                 # ready never depends on the other stream's valid.
                 m.d.comb += [self.i_desc.ready.eq(turn), self.i_host.ready.eq(~turn)]
-                with m.If(self.i_desc.valid & turn):
-                    m.d.sync += [desc.eq(self.i_desc.payload), error.eq(0), st.eq(CHECK),
-                                 chk_ready.eq(0)]
-                    m.d.sync += [c.eq(0) for c in counters]
-                with m.If(self.i_host.valid & ~turn):
-                    hp = self.i_host.payload
+                # The offered descriptor or command is captured whatever its valid, so
+                # that valid only moves the state (a small fanout) and not every field.
+                hp = self.i_host.payload
+                with m.If(turn):
+                    m.d.sync += desc.eq(self.i_desc.payload)
+                with m.Else():
                     m.d.sync += [h_write.eq(hp.write), h_buf.eq(hp.buf), h_chans.eq(hp.channels),
                                  h_pixels.eq(hp.pixels), h_ch.eq(0), h_bank.eq(0), h_base.eq(0),
                                  h_pix.eq(0), h_more.eq(1)]
+                with m.If(self.i_desc.valid & turn):
+                    m.d.sync += [st.eq(CHECK), chk_ready.eq(0)]
+                with m.If(self.i_host.valid & ~turn):
                     with m.If((hp.channels != 0) & (hp.pixels != 0) & (hp.buf < NB)):
                         m.d.sync += st.eq(HOST)
             with m.Case(HOST):
@@ -657,6 +660,10 @@ class ConvEngine(wiring.Component):
                     m.d.sync += st.eq(IDLE)
             with m.Case(CHECK):
                 m.d.sync += [self.cycles.eq(self.cycles + 1), chk_ready.eq(1)]
+                with m.If(~chk_ready):
+                    # A new layer: the counters restart (this cycle counts) and the error clears.
+                    m.d.sync += [c.eq(0) for c in counters[1:]]
+                    m.d.sync += [self.cycles.eq(1), error.eq(0)]
                 # The descriptor check is registered: its comparisons and the start of
                 # every unit do not share a cycle.
                 with m.If(chk_ready & desc_ok_r):
