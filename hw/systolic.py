@@ -23,7 +23,7 @@ from amaranth.lib.wiring import In, Out
 
 from gen.config import AcceleratorConfig, clog2
 
-__all__ = ["SystolicArray", "lut_multiply", "PE_MULTIPLIERS"]
+__all__ = ["SystolicArray", "lut_multiply", "pipelined_lut_multiply", "PE_MULTIPLIERS"]
 
 PE_MULTIPLIERS = ("infer", "lut")
 
@@ -48,6 +48,28 @@ def _product_width(a: Value, b: Value, total: Value) -> Value:
     sa, sb = a.shape(), b.shape()
     width = sa.width + sb.width
     return total[:width].as_signed() if (sa.signed or sb.signed) else total[:width]
+
+
+def pipelined_lut_multiply(m: Module, a, b, name: str) -> Signal:
+    """``a * b`` in fabric over two register stages; returns the registered product.
+
+    The narrower operand selects the partial products; pairs of them are added and
+    registered, then the adder tree of the pairs is registered as the product.
+    """
+    a, b = Value.cast(a), Value.cast(b)
+    if len(b) > len(a):
+        a, b = b, a
+    prod = Signal(signed(len(a) + len(b)) if (a.shape().signed or b.shape().signed)
+                  else len(a) + len(b), name=name)
+    terms = _partial_products(a, b)
+    half = []
+    for i in range(0, len(terms), 2):
+        part = _adder_tree(terms[i:i + 2])
+        reg = Signal(signed(len(part) + 1), name=f"{name}_part{i // 2}")
+        m.d.sync += reg.eq(part)
+        half.append(reg)
+    m.d.sync += prod.eq(_product_width(a, b, _adder_tree(half)))
+    return prod
 
 
 def lut_multiply(a, b) -> Value:
@@ -130,15 +152,7 @@ class SystolicArray(wiring.Component):
             w_d = Signal(signed(self.config.w_bits), name=f"{name}_w")
             m.d.sync += [a_d.eq(a), w_d.eq(w), prod.eq(a_d * w_d)]
             return prod
-        terms = _partial_products(Value.cast(a), Value.cast(w))
-        half = []
-        for i in range(0, len(terms), 2):
-            part = _adder_tree(terms[i:i + 2])
-            reg = Signal(signed(len(part) + 1), name=f"{name}_part{i // 2}")
-            m.d.sync += reg.eq(part)
-            half.append(reg)
-        m.d.sync += prod.eq(_product_width(Value.cast(a), Value.cast(w), _adder_tree(half)))
-        return prod
+        return pipelined_lut_multiply(m, a, w, name)
 
     def elaborate(self, platform):
         cfg = self.config
