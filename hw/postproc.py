@@ -24,6 +24,8 @@ from amaranth.lib.wiring import In, Out
 
 from gen.config import AcceleratorConfig
 
+from .dsp import registered_multiply
+
 __all__ = ["Requantizer", "PoolAccumulator"]
 
 
@@ -112,19 +114,20 @@ class Requantizer(wiring.Component):
             mult = Signal(signed(cfg.m_bits), name=f"mult_{g}")
             bias0 = Signal(signed(cfg.bias_bits), name=f"bias0_{g}")
             res = Signal(signed(cfg.a_bits), name=f"res_{g}")
-            m.d.sync += [acc.eq(self.i_acc[g]), mult.eq(self.i_mult[g]), bias0.eq(self.i_bias[g]),
+            m.d.sync += [bias0.eq(self.i_bias[g])]
+            m.d.comb += [acc.eq(self.i_acc[g]), mult.eq(self.i_mult[g]),
                          res.eq(Mux(self.has_res, self.i_res[g], 0))]
             # acc * M as two products of at most 18 x 18 bits, one DSP block each, summed
             # in the next stage: a wider product would chain DSPs and an adder in one cycle.
+            # Each product registers its operands (first stage) and itself (second).
             lo_bits = min(cfg.acc_bits, 17)
-            p_lo = Signal(signed(lo_bits + cfg.m_bits + 1), name=f"prod_lo_{g}")
-            p_hi = Signal(signed(max(1, cfg.acc_bits - lo_bits) + cfg.m_bits), name=f"prod_hi_{g}")
-            rprod1 = Signal(signed(cfg.a_bits + cfg.m_bits), name=f"rprod1_{g}")
             bias1 = Signal(signed(cfg.bias_bits), name=f"bias1_{g}")
             acc_hi = acc[lo_bits:].as_signed() if cfg.acc_bits > lo_bits else Const(0, signed(1))
             acc_lo = acc[:lo_bits] if cfg.acc_bits > lo_bits else acc
-            m.d.sync += [p_lo.eq(acc_lo * mult), p_hi.eq(acc_hi * mult),
-                         rprod1.eq(res * self.m_res), bias1.eq(bias0)]
+            p_lo = registered_multiply(m, acc_lo, mult, f"prod_lo_{g}", platform)
+            p_hi = registered_multiply(m, acc_hi, mult, f"prod_hi_{g}", platform)
+            rprod1 = registered_multiply(m, res, self.m_res, f"rprod1_{g}", platform)
+            m.d.sync += bias1.eq(bias0)
             prod = Signal(signed(cfg.acc_bits + cfg.m_bits), name=f"prod_{g}")
             rprod = Signal(signed(cfg.a_bits + cfg.m_bits), name=f"rprod_{g}")
             bias = Signal(signed(cfg.bias_bits), name=f"bias_{g}")

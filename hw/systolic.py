@@ -23,6 +23,8 @@ from amaranth.lib.wiring import In, Out
 
 from gen.config import AcceleratorConfig, clog2
 
+from .dsp import registered_multiply
+
 __all__ = ["SystolicArray", "lut_multiply", "pipelined_lut_multiply", "PE_MULTIPLIERS"]
 
 PE_MULTIPLIERS = ("infer", "lut")
@@ -144,14 +146,10 @@ class SystolicArray(wiring.Component):
             "xfer_bank": In(1),
         })
 
-    def _product(self, m, a, w, name):
+    def _product(self, m, a, w, name, platform):
         """The PE product after two register stages (operands are sampled in the first)."""
-        prod = Signal(signed(self.config.a_bits + self.config.w_bits), name=name)
         if self.pe_mult == "infer":
-            a_d = Signal(signed(self.config.a_bits), name=f"{name}_a")
-            w_d = Signal(signed(self.config.w_bits), name=f"{name}_w")
-            m.d.sync += [a_d.eq(a), w_d.eq(w), prod.eq(a_d * w_d)]
-            return prod
+            return registered_multiply(m, a, w, name, platform)
         return pipelined_lut_multiply(m, a, w, name)
 
     def elaborate(self, platform):
@@ -204,7 +202,7 @@ class SystolicArray(wiring.Component):
                 psum = Signal(signed(width), name=f"psum_{r}_{c}")
                 # The product is registered before the add: the extra cycles are the same
                 # for every PE, so the diagonal timing of the partial sums is unchanged.
-                prod = self._product(m, a_in, w, f"prod_{r}_{c}")
+                prod = self._product(m, a_in, w, f"prod_{r}_{c}", platform)
                 m.d.sync += psum.eq(prod if r == 0 else psum_above[c] + prod)
                 psum_above[c] = psum
                 if c < C - 1:
