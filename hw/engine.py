@@ -318,6 +318,9 @@ class ConvEngine(wiring.Component):
                    & (~d.has_res | ((d.res < NB) & (d.res != d.dst)))
                    & (is_pool | conv_ok))
 
+        feed_start = Signal()
+        m.d.sync += feed_start.eq(0)
+        m.d.comb += feeder.start.eq(feed_start)
         desc_ok_r = Signal()
         chk_ready = Signal()
         m.d.sync += desc_ok_r.eq(desc_ok)
@@ -660,16 +663,15 @@ class ConvEngine(wiring.Component):
                     m.d.sync += st.eq(IDLE)
             with m.Case(CHECK):
                 m.d.sync += [self.cycles.eq(self.cycles + 1), chk_ready.eq(1)]
+                # The first check cycle resets the layer state (a function of two
+                # registers, whatever the descriptor), the second acts on the registered
+                # descriptor check: its comparisons and the wide reset never share a cycle.
                 with m.If(~chk_ready):
-                    # A new layer: the counters restart (this cycle counts) and the error clears.
+                    # The counters restart (this cycle counts) and the error clears.
                     m.d.sync += [c.eq(0) for c in counters[1:]]
                     m.d.sync += [self.cycles.eq(1), error.eq(0)]
-                # The descriptor check is registered: its comparisons and the start of
-                # every unit do not share a cycle.
-                with m.If(chk_ready & desc_ok_r):
-                    m.d.comb += feeder.start.eq(1)
                     m.d.sync += [
-                        st.eq(LAYER), in_layer.eq(1), wl_active.eq(~is_pool), stg_count.eq(0),
+                        wl_active.eq(~is_pool), stg_count.eq(0),
                         xp.eq(0),
                         loaded.eq(0), drain[0].eq(0), drain[1].eq(0), w_tap.eq(0),
                         w_rows_left.eq(d.ci), w_cols_left.eq(d.co),
@@ -685,7 +687,9 @@ class ConvEngine(wiring.Component):
                             if kk <= cfg.max_k:
                                 with m.Case(kk):
                                     m.d.sync += kk_m1.eq(kk * kk - 1)
-                with m.Elif(chk_ready):
+                with m.Elif(desc_ok_r):
+                    m.d.sync += [st.eq(LAYER), in_layer.eq(1), feed_start.eq(1)]
+                with m.Else():
                     m.d.sync += [error.eq(error | ERR_DESCRIPTOR), self.done.eq(1), st.eq(IDLE)]
             with m.Case(LAYER):
                 m.d.sync += self.cycles.eq(self.cycles + 1)

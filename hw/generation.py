@@ -409,12 +409,17 @@ class GenerationUnit(wiring.Component):
         # Loader ------------------------------------------------------------
         in_b, in_u, in_v = (state == _State.LOAD_B), (state == _State.LOAD_U), (state == _State.LOAD_V)
         width = Signal(range(9))
-        with m.If(in_b):
-            m.d.comb += width.eq(Mux(dense, cfg.qd, cfg.qb))
-        with m.Elif(in_u):
-            m.d.comb += width.eq(cfg.qu)
-        with m.Else():
-            m.d.comb += width.eq(cfg.qv)
+
+        def width_of(st):
+            return Mux(st == _State.LOAD_U, cfg.qu,
+                       Mux(st == _State.LOAD_V, cfg.qv, Mux(dense, cfg.qd, cfg.qb)))
+        if self.section_align:
+            # Registered: every load state is entered from SETUP (B first) or through
+            # ALIGN, whose one cycle sets the width of the state that follows it.
+            m.d.sync += width.eq(width_of(Mux(state == _State.ALIGN, pend,
+                                              Mux(state == _State.SETUP, _State.LOAD_B, state))))
+        else:
+            m.d.comb += width.eq(width_of(state))
         m.d.comb += [
             unpacker.width.eq(width),
             code.ready.eq(in_b | in_u | in_v),

@@ -158,14 +158,15 @@ class CodeUnpacker(wiring.Component):
             m.d.comb += drop.eq(self.width)
         with m.Elif(self.align):
             m.d.comb += drop.eq(count[:3])
-        rest = Signal(range(cap + 1))
-        kept = Signal(cap)
-        m.d.comb += [rest.eq(count - drop), kept.eq(buf >> drop)]
-        with m.If(self.i_stream.valid & self.i_stream.ready):
-            m.d.sync += [
-                buf.eq(kept | (self.i_stream.payload << rest)),
-                count.eq(rest + W),
-            ]
+        # The new word is placed above the buffered bits (a shift by the registered
+        # count, in parallel with the code handshake), then everything shifts down by
+        # the bits leaving: only that one shift follows the handshake.
+        take = self.i_stream.valid & self.i_stream.ready
+        merged = Signal(cap)
+        total = Signal(range(cap + 1))
+        with m.If(take):
+            m.d.comb += [merged.eq(buf | (self.i_stream.payload << count)), total.eq(count + W)]
         with m.Else():
-            m.d.sync += [buf.eq(kept), count.eq(rest)]
+            m.d.comb += [merged.eq(buf), total.eq(count)]
+        m.d.sync += [buf.eq(merged >> drop), count.eq(total - drop)]
         return m
