@@ -82,6 +82,15 @@ def _utilisation_table(text: str) -> str:
     return m.group(1) if m else ""
 
 
+def _over_capacity(table: str) -> list[str]:
+    """Resources of a nextpnr utilisation table that the design uses beyond the device."""
+    over = []
+    for name, used, avail in re.findall(r"Info:\s+(\w+):\s+(\d+)/\s*(\d+)", table):
+        if int(used) > int(avail):
+            over.append(f"{name} {used} of {avail}")
+    return over
+
+
 def synthesize(config: AcceleratorConfig, board: str, freq_mhz: float, out_dir,
                *, progress: bool = False, seed: int = 1) -> dict:
     """Build the bitstream of ``config`` for ``board`` at ``freq_mhz`` into ``out_dir``."""
@@ -115,9 +124,11 @@ def synthesize(config: AcceleratorConfig, board: str, freq_mhz: float, out_dir,
         text = (out / f"{NAME}.tim").read_text() if (out / f"{NAME}.tim").exists() else ""
         text += (out / "nextpnr.log").read_text()
         table = _utilisation_table(text)
-        if table and re.search(r"[1-9]\d*%|Unable to place|too many|exceeds|over-utili", text):
+        over = _over_capacity(table)
+        if over:
             raise SynthError(f"the {config.rows}x{config.cols} configuration does not fit the "
-                             f"{b.device} of {board}:\n{table}") from None
+                             f"{b.device} of {board} ({'; '.join(over)}); a smaller array, "
+                             f"fewer generation lanes or smaller maxima would:\n{table}") from None
         raise e
     if b.family == "ecp5":
         bit = out / f"{NAME}.bit"

@@ -69,3 +69,20 @@ def test_synthesis_smoke_ulx3s(tmp_path):
     assert 0 < lut["used"] <= lut["available"] == 83_640
     assert set(r["seconds"]) == {"yosys", "nextpnr", "pack"}
     assert (tmp_path / "mlg_top.bit").stat().st_size > 100_000
+
+
+def test_utilisation_table_names_the_resources_over_capacity():
+    from hw.synth import _over_capacity, _utilisation_table
+
+    log = ("Info: Packing constants..\n"
+           "Info: Device utilisation:\n"
+           "Info: \t         ICESTORM_LC:   20138/   5280   381%\n"
+           "Info: \t        ICESTORM_RAM:      32/     30   106%\n"
+           "Info: \t               SB_IO:       7/     96     7%\n"
+           "Info: \t        ICESTORM_DSP:       8/      8   100%\n"
+           "Info: \n"
+           "ERROR: Unable to place cell\n")
+    table = _utilisation_table(log)
+    assert "SB_IO" in table and "ERROR" not in table
+    assert _over_capacity(table) == ["ICESTORM_LC 20138 of 5280", "ICESTORM_RAM 32 of 30"]
+    assert _over_capacity(table.replace("20138", "5280").replace("32/", "30/")) == []
