@@ -78,8 +78,8 @@ def _run(cmd: list[str], cwd: Path, log: Path, step: str, progress: bool) -> flo
 
 
 def _utilisation_table(text: str) -> str:
-    m = re.search(r"Info: Device utilisation:\n((?:Info:.*\n)+?)(?:Info:\s*\n|$)", text)
-    return m.group(1) if m else ""
+    tables = re.findall(r"Info: Device utilisation:\n((?:Info:\s+\w+:\s+\d+/\s*\d+.*\n)+)", text)
+    return tables[-1] if tables else ""
 
 
 def _over_capacity(table: str) -> list[str]:
