@@ -127,8 +127,9 @@ def synthesize(config: AcceleratorConfig, board: str, freq_mhz: float, out_dir,
         over = _over_capacity(table)
         if over:
             raise SynthError(f"the {config.rows}x{config.cols} configuration does not fit the "
-                             f"{b.device} of {board} ({'; '.join(over)}); a smaller array, "
-                             f"fewer generation lanes or smaller maxima would:\n{table}") from None
+                             f"{b.device} of {board} ({'; '.join(over)}); try a smaller array, "
+                             f"fewer generation lanes or smaller layer maxima. nextpnr's "
+                             f"utilisation:\n{table}") from None
         raise e
     if b.family == "ecp5":
         bit = out / f"{NAME}.bit"
