@@ -5,6 +5,7 @@ import struct
 import zlib
 
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 
 from gen.config import AcceleratorConfig
@@ -463,3 +464,49 @@ def test_write_config_mismatch():
         write_program(all_kinds_net(CFG), AcceleratorConfig(qb=4))
     with pytest.raises(ProgramError, match="the network has no layers"):
         write_program(make_net(CFG, []), CFG)
+
+
+# ---------------------------------------------------------------------------
+# Fuzzing: whatever the bytes, the reader returns a checked program or raises
+# ProgramError naming the problem; nothing else escapes it.
+
+_FUZZ_BASE = write_program(all_kinds_net(CFG), CFG)
+
+
+def _recrc(body: bytes) -> bytes:
+    return fix_crc(body + bytes(CRC_SIZE))
+
+
+def _read_or_program_error(data: bytes):
+    try:
+        prog = read_program(data, source="fuzz.bin", config=CFG)
+    except ProgramError as e:
+        assert str(e).startswith("fuzz.bin"), e
+        return None
+    assert prog.n_layers >= 1
+    return prog
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(_FUZZ_BASE) - CRC_SIZE - 1), st.integers(0, 255)),
+                min_size=1, max_size=8))
+def test_fuzz_byte_edits_with_a_valid_crc(edits):
+    body = bytearray(_FUZZ_BASE[:-CRC_SIZE])
+    for pos, value in edits:
+        body[pos] = value
+    _read_or_program_error(_recrc(bytes(body)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, len(_FUZZ_BASE) - CRC_SIZE), st.binary(max_size=64), st.booleans())
+def test_fuzz_cut_and_splice_with_a_valid_crc(pos, junk, cut):
+    body = _FUZZ_BASE[:-CRC_SIZE]
+    body = body[:pos] + junk + (b"" if cut else body[pos:])
+    _read_or_program_error(_recrc(body))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=512))
+def test_fuzz_arbitrary_bytes(data):
+    _read_or_program_error(data)
+    _read_or_program_error(b"MLGP" + data)
