@@ -70,6 +70,7 @@ from __future__ import annotations
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, enum, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
@@ -269,8 +270,12 @@ class GenerationUnit(wiring.Component):
         v_wr, v_rd = v_mem.write_port(granularity=1), v_mem.read_port()
         w1_wr, w1_rd = w1_mem.write_port(granularity=1), w1_mem.read_port()
 
+        # The code bytes land in registers before the unpacker: their sources (block
+        # RAM outputs, a source select) leave no time for its shifts in the same cycle.
+        m.submodules.code_in = code_in = SyncFIFOBuffered(width=8, depth=2)
         m.submodules.unpacker = unpacker = CodeUnpacker(8)
-        wiring.connect(m, wiring.flipped(self.i_codes), unpacker.i_stream)
+        wiring.connect(m, wiring.flipped(self.i_codes), code_in.w_stream)
+        wiring.connect(m, code_in.r_stream, unpacker.i_stream)
         code = unpacker.o_stream
 
         # Layer registers -------------------------------------------------

@@ -62,7 +62,8 @@ def cmd_compile(args) -> int:
     from gen.network import load_model_file
 
     data = load_model_file(args.model)
-    result = compile_network(data["network"], rows=args.rows, cols=args.cols)
+    overrides = {"gen_lanes": args.gen_lanes} if args.gen_lanes is not None else {}
+    result = compile_network(data["network"], rows=args.rows, cols=args.cols, **overrides)
     result.report["model"] = {"file": str(args.model), "arch": data.get("arch"),
                               "metrics": data.get("metrics", {})}
     paths = write_build(result, args.out)
@@ -245,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="build directory")
     c.add_argument("--rows", type=int, default=8)
     c.add_argument("--cols", type=int, default=8)
+    c.add_argument("--gen-lanes", type=int, default=None,
+                   help="generation-unit multipliers (default: one per PE, at most 256)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_compile)
 
