@@ -73,7 +73,14 @@ def _run(cmd: list[str], cwd: Path, log: Path, step: str, progress: bool) -> flo
     if bar:
         bar.close()
     if proc.returncode:
-        raise SynthError(f"{step} failed (exit {proc.returncode}); see {log}")
+        # Yosys logs to the report file (-l) and stays quiet on stdout: look in both.
+        errors = []
+        for f in (log, cwd / f"{NAME}.rpt"):
+            if not f.exists():
+                continue
+            errors += re.findall(r"^ERROR: .*$", f.read_text(errors="replace"), re.M)
+        why = f": {errors[-1]}" if errors else ""
+        raise SynthError(f"{step} failed (exit {proc.returncode}){why}; see {log}")
     return time.monotonic() - t0
 
 

@@ -87,3 +87,13 @@ def test_utilisation_table_names_the_resources_over_capacity():
     assert "SB_IO" in table and "ICESTORM_DSP" in table and "Placed" not in table
     assert _over_capacity(table) == ["ICESTORM_LC 20138 of 5280", "ICESTORM_RAM 32 of 30"]
     assert _over_capacity(table.replace("20138", "5280").replace("32/", "30/")) == []
+
+
+def test_a_failing_tool_step_quotes_its_error_line(tmp_path):
+    import sys
+
+    from hw.synth import SynthError, _run
+
+    cmd = [sys.executable, "-c", "print('Info: fine'); print('ERROR: no BELs left'); raise SystemExit(3)"]
+    with pytest.raises(SynthError, match=r"nextpnr failed \(exit 3\): ERROR: no BELs left; see .*n\.log"):
+        _run(cmd, tmp_path, tmp_path / "n.log", "nextpnr", False)
