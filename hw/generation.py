@@ -431,21 +431,29 @@ class GenerationUnit(wiring.Component):
             unpacker.align.eq(state == _State.ALIGN),
         ]
 
+        # Loop ends of the section being loaded, minus one, and the lane address step.
         lim0 = Signal.like(c0)
         lim1 = Signal.like(c1)
         lim2 = Signal.like(c2)
         inc = Signal(range(max(kk_max, cfg.max_bi, bo_cap) + 1))
-        with m.If(in_b):
-            m.d.comb += [lim0.eq(bo), lim1.eq(Mux(has_l1, bi, ci)), lim2.eq(kk), inc.eq(kk)]
-        with m.Elif(in_u):
-            m.d.comb += [lim0.eq(bo), lim1.eq(ci), lim2.eq(bi), inc.eq(bi)]
-        with m.Else():
-            m.d.comb += [lim0.eq(co), lim1.eq(bo), lim2.eq(1), inc.eq(bo)]
-        wrap2 = c2 == lim2 - 1
-        wrap1 = wrap2 & (c1 == lim1 - 1)
-        wrap0 = wrap1 & (c0 == lim0 - 1)
+
+        def limits(st):
+            is_u, is_v = st == _State.LOAD_U, st == _State.LOAD_V
+            return [lim0.eq(Mux(is_v, co, bo) - 1),
+                    lim1.eq(Mux(is_v, bo, Mux(is_u | ~has_l1, ci, bi)) - 1),
+                    lim2.eq(Mux(is_v, 1, Mux(is_u, bi, kk)) - 1),
+                    inc.eq(Mux(is_v, bo, Mux(is_u, bi, kk)))]
+        if self.section_align:
+            # Registered like the code width, from the state the next cycle loads.
+            m.d.sync += limits(Mux(state == _State.ALIGN, pend,
+                                   Mux(state == _State.SETUP, _State.LOAD_B, state)))
+        else:
+            m.d.comb += limits(state)
+        wrap2 = c2 == lim2
+        wrap1 = wrap2 & (c1 == lim1)
+        wrap0 = wrap1 & (c0 == lim0)
         lane_step = Mux(in_v, wrap1, wrap2)
-        lane_wrap = Mux(in_v, ln == C - 1, (ln == R - 1) | (c1 == lim1 - 1))
+        lane_wrap = Mux(in_v, ln == C - 1, (ln == R - 1) | (c1 == lim1))
         onehot = Signal(max(R, C))
         m.d.comb += onehot.eq(Const(1, max(R, C)) << ln)
         load_addr = lb + Mux(in_v, c1, c2)
