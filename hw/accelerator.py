@@ -151,7 +151,14 @@ class Accelerator(wiring.Component):
         gen, eng = self.gen, self.engine
         wiring.connect(m, wiring.flipped(self.i_rx), link.i_rx)
         wiring.connect(m, link.o_tx, wiring.flipped(self.o_tx))
-        wiring.connect(m, gen.o_weights, eng.i_weights)
+        # Weight vectors cross from the generation unit to the engine through a short
+        # FIFO, so that neither side's handshake logic reaches into the other's.
+        m.submodules.weight_fifo = wfifo = ResetInserter(soft_reset)(
+            SyncFIFOBuffered(width=len(eng.i_weights.payload.as_value()), depth=4))
+        m.d.comb += [wfifo.w_data.eq(gen.o_weights.payload), wfifo.w_en.eq(gen.o_weights.valid),
+                     gen.o_weights.ready.eq(wfifo.w_rdy),
+                     eng.i_weights.payload.eq(wfifo.r_data), eng.i_weights.valid.eq(wfifo.r_rdy),
+                     wfifo.r_en.eq(eng.i_weights.ready)]
 
         rec_layout = layer_record_layout(cfg)
         m.submodules.prog = prog = Memory(shape=8 * RB, depth=cfg.max_layers, init=[])
