@@ -549,7 +549,10 @@ class Accelerator(wiring.Component):
             for name in ("cycles", "engine_busy", "gen_busy", "mac_cycles", "macs",
                          "stall_weights", "stall_output", "code_bytes"):
                 m.d.sync += ctr[name].eq(0)
-        m.d.comb += soft_reset.eq(abort | engine_fault)
+        # The soft reset reaches most registers of both units; it leaves from a register
+        # so that its wide net is not timed behind the executor's decode logic. The units
+        # are reset one cycle after the abort or fault, while both sequencers are idle.
+        m.d.sync += soft_reset.eq(abort | engine_fault)
         with m.If(abort):
             m.d.sync += [running.eq(0), g_st.eq(_Seq.IDLE), e_st.eq(_Seq.IDLE)]
             with m.If(running):
