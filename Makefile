@@ -10,7 +10,7 @@ ROWS    ?= 8
 COLS    ?= 8
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test train compile rtl synth venv iverilog clean
+.PHONY: demo test train compile rtl synth soak venv iverilog clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,12 @@ demo: $(BUILD)/digits.pt
 	$(MLG) compile $(BUILD)/digits.pt --out $(BUILD)/digits --rows $(ROWS) --cols $(COLS)
 	$(PY) -m hw.rtl $(BUILD)/digits
 	$(MLG) sim $(BUILD)/digits --images $(IMAGES)
+
+# Reliability soak: images on the simulated board with link faults and board resets
+# injected; every computed image is checked against the golden model.
+SOAK_IMAGES ?= 1000
+soak: compile
+	$(MLG) soak $(BUILD)/digits --images $(SOAK_IMAGES) --out $(BUILD)/digits/soak.json
 
 # Bitstream and report of the digits build: make synth BOARD=ulx3s-85f|icebreaker [FREQ=MHz]
 BOARD   ?= ulx3s-85f

@@ -19,7 +19,7 @@ from gen.config import AcceleratorConfig
 from gen.program import Program, load_program
 
 from .image import DeviceImage, build_image
-from .protocol import (COUNTERS, ERRORS, OP_ABORT, OP_COUNTERS, OP_ERROR, OP_IDENTIFY,
+from .protocol import (COUNTERS, CRC_BYTES, ERRORS, HEADER_BYTES, REGION_NAMES, OP_ABORT, OP_COUNTERS, OP_ERROR, OP_IDENTIFY,
                        OP_LOAD_ACT, OP_NAMES, OP_READ, OP_READ_ACT, OP_RUN, OP_STATUS, OP_WRITE,
                        PROTOCOL_VERSION, REGION_BASES, REGION_CONSTS, REGION_PROGRAM,
                        REGION_STREAM, RESPONSE,
@@ -122,6 +122,42 @@ class Driver:
         """Forget partial input: drain the line and clear the decoder; returns what was dropped."""
         self.decoder = FrameDecoder()
         return self.transport.drain()
+
+    def recover(self, attempts: int = 3, quiet: float = 0.3) -> Identity:
+        """Bring the link back to a known state after a failed request.
+
+        Sends zero bytes enough to complete any frame the device may be part way
+        through (it answers it with an error frame; between frames it skips zeros),
+        drains the line until it has been quiet for ``quiet`` seconds, and checks
+        that IDENTIFY is answered. A run still going on is aborted. What the failed
+        request did is unknown: :meth:`verify_image` says whether the device's
+        memories still hold the loaded program.
+        """
+        fill = (self.identity.max_payload if self.identity else 0xFFFF) + HEADER_BYTES + CRC_BYTES + 2
+        last: Exception | None = None
+        for _ in range(attempts):
+            self.transport.write(bytes(fill))
+            self.transport.drain(quiet)
+            self.decoder = FrameDecoder()
+            try:
+                ident = self.identify()
+                if self.status().state == STATE_RUNNING:
+                    self.abort()
+                return ident
+            except DriverError as e:
+                last = e
+        raise LinkTimeout(f"the link did not recover after {attempts} attempts: {last}")
+
+    def verify_image(self) -> list[str]:
+        """Read the loaded program's records, bases and constants back from the device;
+        returns the regions that differ from what :meth:`load_program` wrote."""
+        image = self._image()
+        bad = []
+        for region, data in ((REGION_PROGRAM, image.records), (REGION_BASES, image.bases),
+                             (REGION_CONSTS, image.consts)):
+            if data and self.read(region, 0, len(data)) != data:
+                bad.append(REGION_NAMES[region])
+        return bad
 
     # ---- device ------------------------------------------------------------------------
 

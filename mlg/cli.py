@@ -161,6 +161,58 @@ def cmd_sim(args) -> int:
     return rc
 
 
+def cmd_soak(args) -> int:
+    import time
+
+    from gen.golden import golden_forward, quantize_input
+    from sim.board import SimulatedBoard
+    from sim.soak import soak
+
+    config, program = _load_build(args.build)
+    x, _ = _images(program, min(args.images, args.distinct))
+    net = program.network()
+    x_int = quantize_input(net, x)
+    golden = golden_forward(net, x_int)
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    log(f"building and starting the simulated board ({args.simulator}) ...")
+    t0 = time.monotonic()
+    with SimulatedBoard(config, args.simulator) as board:
+        log(f"simulated board on {board.url} after {time.monotonic() - t0:.0f} s; "
+            f"{args.images} images, faults in {args.fault_rate:.0%} of them")
+        report = soak(board, config, program, x_int, golden, images=args.images,
+                      fault_rate=args.fault_rate, seed=args.seed, every_kind=args.every_kind,
+                      timeout=args.timeout, progress=not args.json and sys.stderr.isatty())
+    report["simulator"] = args.simulator
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:
+        _print_json(report)
+    else:
+        print(format_soak(report))
+    ok = (report["silently_wrong"] == 0 and report["faults_absorbed"] == 0
+          and report["faults_reported"] == report["faults_injected"]
+          and report["unexpected_failures"] == 0 and report["images_given_up"] == 0)
+    return 0 if ok else 1
+
+
+def format_soak(r: dict) -> str:
+    rows = [
+        ("images", f"{r['images']:,} ({r['computed_bit_exact']:,} computed bit-exact, "
+                   f"{r['silently_wrong']} silently wrong)"),
+        ("faults injected", f"{r['faults_injected']:,} ({r['faults_reported']:,} reported, "
+                            f"{r['faults_absorbed']} absorbed, {r['faults_not_fired']} not fired)"),
+        ("by kind/phase", ", ".join(f"{k} {v}" for k, v in r["faults_by_kind"].items()) or "-"),
+        ("errors the driver raised", ", ".join(f"{k} {v}" for k, v in r["errors"].items()) or "-"),
+        ("board resets fired", f"{r['resets_fired']}"),
+        ("program reloads", f"{r['program_reloads']} (read-back found the program damaged)"),
+        ("failures without a fault", f"{r['unexpected_failures']}"),
+        ("cycles per run", f"{r['cycles_per_run']:,}"),
+        ("wall time", f"{r['wall_seconds']:.0f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 def cmd_run(args) -> int:
     config, program = _load_build(args.build)
     return _run_on(args.port, args, config, program, {"port": args.port, **_build_rows(args.build)})
@@ -263,6 +315,22 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--out", help="output folder (default BUILD/synth-BOARD)")
     sy.add_argument("--json", action="store_true")
     sy.set_defaults(func=cmd_synth)
+
+    so = sub.add_parser("soak", help="images on the simulated board with link faults and resets injected")
+    so.add_argument("build", help="build directory from 'mlg compile'")
+    so.add_argument("--images", type=int, default=1000)
+    so.add_argument("--distinct", type=int, default=100,
+                    help="distinct test images, cycled through (default 100)")
+    so.add_argument("--fault-rate", type=float, default=0.2,
+                    help="share of the images that get one fault (default 0.2)")
+    so.add_argument("--every-kind", action="store_true",
+                    help="walk through every fault kind and phase in turn instead of at random")
+    so.add_argument("--seed", type=int, default=0)
+    so.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for a response")
+    so.add_argument("--simulator", choices=("verilator", "icarus"), default="verilator")
+    so.add_argument("--out", help="also write the report (JSON) to this file")
+    so.add_argument("--json", action="store_true")
+    so.set_defaults(func=cmd_soak)
 
     for name, helptext in (("sim", "run test images end to end on the RTL in simulation"),
                            ("run", "run test images end to end on a board")):

@@ -6,10 +6,15 @@ cocotb bench ``bench_board`` in a background thread and gives the URL the
 driver opens (``socket://127.0.0.1:PORT``), exactly as it would open a board's
 serial port. Leaving the ``with`` block closes the connection and ends the
 simulation.
+
+:meth:`SimulatedBoard.reset_after` presses the board's reset button at a chosen
+point of the traffic (after so many bytes in, cycles, bytes out), which is how
+the soak (:mod:`sim.soak`) resets the device in the middle of a transfer.
 """
 
 from __future__ import annotations
 
+import socket
 import tempfile
 import threading
 import time
@@ -53,6 +58,10 @@ class SimulatedBoard:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._tmp = tempfile.TemporaryDirectory(prefix="mlg-board-")
+        self._ctl_port: int | None = None
+        self._ctl: socket.socket | None = None
+        self._ctl_buf = b""
+        self.resets_fired = 0
 
     def __enter__(self) -> "SimulatedBoard":
         from hw.accelerator import Accelerator
@@ -80,10 +89,71 @@ class SimulatedBoard:
             if time.monotonic() > deadline:
                 raise BoardError(f"the simulated board did not start within {self.start_timeout:.0f} s")
             time.sleep(0.05)
-        self.url = f"socket://127.0.0.1:{int(port_file.read_text())}"
+        port, ctl_port = (int(w) for w in port_file.read_text().split())
+        self.url = f"socket://127.0.0.1:{port}"
+        self._ctl_port = ctl_port
         return self
 
+    def reset_after(self, rx: int = 0, cycles: int = 0, tx: int = 0) -> None:
+        """Arm one reset of the board: it fires once the device has taken ``rx`` more
+        bytes from the line, then ``cycles`` cycles have passed and it has sent ``tx``
+        more bytes. Bytes on the line at that moment are lost."""
+        for name, v in (("rx", rx), ("cycles", cycles), ("tx", tx)):
+            if v < 0:
+                raise ValueError(f"reset_after: {name}={v} must be >= 0")
+        self._control(f"reset {rx} {cycles} {tx}")
+
+    def disarm(self) -> None:
+        """Forget a reset armed by :meth:`reset_after` that has not fired."""
+        self._control("disarm")
+
+    def _control(self, command: str) -> None:
+        if self._ctl is None:
+            if self._ctl_port is None:
+                raise BoardError("the simulated board is not running")
+            self._ctl = socket.create_connection(("127.0.0.1", self._ctl_port), timeout=30)
+        self._ctl.sendall(f"{command}\n".encode())
+        while True:
+            line = self._control_line()
+            if line == "ok":
+                return
+            if not line.startswith("reset "):
+                raise BoardError(f"board control refused {command!r}: {line}")
+
+    def resets(self) -> int:
+        """Resets fired so far (notices read from the control port without waiting)."""
+        if self._ctl is not None:
+            self._ctl.setblocking(False)
+            try:
+                while True:
+                    data = self._ctl.recv(4096)
+                    if not data:
+                        break
+                    self._ctl_buf += data
+            except BlockingIOError:
+                pass
+            finally:
+                self._ctl.setblocking(True)
+            *lines, self._ctl_buf = self._ctl_buf.split(b"\n")
+            self.resets_fired += sum(1 for ln in lines if ln.startswith(b"reset "))
+        return self.resets_fired
+
+    def _control_line(self) -> str:
+        while b"\n" not in self._ctl_buf:
+            data = self._ctl.recv(4096)
+            if not data:
+                raise BoardError("the simulated board closed its control port")
+            self._ctl_buf += data
+        line, _, self._ctl_buf = self._ctl_buf.partition(b"\n")
+        text = line.decode(errors="replace")
+        if text.startswith("reset "):
+            self.resets_fired += 1
+        return text
+
     def close(self, timeout: float = 60.0) -> None:
+        if self._ctl is not None:
+            self._ctl.close()
+            self._ctl = None
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
