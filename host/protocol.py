@@ -54,7 +54,10 @@ written in whole words (address and length multiples of its word size):
   not resident in the base store (record flag ``streamed``), in layer order.
   They go into a FIFO that the running program drains; the WRITE is answered
   once its last byte is in the FIFO, so the host simply sends the streamed
-  layers' codes after RUN. ABORT empties the FIFO.
+  layers' codes after RUN. Such a WRITE is refused with ``ERR_STATE`` when no
+  run is going on, and answered with ``ERR_STATE`` when the run ends before all
+  its bytes found room (so it can never wait forever). RUN and ABORT empty the
+  FIFO.
 
 Activations (``LOAD_ACT``/``READ_ACT``) are tensors ``[channels, pixels]`` in
 CHW order, one element in ``act_bytes(config)`` bytes (two's complement, little
@@ -75,7 +78,7 @@ __all__ = [
     "OP_ERROR", "OP_NAMES", "RESPONSE", "REGION_PROGRAM", "REGION_BASES", "REGION_CONSTS",
     "REGION_STREAM",
     "REGION_NAMES", "ERRORS", "ERR_CRC", "ERR_LENGTH", "ERR_OPCODE", "ERR_ADDRESS",
-    "ERR_BUSY", "ERR_TIMEOUT", "ERR_ARGUMENT", "STATE_IDLE", "STATE_RUNNING", "STATE_DONE",
+    "ERR_BUSY", "ERR_TIMEOUT", "ERR_ARGUMENT", "ERR_STATE", "STATE_IDLE", "STATE_RUNNING", "STATE_DONE",
     "STATE_ERROR", "STATE_NAMES", "COUNTERS", "N_COUNTERS", "HEADER_BYTES", "CRC_BYTES",
     "IDENTITY_BYTES", "crc16", "encode_frame", "Frame", "FrameDecoder", "ProtocolError",
     "Identity", "parse_identity", "identity_bytes", "act_bytes", "record_bytes",
@@ -115,9 +118,11 @@ ERR_ADDRESS = 4
 ERR_BUSY = 5
 ERR_TIMEOUT = 6
 ERR_ARGUMENT = 7
+ERR_STATE = 8
 ERRORS = {ERR_CRC: "bad CRC", ERR_LENGTH: "bad length", ERR_OPCODE: "unknown opcode",
           ERR_ADDRESS: "address out of range", ERR_BUSY: "device busy",
-          ERR_TIMEOUT: "frame timed out", ERR_ARGUMENT: "bad argument"}
+          ERR_TIMEOUT: "frame timed out", ERR_ARGUMENT: "bad argument",
+          ERR_STATE: "no run is taking streamed codes"}
 
 STATE_IDLE = 0
 STATE_RUNNING = 1

@@ -47,7 +47,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from gen.config import AcceleratorConfig
-from host.protocol import (COUNTERS, ERR_ADDRESS, ERR_ARGUMENT, ERR_BUSY, ERR_LENGTH, ERR_OPCODE,
+from host.protocol import (COUNTERS, ERR_ADDRESS, ERR_ARGUMENT, ERR_BUSY, ERR_STATE, ERR_LENGTH, ERR_OPCODE,
                            OP_ABORT, OP_COUNTERS, OP_ERROR, OP_IDENTIFY, OP_LOAD_ACT, OP_READ,
                            OP_READ_ACT, OP_RUN, OP_STATUS, OP_WRITE, REGION_BASES, REGION_CONSTS,
                            REGION_PROGRAM, REGION_STREAM, RESPONSE, STATE_DONE, STATE_ERROR, STATE_IDLE,
@@ -392,6 +392,9 @@ class Accelerator(wiring.Component):
         with m.If(w_stall):
             # The frame buffer read port is always enabled: re-read the pending byte.
             m.d.comb += link.buf_addr.eq(link_rd - 1)
+        # Streamed bytes that still wait when the run has ended would wait forever.
+        with m.If((ex == _Ex.WRITE) & w_stall & ~running):
+            refuse(ERR_STATE)
         with m.If((ex == _Ex.WRITE) & ~w_stall):
             m.d.comb += link.buf_addr.eq(link_rd)
             with m.If(w_byte < data_len):
@@ -551,8 +554,10 @@ class Accelerator(wiring.Component):
                 m.d.sync += ctr[name].eq(0)
         # The soft reset reaches most registers of both units; it leaves from a register
         # so that its wide net is not timed behind the executor's decode logic. The units
-        # are reset one cycle after the abort or fault, while both sequencers are idle.
-        m.d.sync += soft_reset.eq(abort | engine_fault)
+        # and the stream FIFO are reset one cycle after an abort or a fault, while both
+        # sequencers are idle, and one cycle after a start, before the sequencers (two
+        # cycles from FETCH to WAIT) hand them their first descriptors.
+        m.d.sync += soft_reset.eq(abort | engine_fault | start)
         with m.If(abort):
             m.d.sync += [running.eq(0), g_st.eq(_Seq.IDLE), e_st.eq(_Seq.IDLE)]
             with m.If(running):
@@ -592,6 +597,8 @@ class Accelerator(wiring.Component):
                 with m.If(region == REGION_STREAM):
                     with m.If((op != OP_WRITE) | (addr != 0)):
                         refuse(ERR_ADDRESS)
+                    with m.Elif(~running):
+                        refuse(ERR_STATE)
                     with m.Else():
                         m.d.sync += ex.eq(_Ex.WRITE)
                 with m.Elif(running):

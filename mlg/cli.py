@@ -166,7 +166,7 @@ def cmd_soak(args) -> int:
 
     from gen.golden import golden_forward, quantize_input
     from sim.board import SimulatedBoard
-    from sim.soak import soak
+    from sim.soak import frame_fuzz, soak
 
     config, program = _load_build(args.build)
     x, _ = _images(program, min(args.images, args.distinct))
@@ -178,11 +178,15 @@ def cmd_soak(args) -> int:
     t0 = time.monotonic()
     with SimulatedBoard(config, args.simulator) as board:
         log(f"simulated board on {board.url} after {time.monotonic() - t0:.0f} s; "
-            f"{args.images} images, faults in {args.fault_rate:.0%} of them")
+            f"{args.frames} random frames, then {args.images} images with faults in "
+            f"{args.fault_rate:.0%} of them")
+        fuzz = frame_fuzz(board, config, program, x_int, golden, frames=args.frames,
+                          seed=args.seed, progress=not args.json and sys.stderr.isatty())
         report = soak(board, config, program, x_int, golden, images=args.images,
                       fault_rate=args.fault_rate, seed=args.seed, every_kind=args.every_kind,
                       timeout=args.timeout, progress=not args.json and sys.stderr.isatty())
     report["simulator"] = args.simulator
+    report["frame_fuzz"] = fuzz
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     if args.json:
@@ -196,7 +200,10 @@ def cmd_soak(args) -> int:
 
 
 def format_soak(r: dict) -> str:
+    fz = r["frame_fuzz"]
     rows = [
+        ("random frames", f"{fz['frames']:,}, every answer as the device model expects "
+                          f"({', '.join(f'{k} {v}' for k, v in fz['by_kind'].items())})"),
         ("images", f"{r['images']:,} ({r['computed_bit_exact']:,} computed bit-exact, "
                    f"{r['silently_wrong']} silently wrong)"),
         ("faults injected", f"{r['faults_injected']:,} ({r['faults_reported']:,} reported, "
@@ -325,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share of the images that get one fault (default 0.2)")
     so.add_argument("--every-kind", action="store_true",
                     help="walk through every fault kind and phase in turn instead of at random")
+    so.add_argument("--frames", type=int, default=2000,
+                    help="random frames checked against the device model first (default 2000)")
     so.add_argument("--seed", type=int, default=0)
     so.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for a response")
     so.add_argument("--simulator", choices=("verilator", "icarus"), default="verilator")

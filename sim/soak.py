@@ -23,6 +23,7 @@ and the step still succeeded); the last two must be 0.
 from __future__ import annotations
 
 import random
+import struct
 import time
 from collections import Counter
 
@@ -32,12 +33,15 @@ from gen.config import AcceleratorConfig
 from gen.program import Program
 from host.driver import Driver, DriverError
 from host.faults import FAULT_KINDS, FaultyTransport
-from host.protocol import CRC_BYTES, HEADER_BYTES
+from host.protocol import (CRC_BYTES, ERR_ADDRESS, ERR_CRC, ERR_LENGTH, ERR_OPCODE, ERR_STATE,
+                           ERR_TIMEOUT, HEADER_BYTES, OP_ERROR, OP_IDENTIFY, OP_READ, OP_STATUS,
+                           OP_WRITE, REGION_BASES, REGION_CONSTS, REGION_PROGRAM, REGION_STREAM,
+                           RESPONSE, SYNC, FrameDecoder, encode_frame, identity_bytes)
 from host.transport import SerialTransport
 
 from .board import SimulatedBoard
 
-__all__ = ["PHASES", "KINDS", "soak"]
+__all__ = ["PHASES", "KINDS", "FRAME_KINDS", "ModelMismatch", "soak", "frame_fuzz"]
 
 PHASES = ("load", "run", "read")
 KINDS = FAULT_KINDS + ("reset",)
@@ -213,3 +217,168 @@ def _arm(board, wire, rng, fault, req_len, resp_len, run_cycles):
     else:
         fault["after_tx"] = rng.randrange(resp_len)
         board.reset_after(rx=req_len, tx=fault["after_tx"])
+
+
+# ---- random frame sequences against a model of the device ---------------------------
+
+class ModelMismatch(RuntimeError):
+    """The device answered a frame otherwise than its model says it must."""
+
+
+def _expect(ok: bool, what) -> None:
+    if not ok:
+        raise ModelMismatch(str(what))
+
+
+FRAME_KINDS = ("write", "read", "identify", "status", "counters", "bad_crc", "bad_length",
+               "bad_opcode", "bad_address", "truncated", "noise", "stream_idle", "reset", "image")
+
+
+def frame_fuzz(board: SimulatedBoard, config: AcceleratorConfig, program: Program,
+               x_int: torch.Tensor, golden: torch.Tensor, *, frames: int, seed: int = 0,
+               timeout: float = 5.0, progress: bool = False) -> dict:
+    """Send ``frames`` random requests: valid commands, corrupted frames, bytes that
+    are not frames, board resets and whole images, and hold every answer against a
+    model of the device.
+
+    The model knows the memories (the loaded program, plus random writes to the
+    parts of the base store and constants the program leaves unused), which error
+    each bad frame must get, how many frames the link refused and how many bytes
+    it took since the last reset. A run must give the golden outputs: no bad frame
+    may have changed the program. Returns counts per kind; raises :class:`ModelMismatch`
+    on the first answer that differs from the model.
+    """
+    rng = random.Random(seed)
+    net = program.network()
+    first, last = net.layers[0], net.layers[-1]
+    with SerialTransport(board.url, baud=config.baud) as tr:
+        drv = Driver(tr, timeout=timeout)
+        image = drv.load_program(config, program)
+        ident = drv.identity
+        sizes = {REGION_PROGRAM: config.max_layers * ident.record_bytes,
+                 REGION_BASES: config.base_store_bytes,
+                 REGION_CONSTS: config.const_depth * ident.const_bytes}
+        words = {REGION_PROGRAM: ident.record_bytes, REGION_BASES: 1, REGION_CONSTS: ident.const_bytes}
+        _expect(drv.verify_image() == [], "the program did not load")
+        mem = {region: bytearray(drv.read(region, 0, size)) for region, size in sizes.items()}
+        # Random writes go where the program does not look.
+        scratch = {REGION_BASES: len(image.bases),
+                   REGION_CONSTS: -(-len(image.consts) // words[REGION_CONSTS]) * words[REGION_CONSTS]}
+        scratch = {r: lo for r, lo in scratch.items() if sizes[r] - lo >= words[r]}
+        c = drv.counters()
+        model = {"frame_errors": c["frame_errors"], "bytes_in": c["bytes_in"]}
+        base_sent = tr.bytes_sent
+        counts = Counter()
+
+        def exchange(data: bytes, expect_answer: bool = True):
+            """Raw bytes out; the one frame that comes back (None if none is due)."""
+            tr.write(data)
+            dec = FrameDecoder()
+            deadline = time.monotonic() + (timeout if expect_answer else 0.2)
+            while time.monotonic() < deadline and not dec.frames:
+                dec.feed(tr.read(4096, 0.05))
+            if not expect_answer:
+                _expect(not dec.frames, f"bytes that are no frame were answered: {dec.frames}")
+                return None
+            _expect(len(dec.frames) == 1, f"expected one answer to {data[:8].hex()}..., got {dec.frames}")
+            return dec.frames[0]
+
+        def expect_error(data: bytes, code: int, link_refused: bool):
+            f = exchange(data)
+            _expect(f.op == OP_ERROR and f.payload[0] == code,
+                    f"{data[:8].hex()}...: expected error {code}, got op 0x{f.op:02x} {f.payload.hex()}")
+            model["frame_errors"] += link_refused
+
+        def some_frame() -> bytes:
+            region = rng.choice(list(sizes))
+            return encode_frame(OP_WRITE, struct.pack("<BI", region, 0) + bytes(words[region]))
+
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=frames, desc="frames", unit="frame", leave=False)
+        for _ in range(frames):
+            kind = rng.choice(FRAME_KINDS)
+            counts[kind] += 1
+            if kind == "write" and scratch:
+                region = rng.choice(list(scratch))
+                w = words[region]
+                lo = scratch[region]
+                n = w * rng.randint(1, max(1, min(ident.max_payload - 5, sizes[region] - lo) // w))
+                addr = lo + w * rng.randrange((sizes[region] - lo - n) // w + 1)
+                data = bytes(rng.randrange(256) for _ in range(n))
+                f = exchange(encode_frame(OP_WRITE, struct.pack("<BI", region, addr) + data))
+                _expect(f.op == OP_WRITE | RESPONSE, f"WRITE answered with {f}")
+                mem[region][addr:addr + n] = data
+            elif kind == "read":
+                region = rng.choice(list(sizes))
+                n = rng.randint(1, min(64, sizes[region]))
+                addr = rng.randrange(sizes[region] - n + 1)
+                f = exchange(encode_frame(OP_READ, struct.pack("<BIH", region, addr, n)))
+                _expect(f.op == OP_READ | RESPONSE and f.payload == bytes(mem[region][addr:addr + n]),
+                        f"READ of {n} bytes at {addr} of region {region}: device and model differ")
+            elif kind == "identify":
+                f = exchange(encode_frame(OP_IDENTIFY))
+                _expect(f.payload == identity_bytes(config), f"IDENTIFY answered {f}")
+            elif kind == "status":
+                f = exchange(encode_frame(OP_STATUS))
+                _expect(f.op == OP_STATUS | RESPONSE and len(f.payload) == 4 and f.payload[0] != 1,
+                        f"STATUS answered {f} with no run going on")
+            elif kind == "counters":
+                c = drv.counters()
+                _expect(c["frame_errors"] == model["frame_errors"],
+                        f"frames refused: device {c['frame_errors']}, model {model['frame_errors']}")
+                _expect(c["bytes_in"] == model["bytes_in"] + tr.bytes_sent - base_sent,
+                        f"bytes in: device {c['bytes_in']}, model "
+                        f"{model['bytes_in'] + tr.bytes_sent - base_sent}")
+            elif kind == "bad_crc":
+                frame = bytearray(some_frame())
+                # Any bit after the length field: the frame is whole, only its CRC fails.
+                i = rng.choice([1] + list(range(HEADER_BYTES, len(frame))))
+                frame[i] ^= 1 << rng.randrange(8)
+                expect_error(bytes(frame), ERR_CRC, True)
+            elif kind == "bad_length":
+                n = rng.randint(ident.max_payload + 1, 0xFFFF)
+                expect_error(bytes([SYNC, OP_WRITE]) + struct.pack("<H", n), ERR_LENGTH, True)
+            elif kind == "bad_opcode":
+                op = rng.choice([0x00, 0x0A, 0x42, 0x7F, 0x81, 0xFE])
+                expect_error(encode_frame(op, bytes(rng.randrange(4))), ERR_OPCODE, False)
+            elif kind == "bad_address":
+                region = rng.choice(list(sizes))
+                expect_error(encode_frame(OP_WRITE, struct.pack("<BI", region, sizes[region])
+                                          + bytes(words[region])), ERR_ADDRESS, False)
+            elif kind == "truncated":
+                frame = some_frame()
+                expect_error(frame[:rng.randrange(1, len(frame))], ERR_TIMEOUT, True)
+            elif kind == "noise":
+                noise = bytes(rng.choice([b for b in range(256) if b != SYNC])
+                              for _ in range(rng.randint(1, 64)))
+                exchange(noise, expect_answer=False)
+            elif kind == "stream_idle":
+                expect_error(encode_frame(OP_WRITE, struct.pack("<BI", REGION_STREAM, 0) + b"\0"),
+                             ERR_STATE, False)
+            elif kind == "reset":
+                before = board.resets()
+                board.reset_after()
+                deadline = time.monotonic() + timeout
+                while board.resets() == before and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                _expect(board.resets() == before + 1, "the board reset did not fire")
+                model["frame_errors"] = 0
+                model["bytes_in"] = 0
+                base_sent = tr.bytes_sent
+                _expect(drv.status().name == "idle", "the device is not idle after a reset")
+            elif kind == "image":
+                j = rng.randrange(x_int.shape[0])
+                drv.load_activations(first.src, x_int[j])
+                drv.run()
+                out = drv.read_activations(last.dst, last.out_channels, last.ho * last.wo)
+                _expect(torch.equal(out.reshape(-1), golden[j]), "an image differs from the golden model")
+            if bar:
+                bar.update(1)
+        if bar:
+            bar.close()
+        c = drv.counters()
+        return {"frames": frames, "by_kind": dict(sorted(counts.items())),
+                "link_frames": c["frames"], "frame_errors": c["frame_errors"]}

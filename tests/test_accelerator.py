@@ -24,7 +24,7 @@ from gen.program import read_program
 from host.driver import DeviceError, Driver
 from host.image import build_image
 from host.protocol import (ERR_ADDRESS, ERR_ARGUMENT, ERR_CRC, ERR_LENGTH, ERR_OPCODE,
-                           ERR_TIMEOUT, OP_ERROR, OP_IDENTIFY, OP_LOAD_ACT, OP_READ, OP_RUN,
+                           ERR_STATE, ERR_TIMEOUT, OP_ERROR, OP_IDENTIFY, OP_LOAD_ACT, OP_READ, OP_RUN,
                            OP_STATUS, OP_WRITE, REGION_BASES, REGION_STREAM, SYNC, FrameDecoder,
                            encode_frame)
 from host.transport import SerialTransport
@@ -175,6 +175,9 @@ def test_board_verilator_bit_exact_counters_and_faults(streamed_build):
             _expect_error(drv, encode_frame(OP_READ, struct.pack("<BIH", REGION_STREAM, 0, 1)), ERR_ADDRESS)
             _expect_error(drv, encode_frame(OP_WRITE, struct.pack("<BI", REGION_STREAM, 4) + b"\x00"),
                           ERR_ADDRESS)
+            # Streamed codes with no run to take them would wait forever: refused.
+            _expect_error(drv, encode_frame(OP_WRITE, struct.pack("<BI", REGION_STREAM, 0) + b"\x00"),
+                          ERR_STATE)
             _expect_error(drv, encode_frame(OP_RUN, struct.pack("<H", 0)), ERR_ARGUMENT)
             _expect_error(drv, encode_frame(OP_LOAD_ACT, struct.pack("<BHI", config.act_buffers, 1, 1) + b"\x00"),
                           ERR_ADDRESS)

@@ -21,7 +21,7 @@ from host.protocol import CRC_BYTES, HEADER_BYTES, OP_WRITE, REGION_BASES, encod
 from host.transport import SerialTransport
 from sim.board import SimulatedBoard
 from sim.runner import simulator_available
-from sim.soak import KINDS, PHASES, soak
+from sim.soak import FRAME_KINDS, KINDS, PHASES, frame_fuzz, soak
 
 from .test_accelerator import _build, _images
 
@@ -145,3 +145,13 @@ def test_reset_anywhere_returns_to_a_clean_state(board_and_build):
         _infer_checked(drv, program, seed=32)
         assert drv.status().name == "done"
         assert drv.counters()["cycles"] == run_cycles
+
+
+def test_random_frame_sequence_matches_the_device_model(board_and_build):
+    board, config, program = board_and_build
+    net = program.network()
+    x = _images(program, 4, seed=41)
+    r = frame_fuzz(board, config, program, x, golden_forward(net, x), frames=300, seed=7,
+                   timeout=3.0)
+    assert set(r["by_kind"]) == set(FRAME_KINDS)
+    assert r["frames"] == 300
