@@ -111,7 +111,10 @@ class Driver:
                 except ProtocolError as e:
                     raise DriverError(f"corrupt response to {OP_NAMES.get(op, op)}: {e}") from None
         if frame.op == OP_ERROR:
-            code, req = frame.error()
+            try:
+                code, req = frame.error()
+            except ProtocolError as e:
+                raise DriverError(f"malformed answer to {OP_NAMES.get(op, op)}: {e}") from None
             raise DeviceError(code, req)
         if frame.op != op | RESPONSE:
             raise DriverError(f"response opcode 0x{frame.op:02x} to {OP_NAMES.get(op, op)}, "
@@ -162,7 +165,10 @@ class Driver:
     # ---- device ------------------------------------------------------------------------
 
     def identify(self) -> Identity:
-        ident = parse_identity(self.request(OP_IDENTIFY))
+        try:
+            ident = parse_identity(self.request(OP_IDENTIFY))
+        except ProtocolError as e:
+            raise DriverError(f"malformed answer to IDENTIFY: {e}") from None
         if ident.protocol != PROTOCOL_VERSION:
             raise DriverError(f"device speaks protocol version {ident.protocol}; this driver "
                               f"speaks {PROTOCOL_VERSION}")
@@ -205,7 +211,7 @@ class Driver:
         out = bytearray()
         for off in range(0, count, 0xFFFF):
             n = min(0xFFFF, count - off)
-            out += self.request(OP_READ, struct.pack("<BIH", region, addr + off, n))
+            out += self._sized(OP_READ, n, struct.pack("<BIH", region, addr + off, n))
         return bytes(out)
 
     def load_program(self, config: AcceleratorConfig, program: Program | str) -> DeviceImage:
@@ -221,11 +227,11 @@ class Driver:
         return image
 
     def status(self) -> Status:
-        state, error, layer = struct.unpack("<BBH", self.request(OP_STATUS))
+        state, error, layer = struct.unpack("<BBH", self._sized(OP_STATUS, 4))
         return Status(state, error, layer)
 
     def counters(self) -> dict[str, int]:
-        values = struct.unpack(f"<{len(COUNTERS)}Q", self.request(OP_COUNTERS))
+        values = struct.unpack(f"<{len(COUNTERS)}Q", self._sized(OP_COUNTERS, 8 * len(COUNTERS)))
         return dict(zip(COUNTERS, values))
 
     def abort(self) -> None:
@@ -296,6 +302,13 @@ class Driver:
         return self.read_activations(last.dst, last.out_channels, last.ho * last.wo).reshape(-1)
 
     # ---- helpers -----------------------------------------------------------------------
+
+    def _sized(self, op: int, size: int, payload: bytes = b"") -> bytes:
+        """:meth:`request` whose answer must carry exactly ``size`` bytes."""
+        answer = self.request(op, payload)
+        if len(answer) != size:
+            raise DriverError(f"{OP_NAMES.get(op, op)} answered {len(answer)} bytes, expected {size}")
+        return answer
 
     def _ident(self) -> Identity:
         return self.identity if self.identity is not None else self.identify()

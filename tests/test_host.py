@@ -162,3 +162,34 @@ def test_driver_refuses_out_of_range_activations():
     drv.attach(cfg, program)
     with pytest.raises(DriverError, match="do not fit 8 bits"):
         drv.load_activations(0, torch.full((1, 2, 2), 300))
+
+
+_REQUESTS = {
+    "identify": lambda d: d.identify(),
+    "status": lambda d: d.status(),
+    "counters": lambda d: d.counters(),
+    "read": lambda d: d.read(1, 0, 7),
+    "read_activations": lambda d: d.read_activations(0, 2, 3),
+}
+_REPLY_OPS = {"identify": OP_IDENTIFY, "status": OP_STATUS, "counters": 0x06, "read": 0x03,
+              "read_activations": 0x08}
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(sorted(_REQUESTS)), st.sampled_from(["raw", "framed", "other_op", "error"]),
+       st.binary(max_size=120))
+def test_driver_on_arbitrary_answers_raises_only_driver_errors(request, form, blob):
+    """Whatever comes back (bytes, a frame with any payload, another frame, any error
+    frame), a request returns or raises a DriverError naming it; nothing else escapes."""
+    cfg = AcceleratorConfig()
+    op = _REPLY_OPS[request]
+    reply = {"raw": blob,
+             "framed": encode_frame(op | RESPONSE, blob),
+             "other_op": encode_frame((op + 1) | RESPONSE, blob),
+             "error": encode_frame(OP_ERROR, blob)}[form]
+    drv = Driver(ScriptedTransport([reply]), timeout=0.05)
+    drv.identity = parse_identity(identity_bytes(cfg))
+    try:
+        _REQUESTS[request](drv)
+    except DriverError as e:
+        assert str(e)
