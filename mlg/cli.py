@@ -332,8 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share of the images that get one fault (default 0.2)")
     so.add_argument("--every-kind", action="store_true",
                     help="walk through every fault kind and phase in turn instead of at random")
-    so.add_argument("--frames", type=int, default=2000,
-                    help="random frames checked against the device model first (default 2000)")
+    so.add_argument("--frames", type=int, default=1000,
+                    help="random frames checked against the device model first (default 1000)")
     so.add_argument("--seed", type=int, default=0)
     so.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for a response")
     so.add_argument("--simulator", choices=("verilator", "icarus"), default="verilator")

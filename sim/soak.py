@@ -236,7 +236,7 @@ FRAME_KINDS = ("write", "read", "identify", "status", "counters", "bad_crc", "ba
 
 def frame_fuzz(board: SimulatedBoard, config: AcceleratorConfig, program: Program,
                x_int: torch.Tensor, golden: torch.Tensor, *, frames: int, seed: int = 0,
-               timeout: float = 5.0, progress: bool = False) -> dict:
+               timeout: float = 5.0, truncated_wait: float = 60.0, progress: bool = False) -> dict:
     """Send ``frames`` random requests: valid commands, corrupted frames, bytes that
     are not frames, board resets and whole images, and hold every answer against a
     model of the device.
@@ -245,7 +245,9 @@ def frame_fuzz(board: SimulatedBoard, config: AcceleratorConfig, program: Progra
     parts of the base store and constants the program leaves unused), which error
     each bad frame must get, how many frames the link refused and how many bytes
     it took since the last reset. A run must give the golden outputs: no bad frame
-    may have changed the program. Returns counts per kind; raises :class:`ModelMismatch`
+    may have changed the program. A frame cut short is answered only after the
+    config's ``link_timeout`` cycles: ``truncated_wait`` more seconds are allowed
+    for it. Returns counts per kind; raises :class:`ModelMismatch`
     on the first answer that differs from the model.
     """
     rng = random.Random(seed)
@@ -270,11 +272,11 @@ def frame_fuzz(board: SimulatedBoard, config: AcceleratorConfig, program: Progra
         base_sent = tr.bytes_sent
         counts = Counter()
 
-        def exchange(data: bytes, expect_answer: bool = True):
+        def exchange(data: bytes, expect_answer: bool = True, wait: float = timeout):
             """Raw bytes out; the one frame that comes back (None if none is due)."""
             tr.write(data)
             dec = FrameDecoder()
-            deadline = time.monotonic() + (timeout if expect_answer else 0.2)
+            deadline = time.monotonic() + (wait if expect_answer else 0.2)
             while time.monotonic() < deadline and not dec.frames:
                 dec.feed(tr.read(4096, 0.05))
             if not expect_answer:
@@ -283,8 +285,8 @@ def frame_fuzz(board: SimulatedBoard, config: AcceleratorConfig, program: Progra
             _expect(len(dec.frames) == 1, f"expected one answer to {data[:8].hex()}..., got {dec.frames}")
             return dec.frames[0]
 
-        def expect_error(data: bytes, code: int, link_refused: bool):
-            f = exchange(data)
+        def expect_error(data: bytes, code: int, link_refused: bool, wait: float = timeout):
+            f = exchange(data, wait=wait)
             _expect(f.op == OP_ERROR and f.payload[0] == code,
                     f"{data[:8].hex()}...: expected error {code}, got op 0x{f.op:02x} {f.payload.hex()}")
             model["frame_errors"] += link_refused
@@ -350,7 +352,9 @@ def frame_fuzz(board: SimulatedBoard, config: AcceleratorConfig, program: Progra
                                           + bytes(words[region])), ERR_ADDRESS, False)
             elif kind == "truncated":
                 frame = some_frame()
-                expect_error(frame[:rng.randrange(1, len(frame))], ERR_TIMEOUT, True)
+                # Answered after link_timeout cycles of silence: give the simulator time.
+                expect_error(frame[:rng.randrange(1, len(frame))], ERR_TIMEOUT, True,
+                             wait=timeout + truncated_wait)
             elif kind == "noise":
                 noise = bytes(rng.choice([b for b in range(256) if b != SYNC])
                               for _ in range(rng.randint(1, 64)))
