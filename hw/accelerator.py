@@ -77,6 +77,7 @@ class _Ex(enum.Enum, shape=4):
     ACT_WAIT = 8
     ERROR = 9
     TILES = 10
+    PRE = 11
 
 
 class _Seq(enum.Enum, shape=3):
@@ -303,6 +304,8 @@ class Accelerator(wiring.Component):
         ab_log = AB.bit_length() - 1
         link_rd = Signal(range(cfg.max_payload))
         m.d.comb += link.buf_addr.eq(link_rd)
+        pre = {"mem_ok": {reg: Signal(name=f"pre_mem_ok_{reg}") for reg in self._region_sizes()},
+               "run_ok": Signal(name="pre_run_ok"), "act_ok": Signal(name="pre_act_ok")}
 
         def refuse(code):
             m.d.sync += [err.eq(code), ex.eq(_Ex.ERROR)]
@@ -349,11 +352,16 @@ class Accelerator(wiring.Component):
                     m.d.sync += [link_rd.eq(link_rd + 1), arg_i.eq(arg_i + 1), arg_pending.eq(1),
                                  arg_wr.eq(arg_i)]
                 with m.Else():
-                    m.d.sync += [arg_pending.eq(0), ex.eq(_Ex.CHECK), data_len.eq(length - n_args)]
+                    m.d.sync += [arg_pending.eq(0), ex.eq(_Ex.PRE), data_len.eq(length - n_args)]
+            with m.Case(_Ex.PRE):
+                # The argument checks' comparators (carry chains on 16..40-bit values)
+                # land in registers a cycle before CHECK decides on them.
+                self._precheck(m, cfg, op, addr, count, data_len, achan, apix, args, pre)
+                m.d.sync += ex.eq(_Ex.CHECK)
             with m.Case(_Ex.CHECK):
                 self._check(m, cfg, op, region, addr, count, data_len, abuf, achan, apix,
                             running, refuse, respond, ex, src_sel, state, status_err, start,
-                            abort, n_layers, args, (rem, elems, need, lane), length,
+                            abort, n_layers, args, (rem, elems, need, lane), length, pre,
                             (SRC_IDENT, SRC_PROG, SRC_BASES, SRC_CONSTS, SRC_STATUS, SRC_COUNTERS))
             with m.Case(_Ex.TILES):
                 with m.If(rem != 0):
@@ -564,14 +572,33 @@ class Accelerator(wiring.Component):
                 m.d.sync += [state.eq(STATE_ERROR), status_err.eq(ERR_ABORTED)]
         return m
 
+    def _region_sizes(self) -> dict:
+        cfg = self.config
+        return {REGION_PROGRAM: cfg.max_layers * self.record_bytes, REGION_BASES: cfg.base_store_bytes,
+                REGION_CONSTS: cfg.const_depth * self.const_bytes}
+
+    def _precheck(self, m, cfg, op, addr, count, data_len, achan, apix, args, pre):
+        """Registered argument checks for CHECK: RUN's layer count, LOAD_ACT/READ_ACT's
+        shape, and per memory region whether the transfer is in range (and, for a
+        WRITE, whole words)."""
+        words = {REGION_PROGRAM: self.record_bytes, REGION_BASES: 1, REGION_CONSTS: self.const_bytes}
+        n = Mux(op == OP_WRITE, data_len, count)
+        for reg, size in self._region_sizes().items():
+            wb = words[reg]
+            aligned = ((addr & (wb - 1)) == 0) & ((n & (wb - 1)) == 0)
+            in_range = (addr < size) & (n <= size) & (addr + n <= size)
+            m.d.sync += pre["mem_ok"][reg].eq(in_range & ((op != OP_WRITE) | aligned))
+        layers = args[:16]
+        m.d.sync += pre["run_ok"].eq((layers != 0) & (layers <= cfg.max_layers))
+        max_ch = max(cfg.max_ci, cfg.max_co)
+        m.d.sync += pre["act_ok"].eq((achan != 0) & (achan <= max_ch) & (apix != 0)
+                                     & (apix <= cfg.max_h * cfg.max_w))
+
     def _check(self, m, cfg, op, region, addr, count, data_len, abuf, achan, apix, running,
                refuse, respond, ex, src_sel, state, status_err, start, abort, n_layers,
-               args, sums, length, srcs):
+               args, sums, length, pre, srcs):
         SRC_IDENT, SRC_PROG, SRC_BASES, SRC_CONSTS, SRC_STATUS, SRC_COUNTERS = srcs
-        RB, CB = self.record_bytes, self.const_bytes
-        sizes = {REGION_PROGRAM: cfg.max_layers * RB, REGION_BASES: cfg.base_store_bytes,
-                 REGION_CONSTS: cfg.const_depth * CB}
-        words = {REGION_PROGRAM: RB, REGION_BASES: 1, REGION_CONSTS: CB}
+        sizes = self._region_sizes()
         with m.Switch(op):
             with m.Case(OP_IDENTIFY):
                 respond(op | RESPONSE, len(identity_bytes(cfg)), SRC_IDENT)
@@ -586,14 +613,13 @@ class Accelerator(wiring.Component):
                 n = args[:16]
                 with m.If(running):
                     refuse(ERR_BUSY)
-                with m.Elif((n == 0) | (n > cfg.max_layers)):
+                with m.Elif(~pre["run_ok"]):
                     refuse(ERR_ARGUMENT)
                 with m.Else():
                     m.d.comb += start.eq(1)
                     m.d.sync += n_layers.eq(n)
                     respond(op | RESPONSE, 0)
             with m.Case(OP_WRITE, OP_READ):
-                n = Mux(op == OP_WRITE, data_len, count)
                 with m.If(region == REGION_STREAM):
                     with m.If((op != OP_WRITE) | (addr != 0)):
                         refuse(ERR_ADDRESS)
@@ -607,12 +633,9 @@ class Accelerator(wiring.Component):
                     refuse(ERR_ARGUMENT)
                 with m.Else():
                     with m.Switch(region):
-                        for reg, size in sizes.items():
+                        for reg in sizes:
                             with m.Case(reg):
-                                wb = words[reg]
-                                aligned = ((addr & (wb - 1)) == 0) & ((n & (wb - 1)) == 0)
-                                in_range = (addr < size) & (n <= size) & (addr + n <= size)
-                                with m.If(~in_range | ((op == OP_WRITE) & ~aligned)):
+                                with m.If(~pre["mem_ok"][reg]):
                                     refuse(ERR_ADDRESS)
                                 with m.Elif(op == OP_WRITE):
                                     m.d.sync += ex.eq(_Ex.WRITE)
@@ -623,13 +646,11 @@ class Accelerator(wiring.Component):
                         with m.Default():
                             refuse(ERR_ADDRESS)
             with m.Case(OP_LOAD_ACT, OP_READ_ACT):
-                max_ch = max(cfg.max_ci, cfg.max_co)
                 with m.If(running):
                     refuse(ERR_BUSY)
                 with m.Elif(abuf >= cfg.act_buffers):
                     refuse(ERR_ADDRESS)
-                with m.Elif((achan == 0) | (achan > max_ch) | (apix == 0)
-                            | (apix > cfg.max_h * cfg.max_w)):
+                with m.Elif(~pre["act_ok"]):
                     refuse(ERR_ARGUMENT)
                 with m.Else():
                     rem, elems, need, lane = sums
