@@ -204,6 +204,7 @@ def format_soak(r: dict) -> str:
     rows = [
         ("random frames", f"{fz['frames']:,}, every answer as the device model expects "
                           f"({', '.join(f'{k} {v}' for k, v in fz['by_kind'].items())})"),
+        ("frame kinds left out", ", ".join(fz["kinds_left_out"]) or "none"),
         ("images", f"{r['images']:,} ({r['computed_bit_exact']:,} computed bit-exact, "
                    f"{r['silently_wrong']} silently wrong)"),
         ("faults injected", f"{r['faults_injected']:,} ({r['faults_reported']:,} reported, "
