@@ -166,6 +166,7 @@ def cmd_soak(args) -> int:
 
     from gen.golden import golden_forward, quantize_input
     from sim.board import SimulatedBoard
+    from host.transport import SerialTransport
     from sim.soak import frame_fuzz, soak
 
     config, program = _load_build(args.build)
@@ -180,11 +181,13 @@ def cmd_soak(args) -> int:
         log(f"simulated board on {board.url} after {time.monotonic() - t0:.0f} s; "
             f"{args.frames} random frames, then {args.images} images with faults in "
             f"{args.fault_rate:.0%} of them")
-        fuzz = frame_fuzz(board, config, program, x_int, golden, frames=args.frames,
-                          seed=args.seed, progress=not args.json and sys.stderr.isatty())
-        report = soak(board, config, program, x_int, golden, images=args.images,
-                      fault_rate=args.fault_rate, seed=args.seed, every_kind=args.every_kind,
-                      timeout=args.timeout, progress=not args.json and sys.stderr.isatty())
+        progress = not args.json and sys.stderr.isatty()
+        with SerialTransport(board.url, baud=config.baud) as transport:
+            fuzz = frame_fuzz(board, transport, config, program, x_int, golden,
+                              frames=args.frames, seed=args.seed, progress=progress)
+            report = soak(board, transport, config, program, x_int, golden, images=args.images,
+                          fault_rate=args.fault_rate, seed=args.seed, every_kind=args.every_kind,
+                          timeout=args.timeout, progress=progress)
     report["simulator"] = args.simulator
     report["frame_fuzz"] = fuzz
     if args.out:

@@ -37,7 +37,7 @@ from host.protocol import (CRC_BYTES, ERR_ADDRESS, ERR_CRC, ERR_LENGTH, ERR_OPCO
                            ERR_TIMEOUT, HEADER_BYTES, OP_ERROR, OP_IDENTIFY, OP_READ, OP_STATUS,
                            OP_WRITE, REGION_BASES, REGION_CONSTS, REGION_PROGRAM, REGION_STREAM,
                            RESPONSE, SYNC, FrameDecoder, encode_frame, identity_bytes)
-from host.transport import SerialTransport
+from host.transport import Transport
 
 from .board import SimulatedBoard
 
@@ -48,12 +48,13 @@ KINDS = FAULT_KINDS + ("reset",)
 MAX_ATTEMPTS = 3
 
 
-def soak(board: SimulatedBoard, config: AcceleratorConfig, program: Program, x_int: torch.Tensor,
-         golden: torch.Tensor, *, images: int, fault_rate: float = 0.2, seed: int = 0,
+def soak(board: SimulatedBoard, transport: Transport, config: AcceleratorConfig,
+         program: Program, x_int: torch.Tensor, golden: torch.Tensor, *, images: int, fault_rate: float = 0.2, seed: int = 0,
          every_kind: bool = False, timeout: float = 3.0, run_timeout: float = 120.0,
          progress: bool = False) -> dict:
     """Run ``images`` images (cycling through ``x_int`` ``[N, C, H, W]``, expected
-    outputs ``golden`` ``[N, classes]``) with faults in a ``fault_rate`` share of them.
+    outputs ``golden`` ``[N, classes]``) with faults in a ``fault_rate`` share of them,
+    over ``transport`` (the board's link, connected).
 
     ``every_kind`` walks through every (kind, phase) pair in turn instead of drawing
     them at random, so a short soak covers them all. Returns the outcome counts and
@@ -64,10 +65,10 @@ def soak(board: SimulatedBoard, config: AcceleratorConfig, program: Program, x_i
     if images < 1:
         raise ValueError(f"images {images}: accepted a count >= 1")
     rng = random.Random(seed)
-    with FaultyTransport(SerialTransport(board.url, baud=config.baud)) as wire:
-        return _soak(board, config, program, x_int, golden, wire, rng, images=images,
-                     fault_rate=fault_rate, every_kind=every_kind, timeout=timeout,
-                     run_timeout=run_timeout, progress=progress)
+    wire = FaultyTransport(transport)
+    return _soak(board, config, program, x_int, golden, wire, rng, images=images,
+                 fault_rate=fault_rate, every_kind=every_kind, timeout=timeout,
+                 run_timeout=run_timeout, progress=progress)
 
 
 def _soak(board, config, program, x_int, golden, wire, rng, *, images, fault_rate, every_kind,
@@ -235,8 +236,8 @@ FRAME_KINDS = ("write", "read", "identify", "status", "counters", "bad_crc", "ba
                "bad_opcode", "bad_address", "truncated", "noise", "stream_idle", "reset", "image")
 
 
-def frame_fuzz(board: SimulatedBoard, config: AcceleratorConfig, program: Program,
-               x_int: torch.Tensor, golden: torch.Tensor, *, frames: int, seed: int = 0,
+def frame_fuzz(board: SimulatedBoard, transport: Transport, config: AcceleratorConfig,
+               program: Program, x_int: torch.Tensor, golden: torch.Tensor, *, frames: int, seed: int = 0,
                timeout: float = 5.0, truncated_wait: float = 60.0,
                kinds: tuple[str, ...] | None = None, progress: bool = False) -> dict:
     """Send ``frames`` random requests: valid commands, corrupted frames, bytes that
@@ -264,137 +265,137 @@ def frame_fuzz(board: SimulatedBoard, config: AcceleratorConfig, program: Progra
         raise ValueError(f"frame kinds {sorted(unknown) or '(none)'}: accepted {', '.join(FRAME_KINDS)}")
     net = program.network()
     first, last = net.layers[0], net.layers[-1]
-    with SerialTransport(board.url, baud=config.baud) as tr:
-        drv = Driver(tr, timeout=timeout)
-        image = drv.load_program(config, program)
-        ident = drv.identity
-        sizes = {REGION_PROGRAM: config.max_layers * ident.record_bytes,
-                 REGION_BASES: config.base_store_bytes,
-                 REGION_CONSTS: config.const_depth * ident.const_bytes}
-        words = {REGION_PROGRAM: ident.record_bytes, REGION_BASES: 1, REGION_CONSTS: ident.const_bytes}
-        _expect(drv.verify_image() == [], "the program did not load")
-        mem = {region: bytearray(drv.read(region, 0, size)) for region, size in sizes.items()}
-        # Random writes go where the program does not look.
-        scratch = {REGION_BASES: len(image.bases),
-                   REGION_CONSTS: -(-len(image.consts) // words[REGION_CONSTS]) * words[REGION_CONSTS]}
-        scratch = {r: lo for r, lo in scratch.items() if sizes[r] - lo >= words[r]}
-        c = drv.counters()
-        model = {"frame_errors": c["frame_errors"], "bytes_in": c["bytes_in"]}
-        base_sent = tr.bytes_sent
-        counts = Counter()
+    tr = transport
+    drv = Driver(tr, timeout=timeout)
+    image = drv.load_program(config, program)
+    ident = drv.identity
+    sizes = {REGION_PROGRAM: config.max_layers * ident.record_bytes,
+             REGION_BASES: config.base_store_bytes,
+             REGION_CONSTS: config.const_depth * ident.const_bytes}
+    words = {REGION_PROGRAM: ident.record_bytes, REGION_BASES: 1, REGION_CONSTS: ident.const_bytes}
+    _expect(drv.verify_image() == [], "the program did not load")
+    mem = {region: bytearray(drv.read(region, 0, size)) for region, size in sizes.items()}
+    # Random writes go where the program does not look.
+    scratch = {REGION_BASES: len(image.bases),
+               REGION_CONSTS: -(-len(image.consts) // words[REGION_CONSTS]) * words[REGION_CONSTS]}
+    scratch = {r: lo for r, lo in scratch.items() if sizes[r] - lo >= words[r]}
+    c = drv.counters()
+    model = {"frame_errors": c["frame_errors"], "bytes_in": c["bytes_in"]}
+    base_sent = tr.bytes_sent
+    counts = Counter()
 
-        def exchange(data: bytes, expect_answer: bool = True, wait: float = timeout):
-            """Raw bytes out; the one frame that comes back (None if none is due)."""
-            tr.write(data)
-            dec = FrameDecoder()
-            deadline = time.monotonic() + (wait if expect_answer else 0.2)
-            while time.monotonic() < deadline and not dec.frames:
-                dec.feed(tr.read(4096, 0.05))
-            if not expect_answer:
-                _expect(not dec.frames, f"bytes that are no frame were answered: {dec.frames}")
-                return None
-            _expect(len(dec.frames) == 1, f"expected one answer to {data[:8].hex()}..., got {dec.frames}")
-            return dec.frames[0]
+    def exchange(data: bytes, expect_answer: bool = True, wait: float = timeout):
+        """Raw bytes out; the one frame that comes back (None if none is due)."""
+        tr.write(data)
+        dec = FrameDecoder()
+        deadline = time.monotonic() + (wait if expect_answer else 0.2)
+        while time.monotonic() < deadline and not dec.frames:
+            dec.feed(tr.read(4096, 0.05))
+        if not expect_answer:
+            _expect(not dec.frames, f"bytes that are no frame were answered: {dec.frames}")
+            return None
+        _expect(len(dec.frames) == 1, f"expected one answer to {data[:8].hex()}..., got {dec.frames}")
+        return dec.frames[0]
 
-        def expect_error(data: bytes, code: int, link_refused: bool, wait: float = timeout):
-            f = exchange(data, wait=wait)
-            _expect(f.op == OP_ERROR and f.payload[0] == code,
-                    f"{data[:8].hex()}...: expected error {code}, got op 0x{f.op:02x} {f.payload.hex()}")
-            model["frame_errors"] += link_refused
+    def expect_error(data: bytes, code: int, link_refused: bool, wait: float = timeout):
+        f = exchange(data, wait=wait)
+        _expect(f.op == OP_ERROR and f.payload[0] == code,
+                f"{data[:8].hex()}...: expected error {code}, got op 0x{f.op:02x} {f.payload.hex()}")
+        model["frame_errors"] += link_refused
 
-        def some_frame() -> bytes:
+    def some_frame() -> bytes:
+        region = rng.choice(list(sizes))
+        return encode_frame(OP_WRITE, struct.pack("<BI", region, 0) + bytes(words[region]))
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=frames, desc="frames", unit="frame", leave=False)
+    for _ in range(frames):
+        kind = rng.choice(kinds)
+        counts[kind] += 1
+        if kind == "write" and scratch:
+            region = rng.choice(list(scratch))
+            w = words[region]
+            lo = scratch[region]
+            n = w * rng.randint(1, max(1, min(ident.max_payload - 5, sizes[region] - lo) // w))
+            addr = lo + w * rng.randrange((sizes[region] - lo - n) // w + 1)
+            data = bytes(rng.randrange(256) for _ in range(n))
+            f = exchange(encode_frame(OP_WRITE, struct.pack("<BI", region, addr) + data))
+            _expect(f.op == OP_WRITE | RESPONSE, f"WRITE answered with {f}")
+            mem[region][addr:addr + n] = data
+        elif kind == "read":
             region = rng.choice(list(sizes))
-            return encode_frame(OP_WRITE, struct.pack("<BI", region, 0) + bytes(words[region]))
-
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=frames, desc="frames", unit="frame", leave=False)
-        for _ in range(frames):
-            kind = rng.choice(kinds)
-            counts[kind] += 1
-            if kind == "write" and scratch:
-                region = rng.choice(list(scratch))
-                w = words[region]
-                lo = scratch[region]
-                n = w * rng.randint(1, max(1, min(ident.max_payload - 5, sizes[region] - lo) // w))
-                addr = lo + w * rng.randrange((sizes[region] - lo - n) // w + 1)
-                data = bytes(rng.randrange(256) for _ in range(n))
-                f = exchange(encode_frame(OP_WRITE, struct.pack("<BI", region, addr) + data))
-                _expect(f.op == OP_WRITE | RESPONSE, f"WRITE answered with {f}")
-                mem[region][addr:addr + n] = data
-            elif kind == "read":
-                region = rng.choice(list(sizes))
-                n = rng.randint(1, min(64, sizes[region]))
-                addr = rng.randrange(sizes[region] - n + 1)
-                f = exchange(encode_frame(OP_READ, struct.pack("<BIH", region, addr, n)))
-                _expect(f.op == OP_READ | RESPONSE and f.payload == bytes(mem[region][addr:addr + n]),
-                        f"READ of {n} bytes at {addr} of region {region}: device and model differ")
-            elif kind == "identify":
-                f = exchange(encode_frame(OP_IDENTIFY))
-                _expect(f.payload == identity_bytes(config), f"IDENTIFY answered {f}")
-            elif kind == "status":
-                f = exchange(encode_frame(OP_STATUS))
-                _expect(f.op == OP_STATUS | RESPONSE and len(f.payload) == 4 and f.payload[0] != 1,
-                        f"STATUS answered {f} with no run going on")
-            elif kind == "counters":
-                c = drv.counters()
-                _expect(c["frame_errors"] == model["frame_errors"],
-                        f"frames refused: device {c['frame_errors']}, model {model['frame_errors']}")
-                _expect(c["bytes_in"] == model["bytes_in"] + tr.bytes_sent - base_sent,
-                        f"bytes in: device {c['bytes_in']}, model "
-                        f"{model['bytes_in'] + tr.bytes_sent - base_sent}")
-            elif kind == "bad_crc":
-                frame = bytearray(some_frame())
-                # Any bit after the length field: the frame is whole, only its CRC fails.
-                i = rng.choice([1] + list(range(HEADER_BYTES, len(frame))))
-                frame[i] ^= 1 << rng.randrange(8)
-                expect_error(bytes(frame), ERR_CRC, True)
-            elif kind == "bad_length":
-                n = rng.randint(ident.max_payload + 1, 0xFFFF)
-                expect_error(bytes([SYNC, OP_WRITE]) + struct.pack("<H", n), ERR_LENGTH, True)
-            elif kind == "bad_opcode":
-                op = rng.choice([0x00, 0x0A, 0x42, 0x7F, 0x81, 0xFE])
-                expect_error(encode_frame(op, bytes(rng.randrange(4))), ERR_OPCODE, False)
-            elif kind == "bad_address":
-                region = rng.choice(list(sizes))
-                expect_error(encode_frame(OP_WRITE, struct.pack("<BI", region, sizes[region])
-                                          + bytes(words[region])), ERR_ADDRESS, False)
-            elif kind == "truncated":
-                frame = some_frame()
-                # Answered after link_timeout cycles of silence: give the simulator time.
-                expect_error(frame[:rng.randrange(1, len(frame))], ERR_TIMEOUT, True,
-                             wait=timeout + truncated_wait)
-            elif kind == "noise":
-                noise = bytes(rng.choice([b for b in range(256) if b != SYNC])
-                              for _ in range(rng.randint(1, 64)))
-                exchange(noise, expect_answer=False)
-            elif kind == "stream_idle":
-                expect_error(encode_frame(OP_WRITE, struct.pack("<BI", REGION_STREAM, 0) + b"\0"),
-                             ERR_STATE, False)
-            elif kind == "reset":
-                before = board.resets()
-                board.reset_after()
-                deadline = time.monotonic() + timeout
-                while board.resets() == before and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                _expect(board.resets() == before + 1, "the board reset did not fire")
-                model["frame_errors"] = 0
-                model["bytes_in"] = 0
-                base_sent = tr.bytes_sent
-                _expect(drv.status().name == "idle", "the device is not idle after a reset")
-            elif kind == "image":
-                j = rng.randrange(x_int.shape[0])
-                drv.load_activations(first.src, x_int[j])
-                drv.run()
-                out = drv.read_activations(last.dst, last.out_channels, last.ho * last.wo)
-                _expect(torch.equal(out.reshape(-1), golden[j]), "an image differs from the golden model")
-            if bar:
-                bar.update(1)
+            n = rng.randint(1, min(64, sizes[region]))
+            addr = rng.randrange(sizes[region] - n + 1)
+            f = exchange(encode_frame(OP_READ, struct.pack("<BIH", region, addr, n)))
+            _expect(f.op == OP_READ | RESPONSE and f.payload == bytes(mem[region][addr:addr + n]),
+                    f"READ of {n} bytes at {addr} of region {region}: device and model differ")
+        elif kind == "identify":
+            f = exchange(encode_frame(OP_IDENTIFY))
+            _expect(f.payload == identity_bytes(config), f"IDENTIFY answered {f}")
+        elif kind == "status":
+            f = exchange(encode_frame(OP_STATUS))
+            _expect(f.op == OP_STATUS | RESPONSE and len(f.payload) == 4 and f.payload[0] != 1,
+                    f"STATUS answered {f} with no run going on")
+        elif kind == "counters":
+            c = drv.counters()
+            _expect(c["frame_errors"] == model["frame_errors"],
+                    f"frames refused: device {c['frame_errors']}, model {model['frame_errors']}")
+            _expect(c["bytes_in"] == model["bytes_in"] + tr.bytes_sent - base_sent,
+                    f"bytes in: device {c['bytes_in']}, model "
+                    f"{model['bytes_in'] + tr.bytes_sent - base_sent}")
+        elif kind == "bad_crc":
+            frame = bytearray(some_frame())
+            # Any bit after the length field: the frame is whole, only its CRC fails.
+            i = rng.choice([1] + list(range(HEADER_BYTES, len(frame))))
+            frame[i] ^= 1 << rng.randrange(8)
+            expect_error(bytes(frame), ERR_CRC, True)
+        elif kind == "bad_length":
+            n = rng.randint(ident.max_payload + 1, 0xFFFF)
+            expect_error(bytes([SYNC, OP_WRITE]) + struct.pack("<H", n), ERR_LENGTH, True)
+        elif kind == "bad_opcode":
+            op = rng.choice([0x00, 0x0A, 0x42, 0x7F, 0x81, 0xFE])
+            expect_error(encode_frame(op, bytes(rng.randrange(4))), ERR_OPCODE, False)
+        elif kind == "bad_address":
+            region = rng.choice(list(sizes))
+            expect_error(encode_frame(OP_WRITE, struct.pack("<BI", region, sizes[region])
+                                      + bytes(words[region])), ERR_ADDRESS, False)
+        elif kind == "truncated":
+            frame = some_frame()
+            # Answered after link_timeout cycles of silence: give the simulator time.
+            expect_error(frame[:rng.randrange(1, len(frame))], ERR_TIMEOUT, True,
+                         wait=timeout + truncated_wait)
+        elif kind == "noise":
+            noise = bytes(rng.choice([b for b in range(256) if b != SYNC])
+                          for _ in range(rng.randint(1, 64)))
+            exchange(noise, expect_answer=False)
+        elif kind == "stream_idle":
+            expect_error(encode_frame(OP_WRITE, struct.pack("<BI", REGION_STREAM, 0) + b"\0"),
+                         ERR_STATE, False)
+        elif kind == "reset":
+            before = board.resets()
+            board.reset_after()
+            deadline = time.monotonic() + timeout
+            while board.resets() == before and time.monotonic() < deadline:
+                time.sleep(0.01)
+            _expect(board.resets() == before + 1, "the board reset did not fire")
+            model["frame_errors"] = 0
+            model["bytes_in"] = 0
+            base_sent = tr.bytes_sent
+            _expect(drv.status().name == "idle", "the device is not idle after a reset")
+        elif kind == "image":
+            j = rng.randrange(x_int.shape[0])
+            drv.load_activations(first.src, x_int[j])
+            drv.run()
+            out = drv.read_activations(last.dst, last.out_channels, last.ho * last.wo)
+            _expect(torch.equal(out.reshape(-1), golden[j]), "an image differs from the golden model")
         if bar:
-            bar.close()
-        c = drv.counters()
-        return {"frames": frames, "by_kind": dict(sorted(counts.items())),
-                "kinds_left_out": [k for k in FRAME_KINDS if k not in kinds],
-                "link_frames": c["frames"], "frame_errors": c["frame_errors"]}
+            bar.update(1)
+    if bar:
+        bar.close()
+    c = drv.counters()
+    return {"frames": frames, "by_kind": dict(sorted(counts.items())),
+            "kinds_left_out": [k for k in FRAME_KINDS if k not in kinds],
+            "link_frames": c["frames"], "frame_errors": c["frame_errors"]}
