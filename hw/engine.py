@@ -659,7 +659,9 @@ class ConvEngine(wiring.Component):
                     host_step()
                     with m.If(h_last):
                         m.d.sync += h_more.eq(0)
-                with m.Elif(~h_more & ~rd_v1 & ~rd_v2 & ~rd_fifo.r_rdy):
+                # Idle once every value read has been taken: a value just written into the
+                # FIFO is counted by its level a cycle before it shows on r_rdy.
+                with m.Elif(~h_more & ~rd_v1 & ~rd_v2 & (rd_fifo.level == 0)):
                     m.d.sync += st.eq(IDLE)
             with m.Case(CHECK):
                 m.d.sync += [self.cycles.eq(self.cycles + 1), chk_ready.eq(1)]
