@@ -10,7 +10,7 @@ ROWS    ?= 8
 COLS    ?= 8
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test train compile rtl synth soak venv iverilog clean
+.PHONY: demo test train compile rtl synth soak formal venv iverilog clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ demo: $(BUILD)/digits.pt
 SOAK_IMAGES ?= 1000
 soak: compile
 	$(MLG) soak $(BUILD)/digits --images $(SOAK_IMAGES) --out $(BUILD)/digits/soak.json
+
+# Formal checks (SymbiYosys): every property with its depth, the long ones included.
+formal: $(SYNTH_STAMP)
+	MLG_LONG=1 $(PY) -m hw.formal
 
 # Bitstream and report of the digits build: make synth BOARD=ulx3s-85f|icebreaker [FREQ=MHz]
 BOARD   ?= ulx3s-85f
