@@ -899,7 +899,7 @@ CHECKS = (
           "cycles: the first byte arrives, the next is on the line)"),
     Check("controller.liveness", controller_liveness, "bmc", 30,
           f"a run ends within {RUN_CYCLES} cycles when the units answer after {UNIT_LATENCY}",
-          22, long=True),
+          26, long=True),
 )
 
 
