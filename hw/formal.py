@@ -832,10 +832,13 @@ CONTROLLER = AcceleratorConfig(rows=2, cols=2, a_bits=4, w_bits=4, m_bits=4, qb=
                                max_bo=2, act_depth=18, act_buffers=2, base_store_bytes=64,
                                gen_lanes=2, max_layers=2, const_depth=4, max_payload=64,
                                link_timeout=16)
-# Longest run of CONTROLLER with units answering after UNIT_LATENCY cycles: per layer
-# FETCH, DESC, WAIT, the engine's latency and done (2 layers: 14 cycles), plus slack.
-UNIT_LATENCY = 3
-RUN_CYCLES = 16
+# A run of CONTROLLER with units answering after UNIT_LATENCY cycles: per layer FETCH,
+# DESC, WAIT, the engine's latency and done. A RUN frame is first executed about 15
+# cycles into a trace, so CONTROLLER_DEPTH leaves room for runs starting at several
+# points to exceed RUN_CYCLES.
+UNIT_LATENCY = 1
+RUN_CYCLES = 14
+CONTROLLER_DEPTH = 36
 
 
 def controller_liveness(config: AcceleratorConfig = CONTROLLER, cycles: int = RUN_CYCLES,
@@ -897,7 +900,7 @@ CHECKS = (
     Check("uart.loopback", uart_loopback, "bmc", 48,
           "UARTTx -> UARTRx: bytes in order, no framing error or overrun (a frame is 40 "
           "cycles: the first byte arrives, the next is on the line)"),
-    Check("controller.liveness", controller_liveness, "bmc", 30,
+    Check("controller.liveness", controller_liveness, "bmc", CONTROLLER_DEPTH,
           f"a run ends within {RUN_CYCLES} cycles when the units answer after {UNIT_LATENCY}",
           26, long=True),
 )

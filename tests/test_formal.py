@@ -116,5 +116,6 @@ def test_controller_check_fails_when_a_unit_never_finishes(tmp_path):
     """Units that stay busy for longer than the bound: the run cannot end in time and
     the check names the property (it is not satisfied by every design)."""
     h = formal.controller_liveness(latency=formal.RUN_CYCLES)
-    r = formal.check(h, mode="bmc", depth=30, name="controller_slow", workdir=tmp_path)
+    r = formal.check(h, mode="bmc", depth=formal.CONTROLLER_DEPTH, name="controller_slow",
+                     workdir=tmp_path)
     assert r.status == "FAIL" and r.failed == ["controller.run_ends"], _explain(r)
