@@ -66,13 +66,6 @@ def soak(board: SimulatedBoard, transport: Transport, config: AcceleratorConfig,
         raise ValueError(f"images {images}: accepted a count >= 1")
     rng = random.Random(seed)
     wire = FaultyTransport(transport)
-    return _soak(board, config, program, x_int, golden, wire, rng, images=images,
-                 fault_rate=fault_rate, every_kind=every_kind, timeout=timeout,
-                 run_timeout=run_timeout, progress=progress)
-
-
-def _soak(board, config, program, x_int, golden, wire, rng, *, images, fault_rate, every_kind,
-          timeout, run_timeout, progress):
     combos = [(k, p) for k in KINDS for p in PHASES]
     rng.shuffle(combos)
     net = program.network()
