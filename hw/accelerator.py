@@ -80,6 +80,13 @@ class _Ex(enum.Enum, shape=4):
     PRE = 11
 
 
+class _Rd(enum.Enum, shape=2):
+    """Steps of a memory, status or counter read-back byte."""
+    ADDR = 0
+    CAPTURE = 1
+    OFFER = 2
+
+
 class _Seq(enum.Enum, shape=3):
     IDLE = 0
     FETCH = 1
@@ -431,8 +438,13 @@ class Accelerator(wiring.Component):
 
         # Streamed responses: identity, memory reads, status, counters, activations.
         s_idx = Signal(17)
-        s_pending = Signal()
+        s_phase = Signal(_Rd)
         s_sel_byte = Signal(8)
+        sel_q = Signal(8)
+        cidx = Signal(range(len(COUNTERS)))
+        cap_ident, cap_bases = Signal(8), Signal(8)
+        cap_prog, cap_consts = Signal(8 * RB), Signal(8 * CB)
+        cap_counter = Signal(COUNTER_BITS)
         s_data = Signal(8)
         s_pos = Signal(40)
         status_word = Cat(state, Const(0, 8 - len(state)), status_err,
@@ -459,58 +471,63 @@ class Accelerator(wiring.Component):
                     with m.If(s_idx == resp_len - 1):
                         m.d.sync += ex.eq(_Ex.IDLE)
             with m.Else():
-                # Byte s_idx is addressed this cycle and valid the next (s_pending).
-                adv = ~s_pending | payload.ready
-                m.d.comb += payload.valid.eq(s_pending)
-                m.d.comb += s_pos.eq(addr + s_idx)
-                rd_en = Signal()
-                m.d.comb += rd_en.eq(adv)
-                m.d.comb += [ident_rd.addr.eq(s_idx), ident_rd.en.eq(rd_en)]
-                with m.Switch(src_sel):
-                    with m.Case(SRC_BASES):
-                        m.d.comb += [bases_rd_host.addr.eq(s_pos), bases_rd_host.en.eq(rd_en)]
-                    with m.Case(SRC_PROG):
-                        m.d.comb += [prog_rd_host.addr.eq(s_pos >> rb_log), prog_rd_host.en.eq(rd_en)]
-                    with m.Case(SRC_CONSTS):
-                        m.d.comb += [consts_rd_host.addr.eq(s_pos >> cb_log),
-                                     consts_rd_host.en.eq(rd_en)]
-                sel_q = Signal(8)
-                with m.If(adv):
-                    m.d.sync += sel_q.eq(s_idx)
+                # One byte at a time, in three registered steps, so that no block RAM
+                # output reaches the payload mux in the same cycle (the link drains
+                # far slower than a byte every three cycles):
+                # ADDR addresses byte s_idx, CAPTURE registers the sources' words,
+                # OFFER selects the byte from those registers until the link takes it.
+                with m.Switch(s_phase):
+                    with m.Case(_Rd.ADDR):
+                        with m.If(s_idx < resp_len):
+                            m.d.comb += s_pos.eq(addr + s_idx)
+                            m.d.comb += [ident_rd.addr.eq(s_idx), ident_rd.en.eq(1)]
+                            with m.Switch(src_sel):
+                                with m.Case(SRC_BASES):
+                                    m.d.comb += [bases_rd_host.addr.eq(s_pos),
+                                                 bases_rd_host.en.eq(1)]
+                                with m.Case(SRC_PROG):
+                                    m.d.comb += [prog_rd_host.addr.eq(s_pos >> rb_log),
+                                                 prog_rd_host.en.eq(1)]
+                                with m.Case(SRC_CONSTS):
+                                    m.d.comb += [consts_rd_host.addr.eq(s_pos >> cb_log),
+                                                 consts_rd_host.en.eq(1)]
+                            m.d.sync += [sel_q.eq(s_idx), s_sel_byte.eq(s_pos[:8]),
+                                         cidx.eq(s_idx >> 3), s_phase.eq(_Rd.CAPTURE)]
+                        with m.Else():
+                            m.d.sync += ex.eq(_Ex.IDLE)
+                    with m.Case(_Rd.CAPTURE):
+                        m.d.sync += [cap_ident.eq(ident_rd.data), cap_bases.eq(bases_rd_host.data),
+                                     cap_prog.eq(prog_rd_host.data),
+                                     cap_consts.eq(consts_rd_host.data),
+                                     cap_counter.eq(counter_word), s_phase.eq(_Rd.OFFER)]
+                    with m.Case(_Rd.OFFER):
+                        m.d.comb += payload.valid.eq(1)
+                        with m.If(payload.ready):
+                            m.d.sync += [s_idx.eq(s_idx + 1), s_phase.eq(_Rd.ADDR)]
                 with m.Switch(src_sel):
                     with m.Case(SRC_IDENT):
-                        m.d.comb += s_data.eq(ident_rd.data)
+                        m.d.comb += s_data.eq(cap_ident)
                     with m.Case(SRC_BASES):
-                        m.d.comb += s_data.eq(bases_rd_host.data)
+                        m.d.comb += s_data.eq(cap_bases)
                     with m.Case(SRC_PROG):
-                        m.d.comb += s_data.eq(prog_rd_host.data.word_select(s_sel_byte[:max(1, rb_log)], 8)
-                                              if rb_log else prog_rd_host.data)
+                        m.d.comb += s_data.eq(cap_prog.word_select(s_sel_byte[:max(1, rb_log)], 8)
+                                              if rb_log else cap_prog)
                     with m.Case(SRC_CONSTS):
-                        m.d.comb += s_data.eq(consts_rd_host.data.word_select(s_sel_byte[:max(1, cb_log)], 8)
-                                              if cb_log else consts_rd_host.data)
+                        m.d.comb += s_data.eq(cap_consts.word_select(s_sel_byte[:max(1, cb_log)], 8)
+                                              if cb_log else cap_consts)
                     with m.Case(SRC_ERROR):
                         m.d.comb += s_data.eq(Mux(sel_q == 0, err, op))
                     with m.Case(SRC_STATUS):
                         m.d.comb += s_data.eq(status_word.word_select(sel_q[:2], 8))
                     with m.Case(SRC_COUNTERS):
-                        m.d.comb += s_data.eq(Cat(counter_word, Const(0, 64 - COUNTER_BITS))
+                        m.d.comb += s_data.eq(Cat(cap_counter, Const(0, 64 - COUNTER_BITS))
                                               .word_select(sel_q[:3], 8))
-                with m.If(adv):
-                    m.d.sync += s_sel_byte.eq(s_pos[:8])
-                    with m.If(s_idx < resp_len):
-                        m.d.sync += [s_idx.eq(s_idx + 1), s_pending.eq(1)]
-                    with m.Else():
-                        m.d.sync += [s_pending.eq(0), ex.eq(_Ex.IDLE)]
-            # Counters: the one whose byte is sent next, registered.
-            cidx = Signal(range(len(COUNTERS)))
-            with m.If(~s_pending | payload.ready):
-                m.d.sync += cidx.eq(s_idx >> 3)
             with m.Switch(cidx):
                 for i, name in enumerate(COUNTERS):
                     with m.Case(i):
                         m.d.comb += counter_word.eq(ctr[name])
         with m.If(ex == _Ex.RESPOND):
-            m.d.sync += [s_idx.eq(0), s_pending.eq(0), act_byte.eq(0)]
+            m.d.sync += [s_idx.eq(0), s_phase.eq(_Rd.ADDR), act_byte.eq(0)]
 
         # Activation transfers: one engine host command, then the elements.
         hc = eng.i_host.payload

