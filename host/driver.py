@@ -19,7 +19,7 @@ from gen.config import AcceleratorConfig
 from gen.program import Program, load_program
 
 from .image import DeviceImage, build_image
-from .protocol import (COUNTERS, CRC_BYTES, ERRORS, HEADER_BYTES, REGION_NAMES, OP_ABORT, OP_COUNTERS, OP_ERROR, OP_IDENTIFY,
+from .protocol import (COUNTERS, LOG_COUNTERS, REGION_LOG, CRC_BYTES, ERRORS, HEADER_BYTES, REGION_NAMES, OP_ABORT, OP_COUNTERS, OP_ERROR, OP_IDENTIFY,
                        OP_LOAD_ACT, OP_NAMES, OP_READ, OP_READ_ACT, OP_RUN, OP_STATUS, OP_WRITE,
                        PROTOCOL_VERSION, REGION_BASES, REGION_CONSTS, REGION_PROGRAM,
                        REGION_STREAM, RESPONSE,
@@ -233,6 +233,30 @@ class Driver:
     def counters(self) -> dict[str, int]:
         values = struct.unpack(f"<{len(COUNTERS)}Q", self._sized(OP_COUNTERS, 8 * len(COUNTERS)))
         return dict(zip(COUNTERS, values))
+
+    def layer_log(self, n_layers: int | None = None) -> list[dict[str, int]]:
+        """Per-layer counters of the last run (``REGION_LOG``), for its first
+        ``n_layers`` layers (default: the loaded program's).
+
+        Each layer's entry holds what the counters of :data:`LOG_COUNTERS` gained
+        from the end of the previous layer to the end of this one (``cycles`` is the
+        layer's share of the run's cycles), plus ``end``, the cycle it ended at.
+        """
+        n = n_layers if n_layers is not None else self._image().n_layers
+        words = len(LOG_COUNTERS)
+        limit = self._config().max_layers if self.config is not None else n
+        if not 0 < n <= limit:
+            raise DriverError(f"layer log has entries for 1..{limit} layers, asked for {n}")
+        raw = self.read(REGION_LOG, 0, n * words * 8)
+        values = struct.unpack(f"<{n * words}Q", raw)
+        out, prev = [], dict.fromkeys(LOG_COUNTERS, 0)
+        for i in range(n):
+            snap = dict(zip(LOG_COUNTERS, values[i * words:(i + 1) * words]))
+            entry = {k: snap[k] - prev[k] for k in LOG_COUNTERS}
+            entry["end"] = snap["cycles"]
+            out.append(entry)
+            prev = snap
+        return out
 
     def abort(self) -> None:
         self.request(OP_ABORT)

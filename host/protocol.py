@@ -50,6 +50,10 @@ written in whole words (address and length multiples of its word size):
 * ``REGION_BASES``: the base store, packed codes (bytes);
 * ``REGION_CONSTS``: per-channel requant constants (:func:`hw.engine.channel_layout`),
   ``const_bytes(config)`` each;
+* ``REGION_LOG`` (read only): the layer log of the last run, one entry of
+  ``len(LOG_COUNTERS)`` words of 8 bytes per layer: the run counters named in
+  :data:`LOG_COUNTERS` as they stood when that layer ended (entries of layers
+  the run did not reach hold older values);
 * ``REGION_STREAM`` (write only, address 0): code bytes of the layers that are
   not resident in the base store (record flag ``streamed``), in layer order.
   They go into a FIFO that the running program drains; the WRITE is answered
@@ -76,7 +80,7 @@ __all__ = [
     "SYNC", "PROTOCOL_VERSION", "IDENTITY_MAGIC", "OP_IDENTIFY", "OP_WRITE", "OP_READ",
     "OP_RUN", "OP_STATUS", "OP_COUNTERS", "OP_LOAD_ACT", "OP_READ_ACT", "OP_ABORT",
     "OP_ERROR", "OP_NAMES", "RESPONSE", "REGION_PROGRAM", "REGION_BASES", "REGION_CONSTS",
-    "REGION_STREAM",
+    "REGION_STREAM", "REGION_LOG", "LOG_COUNTERS",
     "REGION_NAMES", "ERRORS", "ERR_CRC", "ERR_LENGTH", "ERR_OPCODE", "ERR_ADDRESS",
     "ERR_BUSY", "ERR_TIMEOUT", "ERR_ARGUMENT", "ERR_STATE", "STATE_IDLE", "STATE_RUNNING", "STATE_DONE",
     "STATE_ERROR", "STATE_NAMES", "COUNTERS", "N_COUNTERS", "HEADER_BYTES", "CRC_BYTES",
@@ -108,8 +112,9 @@ REGION_PROGRAM = 0
 REGION_BASES = 1
 REGION_CONSTS = 2
 REGION_STREAM = 3
+REGION_LOG = 4
 REGION_NAMES = {REGION_PROGRAM: "program", REGION_BASES: "bases", REGION_CONSTS: "consts",
-                REGION_STREAM: "stream"}
+                REGION_STREAM: "stream", REGION_LOG: "log"}
 
 ERR_CRC = 1
 ERR_LENGTH = 2
@@ -147,6 +152,8 @@ COUNTERS = (
     "frame_errors",      # request frames refused since reset
 )
 N_COUNTERS = len(COUNTERS)
+# The run counters the layer log keeps for every layer (REGION_LOG).
+LOG_COUNTERS = COUNTERS[:8]   # a power of two: an entry is addressed by bit fields
 
 HEADER_BYTES = 4          # SYNC, OP, LEN
 CRC_BYTES = 2

@@ -35,19 +35,21 @@ are reset (activation memories keep their contents). ``ABORT`` does the same
 from the host.
 
 **Counters** (:data:`host.protocol.COUNTERS`): the run counters restart at
-RUN; the link counters count since reset.
+RUN; the link counters count since reset. When a layer ends, the run counters
+named in :data:`host.protocol.LOG_COUNTERS` are written to that layer's entry
+of the layer log (``REGION_LOG``), the cycle after the layer's end.
 """
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Const, Module, Mux, ResetInserter, Signal, unsigned
+from amaranth.hdl import Array, Cat, Const, Module, Mux, ResetInserter, Signal, unsigned
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from gen.config import AcceleratorConfig
-from host.protocol import (COUNTERS, ERR_ADDRESS, ERR_ARGUMENT, ERR_BUSY, ERR_STATE, ERR_LENGTH, ERR_OPCODE,
+from host.protocol import (COUNTERS, LOG_COUNTERS, REGION_LOG, ERR_ADDRESS, ERR_ARGUMENT, ERR_BUSY, ERR_STATE, ERR_LENGTH, ERR_OPCODE,
                            OP_ABORT, OP_COUNTERS, OP_ERROR, OP_IDENTIFY, OP_LOAD_ACT, OP_READ,
                            OP_READ_ACT, OP_RUN, OP_STATUS, OP_WRITE, REGION_BASES, REGION_CONSTS,
                            REGION_PROGRAM, REGION_STREAM, RESPONSE, STATE_DONE, STATE_ERROR, STATE_IDLE,
@@ -182,6 +184,14 @@ class Accelerator(wiring.Component):
         consts_wp, consts_rd_eng = consts.write_port(granularity=8), consts.read_port()
         prog_rd_host, bases_rd_host, consts_rd_host = prog_rd_eng, bases_rd_gen, consts_rd_eng
         ident_rd = ident.read_port()
+        # Per-layer log: the run counters as they stood when each layer ended, one
+        # small memory per counter so that a layer's entry is written in one cycle.
+        log_wps, log_rds = [], []
+        for name in LOG_COUNTERS:
+            mem = Memory(shape=COUNTER_BITS, depth=cfg.max_layers, init=[])
+            m.submodules[f"log_{name}"] = mem
+            log_wps.append(mem.write_port())
+            log_rds.append(mem.read_port())
 
         # ---- controller ----------------------------------------------------------------
         running = Signal()
@@ -250,6 +260,8 @@ class Accelerator(wiring.Component):
         m.d.comb += [eng.i_chan.payload.eq(consts_rd_eng.data[:channel_layout(cfg).size]),
                      prog_rd_eng.addr.eq(e_idx), eng.i_desc.payload.eq(e_rec.desc)]
         engine_fault = Signal()
+        log_we = Signal()
+        log_idx = Signal.like(e_idx)
         with m.Switch(e_st):
             with m.Case(_Seq.FETCH):
                 m.d.sync += e_st.eq(_Seq.DESC)
@@ -272,6 +284,14 @@ class Accelerator(wiring.Component):
                         m.d.sync += [state.eq(STATE_DONE), e_st.eq(_Seq.IDLE), running.eq(0)]
                     with m.Else():
                         m.d.sync += [e_idx.eq(e_idx + 1), e_st.eq(_Seq.FETCH)]
+                    with m.If(eng.error == 0):
+                        m.d.sync += [log_we.eq(1), log_idx.eq(e_idx)]
+        # The layer's log entry is written the cycle after its done, when the counters
+        # hold its counts (the sequencer goes on meanwhile).
+        with m.If(log_we):
+            m.d.sync += log_we.eq(0)
+        for name, wp in zip(LOG_COUNTERS, log_wps):
+            m.d.comb += [wp.addr.eq(log_idx), wp.en.eq(log_we), wp.data.eq(ctr[name])]
 
         with m.If(running):
             m.d.sync += ctr["cycles"].eq(ctr["cycles"] + 1)
@@ -299,9 +319,9 @@ class Accelerator(wiring.Component):
         resp_op = Signal(8)
         resp_len = Signal(16)
         # Payload source of a streamed response (STREAM state).
-        src_sel = Signal(range(8))
+        src_sel = Signal(range(9))
         (SRC_IDENT, SRC_PROG, SRC_BASES, SRC_CONSTS, SRC_STATUS, SRC_COUNTERS, SRC_ACT,
-         SRC_ERROR) = range(8)
+         SRC_ERROR, SRC_LOG) = range(9)
         # Activation transfer checks, summed channel by channel (no multipliers for a
         # check that runs once per transfer): elements, and entries per bank.
         rem = Signal(17)
@@ -369,7 +389,8 @@ class Accelerator(wiring.Component):
                 self._check(m, cfg, op, region, addr, count, data_len, abuf, achan, apix,
                             running, refuse, respond, ex, src_sel, state, status_err, start,
                             abort, n_layers, args, (rem, elems, need, lane), length, pre,
-                            (SRC_IDENT, SRC_PROG, SRC_BASES, SRC_CONSTS, SRC_STATUS, SRC_COUNTERS))
+                            (SRC_IDENT, SRC_PROG, SRC_BASES, SRC_CONSTS, SRC_STATUS, SRC_COUNTERS,
+                             SRC_LOG))
             with m.Case(_Ex.TILES):
                 with m.If(rem != 0):
                     m.d.sync += [rem.eq(rem - 1), elems.eq(elems + apix),
@@ -445,6 +466,9 @@ class Accelerator(wiring.Component):
         cap_ident, cap_bases = Signal(8), Signal(8)
         cap_prog, cap_consts = Signal(8 * RB), Signal(8 * CB)
         cap_counter = Signal(COUNTER_BITS)
+        # A log entry is LOG_COUNTERS words of 8 bytes: byte address = (layer, word, byte).
+        log_shift = 3 + (len(LOG_COUNTERS) - 1).bit_length()
+        log_word = Signal(range(len(LOG_COUNTERS)))
         s_data = Signal(8)
         s_pos = Signal(40)
         status_word = Cat(state, Const(0, 8 - len(state)), status_err,
@@ -491,7 +515,11 @@ class Accelerator(wiring.Component):
                                 with m.Case(SRC_CONSTS):
                                     m.d.comb += [consts_rd_host.addr.eq(s_pos >> cb_log),
                                                  consts_rd_host.en.eq(1)]
+                                with m.Case(SRC_LOG):
+                                    for rp in log_rds:
+                                        m.d.comb += [rp.addr.eq(s_pos >> log_shift), rp.en.eq(1)]
                             m.d.sync += [sel_q.eq(s_idx), s_sel_byte.eq(s_pos[:8]),
+                                         log_word.eq(s_pos[3:log_shift]),
                                          cidx.eq(s_idx >> 3), s_phase.eq(_Rd.CAPTURE)]
                         with m.Else():
                             m.d.sync += ex.eq(_Ex.IDLE)
@@ -499,7 +527,10 @@ class Accelerator(wiring.Component):
                         m.d.sync += [cap_ident.eq(ident_rd.data), cap_bases.eq(bases_rd_host.data),
                                      cap_prog.eq(prog_rd_host.data),
                                      cap_consts.eq(consts_rd_host.data),
-                                     cap_counter.eq(counter_word), s_phase.eq(_Rd.OFFER)]
+                                     cap_counter.eq(Mux(src_sel == SRC_LOG,
+                                                        Array(rp.data for rp in log_rds)[log_word],
+                                                        counter_word)),
+                                     s_phase.eq(_Rd.OFFER)]
                     with m.Case(_Rd.OFFER):
                         m.d.comb += payload.valid.eq(1)
                         with m.If(payload.ready):
@@ -522,6 +553,9 @@ class Accelerator(wiring.Component):
                     with m.Case(SRC_COUNTERS):
                         m.d.comb += s_data.eq(Cat(cap_counter, Const(0, 64 - COUNTER_BITS))
                                               .word_select(sel_q[:3], 8))
+                    with m.Case(SRC_LOG):
+                        m.d.comb += s_data.eq(Cat(cap_counter, Const(0, 64 - COUNTER_BITS))
+                                              .word_select(s_sel_byte[:3], 8))
             with m.Switch(cidx):
                 for i, name in enumerate(COUNTERS):
                     with m.Case(i):
@@ -592,13 +626,15 @@ class Accelerator(wiring.Component):
     def _region_sizes(self) -> dict:
         cfg = self.config
         return {REGION_PROGRAM: cfg.max_layers * self.record_bytes, REGION_BASES: cfg.base_store_bytes,
-                REGION_CONSTS: cfg.const_depth * self.const_bytes}
+                REGION_CONSTS: cfg.const_depth * self.const_bytes,
+                REGION_LOG: cfg.max_layers * len(LOG_COUNTERS) * 8}
 
     def _precheck(self, m, cfg, op, addr, count, data_len, achan, apix, args, pre):
         """Registered argument checks for CHECK: RUN's layer count, LOAD_ACT/READ_ACT's
         shape, and per memory region whether the transfer is in range (and, for a
         WRITE, whole words)."""
-        words = {REGION_PROGRAM: self.record_bytes, REGION_BASES: 1, REGION_CONSTS: self.const_bytes}
+        words = {REGION_PROGRAM: self.record_bytes, REGION_BASES: 1, REGION_CONSTS: self.const_bytes,
+                 REGION_LOG: 1}
         n = Mux(op == OP_WRITE, data_len, count)
         for reg, size in self._region_sizes().items():
             wb = words[reg]
@@ -614,7 +650,7 @@ class Accelerator(wiring.Component):
     def _check(self, m, cfg, op, region, addr, count, data_len, abuf, achan, apix, running,
                refuse, respond, ex, src_sel, state, status_err, start, abort, n_layers,
                args, sums, length, pre, srcs):
-        SRC_IDENT, SRC_PROG, SRC_BASES, SRC_CONSTS, SRC_STATUS, SRC_COUNTERS = srcs
+        SRC_IDENT, SRC_PROG, SRC_BASES, SRC_CONSTS, SRC_STATUS, SRC_COUNTERS, SRC_LOG = srcs
         sizes = self._region_sizes()
         with m.Switch(op):
             with m.Case(OP_IDENTIFY):
@@ -654,12 +690,14 @@ class Accelerator(wiring.Component):
                             with m.Case(reg):
                                 with m.If(~pre["mem_ok"][reg]):
                                     refuse(ERR_ADDRESS)
+                                with m.Elif((op == OP_WRITE) & (reg == REGION_LOG)):
+                                    refuse(ERR_ADDRESS)
                                 with m.Elif(op == OP_WRITE):
                                     m.d.sync += ex.eq(_Ex.WRITE)
                                 with m.Else():
                                     respond(op | RESPONSE, count,
                                             {REGION_PROGRAM: SRC_PROG, REGION_BASES: SRC_BASES,
-                                             REGION_CONSTS: SRC_CONSTS}[reg])
+                                             REGION_CONSTS: SRC_CONSTS, REGION_LOG: SRC_LOG}[reg])
                         with m.Default():
                             refuse(ERR_ADDRESS)
             with m.Case(OP_LOAD_ACT, OP_READ_ACT):

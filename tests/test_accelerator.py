@@ -25,7 +25,7 @@ from host.driver import DeviceError, Driver
 from host.image import build_image
 from host.protocol import (ERR_ADDRESS, ERR_ARGUMENT, ERR_CRC, ERR_LENGTH, ERR_OPCODE,
                            ERR_STATE, ERR_TIMEOUT, OP_ERROR, OP_IDENTIFY, OP_LOAD_ACT, OP_READ, OP_RUN,
-                           OP_STATUS, OP_WRITE, REGION_BASES, REGION_STREAM, SYNC, FrameDecoder,
+                           OP_STATUS, OP_WRITE, REGION_BASES, REGION_LOG, REGION_STREAM, LOG_COUNTERS, SYNC, FrameDecoder,
                            encode_frame)
 from host.transport import SerialTransport
 from sim.board import SimulatedBoard
@@ -157,6 +157,15 @@ def test_board_verilator_bit_exact_counters_and_faults(streamed_build):
             assert c["code_bytes"] == len(image.bases) + image.streamed_bytes
             assert c["macs"] == sum(layer.macs for layer in net.layers)
             assert 0 < c["engine_busy"] <= c["cycles"] and c["mac_cycles"] <= c["engine_busy"]
+            # The layer log splits the last run's counters by layer.
+            log = drv.layer_log()
+            assert [e["macs"] for e in log] == [layer.macs for layer in net.layers]
+            for name in LOG_COUNTERS:
+                assert sum(e[name] for e in log) <= c[name], name
+            assert sum(e["code_bytes"] for e in log) == c["code_bytes"]
+            assert log[-1]["end"] <= c["cycles"] and all(e["cycles"] > 0 for e in log)
+            _expect_error(drv, encode_frame(OP_WRITE, struct.pack("<BI", REGION_LOG, 0) + b"\x00"),
+                          ERR_ADDRESS)
 
             # Malformed frames: one error response each, no state change.
             bad_crc = bytearray(encode_frame(OP_WRITE, struct.pack("<BI", REGION_BASES, 0) + b"\xAA" * 8))
