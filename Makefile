@@ -10,7 +10,7 @@ ROWS    ?= 8
 COLS    ?= 8
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test train compile rtl synth soak formal venv iverilog clean
+.PHONY: demo test train compile rtl synth soak formal bench venv iverilog clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,11 @@ demo: $(BUILD)/digits.pt
 SOAK_IMAGES ?= 1000
 soak: compile
 	$(MLG) soak $(BUILD)/digits --images $(SOAK_IMAGES) --out $(BUILD)/digits/soak.json
+
+# Performance bench: per-layer cycles and bytes of the ResNet-18 layer set and the digits
+# network, MLG against dense int8, in RTL simulation, with the cost model's prediction.
+bench: $(BUILD)/digits.pt
+	$(MLG) bench --digits $(BUILD)/digits.pt --out $(BUILD)/bench.json --plot $(BUILD)/bench.png
 
 # Formal checks (SymbiYosys): every property with its depth, the long ones included.
 formal: $(SYNTH_STAMP)

@@ -147,10 +147,48 @@ class CompileResult:
     report: dict
 
 
-def compile_network(net: QuantizedNetwork, rows: int = 8, cols: int = 8,
-                    **overrides) -> CompileResult:
+FORMS = ("generate", "auto", "factorized")
+
+
+def predicted_cycles(net: QuantizedNetwork, rows: int, cols: int, **overrides) -> int:
+    """Cycles :mod:`gen.cost` predicts for ``net`` on the config it would compile to."""
+    from .cost import layer_costs
+
+    net = allocate_buffers(net)
+    return sum(c.cycles for c in layer_costs(net, derive_config(net, rows, cols, **overrides)))
+
+
+def choose_forms(net: QuantizedNetwork, rows: int, cols: int, form: str,
+                 calib: "torch.Tensor | None", **overrides) -> QuantizedNetwork:
+    """``net`` with its execution forms chosen: ``generate`` keeps form 1 everywhere,
+    ``factorized`` takes form 2 wherever it applies, ``auto`` wherever the cost model
+    predicts fewer cycles. ``calib`` (quantized inputs) sets the intermediate scales."""
+    from .factorize import choose_factorized, factorizable, factorize
+
+    if form not in FORMS:
+        raise CompileError(f"execution form {form!r} unknown; accepted: {', '.join(FORMS)}")
+    if form == "generate" or not any(factorizable(l) for l in net.layers):
+        return net
+    if calib is None:
+        raise CompileError(f"form {form!r} needs calibration inputs for the factorized layers' "
+                           "intermediate scale")
+    if form == "auto":
+        names = choose_factorized(net, calib,
+                                  lambda n: predicted_cycles(n, rows, cols, **overrides))
+    else:
+        names = [l.name for l in net.layers if factorizable(l)]
+    return factorize(net, names, calib) if names else net
+
+
+def compile_network(net: QuantizedNetwork, rows: int = 8, cols: int = 8, *,
+                    form: str = "generate", calib=None, **overrides) -> CompileResult:
     """Compile ``net`` for an ``rows x cols`` array; ``overrides`` replace derived
-    config fields (e.g. ``gen_lanes``, ``link_timeout``)."""
+    config fields (e.g. ``gen_lanes``, ``link_timeout``). ``form`` chooses the
+    execution form of the generated layers (:func:`choose_forms`)."""
+    from .cost import layer_costs
+
+    original = [l.name for l in net.layers]
+    net = choose_forms(net, rows, cols, form, calib, **overrides)
     net = allocate_buffers(net)
     config = derive_config(net, rows, cols, **overrides)
     for l in net.layers:
@@ -170,6 +208,9 @@ def compile_network(net: QuantizedNetwork, rows: int = 8, cols: int = 8,
     report["program_bytes"] = len(program)
     report["config_hash"] = config.hash_hex
     report["array"] = f"{rows}x{cols}"
+    report["form"] = form
+    report["factorized"] = [n for n in original if f"{n}.w1" in {l.name for l in net.layers}]
+    report["predicted_cycles"] = sum(c.cycles for c in layer_costs(net, config))
     return CompileResult(config, program, net, report)
 
 

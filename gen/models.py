@@ -145,8 +145,10 @@ class ResNet18(_MLGModel):
     arch = "resnet18"
 
     def __init__(self, settings: MLGSettings, quant: bool = True, in_channels: int = 3,
-                 size: int = 32, num_classes: int = 10):
+                 size: int = 32, num_classes: int = 10, depths: tuple = (2, 2, 2, 2)):
         super().__init__()
+        if len(depths) != 4 or any(not isinstance(d, int) or d < 1 for d in depths):
+            raise ValueError(f"ResNet18 depths {depths!r}: four block counts >= 1 accepted")
         s, a = settings, settings.a_bits
         self.settings, self.size, self.in_channels, self.num_classes = s, size, in_channels, num_classes
         self.aq_in = ActQuant(a)
@@ -154,7 +156,8 @@ class ResNet18(_MLGModel):
         cfg = [(64, 1), (128, 2), (256, 2), (512, 2)]
         ci = 64
         for i, (co, stride) in enumerate(cfg, 1):
-            blocks = [BasicBlock(ci, co, stride, s, quant), BasicBlock(co, co, 1, s, quant)]
+            blocks = [BasicBlock(ci, co, stride, s, quant)]
+            blocks += [BasicBlock(co, co, 1, s, quant) for _ in range(depths[i - 1] - 1)]
             setattr(self, f"layer{i}", nn.Sequential(*blocks))
             ci = co
         self.linear = MLGLinear(512, num_classes, bias=False, settings=s, quant=quant)

@@ -63,7 +63,12 @@ def cmd_compile(args) -> int:
 
     data = load_model_file(args.model)
     overrides = {"gen_lanes": args.gen_lanes} if args.gen_lanes is not None else {}
-    result = compile_network(data["network"], rows=args.rows, cols=args.cols, **overrides)
+    net = data["network"]
+    calib = None
+    if args.form != "generate":
+        calib = _calibration_inputs(net, args.calib_images)
+    result = compile_network(net, rows=args.rows, cols=args.cols, form=args.form, calib=calib,
+                             **overrides)
     result.report["model"] = {"file": str(args.model), "arch": data.get("arch"),
                               "metrics": data.get("metrics", {})}
     paths = write_build(result, args.out)
@@ -74,6 +79,23 @@ def cmd_compile(args) -> int:
         print(format_report(result.report))
         print(f"config {result.config.hash_hex[:16]} ({args.rows}x{args.cols} array) -> {args.out}")
     return 0
+
+
+def _calibration_inputs(net, n: int):
+    """Quantized inputs that set the factorized layers' intermediate scales: training
+    images for a digits model, else N(0, 1) images (said on stderr)."""
+    import torch
+
+    from gen.golden import quantize_input
+
+    if net.arch == "digits":
+        from gen.train import load_digits_split
+
+        x = load_digits_split()[0][:n]
+    else:
+        print(f"calibrating factorized layers on {n} synthetic N(0, 1) images", file=sys.stderr)
+        x = torch.randn(n, *net.input_shape, generator=torch.Generator().manual_seed(0))
+    return quantize_input(net, x)
 
 
 def cmd_golden(args) -> int:
@@ -202,6 +224,38 @@ def cmd_soak(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_bench(args) -> int:
+    from gen.network import load_model_file
+    from sim.bench import bench, format_report, plot_report, resnet_layer_set, save_json
+
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    suites = {}
+    for name in args.suites.split(","):
+        if name == "resnet":
+            suites["resnet"] = resnet_layer_set(seed=args.seed)
+        elif name == "resnet18":
+            suites["resnet18"] = resnet_layer_set(depths=(2, 2, 2, 2), seed=args.seed)
+        elif name == "digits":
+            path = Path(args.digits)
+            if not path.exists():
+                raise ValueError(f"{path}: no digits model file; make one with "
+                                 f"'mlg train --out {path}' or name another with --digits")
+            suites["digits"] = load_model_file(path)["network"]
+        else:
+            raise ValueError(f"--suites: unknown suite {name!r}; accepted: resnet, digits, resnet18")
+    report = bench(suites, args.rows, args.cols, simulator=args.simulator, seed=args.seed)
+    if args.out:
+        save_json(report, args.out)
+    if args.plot:
+        plot_report(report, args.plot)
+        log(f"plot written to {args.plot}")
+    if args.json:
+        _print_json(report)
+    else:
+        print(format_report(report))
+    return 0 if all(not any(s["mismatches"].values()) for s in report["suites"]) else 1
+
+
 def format_soak(r: dict) -> str:
     fz = r["frame_fuzz"]
     rows = [
@@ -311,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cols", type=int, default=8)
     c.add_argument("--gen-lanes", type=int, default=None,
                    help="generation-unit multipliers (default: one per PE, at most 256)")
+    c.add_argument("--form", choices=("auto", "generate", "factorized"), default="auto",
+                   help="execution form of layers with level 2: generate W2 then convolve, the "
+                        "factorized form (conv with W1, then 1x1 with V), or per layer whichever "
+                        "the cost model predicts faster (default auto)")
+    c.add_argument("--calib-images", type=int, default=16,
+                   help="inputs that set the factorized layers' intermediate scales (default 16)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_compile)
 
@@ -344,6 +404,21 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("--out", help="also write the report (JSON) to this file")
     so.add_argument("--json", action="store_true")
     so.set_defaults(func=cmd_soak)
+
+    b = sub.add_parser("bench", help="per-layer cycles and bytes, MLG against dense int8, in RTL "
+                                     "simulation, against the cost model")
+    b.add_argument("--suites", default="resnet,digits",
+                   help="comma-separated: resnet (the ResNet-18 layer set), digits (the digits "
+                        "model), resnet18 (the whole ResNet-18); default resnet,digits")
+    b.add_argument("--digits", default="build/digits.pt", help="digits model file (mlg train)")
+    b.add_argument("--rows", type=int, default=8)
+    b.add_argument("--cols", type=int, default=8)
+    b.add_argument("--simulator", choices=("verilator", "icarus"), default="verilator")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--plot", help="write the per-layer plot (PNG) to this file")
+    b.add_argument("--out", help="also write the report (JSON) to this file")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
 
     for name, helptext in (("sim", "run test images end to end on the RTL in simulation"),
                            ("run", "run test images end to end on a board")):

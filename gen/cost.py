@@ -1,0 +1,145 @@
+"""Analytic cost model: cycles and bytes of every layer of a program on a config.
+
+The model follows the hardware's structure (``hw.generation``, ``hw.engine``,
+``hw.accelerator``); its few fixed overheads were measured on the RTL.
+
+Per conv layer, with ``T = ceil(co/cols) * ceil(ci/rows) * k*k`` weight tiles
+and ``P = ho*wo`` output pixels:
+
+* **engine**: the array takes one vector per cycle, each tile streams all ``P``
+  pixels past its weights (and needs ``rows`` cycles to load them), so a tile
+  costs ``te = max(P, rows)``; after the last tile the accumulators of the last
+  output-channel tile are requantized, ``P * cols / gcd(rows, cols)`` cycles;
+* **generation**: loading the layer's codes takes one cycle per code, level 1
+  ``bo * ceil(ci/rows) * k*k * bi * P1`` cycles, and each weight tile
+  ``tg = Pc * Pr * bo`` cycles with level 2 (``hw.generation.lane_plan``), else
+  ``cols`` (one W1 word per cycle);
+* **overlap**: the generation unit starts a layer's codes once the previous
+  layer's last tile is generated and runs at most a few tiles ahead of the
+  engine; the engine takes a tile every ``max(te, tg)`` cycles once the first
+  one is there.
+
+A layer's cycles are the cycles from the end of the previous layer to its own
+end, as the layer log (``REGION_LOG``) measures them.
+
+Bytes: a layer moves its packed codes (the weights) into the generation unit,
+and reads its input (and residual) and writes its output in the on-chip
+activation buffers, ``act_bytes`` bytes an element.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from .config import AcceleratorConfig
+from .network import LayerSpec, QuantizedNetwork
+
+__all__ = ["LayerCost", "layer_costs", "network_cost", "ENGINE_FIXED", "GEN_FIXED",
+           "LOOKAHEAD_TILES", "SEQ_FIXED"]
+
+# Fixed overheads in cycles, measured on the RTL (hw.engine pipeline depth and
+# descriptor check; hw.generation descriptor, section alignment and tile pipeline;
+# the sequencers' record fetch).
+ENGINE_FIXED = 41
+GEN_FIXED = 12
+SEQ_FIXED = 4
+# Weight tiles the generation unit can finish ahead of the engine: two work tiles,
+# the output tile, the four-vector weight FIFO and the engine's staging tile.
+LOOKAHEAD_TILES = 4
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class LayerCost:
+    """Predicted cost of one layer (cycles and bytes)."""
+
+    name: str
+    op: str
+    macs: int
+    tiles: int
+    compute: int          # cycles the array needs for the layer's vectors (T * te + tail)
+    gen_load: int         # code load
+    gen_level1: int
+    gen_tiles: int        # all weight tiles
+    generation: int       # gen_load + gen_level1 + gen_tiles
+    cycles: int           # end of the previous layer to the end of this one
+    exposed: int          # generation cycles the array waited for
+    weight_bytes: int
+    act_bytes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _lanes(config: AcceleratorConfig) -> tuple[int, int, int]:
+    """(Pc * Pr, P1): level-2 groups per tile and level-1 passes per W1 word."""
+    R, C, L = config.rows, config.cols, config.gen_lanes
+    Lc, Lr = (L, 1) if L <= C else (C, min(R, L // C))
+    l1 = min(Lc * Lr, R)
+    return _cdiv(C, Lc) * _cdiv(R, Lr), _cdiv(R, l1)
+
+
+def _layer_parts(net: QuantizedNetwork, layer: LayerSpec, config: AcceleratorConfig) -> dict:
+    R, C = config.rows, config.cols
+    ab = (config.a_bits + 7) // 8
+    p = layer.ho * layer.wo
+    acts = (layer.ci * layer.h * layer.w + layer.out_channels * p
+            + (layer.out_channels * p if layer.res is not None else 0)) * ab
+    if layer.op == "pool":
+        groups = _cdiv(layer.ci, R)
+        compute = groups * layer.h * layer.w + groups * _cdiv(R, math.gcd(R, C)) + ENGINE_FIXED
+        return dict(tiles=0, te=0, tg=0, tail=0, compute=compute, load=0, l1=0, gen=0,
+                    weight_bytes=0, act_bytes=acts)
+    kk = layer.k * layer.k
+    tiles = _cdiv(layer.co, C) * _cdiv(layer.ci, R) * kk
+    te = max(p, R)
+    tail = p * C // math.gcd(R, C) + ENGINE_FIXED
+    groups, p1 = _lanes(config)
+    load = sum(t.numel() for _, t, _ in layer.code_tensors(net)) + GEN_FIXED
+    l1 = layer.bo * _cdiv(layer.ci, R) * kk * layer.bi * p1 if layer.has_l1 else 0
+    tg = groups * layer.bo if layer.has_l2 else C
+    return dict(tiles=tiles, te=te, tg=tg, tail=tail, compute=tiles * te + tail, load=load,
+                l1=l1, gen=load + l1 + tiles * tg,
+                weight_bytes=layer.aligned_code_bytes(net), act_bytes=acts)
+
+
+def layer_costs(net: QuantizedNetwork, config: AcceleratorConfig) -> list[LayerCost]:
+    """Predicted cost of every layer of ``net`` run as one program on ``config``."""
+    out = []
+    eng_end = 0          # the engine finished the previous layer
+    gen_free = SEQ_FIXED  # the generation unit can take the next conv layer's codes
+    for layer in net.layers:
+        c = _layer_parts(net, layer, config)
+        start = eng_end + SEQ_FIXED
+        if layer.op == "pool":
+            end = start + c["compute"]
+            exposed = 0
+        else:
+            first = gen_free + c["load"] + c["l1"] + c["tg"]
+            rate = max(c["te"], c["tg"])
+            begin = max(start, first)
+            end = begin + c["tiles"] * rate + c["tail"]
+            exposed = begin - start + c["tiles"] * (rate - c["te"])
+            # The last tile is generated when it is due, at most LOOKAHEAD_TILES tiles
+            # ahead of the engine.
+            last_gen = first + (c["tiles"] - 1) * c["tg"]
+            gen_free = max(last_gen, end - c["tail"] - LOOKAHEAD_TILES * rate) + SEQ_FIXED
+        out.append(LayerCost(
+            name=layer.name, op=layer.op, macs=layer.macs, tiles=c["tiles"],
+            compute=c["compute"], gen_load=c["load"], gen_level1=c["l1"],
+            gen_tiles=c["tiles"] * c["tg"], generation=c["gen"], cycles=end - eng_end,
+            exposed=exposed, weight_bytes=c["weight_bytes"], act_bytes=c["act_bytes"]))
+        eng_end = end
+    return out
+
+
+def network_cost(net: QuantizedNetwork, config: AcceleratorConfig) -> dict:
+    """Totals of :func:`layer_costs`: cycles, MACs, weight and activation bytes."""
+    costs = layer_costs(net, config)
+    return {"cycles": sum(c.cycles for c in costs), "macs": sum(c.macs for c in costs),
+            "weight_bytes": sum(c.weight_bytes for c in costs),
+            "act_bytes": sum(c.act_bytes for c in costs), "layers": costs}
