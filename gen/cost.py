@@ -67,6 +67,7 @@ class LayerCost:
     gen_tiles: int        # all weight tiles
     generation: int       # gen_load + gen_level1 + gen_tiles
     cycles: int           # end of the previous layer to the end of this one
+    preloaded: int        # the same with every weight already on chip
     exposed: int          # generation cycles the array waited for
     weight_bytes: int
     act_bytes: int
@@ -132,6 +133,7 @@ def layer_costs(net: QuantizedNetwork, config: AcceleratorConfig) -> list[LayerC
             name=layer.name, op=layer.op, macs=layer.macs, tiles=c["tiles"],
             compute=c["compute"], gen_load=c["load"], gen_level1=c["l1"],
             gen_tiles=c["tiles"] * c["tg"], generation=c["gen"], cycles=end - eng_end,
+            preloaded=SEQ_FIXED + c["compute"],
             exposed=exposed, weight_bytes=c["weight_bytes"], act_bytes=c["act_bytes"]))
         eng_end = end
     return out

@@ -40,6 +40,12 @@ Rounding points
    bias, no ReLU.
 
 7. **Saturation** (:func:`saturate`) clamps to ``[-2**(b-1), 2**(b-1) - 1]``.
+
+8. **Factorized form** (:mod:`gen.factorize`): a layer run as a conv with
+   ``W1`` (rounded as in point 3 with its own shift) to ``bo`` channels,
+   requantized to activations with one per-tensor multiplier (point 5, no bias,
+   no ReLU), then a 1x1 conv with ``V`` that carries the layer's requant. The
+   intermediate requant is the form's one extra rounding point.
 """
 
 from __future__ import annotations

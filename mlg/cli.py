@@ -232,18 +232,20 @@ def cmd_bench(args) -> int:
     suites = {}
     for name in args.suites.split(","):
         if name == "resnet":
-            suites["resnet"] = resnet_layer_set(seed=args.seed)
+            suites["resnet"] = (resnet_layer_set(seed=args.seed), None)
         elif name == "resnet18":
-            suites["resnet18"] = resnet_layer_set(depths=(2, 2, 2, 2), seed=args.seed)
+            suites["resnet18"] = (resnet_layer_set(depths=(2, 2, 2, 2), seed=args.seed), None)
         elif name == "digits":
             path = Path(args.digits)
             if not path.exists():
                 raise ValueError(f"{path}: no digits model file; make one with "
                                  f"'mlg train --out {path}' or name another with --digits")
-            suites["digits"] = load_model_file(path)["network"]
+            net = load_model_file(path)["network"]
+            suites["digits"] = (net, _calibration_inputs(net, 16))
         else:
             raise ValueError(f"--suites: unknown suite {name!r}; accepted: resnet, digits, resnet18")
-    report = bench(suites, args.rows, args.cols, simulator=args.simulator, seed=args.seed)
+    report = bench(suites, args.rows, args.cols, simulator=args.simulator, seed=args.seed,
+                   form=args.form)
     if args.out:
         save_json(report, args.out)
     if args.plot:
@@ -415,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cols", type=int, default=8)
     b.add_argument("--simulator", choices=("verilator", "icarus"), default="verilator")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--form", choices=("auto", "generate", "factorized"), default="auto",
+                   help="execution form of the MLG layers (as mlg compile --form)")
     b.add_argument("--plot", help="write the per-layer plot (PNG) to this file")
     b.add_argument("--out", help="also write the report (JSON) to this file")
     b.add_argument("--json", action="store_true")

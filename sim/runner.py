@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -60,10 +61,38 @@ def simulator_available(sim: str, fast_build: bool = False) -> bool:
     return False
 
 
+_INIT_BLOCK = re.compile(
+    r"^(?P<indent>[ \t]*)initial begin\n(?P<body>(?:[ \t]*(?P<mem>\\?[\w$.]+ ?)\[\d+\] = "
+    r"\d+'h[0-9a-fA-F]+;\n)+)(?P=indent)end\n", re.M)
+_INIT_LINE = re.compile(r"^[ \t]*(\\?[\w$.]+ ?)\[(\d+)\] = (\d+'h[0-9a-fA-F]+);$", re.M)
+
+
+def compact_memory_init(text: str) -> str:
+    """Rewrite every ``initial`` block that sets a whole memory to one value, a line per
+    word as Yosys writes it, as a loop. Same contents; a large zero-initialized memory
+    then costs the simulator's compiler one statement instead of one per word."""
+    count = 0
+
+    def loop(m: re.Match) -> str:
+        nonlocal count
+        lines = _INIT_LINE.findall(m.group("body"))
+        names = {n for n, _, _ in lines}
+        values = {v for _, _, v in lines}
+        if (len(names) != 1 or len(values) != 1 or len(lines) < 16
+                or [int(i) for _, i, _ in lines] != list(range(len(lines)))):
+            return m.group(0)
+        count += 1
+        ind, name, value = m.group("indent"), names.pop(), values.pop()
+        return (f"{ind}initial begin : mlg_init_{count}\n{ind}  integer i;\n"
+                f"{ind}  for (i = 0; i < {len(lines)}; i = i + 1) {name}[i] = {value};\n{ind}end\n")
+
+    return _INIT_BLOCK.sub(loop, text)
+
+
 def verilog_of(component, name: str) -> str:
     from amaranth.back import verilog
 
-    return verilog.convert(component, name=name, emit_src=False)
+    return compact_memory_init(verilog.convert(component, name=name, emit_src=False))
 
 
 def run_bench(component, toplevel: str, test_module: str, sim: str = "verilator", *,

@@ -141,7 +141,7 @@ def test_bench_suite_runs_mlg_and_dense_bit_exact():
     layers = report["layers"]
     assert [r["layer"] for r in layers][0] == "dense"
     for r in layers:
-        assert r["cycles"] > 0 and r["dense_cycles"] > 0
+        assert r["cycles"] > 0 and r["dense_preloaded"] > 0
         assert r["util"] is None or 0 < r["util"] <= 1
     assert report["total"]["mlg_code_bytes_measured"] == report["total"]["mlg_w_bytes"]
     assert report["total"]["dense_w_bytes"] > report["total"]["mlg_w_bytes"]
