@@ -6,12 +6,16 @@ a 1x1 convolution: it needs ``bo * Ci * k*k`` generated weights instead of
 ``Co * Ci * k*k * bo`` multiply-accumulates of generation, which wins on deep
 layers with small feature maps. Both parts run on the existing units:
 
-* **part A** (``NAME.w1``): level 1 only, ``Ci -> bo`` channels, same kernel,
-  stride and padding; its weights are ``W1`` rounded to the PE width with their
-  own ``w_shift``;
-* **part B** (``NAME.v``): a dense 1x1 conv ``bo -> Co`` whose weights are ``V``
-  (odd values of at most ``qv + 1`` bits, exact as ``qd``-bit codes), with the
+* **part A** (``NAME.w1``): level 1 only (a dense layer of the ``qb``-bit basis
+  when the layer has no level 1), ``Ci -> bo`` channels, same kernel, stride
+  and padding; its weights are ``W1`` rounded to the PE width with their own
+  ``w_shift``;
+* **part B** (``NAME.v``): a dense 1x1 conv ``bo -> Co`` whose weights are the
+  ``V`` codes as they are (``qv`` bits, ``LayerSpec.dense_bits``), with the
   layer's ReLU and residual.
+
+Both parts keep the layer's codes at their own widths, so the form moves
+exactly the bytes of form 1.
 
 Integer contract: the bo intermediate channels are activations, so part A
 requantizes them to ``a_bits`` with one per-tensor multiplier (no bias, no
@@ -29,8 +33,7 @@ from dataclasses import replace
 
 import torch
 
-from .integer import (conv2d_int, decode_codes, encode_values, generate_w1, int_range, round_w2,
-                      value_range, w2_shift)
+from .integer import conv2d_int, decode_codes, generate_w1, int_range, round_w2, w2_shift
 from .lower import requant_constants
 from .network import LayerSpec, QuantizedNetwork
 
@@ -50,14 +53,6 @@ def _w1(net: QuantizedNetwork, layer: LayerSpec) -> torch.Tensor:
     b = decode_codes(layer.b, net.qb, net.decode)
     u = decode_codes(layer.u, net.qu, net.decode) if layer.has_l1 else None
     return generate_w1(b, u)  # [bo, ci, kk]
-
-
-def _as_dense_codes(net: QuantizedNetwork, values: torch.Tensor, what: str) -> torch.Tensor:
-    lo, hi = value_range(net.qd, net.decode)
-    if values.numel() and (int(values.min()) < lo or int(values.max()) > hi):
-        raise FactorizeError(f"{what}: values {int(values.min())}..{int(values.max())} do not "
-                             f"fit {net.qd}-bit dense codes ({lo}..{hi})")
-    return encode_values(values, net.qd, net.decode)
 
 
 def factorize_layer(net: QuantizedNetwork, layer: LayerSpec, x: torch.Tensor,
@@ -82,9 +77,8 @@ def factorize_layer(net: QuantizedNetwork, layer: LayerSpec, x: torch.Tensor,
         name=f"{layer.name}.w1", op="conv", ci=layer.ci, co=layer.bo, h=layer.h, w=layer.w,
         k=layer.k, stride=layer.stride, pad=layer.pad, bi=layer.bi if layer.has_l1 else 0,
         bo=layer.bo, src=layer.src, dst=mid, res=None, relu=False,
-        # Without level 1 the basis is the weights: qb-bit values, exact as dense codes.
-        b=layer.b if layer.has_l1 else _as_dense_codes(net, w1, f"layer {layer.name!r} basis"),
-        u=layer.u, v=None,
+        # Without level 1 the basis is the weights: a dense layer of qb-bit codes.
+        b=layer.b, u=layer.u, v=None, dense_bits="qd" if layer.has_l1 else "qb",
         w_shift=w_shift_a, mult=mult_a, bias=torch.zeros(layer.bo, dtype=torch.int64),
         shift=shift_a, m_res=0, in_scale=layer.in_scale,
         out_scale=layer.in_scale * layer.w_scale / r_a, w_scale=layer.w_scale)
@@ -99,8 +93,7 @@ def factorize_layer(net: QuantizedNetwork, layer: LayerSpec, x: torch.Tensor,
     part_b = LayerSpec(
         name=f"{layer.name}.v", op="conv", ci=layer.bo, co=layer.co, h=layer.ho, w=layer.wo,
         k=1, stride=1, pad=0, bi=0, bo=layer.co, src=mid, dst=layer.dst, res=layer.res,
-        relu=layer.relu, b=_as_dense_codes(net, v.reshape(layer.co, layer.bo, 1),
-                                           f"layer {layer.name!r} V"),
+        relu=layer.relu, b=layer.v.reshape(layer.co, layer.bo, 1), dense_bits="qv",
         u=None, v=None, w_shift=w2_shift(v, net.w_bits), mult=mult_b, bias=bias_b,
         shift=shift_b, m_res=m_res_b, in_scale=part_a.out_scale, out_scale=layer.out_scale,
         w_scale=1.0)

@@ -29,6 +29,8 @@ __all__ = ["LayerSpec", "QuantizedNetwork", "ModelFileError", "load_model_file",
            "save_model_file", "MODEL_FORMAT", "MODEL_VERSION"]
 
 MODEL_FORMAT = "mlg-model"
+# Widths a dense layer's codes may take (LayerSpec.dense_bits), in descriptor order.
+DENSE_BITS = ("qd", "qb", "qv")
 MODEL_VERSION = 1
 
 
@@ -48,6 +50,10 @@ class LayerSpec:
       at ``qb`` bits (``qd`` for a dense layer);
     * ``u``: ``[bo, ci, bi]`` at ``qu`` bits, present iff level 1 exists;
     * ``v``: ``[co, bo]`` at ``qv`` bits, present iff level 2 exists.
+
+    ``dense_bits`` names the network width of a dense layer's codes: ``"qd"``
+    (the dense layers' own width), or ``"qb"`` / ``"qv"`` for the parts of a
+    factorized layer (:mod:`gen.factorize`), whose codes are a basis or ``V``.
     """
 
     name: str
@@ -76,6 +82,7 @@ class LayerSpec:
     in_scale: float = 1.0
     out_scale: float = 1.0
     w_scale: float = 1.0
+    dense_bits: str = "qd"
 
     @property
     def has_l1(self) -> bool:
@@ -107,12 +114,16 @@ class LayerSpec:
         """``(name, codes, bits)`` of every packed code tensor of this layer."""
         if self.op != "conv":
             return []
-        out = [("B", self.b, net.qd if self.dense else net.qb)]
+        out = [("B", self.b, self.b_bits(net))]
         if self.u is not None:
             out.append(("U", self.u, net.qu))
         if self.v is not None:
             out.append(("V", self.v, net.qv))
         return out
+
+    def b_bits(self, net: "QuantizedNetwork") -> int:
+        """Code width of ``b``: ``qb``, or the width ``dense_bits`` names for a dense layer."""
+        return getattr(net, self.dense_bits) if self.dense else net.qb
 
     def aligned_code_bytes(self, net: "QuantizedNetwork") -> int:
         """Bytes of this layer's codes in the base store: each tensor packed on its own,
@@ -126,8 +137,7 @@ class LayerSpec:
 
     def weights_w2(self, net: "QuantizedNetwork") -> torch.Tensor:
         """Unrounded generated weights ``[co, ci, k*k]`` (exact integers)."""
-        bits_b = net.qd if self.dense else net.qb
-        b = decode_codes(self.b, bits_b, net.decode)
+        b = decode_codes(self.b, self.b_bits(net), net.decode)
         u = decode_codes(self.u, net.qu, net.decode) if self.u is not None else None
         v = decode_codes(self.v, net.qv, net.decode) if self.v is not None else None
         return generate_w2(b, u, v)
@@ -216,6 +226,9 @@ class QuantizedNetwork:
             if layer.op == "pool":
                 written.add(layer.dst)
                 continue
+            if layer.dense_bits not in DENSE_BITS or (layer.dense_bits != "qd" and not layer.dense):
+                err(layer, f"dense_bits {layer.dense_bits!r} unsupported; accepted: "
+                           f"{', '.join(DENSE_BITS)} (other than qd only on a dense conv layer)")
             if layer.k not in KERNEL_SIZES:
                 err(layer, f"kernel size {layer.k} unsupported; accepted {KERNEL_SIZES}")
             kk = layer.k * layer.k

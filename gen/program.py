@@ -50,7 +50,9 @@ Descriptor (struct format :data:`DESCRIPTOR_FORMAT`, one per layer, in run order
     off  type      field
       0  u8        op: 0 conv, 1 pool (global average pool to 1x1)
       1  u8        flags: bit0 ReLU, bit1 level 1 (U present), bit2 level 2
-                   (V present), bit3 residual add; bits 4..7 are zero
+                   (V present), bit3 residual add; bits 4..5 the code width of a
+                   dense layer's B (0 qd, 1 qb, 2 qv; 0 on other layers); bits
+                   6..7 are zero
       2  u8 x 3    k, stride, pad
       5  u8 x 3    src, dst, res activation buffer ids (res is 0 without bit3)
       8  u8        w_shift: W2 rounding shift
@@ -74,13 +76,14 @@ significant bit first; stream bit ``n`` is bit ``n % 8`` of byte ``n // 8``
 order and are not aligned: a tensor starts at whatever bit the previous one
 ended. The writer emits, layer after layer::
 
-    B     [bo, bi, k*k] (level 1) or [bo, ci, k*k]   qb bits (qd if dense), unsigned
+    B     [bo, bi, k*k] (level 1) or [bo, ci, k*k]   qb bits (dense: see flags), unsigned
     U     [bo, ci, bi]                               qu bits, unsigned
     V     [co, bo]                                   qv bits, unsigned
     mult  [co]                                       m_bits, two's complement
     bias  [co]                                       config.bias_bits, two's complement
 
-A layer is *dense* when it has neither U nor V; its B codes are ``qd`` bits.
+A layer is *dense* when it has neither U nor V; its B codes are ``qd`` bits, or
+``qb`` / ``qv`` bits as flag bits 4..5 say (the parts of a factorized layer).
 Only the end of the stream is padded, with zero bits, to a whole byte, so the
 data section is ``ceil(total bits / 8)`` bytes: the packing overhead of the
 whole program is under one byte. ``data bits`` is the end of the last tensor,
@@ -105,7 +108,7 @@ import numpy as np
 import torch
 
 from .config import DECODE_FORMS, KERNEL_SIZES, AcceleratorConfig
-from .network import LayerSpec, QuantizedNetwork
+from .network import DENSE_BITS, LayerSpec, QuantizedNetwork
 from .packing import PackingError, pack_codes, unpack_codes
 
 __all__ = [
@@ -135,6 +138,7 @@ OP_NAMES = {v: k for k, v in OP_CODES.items()}
 DECODE_CODES = {form: i for i, form in enumerate(DECODE_FORMS)}  # signed 0, odd 1
 
 FLAG_RELU, FLAG_L1, FLAG_L2, FLAG_RES = 1, 2, 4, 8
+DENSE_SHIFT = 4       # flag bits 4..5: index into gen.network.DENSE_BITS
 TENSORS = ("B", "U", "V", "mult", "bias")
 
 U8, U16, U32 = 0xFF, 0xFFFF, 0xFFFFFFFF
@@ -362,7 +366,8 @@ class _Writer:
                           f"{cfg.act_depth}")
             dense = layer.u is None and layer.v is None
             b_shape = (bo, bi, kk) if layer.u is not None else (bo, ci, kk)
-            offs["B"] = self.add(layer, "B", layer.b, b_shape, net.qd if dense else net.qb, False)
+            offs["B"] = self.add(layer, "B", layer.b, b_shape, layer.b_bits(net), False)
+            flags |= DENSE_BITS.index(layer.dense_bits) << DENSE_SHIFT
             if layer.u is not None:
                 offs["U"] = self.add(layer, "U", layer.u, (bo, ci, bi), net.qu, False)
             if layer.v is not None:
@@ -460,8 +465,10 @@ def _check_descriptor(source: str, i: int, raw: tuple, nbuf: int, limits: dict, 
         _bad_field(source, i, "op", f["op"], "0 (conv), 1 (pool)")
     op = OP_NAMES[f["op"]]
     flags = f["flags"]
-    if flags & ~0xF:
-        _bad_field(source, i, "flags", f"{flags:#04x}", "bits 0..3 only")
+    dense_sel = (flags >> DENSE_SHIFT) & 3
+    if flags & ~0x3F or dense_sel >= len(DENSE_BITS):
+        _bad_field(source, i, "flags", f"{flags:#04x}",
+                   f"bits 0..5, with bits 4..5 below {len(DENSE_BITS)}")
     has_l1, has_l2, has_res = bool(flags & FLAG_L1), bool(flags & FLAG_L2), bool(flags & FLAG_RES)
     rng("ci", 1, limits["max_ci"])
     rng("co", 1, limits["max_co"])
@@ -506,9 +513,12 @@ def _check_descriptor(source: str, i: int, raw: tuple, nbuf: int, limits: dict, 
 
     kk, bi, bo = k * k, f["bi"], f["bo"]
     dense = op == "conv" and not has_l1 and not has_l2
+    if dense_sel and not dense:
+        _bad_field(source, i, "flags", f"{flags:#04x}", "bits 4..5 zero on a layer that is not "
+                   "a dense conv")
     want = {
         "B": ((bo, bi, kk) if has_l1 else (bo, ci, kk),
-              widths["qd"] if dense else widths["qb"], False) if op == "conv" else None,
+              widths[DENSE_BITS[dense_sel]] if dense else widths["qb"], False) if op == "conv" else None,
         "U": ((bo, ci, bi), widths["qu"], False) if has_l1 else None,
         "V": ((co, bo), widths["qv"], False) if has_l2 else None,
         "mult": ((co,), m_bits, True),
@@ -692,6 +702,7 @@ def read_program(data: bytes, *, source: str = "program",
             w=f["w"], k=f["k"], stride=f["stride"], pad=f["pad"], bi=f["bi"], bo=f["bo"],
             src=f["src"], dst=f["dst"], res=f["res"] if flags & FLAG_RES else None,
             relu=bool(flags & FLAG_RELU), b=tensors["B"], u=tensors["U"], v=tensors["V"],
+            dense_bits=DENSE_BITS[(flags >> DENSE_SHIFT) & 3],
             w_shift=f["w_shift"], mult=tensors["mult"], bias=tensors["bias"],
             shift=f["shift"], m_res=f["m_res"]))
     layers[-1].out_scale = output_scale

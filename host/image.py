@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gen.config import AcceleratorConfig
+from gen.network import DENSE_BITS
 from gen.packing import pack_codes
 from gen.program import Program
 
@@ -53,6 +54,7 @@ def descriptor_fields(layer) -> dict:
     return {
         "op": int(pool), "relu": int(bool(layer.relu)), "has_l1": int(layer.has_l1),
         "has_l2": int(layer.has_l2), "has_res": int(layer.res is not None),
+        "dense_bits": DENSE_BITS.index(layer.dense_bits),
         "k": layer.k, "stride": layer.stride, "pad": layer.pad, "ci": layer.ci,
         "co": layer.ci if pool else layer.co, "h": layer.h, "w": layer.w,
         "bi": layer.bi if layer.has_l1 else 0, "bo": layer.bo if layer.has_l2 else 0,

@@ -6,7 +6,8 @@ Dataflow of one layer
    ``k``, ``bi``, ``bo``, ``has_l1``, ``has_l2``, ``w_shift``; the others are
    ignored). Without level 2 the unit uses ``bo = co``.
 2. **Load.** The layer's packed code stream arrives on ``i_codes`` as bytes:
-   the B section (``qb`` bits, ``qd`` for a dense layer), then U (``qu``, if
+   the B section (``qb`` bits; for a dense layer ``qd``, or ``qb`` / ``qv`` as the
+   descriptor's ``dense_bits`` says), then U (``qu``, if
    level 1 exists), then V (``qv``, if level 2 exists), each in the order of
    its ``gen.network.LayerSpec`` tensor. With ``section_align`` (the default)
    every section starts on a byte boundary, as three separately packed tensors
@@ -219,9 +220,10 @@ class GenerationUnit(wiring.Component):
 
     @property
     def w1_value_bits(self) -> int:
-        """Signed width of a W1 buffer entry: a level-1 sum, a basis or a dense value."""
+        """Signed width of a W1 buffer entry: a level-1 sum, a basis or a dense value
+        (``qd``, ``qb`` or ``qv`` bits)."""
         c = self.config
-        return max(c.w1_bits, c.b_value_bits, c.d_value_bits)
+        return max(c.w1_bits, c.b_value_bits, c.d_value_bits, c.v_value_bits)
 
     @property
     def memory_depths(self) -> dict[str, int]:
@@ -295,6 +297,8 @@ class GenerationUnit(wiring.Component):
         half_byp = Signal(w1w + 1)
         dense = Signal()
         m.d.comb += dense.eq(~has_l1 & ~has_l2)
+        dense_sel = Signal(2)       # a dense layer's code width: 0 qd, 1 qb, 2 qv
+        dense_w = Mux(dense_sel == 1, cfg.qb, Mux(dense_sel == 2, cfg.qv, cfg.qd))
 
         with m.Switch(k):
             for size in KERNEL_SIZES:
@@ -387,7 +391,7 @@ class GenerationUnit(wiring.Component):
             m.d.sync += [
                 ci.eq(d.ci), co.eq(d.co), k.eq(d.k), bi.eq(d.bi),
                 bo.eq(Mux(d.has_l2, d.bo, d.co)),
-                has_l1.eq(d.has_l1), has_l2.eq(d.has_l2),
+                has_l1.eq(d.has_l1), has_l2.eq(d.has_l2), dense_sel.eq(d.dense_bits),
                 ws_acc.eq(ws_a), ws_byp.eq(ws_b),
                 half_acc.eq(round_half(ws_a, acc_w + 1)),
                 half_byp.eq(round_half(ws_b, w1w + 1)),
@@ -423,7 +427,7 @@ class GenerationUnit(wiring.Component):
 
         def section_settings(st):
             is_u, is_v = st == _State.LOAD_U, st == _State.LOAD_V
-            return [width.eq(Mux(is_u, cfg.qu, Mux(is_v, cfg.qv, Mux(dense, cfg.qd, cfg.qb)))),
+            return [width.eq(Mux(is_u, cfg.qu, Mux(is_v, cfg.qv, Mux(dense, dense_w, cfg.qb)))),
                     lim0.eq(Mux(is_v, co, bo) - 1),
                     lim1.eq(Mux(is_v, bo, Mux(is_u | ~has_l1, ci, bi)) - 1),
                     lim2.eq(Mux(is_v, 1, Mux(is_u, bi, kk)) - 1),
@@ -450,7 +454,9 @@ class GenerationUnit(wiring.Component):
         load_addr = lb + Mux(in_v, c1, c2)
 
         dec_b = decode_code(code.payload, cfg.qb, form)
-        dec_d = decode_code(code.payload, cfg.qd, form)
+        dec_d = Mux(dense_sel == 1, dec_b,
+                    Mux(dense_sel == 2, decode_code(code.payload, cfg.qv, form),
+                        decode_code(code.payload, cfg.qd, form)))
         with m.If(code.valid & code.ready):
             m.d.sync += c2.eq(Mux(wrap2, 0, c2 + 1))
             with m.If(wrap2):

@@ -66,6 +66,7 @@ def descriptor_layout(config: AcceleratorConfig) -> data.StructLayout:
         "has_l1": unsigned(1),
         "has_l2": unsigned(1),
         "has_res": unsigned(1),
+        "dense_bits": unsigned(2),    # code width of a dense layer: 0 qd, 1 qb, 2 qv
         "k": dim(config.max_k),
         "stride": unsigned(2),
         "pad": dim(config.max_k // 2),

@@ -39,6 +39,11 @@ def test_factorized_parts_replace_the_layer_and_approximate_it():
                                                                           orig.pad, False, False, None)
         assert (b.ci, b.co, b.k, b.dense, b.relu, b.res) == (orig.bo, orig.co, 1, True, orig.relu, orig.res)
         assert a.has_l1 == orig.has_l1 and b.dst == orig.dst and a.dst == b.src
+    # The parts keep the layer's codes at their own widths: form 2 moves form 1's bytes.
+    assert sum(l.aligned_code_bytes(f) for l in f.layers) == sum(
+        l.aligned_code_bytes(net) for l in net.layers)
+    assert (by["both_s2.w1"].dense_bits, by["l2_only_res.w1"].dense_bits,
+            by["both_s2.v"].dense_bits) == ("qd", "qb", "qv")
     # Each factorized layer, given the same inputs, lands near the original: the
     # intermediate requant and the rescaled constants keep the output scale.
     bufs = golden_forward(net, x, keep=True)
@@ -146,3 +151,23 @@ def test_bench_suite_runs_mlg_and_dense_bit_exact():
     assert report["total"]["mlg_code_bytes_measured"] == report["total"]["mlg_w_bytes"]
     assert report["total"]["dense_w_bytes"] > report["total"]["mlg_w_bytes"]
     assert "outputs differing from golden: MLG 0, dense 0" in format_report({"suites": [report]})
+
+
+def test_program_keeps_dense_code_widths_and_rejects_them_elsewhere():
+    from gen.program import DESCRIPTOR, HEADER_SIZE, ProgramError, write_program
+
+    net = random_network(seed=1)
+    result = compile_network(net, 4, 4, form="factorized", calib=_calib(net))
+    program = read_program(result.program, config=result.config)
+    got = [(l.name, l.dense_bits) for l in program.network().layers]
+    want = [(f"layer{i}", l.dense_bits) for i, l in enumerate(result.network.layers)]
+    assert got == want and {b for _, b in got} == {"qd", "qb", "qv"}
+    # The first layer is dense with qd codes; on layer 1 (level 1) the width bits are refused.
+    data = bytearray(result.program)
+    off = HEADER_SIZE + DESCRIPTOR.size + 1
+    data[off] |= 1 << 4
+    import zlib
+    data[-4:] = zlib.crc32(bytes(data[:-4])).to_bytes(4, "little")
+    with pytest.raises(ProgramError, match="flags"):
+        read_program(bytes(data))
+    assert write_program(result.network, result.config) == result.program
