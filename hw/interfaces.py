@@ -89,7 +89,10 @@ def layer_record_layout(config: AcceleratorConfig) -> data.StructLayout:
     return data.StructLayout({
         "desc": descriptor_layout(config),
         "code_addr": unsigned(max(1, (config.base_store_bytes - 1).bit_length())),
-        "code_len": unsigned(config.base_store_bytes.bit_length()),
+        # A streamed layer's codes may exceed the base store: up to one code byte
+        # per weight of the largest layer.
+        "code_len": unsigned(max(config.base_store_bytes,
+                                 config.max_co * config.max_ci * config.max_k ** 2).bit_length()),
         "const_addr": unsigned(max(1, (config.const_depth - 1).bit_length())),
         "streamed": unsigned(1),
     })

@@ -36,9 +36,11 @@ def quick_model(tmp_path_factory):
 
 
 def test_compile_writes_a_consistent_build(quick_model, tmp_path):
-    r = run_mlg("compile", quick_model, "--out", tmp_path / "b", "--rows", "4", "--cols", "6", "--json")
+    r = run_mlg("compile", quick_model, "--out", tmp_path / "b", "--rows", "4", "--cols", "6",
+                "--form", "generate", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
+    assert out["report"]["factorized"] == [] and out["report"]["form"] == "generate"
     cfg = AcceleratorConfig.load(tmp_path / "b" / "config.json")
     assert (cfg.rows, cfg.cols) == (4, 6) and out["config_hash"] == cfg.hash_hex
     report = json.loads((tmp_path / "b" / "report.json").read_text())
@@ -55,6 +57,21 @@ def test_compile_writes_a_consistent_build(quick_model, tmp_path):
     assert torch.equal(golden_forward(prog.network(), xi), golden_forward(net, xi))
     assert cfg.a_bits == net.a_bits and cfg.qb == net.qb and cfg.decode == net.decode
     assert cfg.act_buffers < len(net.layers) + 1  # buffers were reused by liveness
+
+
+def test_compile_auto_form_program_matches_its_network(quick_model, tmp_path):
+    """--form auto (the default) may factorize layers; the program then computes the
+    compiled network, whose parts the report names."""
+    r = run_mlg("compile", quick_model, "--out", tmp_path / "a", "--rows", "4", "--cols", "6", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)["report"]
+    cfg = AcceleratorConfig.load(tmp_path / "a" / "config.json")
+    prog = load_program(tmp_path / "a" / "program.bin", config=cfg)
+    net = load_model_file(quick_model)["network"]
+    names = [l.name for l in net.layers]
+    assert set(report["factorized"]) <= set(names)
+    assert len(prog.network().layers) == len(names) + len(report["factorized"])
+    assert report["predicted_cycles"] > 0
 
 
 def test_golden_command(quick_model, capsys):
