@@ -246,6 +246,10 @@ def cmd_bench(args) -> int:
             raise ValueError(f"--suites: unknown suite {name!r}; accepted: resnet, digits, resnet18")
     report = bench(suites, args.rows, args.cols, simulator=args.simulator, seed=args.seed,
                    form=args.form)
+    if args.fmax:
+        for s in report["suites"]:
+            s["fmax_mhz"] = args.fmax
+            s["frames_per_second"] = args.fmax * 1e6 / s["total"]["mlg_cycles"]
     if args.out:
         save_json(report, args.out)
     if args.plot:
@@ -419,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--form", choices=("auto", "generate", "factorized"), default="auto",
                    help="execution form of the MLG layers (as mlg compile --form)")
+    b.add_argument("--fmax", type=float, default=None,
+                   help="clock in MHz (e.g. the Fmax mlg synth reported) for frames per second")
     b.add_argument("--plot", help="write the per-layer plot (PNG) to this file")
     b.add_argument("--out", help="also write the report (JSON) to this file")
     b.add_argument("--json", action="store_true")

@@ -301,6 +301,9 @@ def format_report(report: dict) -> str:
             f"that {t['mlg_cycles'] / t['dense_streamed_predicted']:.3f}; weight bytes MLG / int8 "
             f"{t['mlg_w_bytes'] / t['dense_w_bytes']:.4f} (1/{t['dense_w_bytes'] / t['mlg_w_bytes']:.1f}); "
             f"factorized: {', '.join(s['factorized']) or 'none'}; wall {s['wall_s']:.0f} s")
+        if "frames_per_second" in s:
+            lines.append(f"at {s['fmax_mhz']:.1f} MHz: {s['frames_per_second']:,.1f} frames per second "
+                         f"(MLG), {s['fmax_mhz'] * 1e6 / t['dense_preloaded']:,.1f} (dense preloaded)")
         lines.append("")
     return "\n".join(lines)
 
