@@ -10,7 +10,9 @@ and ``P = ho*wo`` output pixels:
   pixels past its weights (and needs ``rows`` cycles to load them), so a tile
   costs ``te = max(P, rows)``; after the last tile the accumulators of the last
   output-channel tile are requantized, ``P * cols / gcd(rows, cols)`` cycles;
-* **generation**: loading the layer's codes takes one cycle per code, level 1
+* **generation**: loading the layer's codes takes, per tensor, one cycle per
+  code but at least ``BYTE_CYCLES`` cycles per packed byte (the code-byte
+  stream delivers a byte every two cycles), level 1
   ``bo * ceil(ci/rows) * k*k * bi * P1`` cycles, and each weight tile
   ``tg = Pc * Pr * bo`` cycles with level 2 (``hw.generation.lane_plan``), else
   ``cols`` (one W1 word per cycle);
@@ -36,8 +38,14 @@ from .config import AcceleratorConfig
 from .network import LayerSpec, QuantizedNetwork
 
 __all__ = ["LayerCost", "layer_costs", "network_cost", "ENGINE_FIXED", "GEN_FIXED",
-           "LOOKAHEAD_TILES", "SEQ_FIXED"]
+           "LOOKAHEAD_TILES", "SEQ_FIXED", "BYTE_CYCLES"]
 
+# Cycles per code byte of the stream from the base store (or the stream FIFO) into
+# the generation unit, measured on the RTL.
+BYTE_CYCLES = 2
+# Pool: per group of rows channels, the map plus this many cycles (measured).
+POOL_GROUP_EXTRA = 4
+POOL_FIXED = 21
 # Fixed overheads in cycles, measured on the RTL (hw.engine pipeline depth and
 # descriptor check; hw.generation descriptor, section alignment and tile pipeline;
 # the sequencers' record fetch).
@@ -67,7 +75,11 @@ class LayerCost:
     gen_tiles: int        # all weight tiles
     generation: int       # gen_load + gen_level1 + gen_tiles
     cycles: int           # end of the previous layer to the end of this one
-    preloaded: int        # the same with every weight already on chip
+    # Cycles of the window in which the array does not wait for weights: the layer
+    # with its weights already on chip. (On a map of fewer than rows pixels moving a
+    # tile into the array takes longer than computing it; those cycles count as
+    # waiting, so this is the compute alone.)
+    preloaded: int
     exposed: int          # generation cycles the array waited for
     weight_bytes: int
     act_bytes: int
@@ -92,18 +104,20 @@ def _layer_parts(net: QuantizedNetwork, layer: LayerSpec, config: AcceleratorCon
             + (layer.out_channels * p if layer.res is not None else 0)) * ab
     if layer.op == "pool":
         groups = _cdiv(layer.ci, R)
-        compute = groups * layer.h * layer.w + groups * _cdiv(R, math.gcd(R, C)) + ENGINE_FIXED
-        return dict(tiles=0, te=0, tg=0, tail=0, compute=compute, load=0, l1=0, gen=0,
-                    weight_bytes=0, act_bytes=acts)
+        compute = groups * (layer.h * layer.w + POOL_GROUP_EXTRA) + POOL_FIXED
+        return dict(tiles=0, te=0, tg=0, tail=0, compute=compute, busy=compute, load=0, l1=0,
+                    gen=0, weight_bytes=0, act_bytes=acts)
     kk = layer.k * layer.k
     tiles = _cdiv(layer.co, C) * _cdiv(layer.ci, R) * kk
     te = max(p, R)
     tail = p * C // math.gcd(R, C) + ENGINE_FIXED
     groups, p1 = _lanes(config)
-    load = sum(t.numel() for _, t, _ in layer.code_tensors(net)) + GEN_FIXED
+    load = sum(max(t.numel(), BYTE_CYCLES * ((t.numel() * bits + 7) // 8))
+               for _, t, bits in layer.code_tensors(net)) + GEN_FIXED
     l1 = layer.bo * _cdiv(layer.ci, R) * kk * layer.bi * p1 if layer.has_l1 else 0
     tg = groups * layer.bo if layer.has_l2 else C
-    return dict(tiles=tiles, te=te, tg=tg, tail=tail, compute=tiles * te + tail, load=load,
+    return dict(tiles=tiles, te=te, tg=tg, tail=tail, compute=tiles * te + tail,
+                busy=tiles * p + tail, load=load,
                 l1=l1, gen=load + l1 + tiles * tg,
                 weight_bytes=layer.aligned_code_bytes(net), act_bytes=acts)
 
@@ -133,7 +147,7 @@ def layer_costs(net: QuantizedNetwork, config: AcceleratorConfig) -> list[LayerC
             name=layer.name, op=layer.op, macs=layer.macs, tiles=c["tiles"],
             compute=c["compute"], gen_load=c["load"], gen_level1=c["l1"],
             gen_tiles=c["tiles"] * c["tg"], generation=c["gen"], cycles=end - eng_end,
-            preloaded=SEQ_FIXED + c["compute"],
+            preloaded=SEQ_FIXED + c["busy"],
             exposed=exposed, weight_bytes=c["weight_bytes"], act_bytes=c["act_bytes"]))
         eng_end = end
     return out

@@ -253,6 +253,13 @@ def run_suite(name: str, net: QuantizedNetwork, rows: int = 8, cols: int = 8, *,
             "mlg_macs": mlg["counters"]["macs"], "dense_macs": dn["counters"]["macs"],
         },
         "layers": layer_rows,
+        # Every program layer as the accelerator ran it (a factorized layer's two parts
+        # apart): measured and predicted cycles.
+        "parts": {variant: [{"layer": l.name, "cycles": e["cycles"], "predicted": p.cycles,
+                             "stall_weights": e["stall_weights"], "gen_busy": e["gen_busy"],
+                             "preloaded_predicted": p.preloaded, "macs": e["macs"]}
+                            for l, e, p in zip(r["network"].layers, r["log"], r["pred"])]
+                  for variant, r in runs.items()},
     }
 
 
