@@ -12,7 +12,7 @@ and ``P = ho*wo`` output pixels:
   output-channel tile are requantized, ``P * cols / gcd(rows, cols)`` cycles;
 * **generation**: loading the layer's codes takes, per tensor, one cycle per
   code but at least ``BYTE_CYCLES`` cycles per packed byte (the code-byte
-  stream delivers a byte every two cycles), level 1
+  stream delivers a byte a cycle), level 1
   ``bo * ceil(ci/rows) * k*k * bi * P1`` cycles, and each weight tile
   ``tg = Pc * Pr * bo`` cycles with level 2 (``hw.generation.lane_plan``), else
   ``cols`` (one W1 word per cycle);
@@ -42,7 +42,7 @@ __all__ = ["LayerCost", "layer_costs", "network_cost", "ENGINE_FIXED", "GEN_FIXE
 
 # Cycles per code byte of the stream from the base store (or the stream FIFO) into
 # the generation unit, measured on the RTL.
-BYTE_CYCLES = 2
+BYTE_CYCLES = 1
 # Pool: per group of rows channels, the map plus this many cycles (measured).
 POOL_GROUP_EXTRA = 4
 POOL_FIXED = 21

@@ -274,7 +274,8 @@ class GenerationUnit(wiring.Component):
 
         # The code bytes land in registers before the unpacker: their sources (block
         # RAM outputs, a source select) leave no time for its shifts in the same cycle.
-        m.submodules.code_in = code_in = SyncFIFOBuffered(width=8, depth=2)
+        # Three entries take a byte every cycle (two would alternate full and empty).
+        m.submodules.code_in = code_in = SyncFIFOBuffered(width=8, depth=3)
         m.submodules.unpacker = unpacker = CodeUnpacker(8)
         wiring.connect(m, wiring.flipped(self.i_codes), code_in.w_stream)
         wiring.connect(m, code_in.r_stream, unpacker.i_stream)
