@@ -187,7 +187,7 @@ def compile_network(net: QuantizedNetwork, rows: int = 8, cols: int = 8, *,
     execution form of the generated layers (:func:`choose_forms`)."""
     from .cost import layer_costs
 
-    original = [l.name for l in net.layers]
+    original = net
     net = choose_forms(net, rows, cols, form, calib, **overrides)
     net = allocate_buffers(net)
     config = derive_config(net, rows, cols, **overrides)
@@ -198,10 +198,16 @@ def compile_network(net: QuantizedNetwork, rows: int = 8, cols: int = 8, *,
                 raise CompileError(f"layer {l.name!r}: bias needs more than "
                                    f"{config.bias_bits} bits (field bias)")
     program = write_program(net, config)
-    report = memory_report(net)
-    resident = place_codes(net, config.base_store_bytes)
-    for row, l in zip(report["layers"], net.conv_layers()):
-        row["resident"] = resident[net.layers.index(l)]
+    # Memory per layer of the model: a factorized layer keeps its codes, and its int8
+    # baseline is the layer's own dense weights.
+    report = memory_report(original)
+    resident = dict(zip((l.name for l in net.layers), place_codes(net, config.base_store_bytes)))
+    for row in report["layers"]:
+        name = row["layer"]
+        parts = [n for n in (name, f"{name}.w1", f"{name}.v") if n in resident]
+        row["resident"] = all(resident[n] for n in parts)
+        row["form"] = ("factorized" if f"{name}.w1" in resident else
+                       "generate" if row["level1"] or row["level2"] else "dense")
     report["base_store_bytes"] = config.base_store_bytes
     report["streamed_code_bytes"] = sum(l.aligned_code_bytes(net)
                                         for l, r in zip(net.layers, resident) if not r)
@@ -209,7 +215,7 @@ def compile_network(net: QuantizedNetwork, rows: int = 8, cols: int = 8, *,
     report["config_hash"] = config.hash_hex
     report["array"] = f"{rows}x{cols}"
     report["form"] = form
-    report["factorized"] = [n for n in original if f"{n}.w1" in {l.name for l in net.layers}]
+    report["factorized"] = [r["layer"] for r in report["layers"] if r["form"] == "factorized"]
     report["predicted_cycles"] = sum(c.cycles for c in layer_costs(net, config))
     return CompileResult(config, program, net, report)
 

@@ -71,6 +71,15 @@ def cmd_compile(args) -> int:
                              **overrides)
     result.report["model"] = {"file": str(args.model), "arch": data.get("arch"),
                               "metrics": data.get("metrics", {})}
+    if net.arch == "digits":
+        # The golden model of the program as compiled (its forms, its rounding points).
+        from gen.golden import golden_predict
+        from gen.train import load_digits_split
+
+        _, _, x, y = load_digits_split()
+        result.report["program_golden_acc"] = float(
+            (golden_predict(result.network, x) == y).float().mean())
+        result.report["program_golden_images"] = int(x.shape[0])
     paths = write_build(result, args.out)
     if args.json:
         _print_json({"config": result.config.to_dict(), "config_hash": result.config.hash_hex,
@@ -320,6 +329,10 @@ def _build_rows(build: str) -> dict:
         rows["accuracy float (whole test split)"] = (
             f"{metrics['float_acc']:.4f}, golden {metrics.get('golden_acc', float('nan')):.4f} "
             f"on {metrics.get('test_images', '?')} images")
+    if "program_golden_acc" in rep:
+        rows["accuracy golden, program as compiled"] = (
+            f"{rep['program_golden_acc']:.4f} on {rep['program_golden_images']} images (forms: "
+            f"{', '.join(rep.get('factorized', [])) or 'none'} factorized)")
     t = rep.get("total", {})
     if t:
         rows["weight memory MLG / int8 / fp32"] = (
