@@ -72,6 +72,10 @@ def test_compile_auto_form_program_matches_its_network(quick_model, tmp_path):
     assert set(report["factorized"]) <= set(names)
     assert len(prog.network().layers) == len(names) + len(report["factorized"])
     assert report["predicted_cycles"] > 0
+    forms = {r["layer"]: r["form"] for r in report["layers"]}
+    assert {n for n, f in forms.items() if f == "factorized"} == set(report["factorized"])
+    if net.arch == "digits":
+        assert 0 < report["program_golden_acc"] <= 1 and report["program_golden_images"] > 0
 
 
 def test_golden_command(quick_model, capsys):
