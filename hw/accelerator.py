@@ -421,6 +421,10 @@ class Accelerator(wiring.Component):
         # WRITE: payload bytes after the 5 argument bytes, assembled into words.
         w_byte = Signal(17)
         w_pending = Signal()
+        wq_en = Signal()
+        wq_pos = Signal(len(addr) + 1)
+        wq_data = Signal(8)
+        m.d.sync += wq_en.eq(0)
         # A streamed byte waits for room in the FIFO; the frame buffer read then holds.
         w_stall = Signal()
         m.d.comb += w_stall.eq((region == REGION_STREAM) & w_pending & ~code_fifo.w_rdy)
@@ -437,23 +441,26 @@ class Accelerator(wiring.Component):
                 m.d.sync += [link_rd.eq(link_rd + 1), w_byte.eq(w_byte + 1)]
             m.d.sync += w_pending.eq(w_byte < data_len)
             with m.If(w_pending):
-                pos = addr + w_byte - 1
-                b = link.buf_data
-                with m.Switch(region):
-                    with m.Case(REGION_BASES):
-                        m.d.comb += [bases_wp.addr.eq(pos), bases_wp.data.eq(b), bases_wp.en.eq(1)]
-                    with m.Case(REGION_PROGRAM):
-                        m.d.comb += [prog_wp.addr.eq(pos >> rb_log),
-                                     prog_wp.data.eq(Cat(*([b] * RB))),
-                                     prog_wp.en.eq(1 << pos[:rb_log] if rb_log else 1)]
-                    with m.Case(REGION_STREAM):
-                        m.d.comb += code_fifo.w_en.eq(1)
-                    with m.Case(REGION_CONSTS):
-                        m.d.comb += [consts_wp.addr.eq(pos >> cb_log),
-                                     consts_wp.data.eq(Cat(*([b] * CB))),
-                                     consts_wp.en.eq(1 << pos[:cb_log] if cb_log else 1)]
+                with m.If(region == REGION_STREAM):
+                    m.d.comb += code_fifo.w_en.eq(1)
+                with m.Else():
+                    m.d.sync += [wq_en.eq(1), wq_pos.eq(addr + w_byte - 1), wq_data.eq(link.buf_data)]
             with m.If(~w_pending & (w_byte >= data_len)):
                 respond(op | RESPONSE, 0)
+        # Memory writes leave from registers one cycle after the frame buffer read (its
+        # block RAM output has no time left for the write-enable decode and the memory's
+        # data input in the same cycle); the response follows after the last one.
+        with m.Switch(region):
+            with m.Case(REGION_BASES):
+                m.d.comb += [bases_wp.addr.eq(wq_pos), bases_wp.data.eq(wq_data), bases_wp.en.eq(wq_en)]
+            with m.Case(REGION_PROGRAM):
+                m.d.comb += [prog_wp.addr.eq(wq_pos >> rb_log),
+                             prog_wp.data.eq(Cat(*([wq_data] * RB))),
+                             prog_wp.en.eq(Mux(wq_en, 1 << wq_pos[:rb_log] if rb_log else 1, 0))]
+            with m.Case(REGION_CONSTS):
+                m.d.comb += [consts_wp.addr.eq(wq_pos >> cb_log),
+                             consts_wp.data.eq(Cat(*([wq_data] * CB))),
+                             consts_wp.en.eq(Mux(wq_en, 1 << wq_pos[:cb_log] if cb_log else 1, 0))]
         with m.If((ex == _Ex.CHECK) & (op == OP_WRITE)):
             m.d.sync += [w_byte.eq(0), w_pending.eq(0), link_rd.eq(5)]
 
