@@ -159,7 +159,7 @@ def predicted_cycles(net: QuantizedNetwork, rows: int, cols: int, **overrides) -
 
 
 def choose_forms(net: QuantizedNetwork, rows: int, cols: int, form: str,
-                 calib: "torch.Tensor | None", **overrides) -> QuantizedNetwork:
+                 calib, **overrides) -> QuantizedNetwork:
     """``net`` with its execution forms chosen: ``generate`` keeps form 1 everywhere,
     ``factorized`` takes form 2 wherever it applies, ``auto`` wherever the cost model
     predicts fewer cycles. ``calib`` (quantized inputs) sets the intermediate scales."""

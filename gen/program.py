@@ -364,7 +364,6 @@ class _Writer:
             if co * ho * wo > cfg.act_depth:
                 self.fail(layer, "co", f"output {co}x{ho}x{wo} exceeds config act_depth "
                           f"{cfg.act_depth}")
-            dense = layer.u is None and layer.v is None
             b_shape = (bo, bi, kk) if layer.u is not None else (bo, ci, kk)
             offs["B"] = self.add(layer, "B", layer.b, b_shape, layer.b_bits(net), False)
             flags |= DENSE_BITS.index(layer.dense_bits) << DENSE_SHIFT

@@ -42,7 +42,7 @@ of the layer log (``REGION_LOG``), the cycle after the layer's end.
 
 from __future__ import annotations
 
-from amaranth.hdl import Array, Cat, Const, Module, Mux, ResetInserter, Signal, unsigned
+from amaranth.hdl import Array, Cat, Const, Module, Mux, ResetInserter, Signal
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
@@ -52,7 +52,7 @@ from gen.config import AcceleratorConfig
 from host.protocol import (COUNTERS, LOG_COUNTERS, REGION_LOG, ERR_ADDRESS, ERR_ARGUMENT, ERR_BUSY, ERR_STATE, ERR_LENGTH, ERR_OPCODE,
                            OP_ABORT, OP_COUNTERS, OP_ERROR, OP_IDENTIFY, OP_LOAD_ACT, OP_READ,
                            OP_READ_ACT, OP_RUN, OP_STATUS, OP_WRITE, REGION_BASES, REGION_CONSTS,
-                           REGION_PROGRAM, REGION_STREAM, RESPONSE, STATE_DONE, STATE_ERROR, STATE_IDLE,
+                           REGION_PROGRAM, REGION_STREAM, RESPONSE, STATE_DONE, STATE_ERROR,
                            STATE_RUNNING, act_bytes, const_bytes, identity_bytes, record_bytes)
 
 from .engine import ConvEngine, channel_layout
