@@ -23,6 +23,7 @@ __all__ = [
     "CONFIG_SCHEMA_VERSION",
     "code_value_bits",
     "clog2",
+    "lane_plan",
 ]
 
 CONFIG_SCHEMA_VERSION = 1
@@ -287,3 +288,21 @@ class AcceleratorConfig:
     @property
     def hash_hex(self) -> str:
         return self.digest.hex()
+
+
+def lane_plan(config: AcceleratorConfig) -> dict:
+    """How the ``gen_lanes`` multipliers map onto a weight tile.
+
+    Returns ``Lc``/``Lr`` (columns and rows of a level-2 lane group),
+    ``Pc``/``Pr`` (groups per tile along columns and rows), ``lanes`` (lanes in
+    use, ``Lc * Lr``), ``L1`` (lanes used by level 1) and ``P1`` (level-1 passes
+    per W1 word).
+    """
+    R, C, L = config.rows, config.cols, config.gen_lanes
+    if L <= C:
+        Lc, Lr = L, 1
+    else:
+        Lc, Lr = C, min(R, L // C)
+    L1 = min(Lc * Lr, R)
+    return {"Lc": Lc, "Lr": Lr, "Pc": -(-C // Lc), "Pr": -(-R // Lr), "lanes": Lc * Lr,
+            "L1": L1, "P1": -(-R // L1)}

@@ -14,7 +14,7 @@ and ``P = ho*wo`` output pixels:
   code but at least ``BYTE_CYCLES`` cycles per packed byte (the code-byte
   stream delivers a byte a cycle), level 1
   ``bo * ceil(ci/rows) * k*k * bi * P1`` cycles, and each weight tile
-  ``tg = Pc * Pr * bo`` cycles with level 2 (``hw.generation.lane_plan``), else
+  ``tg = Pc * Pr * bo`` cycles with level 2 (``gen.config.lane_plan``), else
   ``cols`` (one W1 word per cycle);
 * **overlap**: the generation unit starts a layer's codes once the previous
   layer's last tile is generated and runs at most a few tiles ahead of the
@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from .config import AcceleratorConfig
+from .config import AcceleratorConfig, lane_plan
 from .network import LayerSpec, QuantizedNetwork
 
 __all__ = ["LayerCost", "layer_costs", "network_cost", "ENGINE_FIXED", "GEN_FIXED",
@@ -88,14 +88,6 @@ class LayerCost:
         return asdict(self)
 
 
-def _lanes(config: AcceleratorConfig) -> tuple[int, int, int]:
-    """(Pc * Pr, P1): level-2 groups per tile and level-1 passes per W1 word."""
-    R, C, L = config.rows, config.cols, config.gen_lanes
-    Lc, Lr = (L, 1) if L <= C else (C, min(R, L // C))
-    l1 = min(Lc * Lr, R)
-    return _cdiv(C, Lc) * _cdiv(R, Lr), _cdiv(R, l1)
-
-
 def _layer_parts(net: QuantizedNetwork, layer: LayerSpec, config: AcceleratorConfig) -> dict:
     R, C = config.rows, config.cols
     ab = (config.a_bits + 7) // 8
@@ -111,7 +103,8 @@ def _layer_parts(net: QuantizedNetwork, layer: LayerSpec, config: AcceleratorCon
     tiles = _cdiv(layer.co, C) * _cdiv(layer.ci, R) * kk
     te = max(p, R)
     tail = p * C // math.gcd(R, C) + ENGINE_FIXED
-    groups, p1 = _lanes(config)
+    plan = lane_plan(config)
+    groups, p1 = plan["Pc"] * plan["Pr"], plan["P1"]
     load = sum(max(t.numel(), BYTE_CYCLES * ((t.numel() * bits + 7) // 8))
                for _, t, bits in layer.code_tensors(net)) + GEN_FIXED
     l1 = layer.bo * _cdiv(layer.ci, R) * kk * layer.bi * p1 if layer.has_l1 else 0

@@ -75,7 +75,7 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from gen.config import KERNEL_SIZES, AcceleratorConfig
+from gen.config import KERNEL_SIZES, AcceleratorConfig, lane_plan
 from hw.interfaces import descriptor_layout, weight_stream_signature
 from hw.dsp import registered_multiply
 from hw.unpacker import CodeUnpacker, decode_code
@@ -144,24 +144,6 @@ class WeightRounder(wiring.Component):
         m.d.comb += t.eq(self.x + round_half(s, self.in_bits + 1))
         m.d.comb += self.y.eq(shift_saturate(t, s, self.w_bits))
         return m
-
-
-def lane_plan(config: AcceleratorConfig) -> dict:
-    """How the ``gen_lanes`` multipliers map onto a weight tile.
-
-    Returns ``Lc``/``Lr`` (columns and rows of a level-2 lane group),
-    ``Pc``/``Pr`` (groups per tile along columns and rows), ``lanes`` (lanes in
-    use, ``Lc * Lr``), ``L1`` (lanes used by level 1) and ``P1`` (level-1 passes
-    per W1 word).
-    """
-    R, C, L = config.rows, config.cols, config.gen_lanes
-    if L <= C:
-        Lc, Lr = L, 1
-    else:
-        Lc, Lr = C, min(R, L // C)
-    L1 = min(Lc * Lr, R)
-    return {"Lc": Lc, "Lr": Lr, "Pc": _cdiv(C, Lc), "Pr": _cdiv(R, Lr), "lanes": Lc * Lr,
-            "L1": L1, "P1": _cdiv(R, L1)}
 
 
 class _State(enum.Enum, shape=4):
