@@ -379,7 +379,9 @@ class ConvEngine(wiring.Component):
         # ---- weight loader: stream -> staging tile -> PE bank --------------------------
         bank_free = [~loaded[b] & (drain[b] == 0) for b in range(2)]
         xfer_now = Signal()
-        m.d.comb += xfer_now.eq(in_layer & (stg_count == R) & Mux(xp, bank_free[1], bank_free[0]))
+        # stg_count reaches R only while a layer stages weights (CHECK clears it), so the
+        # transfer needs no in_layer term: that register fans out across the engine.
+        m.d.comb += xfer_now.eq((stg_count == R) & Mux(xp, bank_free[1], bank_free[0]))
         w_ready = in_layer & wl_active & ((stg_count < R) | xfer_now)
         m.d.comb += self.i_weights.ready.eq(w_ready)
         w_fire = self.i_weights.valid & w_ready
@@ -428,9 +430,10 @@ class ConvEngine(wiring.Component):
         vec_valid = Signal()
         skid = Signal(feed_layout(cfg))
         skid_valid = Signal()
-        # A bank being filled this cycle already serves a vector issued now: its row r
-        # is read r + 3 cycles later, after the transfer wave has written it.
-        w_ok = Mux(vec.pool, 1, Mux(vec.sel, loaded[1], loaded[0]) | (xfer_now & (xp == vec.sel)))
+        # A vector issues on a bank loaded in an earlier cycle: the transfer decision
+        # (staging count, drain counters) and the issue decision never share a cycle.
+        # This costs one cycle per tile only where the array waits for weights.
+        w_ok = Mux(vec.pool, 1, Mux(vec.sel, loaded[1], loaded[0]))
         acc_ok = Mux(vec.pool, ~vec.pool_first | pool_free,
                      ~vec.cotile_first | ~Mux(vec.half, half_busy[1], half_busy[0]))
         res_block = res_read & res_is_src

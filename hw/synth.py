@@ -23,6 +23,7 @@ from pathlib import Path
 
 from gen.config import AcceleratorConfig
 
+from . import sta
 from .board import BOARDS, BoardTop, board_platform
 
 __all__ = ["SynthError", "synthesize", "format_synth_report", "TOOLS"]
@@ -125,7 +126,8 @@ def synthesize(config: AcceleratorConfig, board: str, freq_mhz: float, out_dir,
     report_path = out / f"{NAME}.report.json"
     try:
         steps["nextpnr"] = _run([tools[pnr], *pnr_args, "--report", report_path.name, "--seed",
-                                 str(seed), "--timing-allow-fail"], out, out / "nextpnr.log",
+                                 str(seed), "--timing-allow-fail", "--sdf", f"{NAME}.sdf"],
+                                out, out / "nextpnr.log",
                                 "nextpnr place and route", progress)
     except SynthError as e:
         text = (out / f"{NAME}.tim").read_text() if (out / f"{NAME}.tim").exists() else ""
@@ -156,11 +158,17 @@ def synthesize(config: AcceleratorConfig, board: str, freq_mhz: float, out_dir,
               for name, v in rep.get("fmax", {}).items()}
     passed = bool(clocks) and all((c["achieved_mhz"] or 0) >= (c["constraint_mhz"] or 0)
                                   for c in clocks.values())
+    # Which signals miss the clock and by how much, not only the worst path.
+    try:
+        slack = sta.report(out / f"{NAME}.sdf", freq_mhz, top=15)
+    except sta.StaError as e:
+        slack = {"error": str(e)}
     return {
         "board": board, "device": b.device, "requested_mhz": freq_mhz,
         "array": f"{config.rows}x{config.cols}", "config_hash": config.hash_hex,
         "clocks": clocks, "timing_met": passed, "resources": resources,
         "bitstream": str(bit), "seconds": steps, "total_seconds": sum(steps.values()),
+        "slack": slack,
     }
 
 
@@ -173,6 +181,14 @@ def format_synth_report(r: dict) -> str:
     for label, u in r["resources"].items():
         pct = 100 * u["used"] / u["available"] if u["available"] else 0
         lines.append(f"  {label:<26} {u['used']:>7} / {u['available']:<7} ({pct:5.1f}%)")
+    slack = r.get("slack", {})
+    if slack.get("failing"):
+        lines.append(f"  {slack['failing']} of {slack['endpoints']} timing endpoints miss "
+                     f"{r['requested_mhz']:g} MHz, in {slack['failing_signals']} signals; the worst:")
+        lines += [f"    {g['worst_slack_ns']:+.3f} ns {g['endpoints']:>4} bits  {g['signal']}  <- {g['from']}"
+                  for g in slack["groups"][:10]]
+    elif "error" in slack:
+        lines.append(f"  endpoint slack not analysed: {slack['error']}")
     lines.append(f"  bitstream {r['bitstream']}")
     lines.append("  wall time " + ", ".join(f"{k} {v:.0f} s" for k, v in r["seconds"].items())
                  + f" (total {r['total_seconds']:.0f} s)")

@@ -14,6 +14,17 @@ def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
 
 
+def _widths(text: str) -> tuple[int, int]:
+    """``C1,C2``: the digits network's two stage widths, positive integers."""
+    try:
+        w = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        w = ()
+    if len(w) != 2 or min(w) < 1:
+        raise argparse.ArgumentTypeError(f"--widths {text!r}: give two positive channel counts, e.g. 8,16")
+    return w
+
+
 def cmd_train(args) -> int:
     from gen.layers import MLGSettings
     from gen.train import TrainOptions, train_digits
@@ -21,6 +32,7 @@ def cmd_train(args) -> int:
     settings = MLGSettings(bi=args.bi, bo=args.bo, qb=args.qb, qu=args.qu, qv=args.qv, qd=args.qd,
                            decode=args.decode, w_bits=args.w_bits, a_bits=args.a_bits)
     opt = TrainOptions(epochs=args.epochs, teacher_epochs=args.teacher_epochs, seed=args.seed,
+                       widths=args.widths,
                        distill=not args.no_distill, progress=not args.json and sys.stderr.isatty())
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     out = Path(args.out)
@@ -360,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--decode", choices=("odd", "signed"), default="odd")
     t.add_argument("--w-bits", type=int, default=8, help="processing-element weight width")
     t.add_argument("--a-bits", type=int, default=8, help="activation width")
+    t.add_argument("--widths", type=_widths, default=(24, 48),
+                   help="channels of the two stages, e.g. 8,16 (default 24,48)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_train)

@@ -69,6 +69,10 @@ def test_synthesis_smoke_ulx3s(tmp_path):
     assert 0 < lut["used"] <= lut["available"] == 83_640
     assert set(r["seconds"]) == {"yosys", "nextpnr", "pack"}
     assert (tmp_path / "mlg_top.bit").stat().st_size > 100_000
+    # The endpoint analysis of nextpnr's SDF finds the clock's worst path again.
+    slack = r["slack"]
+    assert slack["endpoints"] > 1000
+    assert slack["fmax_mhz"] == pytest.approx(clock["achieved_mhz"], rel=0.005)
 
 
 def test_utilisation_table_names_the_resources_over_capacity():
