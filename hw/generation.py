@@ -77,7 +77,7 @@ from amaranth.lib.wiring import In, Out
 
 from gen.config import KERNEL_SIZES, AcceleratorConfig, lane_plan
 from hw.interfaces import descriptor_layout, weight_stream_signature
-from hw.systolic import pipelined_lut_multiply
+from hw.dsp import registered_multiply
 from hw.unpacker import CodeUnpacker, decode_code
 
 __all__ = ["GenerationUnit", "WeightRounder", "round_half", "shift_saturate", "saturate",
@@ -611,14 +611,13 @@ class GenerationUnit(wiring.Component):
                     a_next, b_next = Mux(sm.l1, a1, a2), Mux(sm.l1, b_val, b2)
                 else:
                     a_next, b_next = a2, b2
-                # Operands sampled at stage 2, the product registered at stage 3. The
-                # lanes multiply a short code value by a W1 word: fabric logic, so the
-                # DSP blocks stay with the PE array and the requant multipliers (an
-                # iCE40UP5K has eight) and the lanes place next to their tile.
+                # Operands registered at stage 2 (inside the DSP block on ECP5), the
+                # product at stage 3. In fabric the 64 lanes cost some 7,000 LUT4 more
+                # on an LFE5U-85F and congest its routing.
                 a_op = Signal(signed(a_w), name=f"op_a_{l}")
                 b_op = Signal(signed(w1w), name=f"op_b_{l}")
                 m.d.comb += [a_op.eq(a_next), b_op.eq(b_next)]
-                prod.append(pipelined_lut_multiply(m, a_op, b_op, f"prod_{l}"))
+                prod.append(registered_multiply(m, a_op, b_op, f"prod_{l}", platform))
 
         # Bypass: round-half add (stage 2), shift (stage 3), saturate (stage 4).
         byp = [Signal(signed(w1w + 2), name=f"byp_{r}") for r in range(R)]
