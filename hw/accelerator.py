@@ -255,9 +255,17 @@ class Accelerator(wiring.Component):
         e_rec = Signal(rec_layout)
         e_go = Signal()
         n_out = Mux(e_rec.desc.op, e_rec.desc.ci, e_rec.desc.co)
+        # The constants cross a two-word FIFO: the block RAM's output (slow out of the
+        # block) lands in registers here, not in the engine's constant memories across
+        # the die.
+        const_w = channel_layout(cfg).size
+        m.submodules.const_fifo = cfifo = ResetInserter(soft_reset)(
+            SyncFIFOBuffered(width=const_w, depth=2))
         _stream_words(m, consts_rd_eng, e_rec.const_addr, n_out, e_go,
-                      eng.i_chan.valid, eng.i_chan.ready, "const")
-        m.d.comb += [eng.i_chan.payload.eq(consts_rd_eng.data[:channel_layout(cfg).size]),
+                      cfifo.w_en, cfifo.w_rdy, "const")
+        m.d.comb += [cfifo.w_data.eq(consts_rd_eng.data[:const_w]),
+                     eng.i_chan.payload.eq(cfifo.r_data), eng.i_chan.valid.eq(cfifo.r_rdy),
+                     cfifo.r_en.eq(eng.i_chan.ready),
                      prog_rd_eng.addr.eq(e_idx), eng.i_desc.payload.eq(e_rec.desc)]
         engine_fault = Signal()
         log_we = Signal()

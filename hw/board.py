@@ -15,6 +15,7 @@ from amaranth.build import ResourceError
 from amaranth.hdl import ClockDomain, ClockSignal, Module, Signal
 from amaranth.lib import io, wiring
 from amaranth.lib.cdc import ResetSynchronizer
+from amaranth.lib.fifo import SyncFIFOBuffered
 
 from gen.config import AcceleratorConfig
 
@@ -98,8 +99,21 @@ class BoardTop(wiring.Component):
         m.submodules.uart_rx_pin = rx_pin = io.Buffer("i", uart.rx)
         m.submodules.uart_tx_pin = tx_pin = io.Buffer("o", uart.tx)
         m.d.comb += [rx.i_rx.eq(rx_pin.i), tx_pin.o.eq(tx.o_tx)]
-        wiring.connect(m, rx.o_stream, core.i_rx)
-        wiring.connect(m, core.o_tx, tx.i_stream)
+        # The UART sits by its pins, the link in the core: a two-byte FIFO each way keeps
+        # either side's handshake logic out of the other's cycle (a byte takes hundreds
+        # of cycles on the line, so the FIFOs never fill in normal use).
+        m.submodules.rx_fifo = rx_fifo = SyncFIFOBuffered(width=8, depth=2)
+        m.submodules.tx_fifo = tx_fifo = SyncFIFOBuffered(width=8, depth=2)
+        m.d.comb += [
+            rx_fifo.w_data.eq(rx.o_stream.payload), rx_fifo.w_en.eq(rx.o_stream.valid),
+            rx.o_stream.ready.eq(rx_fifo.w_rdy),
+            core.i_rx.payload.eq(rx_fifo.r_data), core.i_rx.valid.eq(rx_fifo.r_rdy),
+            rx_fifo.r_en.eq(core.i_rx.ready),
+            tx_fifo.w_data.eq(core.o_tx.payload), tx_fifo.w_en.eq(core.o_tx.valid),
+            core.o_tx.ready.eq(tx_fifo.w_rdy),
+            tx.i_stream.payload.eq(tx_fifo.r_data), tx.i_stream.valid.eq(tx_fifo.r_rdy),
+            tx_fifo.r_en.eq(tx.i_stream.ready),
+        ]
 
         line_fault = Signal()
         with m.If(rx.o_error | rx.o_overrun):

@@ -387,7 +387,12 @@ class ConvEngine(wiring.Component):
         w_fire = self.i_weights.valid & w_ready
         w_row = Mux(xfer_now, 0, stg_count)
         final_tile = (w_tap == kk_m1) & (w_rows_left <= R) & (w_cols_left <= C)
-        m.d.comb += [array.stage_en.eq(w_fire), array.stage_row.eq(w_row),
+        # The staging writes and the transfer reach the array one cycle after they are
+        # decided, from registers: the row decode and the weights fan out to all
+        # rows x cols PEs, the transfer to every bank. Both move by the same cycle, so
+        # their order is kept; the bank bookkeeping below stays on the decision cycle,
+        # which only makes it a cycle more cautious.
+        m.d.sync += [array.stage_en.eq(w_fire), array.stage_row.eq(w_row),
                      array.stage_w.eq(self.i_weights.payload.w),
                      array.xfer.eq(xfer_now), array.xfer_bank.eq(xp)]
         m.d.sync += stg_count.eq(w_row + w_fire)
@@ -432,7 +437,9 @@ class ConvEngine(wiring.Component):
         skid_valid = Signal()
         # A vector issues on a bank loaded in an earlier cycle: the transfer decision
         # (staging count, drain counters) and the issue decision never share a cycle.
-        # This costs one cycle per tile only where the array waits for weights.
+        # Issued at X + 1 after a transfer decided at X (which writes row r at the end
+        # of X + 1 + r), a vector reads row r at X + r + 3 at the earliest. This costs
+        # cycles only where the array waits for weights.
         w_ok = Mux(vec.pool, 1, Mux(vec.sel, loaded[1], loaded[0]))
         acc_ok = Mux(vec.pool, ~vec.pool_first | pool_free,
                      ~vec.cotile_first | ~Mux(vec.half, half_busy[1], half_busy[0]))
@@ -599,8 +606,10 @@ class ConvEngine(wiring.Component):
                 rq.i_bias[g].eq(const_q[g].bias),
                 rq.i_res[g].eq(Array([res_q[gi * G + g] for gi in range(groups_r)])[p2.gi]),
             ]
-        m.d.comb += [rq.i_valid.eq(p2.valid), rq.i_lanes.eq(p2.lanes), rq.i_tag.eq(p2.tag),
-                     rq.shift.eq(d.shift), rq.relu.eq(d.relu), rq.has_res.eq(d.has_res),
+        m.d.comb += [rq.i_valid.eq(p2.valid), rq.i_lanes.eq(p2.lanes), rq.i_tag.eq(p2.tag)]
+        # The layer's requant settings, from registers next to the requantizer: the
+        # descriptor is fixed from the first check cycle, two cycles before the layer.
+        m.d.sync += [rq.shift.eq(d.shift), rq.relu.eq(d.relu), rq.has_res.eq(d.has_res),
                      rq.m_res.eq(d.m_res)]
         m.d.comb += layer_end.eq(pr_done & ~p1.valid & ~p2.valid & ~rq.busy)
 

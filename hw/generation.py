@@ -159,6 +159,15 @@ class _State(enum.Enum, shape=4):
     DRAIN_MAIN = 9
 
 
+class _WritePortRegs:
+    """Combinational stand-ins for a write port's ``en``/``addr``/``data``."""
+
+    def __init__(self, port, name):
+        self.en = Signal.like(port.en, name=f"{name}_en")
+        self.addr = Signal.like(port.addr, name=f"{name}_addr")
+        self.data = Signal.like(port.data, name=f"{name}_data")
+
+
 class GenerationUnit(wiring.Component):
     """Generates a layer's PE weights from its packed MLG codes (see the module doc).
 
@@ -252,7 +261,13 @@ class GenerationUnit(wiring.Component):
         b_wr, b_rd = b_mem.write_port(), b_mem.read_port()
         u_wr, u_rd = u_mem.write_port(granularity=1), u_mem.read_port()
         v_wr, v_rd = v_mem.write_port(granularity=1), v_mem.read_port()
-        w1_wr, w1_rd = w1_mem.write_port(granularity=1), w1_mem.read_port()
+        w1_port, w1_rd = w1_mem.write_port(granularity=1), w1_mem.read_port()
+        # W1 writes (code loads, level-1 results) leave from registers, a cycle after
+        # they are decided: the decode and lane select logic does not reach the block
+        # RAM inputs in the same cycle.
+        w1_wr = _WritePortRegs(w1_port, "w1_wq")
+        m.d.sync += [w1_port.en.eq(w1_wr.en), w1_port.addr.eq(w1_wr.addr),
+                     w1_port.data.eq(w1_wr.data)]
 
         # The code bytes land in registers before the unpacker: their sources (block
         # RAM outputs, a source select) leave no time for its shifts in the same cycle.
