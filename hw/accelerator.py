@@ -455,20 +455,16 @@ class Accelerator(wiring.Component):
                     m.d.sync += [wq_en.eq(1), wq_pos.eq(addr + w_byte - 1), wq_data.eq(link.buf_data)]
             with m.If(~w_pending & (w_byte >= data_len)):
                 respond(op | RESPONSE, 0)
-        # Memory writes leave from registers one cycle after the frame buffer read (its
+        # Memory writes leave from registers two cycles after the frame buffer read (its
         # block RAM output has no time left for the write-enable decode and the memory's
         # data input in the same cycle); the response follows after the last one.
-        with m.Switch(region):
-            with m.Case(REGION_BASES):
-                m.d.comb += [bases_wp.addr.eq(wq_pos), bases_wp.data.eq(wq_data), bases_wp.en.eq(wq_en)]
-            with m.Case(REGION_PROGRAM):
-                m.d.comb += [prog_wp.addr.eq(wq_pos >> rb_log),
-                             prog_wp.data.eq(Cat(*([wq_data] * RB))),
-                             prog_wp.en.eq(Mux(wq_en, 1 << wq_pos[:rb_log] if rb_log else 1, 0))]
-            with m.Case(REGION_CONSTS):
-                m.d.comb += [consts_wp.addr.eq(wq_pos >> cb_log),
-                             consts_wp.data.eq(Cat(*([wq_data] * CB))),
-                             consts_wp.en.eq(Mux(wq_en, 1 << wq_pos[:cb_log] if cb_log else 1, 0))]
+        # A second register stage holds each memory's decoded byte enables, so that the
+        # region select and the byte-lane decode do not share a cycle with the write.
+        for wp, reg, lg, nb in ((bases_wp, REGION_BASES, 0, 1), (prog_wp, REGION_PROGRAM, rb_log, RB),
+                                (consts_wp, REGION_CONSTS, cb_log, CB)):
+            lanes = (1 << wq_pos[:lg]) if lg else 1
+            m.d.sync += [wp.addr.eq(wq_pos >> lg), wp.data.eq(Cat(*([wq_data] * nb))),
+                         wp.en.eq(Mux(wq_en & (region == reg), lanes, 0))]
         with m.If((ex == _Ex.CHECK) & (op == OP_WRITE)):
             m.d.sync += [w_byte.eq(0), w_pending.eq(0), link_rd.eq(5)]
 

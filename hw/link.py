@@ -50,6 +50,7 @@ class _Rx(enum.Enum, shape=4):
     CHECK = 6
     EXEC = 7
     ERROR = 8
+    SETTLE = 9   # the CRC register holds the whole frame; its check is registered
 
 
 class _Tx(enum.Enum, shape=3):
@@ -136,6 +137,11 @@ class HostLink(wiring.Component):
         with m.Else():
             m.d.sync += idle.eq(idle + 1)
 
+        # The 32-bit residue compare is registered: the frame verdict (state, error
+        # code, counters) starts from one flip-flop.
+        crc_match = Signal()
+        m.d.sync += crc_match.eq(rx_crc.match_detected)
+
         def refuse(code):
             m.d.sync += [err_code.eq(code), rx.eq(_Rx.ERROR),
                          self.frame_errors.eq(self.frame_errors + 1)]
@@ -170,9 +176,11 @@ class HostLink(wiring.Component):
                 with m.If(fire):
                     m.d.sync += crc_count.eq(crc_count + 1)
                     with m.If(crc_count == CRC_BYTES - 1):
-                        m.d.sync += rx.eq(_Rx.CHECK)
+                        m.d.sync += rx.eq(_Rx.SETTLE)
+            with m.Case(_Rx.SETTLE):
+                m.d.sync += rx.eq(_Rx.CHECK)
             with m.Case(_Rx.CHECK):
-                with m.If(rx_crc.match_detected):
+                with m.If(crc_match):
                     m.d.sync += [rx.eq(_Rx.EXEC), self.frames.eq(self.frames + 1)]
                 with m.Else():
                     refuse(ERR_CRC)
@@ -183,7 +191,7 @@ class HostLink(wiring.Component):
         req_pending = Signal()
         m.d.comb += [self.o_req.valid.eq(req_pending),
                      self.o_req.payload.op.eq(op), self.o_req.payload.len.eq(length)]
-        with m.If((rx == _Rx.CHECK) & rx_crc.match_detected):
+        with m.If((rx == _Rx.CHECK) & crc_match):
             m.d.sync += req_pending.eq(1)
         with m.If(self.o_req.valid & self.o_req.ready):
             m.d.sync += req_pending.eq(0)
