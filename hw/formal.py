@@ -106,7 +106,7 @@ MODES = ("prove", "bmc", "cover")
 # HostLink reads these two fields only; small values let a bounded check see whole frames.
 LINK_PARAMS = SimpleNamespace(max_payload=4, link_timeout=6)
 # Cycles from a frame's last byte to its response's SYNC leaving the link.
-LINK_ANSWER_CYCLES = 4
+LINK_ANSWER_CYCLES = 5
 
 # A small config for the engine, feeder and generation-unit harnesses (2 x 2 array,
 # 3 x 3 maps, 4-bit data).

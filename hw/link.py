@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import crc, data, enum, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
@@ -208,16 +209,17 @@ class HostLink(wiring.Component):
         m.d.comb += [tx_crc.start.eq(tx == _Tx.SYNC), tx_crc.data.eq(out.payload),
                      tx_crc.valid.eq(tx_fire & ~_any(tx, _Tx.SYNC, _Tx.CRC_HI, _Tx.CRC_LO))]
 
-        # The executor's payload bytes land in a register before framing and the CRC:
-        # their sources (block RAM outputs, read-back muxes) are slow enough already.
-        p_valid = Signal()
-        p_data = Signal(8)
+        # The executor's payload bytes land in a two-byte FIFO before framing and the
+        # CRC: their sources (block RAM outputs, read-back muxes) are slow enough
+        # already, and the executor's ready is then a function of the FIFO's registers,
+        # not of the line side's ready.
+        m.submodules.p_fifo = p_fifo = SyncFIFOBuffered(width=8, depth=2)
         in_payload = (tx == _Tx.PAYLOAD) & ~t_own
-        m.d.comb += self.i_payload.ready.eq(in_payload & (~p_valid | out.ready))
-        with m.If(self.i_payload.valid & self.i_payload.ready):
-            m.d.sync += [p_valid.eq(1), p_data.eq(self.i_payload.payload)]
-        with m.Elif(in_payload & tx_fire):
-            m.d.sync += p_valid.eq(0)
+        m.d.comb += [self.i_payload.ready.eq(in_payload & p_fifo.w_rdy),
+                     p_fifo.w_en.eq(self.i_payload.valid & in_payload),
+                     p_fifo.w_data.eq(self.i_payload.payload),
+                     p_fifo.r_en.eq(in_payload & out.ready)]
+        p_valid, p_data = p_fifo.r_rdy, p_fifo.r_data
 
         m.d.comb += self.i_resp.ready.eq((tx == _Tx.IDLE) & (rx == _Rx.EXEC) & ~req_pending)
         with m.Switch(tx):
