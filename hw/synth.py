@@ -100,8 +100,15 @@ def _over_capacity(table: str) -> list[str]:
 
 
 def synthesize(config: AcceleratorConfig, board: str, freq_mhz: float, out_dir,
-               *, progress: bool = False, seed: int = 1) -> dict:
-    """Build the bitstream of ``config`` for ``board`` at ``freq_mhz`` into ``out_dir``."""
+               *, progress: bool = False, seed: int = 1, pnr_args=()) -> dict:
+    """Build the bitstream of ``config`` for ``board`` at ``freq_mhz`` into ``out_dir``.
+
+    ``seed`` and ``pnr_args`` (extra nextpnr options) are passed to place and route and
+    recorded in the report."""
+    for a in pnr_args:
+        if a in ("--json", "--report", "--sdf", "--seed", "--textcfg", "--asc", "--lpf", "--pcf"):
+            raise SynthError(f"nextpnr option {a} is set by the flow; accepted extra options "
+                             f"are placer, router and timing knobs such as --placer-heap-timingweight")
     if board not in BOARDS:
         raise SynthError(f"board {board!r} unsupported; accepted: {', '.join(BOARDS)}")
     b = BOARDS[board]
@@ -126,7 +133,8 @@ def synthesize(config: AcceleratorConfig, board: str, freq_mhz: float, out_dir,
     report_path = out / f"{NAME}.report.json"
     try:
         steps["nextpnr"] = _run([tools[pnr], *pnr_args, "--report", report_path.name, "--seed",
-                                 str(seed), "--timing-allow-fail", "--sdf", f"{NAME}.sdf"],
+                                 str(seed), "--timing-allow-fail", "--sdf", f"{NAME}.sdf",
+                                 *pnr_args],
                                 out, out / "nextpnr.log",
                                 "nextpnr place and route", progress)
     except SynthError as e:
@@ -167,6 +175,7 @@ def synthesize(config: AcceleratorConfig, board: str, freq_mhz: float, out_dir,
         "board": board, "device": b.device, "requested_mhz": freq_mhz,
         "array": f"{config.rows}x{config.cols}", "config_hash": config.hash_hex,
         "clocks": clocks, "timing_met": passed, "resources": resources,
+        "seed": seed, "pnr_args": list(pnr_args),
         "bitstream": str(bit), "seconds": steps, "total_seconds": sum(steps.values()),
         "slack": slack,
     }
@@ -189,6 +198,8 @@ def format_synth_report(r: dict) -> str:
                   for g in slack["groups"][:10]]
     elif "error" in slack:
         lines.append(f"  endpoint slack not analysed: {slack['error']}")
+    lines.append(f"  nextpnr seed {r.get('seed', 1)}"
+                 + (f", options {' '.join(r['pnr_args'])}" if r.get("pnr_args") else ""))
     lines.append(f"  bitstream {r['bitstream']}")
     lines.append("  wall time " + ", ".join(f"{k} {v:.0f} s" for k, v in r["seconds"].items())
                  + f" (total {r['total_seconds']:.0f} s)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -319,7 +320,8 @@ def cmd_synth(args) -> int:
     out = Path(args.out) if args.out else Path(args.build) / f"synth-{args.board}"
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     log(f"synthesizing {args.build} for {args.board} at {args.freq:g} MHz into {out} ...")
-    report = synthesize(config, args.board, args.freq, out,
+    report = synthesize(config, args.board, args.freq, out, seed=args.seed,
+                        pnr_args=shlex.split(args.pnr_args),
                         progress=not args.json and sys.stderr.isatty())
     (out / "synth_report.json").write_text(json.dumps(report, indent=2) + "\n")
     if args.json:
@@ -417,6 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--freq", type=float, default=None,
                     help="clock in MHz (default 100 on ulx3s-85f, 30 on icebreaker)")
     sy.add_argument("--out", help="output folder (default BUILD/synth-BOARD)")
+    sy.add_argument("--seed", type=int, default=1, help="nextpnr placement seed (default 1)")
+    sy.add_argument("--pnr-args", default="",
+                    help="extra nextpnr options, e.g. '--placer-heap-timingweight 30' or "
+                         "'--router router2 --tmg-ripup'")
     sy.add_argument("--json", action="store_true")
     sy.set_defaults(func=cmd_synth)
 
