@@ -132,3 +132,11 @@ def test_run_reaches_the_simulated_board_by_url(quick_model, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["images"] == 2 and report["mismatches"] == 0
     assert report["weight_bytes_per_image"] > 0 and report["cycles_per_image"] > 0
+
+
+@pytest.mark.parametrize("widths", ["8", "8,0", "a,b", "8,16,32"])
+def test_train_refuses_bad_widths(widths, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--widths", widths, "--out", str(tmp_path / "x.pt")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--widths {widths!r}" in err and "e.g. 8,16" in err

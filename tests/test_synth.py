@@ -101,3 +101,12 @@ def test_a_failing_tool_step_quotes_its_error_line(tmp_path):
     cmd = [sys.executable, "-c", "print('Info: fine'); print('ERROR: no BELs left'); raise SystemExit(3)"]
     with pytest.raises(SynthError, match=r"nextpnr failed \(exit 3\): ERROR: no BELs left; see .*n\.log"):
         _run(cmd, tmp_path, tmp_path / "n.log", "nextpnr", False)
+
+
+@pytest.mark.parametrize("opt", ["--sdf", "--seed", "--report", "--lpf"])
+def test_extra_nextpnr_options_may_not_override_the_flow(opt, tmp_path):
+    from hw.synth import SynthError, synthesize
+
+    with pytest.raises(SynthError, match=f"nextpnr option {opt} is set by the flow"):
+        synthesize(SMOKE, "ulx3s-85f", 25, tmp_path, pnr_args=["--placer-heap-timingweight", "30", opt, "x"])
+    assert not any(tmp_path.iterdir())
