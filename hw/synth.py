@@ -105,7 +105,8 @@ def synthesize(config: AcceleratorConfig, board: str, freq_mhz: float, out_dir,
 
     ``seed`` and ``pnr_args`` (extra nextpnr options) are passed to place and route and
     recorded in the report."""
-    for a in pnr_args:
+    extra = list(pnr_args)
+    for a in extra:
         if a in ("--json", "--report", "--sdf", "--seed", "--textcfg", "--asc", "--lpf", "--pcf"):
             raise SynthError(f"nextpnr option {a} is set by the flow; accepted extra options "
                              f"are placer, router and timing knobs such as --placer-heap-timingweight")
@@ -134,7 +135,7 @@ def synthesize(config: AcceleratorConfig, board: str, freq_mhz: float, out_dir,
     try:
         steps["nextpnr"] = _run([tools[pnr], *pnr_args, "--report", report_path.name, "--seed",
                                  str(seed), "--timing-allow-fail", "--sdf", f"{NAME}.sdf",
-                                 *pnr_args],
+                                 *extra],
                                 out, out / "nextpnr.log",
                                 "nextpnr place and route", progress)
     except SynthError as e:
@@ -175,7 +176,7 @@ def synthesize(config: AcceleratorConfig, board: str, freq_mhz: float, out_dir,
         "board": board, "device": b.device, "requested_mhz": freq_mhz,
         "array": f"{config.rows}x{config.cols}", "config_hash": config.hash_hex,
         "clocks": clocks, "timing_met": passed, "resources": resources,
-        "seed": seed, "pnr_args": list(pnr_args),
+        "seed": seed, "pnr_args": extra,
         "bitstream": str(bit), "seconds": steps, "total_seconds": sum(steps.values()),
         "slack": slack,
     }
