@@ -125,15 +125,15 @@ def synthesize(config: AcceleratorConfig, board: str, freq_mhz: float, out_dir,
     tools = {k: _tool(v) for k, v in TOOLS[b.family].items()}
     script = (out / f"build_{NAME}.sh").read_text()
     nextpnr_line = next(line for line in script.splitlines() if line.startswith("\"$NEXTPNR"))
-    pnr_args = re.findall(r'"[^"]*"|\S+', nextpnr_line)[1:]
-    pnr_args = [a for a in pnr_args if a != "--quiet"]
+    script_args = re.findall(r'"[^"]*"|\S+', nextpnr_line)[1:]
+    script_args = [a for a in script_args if a != "--quiet"]
     steps = {}
     steps["yosys"] = _run([tools["YOSYS"], "-q", "-l", f"{NAME}.rpt", f"{NAME}.ys"], out,
                           out / "yosys.log", "yosys synthesis", progress)
     pnr = "NEXTPNR_ECP5" if b.family == "ecp5" else "NEXTPNR_ICE40"
     report_path = out / f"{NAME}.report.json"
     try:
-        steps["nextpnr"] = _run([tools[pnr], *pnr_args, "--report", report_path.name, "--seed",
+        steps["nextpnr"] = _run([tools[pnr], *script_args, "--report", report_path.name, "--seed",
                                  str(seed), "--timing-allow-fail", "--sdf", f"{NAME}.sdf",
                                  *extra],
                                 out, out / "nextpnr.log",
