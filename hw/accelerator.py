@@ -616,7 +616,11 @@ class Accelerator(wiring.Component):
 
         with m.If(g_st == _Seq.IDLE):
             m.d.sync += s_left.eq(0)
-        with m.If(start):
+        # A run starts from a register a cycle after the RUN check: the check's decode
+        # and the sequencers' state (spread over the controller) never share a cycle.
+        start_q = Signal()
+        m.d.sync += start_q.eq(start)
+        with m.If(start_q):
             m.d.sync += [running.eq(1), state.eq(STATE_RUNNING), status_err.eq(0),
                          g_idx.eq(0), e_idx.eq(0), g_st.eq(_Seq.FETCH), e_st.eq(_Seq.FETCH)]
             for name in ("cycles", "engine_busy", "gen_busy", "mac_cycles", "macs",
@@ -625,8 +629,8 @@ class Accelerator(wiring.Component):
         # The soft reset reaches most registers of both units; it leaves from a register
         # so that its wide net is not timed behind the executor's decode logic. The units
         # and the stream FIFO are reset one cycle after an abort or a fault, while both
-        # sequencers are idle, and one cycle after a start, before the sequencers (two
-        # cycles from FETCH to WAIT) hand them their first descriptors.
+        # sequencers are idle, and one cycle after a start, as the sequencers enter
+        # FETCH (two cycles before they hand the units their first descriptors).
         m.d.sync += soft_reset.eq(abort | engine_fault | start)
         with m.If(abort):
             m.d.sync += [running.eq(0), g_st.eq(_Seq.IDLE), e_st.eq(_Seq.IDLE)]
