@@ -106,10 +106,12 @@ def derive_config(net: QuantizedNetwork, rows: int = 8, cols: int = 8, *,
         # Every layer's codes stay resident in the base store.
         base_store_bytes=min(_pow2(max(1, code_bytes)), _pow2(base_store_budget)),
         max_layers=_pow2(max(8, len(net.layers))),
-        # One generation multiplier per PE: a level-2 tile of rows x cols weights then
-        # takes bo cycles, hidden behind compute on any map of at least bo pixels
-        # (8 lanes made the digits model's 4x4 layers 8x generation-bound).
-        gen_lanes=min(256, rows * cols),
+        # With level 2 generated on chip, one generation multiplier per PE: a level-2
+        # tile of rows x cols weights then takes bo cycles, hidden behind compute on
+        # any map of at least bo pixels (8 lanes made the digits model's 4x4 layers 8x
+        # generation-bound). Without it (dense and factorized layers only), level 1
+        # uses at most `rows` lanes (config.lane_plan) and more would sit idle.
+        gen_lanes=min(256, rows * cols) if any(l.has_l2 for l in conv) else rows,
         const_depth=_pow2(sum(l.out_channels for l in net.layers)),
         # The frame buffer holds a whole input image and its LOAD_ACT header.
         max_payload=min(65535, _pow2(max(256, in_bytes + 7))),

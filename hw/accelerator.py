@@ -42,7 +42,8 @@ of the layer log (``REGION_LOG``), the cycle after the layer's end.
 
 from __future__ import annotations
 
-from amaranth.hdl import Array, Cat, Const, Module, Mux, ResetInserter, Signal
+from amaranth.hdl import (Array, Cat, ClockDomain, ClockSignal, Const, DomainRenamer, Module, Mux,
+                          ResetSignal, Signal)
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
@@ -80,6 +81,8 @@ class _Ex(enum.Enum, shape=4):
     ERROR = 9
     TILES = 10
     PRE = 11
+    PRE2 = 12
+    PRE3 = 13
 
 
 class _Rd(enum.Enum, shape=2):
@@ -87,6 +90,7 @@ class _Rd(enum.Enum, shape=2):
     ADDR = 0
     CAPTURE = 1
     OFFER = 2
+    PREP = 3
 
 
 class _Seq(enum.Enum, shape=3):
@@ -152,18 +156,25 @@ class Accelerator(wiring.Component):
         cfg = self.config
         RB, CB, AB = self.record_bytes, self.const_bytes, self.act_bytes
         rb_log, cb_log = RB.bit_length() - 1, CB.bit_length() - 1
-        soft_reset = Signal()
+        # The generation unit, the engine and the FIFOs around them run in the "unit"
+        # domain: the sync clock, and a reset that is one register holding both the
+        # domain reset and the soft reset (ABORT, an engine fault, RUN). Their
+        # thousands of flip-flops then see a reset net driven by a flip-flop, not by
+        # an OR of two resets spread over the die.
+        m.domains.unit = ClockDomain("unit", local=True)
+        unit_rst = Signal(init=1)
+        m.d.comb += [ClockSignal("unit").eq(ClockSignal("sync")), ResetSignal("unit").eq(unit_rst)]
+        in_unit = DomainRenamer("unit")
         m.submodules.link = link = self.link
-        m.submodules.gen = ResetInserter(soft_reset)(self.gen)
-        m.submodules.code_fifo = code_fifo = ResetInserter(soft_reset)(
-            SyncFIFOBuffered(width=8, depth=self.stream_depth))
-        m.submodules.engine = ResetInserter(soft_reset)(self.engine)
+        m.submodules.gen = in_unit(self.gen)
+        m.submodules.code_fifo = code_fifo = in_unit(SyncFIFOBuffered(width=8, depth=self.stream_depth))
+        m.submodules.engine = in_unit(self.engine)
         gen, eng = self.gen, self.engine
         wiring.connect(m, wiring.flipped(self.i_rx), link.i_rx)
         wiring.connect(m, link.o_tx, wiring.flipped(self.o_tx))
         # Weight vectors cross from the generation unit to the engine through a short
         # FIFO, so that neither side's handshake logic reaches into the other's.
-        m.submodules.weight_fifo = wfifo = ResetInserter(soft_reset)(
+        m.submodules.weight_fifo = wfifo = in_unit(
             SyncFIFOBuffered(width=len(eng.i_weights.payload.as_value()), depth=4))
         m.d.comb += [wfifo.w_data.eq(gen.o_weights.payload), wfifo.w_en.eq(gen.o_weights.valid),
                      gen.o_weights.ready.eq(wfifo.w_rdy),
@@ -259,8 +270,7 @@ class Accelerator(wiring.Component):
         # block) lands in registers here, not in the engine's constant memories across
         # the die.
         const_w = channel_layout(cfg).size
-        m.submodules.const_fifo = cfifo = ResetInserter(soft_reset)(
-            SyncFIFOBuffered(width=const_w, depth=2))
+        m.submodules.const_fifo = cfifo = in_unit(SyncFIFOBuffered(width=const_w, depth=2))
         _stream_words(m, consts_rd_eng, e_rec.const_addr, n_out, e_go,
                       cfifo.w_en, cfifo.w_rdy, "const")
         m.d.comb += [cfifo.w_data.eq(consts_rd_eng.data[:const_w]),
@@ -322,6 +332,13 @@ class Accelerator(wiring.Component):
         abort = Signal()
         err = Signal(8)
         region, addr, count = args[:8], args[8:40], args[40:56]
+        arg_byte = Signal(8)
+        arg_place = Signal()
+        arg_at = Signal.like(arg_wr)
+        m.d.sync += [arg_byte.eq(link.buf_data), arg_place.eq(arg_pending & (ex == _Ex.ARGS)),
+                     arg_at.eq(arg_wr)]
+        with m.If(arg_place):
+            m.d.sync += args.word_select(arg_at, 8).eq(arg_byte)
         abuf, achan, apix = args[:8], args[8:24], args[24:56]
         data_len = Signal(17)
         resp_op = Signal(8)
@@ -341,6 +358,8 @@ class Accelerator(wiring.Component):
         m.d.comb += link.buf_addr.eq(link_rd)
         pre = {"mem_ok": {reg: Signal(name=f"pre_mem_ok_{reg}") for reg in self._region_sizes()},
                "run_ok": Signal(name="pre_run_ok"), "act_ok": Signal(name="pre_act_ok")}
+        pre_n = Signal(17)
+        pre_end = Signal(41)
 
         def refuse(code):
             m.d.sync += [err.eq(code), ex.eq(_Ex.ERROR)]
@@ -380,18 +399,25 @@ class Accelerator(wiring.Component):
                     with m.If(~ok_len):
                         refuse(ERR_LENGTH)
             with m.Case(_Ex.ARGS):
-                # Arguments are little endian: byte i lands at bits 8i.
-                with m.If(arg_pending):
-                    m.d.sync += args.word_select(arg_wr, 8).eq(link.buf_data)
+                # Arguments are little endian: byte i lands at bits 8i. A byte read from
+                # the frame buffer is registered before it is placed (block RAM outputs
+                # are slow); the last one is placed as PRE begins.
                 with m.If(arg_i < n_args):
                     m.d.sync += [link_rd.eq(link_rd + 1), arg_i.eq(arg_i + 1), arg_pending.eq(1),
                                  arg_wr.eq(arg_i)]
                 with m.Else():
-                    m.d.sync += [arg_pending.eq(0), ex.eq(_Ex.PRE), data_len.eq(length - n_args)]
+                    m.d.sync += arg_pending.eq(0)
+                    with m.If(~arg_pending):
+                        m.d.sync += [ex.eq(_Ex.PRE), data_len.eq(length - n_args)]
+            # The argument checks take three registered steps before CHECK decides on
+            # them: the transfer length, the end address, then the comparators (carry
+            # chains on 16..40-bit values).
             with m.Case(_Ex.PRE):
-                # The argument checks' comparators (carry chains on 16..40-bit values)
-                # land in registers a cycle before CHECK decides on them.
-                self._precheck(m, cfg, op, addr, count, data_len, achan, apix, args, pre)
+                m.d.sync += [pre_n.eq(Mux(op == OP_WRITE, data_len, count)), ex.eq(_Ex.PRE2)]
+            with m.Case(_Ex.PRE2):
+                m.d.sync += [pre_end.eq(addr + pre_n), ex.eq(_Ex.PRE3)]
+            with m.Case(_Ex.PRE3):
+                self._precheck(m, cfg, op, addr, pre_n, pre_end, achan, apix, args, pre)
                 m.d.sync += ex.eq(_Ex.CHECK)
             with m.Case(_Ex.CHECK):
                 self._check(m, cfg, op, region, addr, count, data_len, abuf, achan, apix,
@@ -482,6 +508,7 @@ class Accelerator(wiring.Component):
         log_word = Signal(range(len(LOG_COUNTERS)))
         s_data = Signal(8)
         s_pos = Signal(40)
+        s_more = Signal()
         status_word = Cat(state, Const(0, 8 - len(state)), status_err,
                           e_idx, Const(0, 16 - len(e_idx)))
         counter_word = Signal(COUNTER_BITS)
@@ -506,15 +533,18 @@ class Accelerator(wiring.Component):
                     with m.If(s_idx == resp_len - 1):
                         m.d.sync += ex.eq(_Ex.IDLE)
             with m.Else():
-                # One byte at a time, in three registered steps, so that no block RAM
-                # output reaches the payload mux in the same cycle (the link drains
-                # far slower than a byte every three cycles):
-                # ADDR addresses byte s_idx, CAPTURE registers the sources' words,
-                # OFFER selects the byte from those registers until the link takes it.
+                # One byte at a time, in four registered steps, so that no block RAM
+                # output reaches the payload mux in the same cycle and no address adder
+                # reaches a block RAM address (the link drains far slower than a byte
+                # every four cycles): PREP computes byte s_idx's address, ADDR
+                # addresses it, CAPTURE registers the sources' words, OFFER selects the
+                # byte from those registers until the link takes it.
                 with m.Switch(s_phase):
+                    with m.Case(_Rd.PREP):
+                        m.d.sync += [s_pos.eq(addr + s_idx), s_more.eq(s_idx < resp_len),
+                                     s_phase.eq(_Rd.ADDR)]
                     with m.Case(_Rd.ADDR):
-                        with m.If(s_idx < resp_len):
-                            m.d.comb += s_pos.eq(addr + s_idx)
+                        with m.If(s_more):
                             m.d.comb += [ident_rd.addr.eq(s_idx), ident_rd.en.eq(1)]
                             with m.Switch(src_sel):
                                 with m.Case(SRC_BASES):
@@ -545,7 +575,7 @@ class Accelerator(wiring.Component):
                     with m.Case(_Rd.OFFER):
                         m.d.comb += payload.valid.eq(1)
                         with m.If(payload.ready):
-                            m.d.sync += [s_idx.eq(s_idx + 1), s_phase.eq(_Rd.ADDR)]
+                            m.d.sync += [s_idx.eq(s_idx + 1), s_phase.eq(_Rd.PREP)]
                 with m.Switch(src_sel):
                     with m.Case(SRC_IDENT):
                         m.d.comb += s_data.eq(cap_ident)
@@ -572,7 +602,7 @@ class Accelerator(wiring.Component):
                     with m.Case(i):
                         m.d.comb += counter_word.eq(ctr[name])
         with m.If(ex == _Ex.RESPOND):
-            m.d.sync += [s_idx.eq(0), s_phase.eq(_Rd.ADDR), act_byte.eq(0)]
+            m.d.sync += [s_idx.eq(0), s_phase.eq(_Rd.PREP), act_byte.eq(0)]
 
         # Activation transfers: one engine host command, then the elements.
         hc = eng.i_host.payload
@@ -626,12 +656,12 @@ class Accelerator(wiring.Component):
             for name in ("cycles", "engine_busy", "gen_busy", "mac_cycles", "macs",
                          "stall_weights", "stall_output", "code_bytes"):
                 m.d.sync += ctr[name].eq(0)
-        # The soft reset reaches most registers of both units; it leaves from a register
-        # so that its wide net is not timed behind the executor's decode logic. The units
-        # and the stream FIFO are reset one cycle after an abort or a fault, while both
-        # sequencers are idle, and one cycle after a start, as the sequencers enter
-        # FETCH (two cycles before they hand the units their first descriptors).
-        m.d.sync += soft_reset.eq(abort | engine_fault | start)
+        # The unit reset leaves from a register, so that its wide net is not timed
+        # behind the executor's decode logic. The units and the FIFOs are reset one
+        # cycle after an abort or a fault, while both sequencers are idle, and one
+        # cycle after a start, as the sequencers enter FETCH (two cycles before they
+        # hand the units their first descriptors); and while the domain reset holds.
+        m.d.sync += unit_rst.eq(abort | engine_fault | start)
         with m.If(abort):
             m.d.sync += [running.eq(0), g_st.eq(_Seq.IDLE), e_st.eq(_Seq.IDLE)]
             with m.If(running):
@@ -644,17 +674,17 @@ class Accelerator(wiring.Component):
                 REGION_CONSTS: cfg.const_depth * self.const_bytes,
                 REGION_LOG: cfg.max_layers * len(LOG_COUNTERS) * 8}
 
-    def _precheck(self, m, cfg, op, addr, count, data_len, achan, apix, args, pre):
+    def _precheck(self, m, cfg, op, addr, n, end, achan, apix, args, pre):
         """Registered argument checks for CHECK: RUN's layer count, LOAD_ACT/READ_ACT's
-        shape, and per memory region whether the transfer is in range (and, for a
-        WRITE, whole words)."""
+        shape, and per memory region whether the transfer of ``n`` bytes (a WRITE's
+        data, a READ's count) from ``addr`` to ``end`` is in range (and, for a WRITE,
+        whole words)."""
         words = {REGION_PROGRAM: self.record_bytes, REGION_BASES: 1, REGION_CONSTS: self.const_bytes,
                  REGION_LOG: 1}
-        n = Mux(op == OP_WRITE, data_len, count)
         for reg, size in self._region_sizes().items():
             wb = words[reg]
             aligned = ((addr & (wb - 1)) == 0) & ((n & (wb - 1)) == 0)
-            in_range = (addr < size) & (n <= size) & (addr + n <= size)
+            in_range = (addr < size) & (n <= size) & (end <= size)
             m.d.sync += pre["mem_ok"][reg].eq(in_range & ((op != OP_WRITE) | aligned))
         layers = args[:16]
         m.d.sync += pre["run_ok"].eq((layers != 0) & (layers <= cfg.max_layers))

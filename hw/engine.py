@@ -426,7 +426,12 @@ class ConvEngine(wiring.Component):
         m.d.sync += chan_ok.eq((chan_cnt >= pr_base + G) | (chan_cnt == n_out))
         pr_fire = Signal()
         m.d.comb += pr_fire.eq(in_layer & pr_active & tile_avail & chan_ok & ~group_moved)
-        res_read = pr_fire & d.has_res
+        # The post reader's reads (accumulators, constants, residuals) leave a cycle after
+        # its decision, from registers: the decision logic then never reaches the
+        # activation banks' shared read address. A residual read in the source buffer
+        # holds the issue stage that cycle.
+        res_read_q = Signal()
+        m.d.sync += res_read_q.eq(pr_fire & d.has_res)
 
         # ---- issue: a skid buffer after the feeder, then the bank read -----------------
         # Two entries make the feeder's ready a register, so the issue decision never
@@ -443,7 +448,7 @@ class ConvEngine(wiring.Component):
         w_ok = Mux(vec.pool, 1, Mux(vec.sel, loaded[1], loaded[0]))
         acc_ok = Mux(vec.pool, ~vec.pool_first | pool_free,
                      ~vec.cotile_first | ~Mux(vec.half, half_busy[1], half_busy[0]))
-        res_block = res_read & res_is_src
+        res_block = res_read_q & res_is_src
         go = in_layer & w_ok & acc_ok & ~res_block
         issue = vec_valid & go
         m.d.comb += feeder.o_vec.ready.eq(in_layer & ~skid_valid)
@@ -538,11 +543,14 @@ class ConvEngine(wiring.Component):
                  for h in range(2)]
         post_q = [Signal(data.ArrayLayout(signed(cfg.acc_bits), C), name=f"post_q_{h}")
                   for h in range(2)]
+        pr_p_q = Signal.like(pr_p)
+        pr_cg_q = Signal.like(pr_cg)
+        m.d.sync += [pr_p_q.eq(pr_p), pr_cg_q.eq(pr_cg)]
         for h in range(2):
             m.d.sync += [acc_q[h].eq(acc_rp[h].data), post_q[h].eq(acc_pp[h].data)]
             m.d.comb += [
                 acc_rp[h].addr.eq(pre.pix),
-                acc_pp[h].addr.eq(pr_p),
+                acc_pp[h].addr.eq(pr_p_q),
                 acc_wp[h].addr.eq(acc.pix),
                 acc_wp[h].en.eq(acc.valid & (acc.half == h)),
             ]
@@ -561,7 +569,7 @@ class ConvEngine(wiring.Component):
         lane_en = Signal(G)
         m.d.comb += [lane_en[g].eq(pr_base + g < n_out) for g in range(G)]
         for g in range(G):
-            m.d.comb += const_rp[g].addr.eq(pr_cg)
+            m.d.comb += const_rp[g].addr.eq(pr_cg_q)
         m.d.sync += group_moved.eq(0)
         with m.If(pr_fire):
             with m.If(pr_p != p_out - 1):
@@ -585,14 +593,15 @@ class ConvEngine(wiring.Component):
                 with m.If(last_group):
                     m.d.sync += [pr_active.eq(0), pr_done.eq(1)]
 
-        # P1: block RAM outputs; P2: registered (accumulators in acc_q, residuals in
-        # act_q, constants below), lane select, then the requantizer.
+        # P0: registered decision, block RAM addresses; P1: block RAM outputs; P2:
+        # registered (accumulators in post_q, residuals in act_q, constants below), lane
+        # select, then the requantizer.
         post_layout = data.StructLayout({"valid": 1, "pool": 1, "half": 1, "j": pr_j.shape(),
                                          "gi": pr_gi.shape(), "lanes": G, "tag": tag_layout})
-        p1, p2 = Signal(post_layout), Signal(post_layout)
-        m.d.sync += [p1.valid.eq(pr_fire), p1.pool.eq(is_pool), p1.half.eq(pr_half), p1.j.eq(pr_j),
-                     p1.gi.eq(pr_gi), p1.lanes.eq(lane_en), p1.tag.addr.eq(pr_cbhw + pr_p),
-                     p1.tag.gi.eq(pr_gi), p2.eq(p1)]
+        p0, p1, p2 = Signal(post_layout), Signal(post_layout), Signal(post_layout)
+        m.d.sync += [p0.valid.eq(pr_fire), p0.pool.eq(is_pool), p0.half.eq(pr_half), p0.j.eq(pr_j),
+                     p0.gi.eq(pr_gi), p0.lanes.eq(lane_en), p0.tag.addr.eq(pr_cbhw + pr_p),
+                     p0.tag.gi.eq(pr_gi), p1.eq(p0), p2.eq(p1)]
         const_q = [Signal(channel_layout(cfg), name=f"const_q_{g}") for g in range(G)]
         res_q = [Array([act_q[b][r] for b in range(NB)])[d.res] for r in range(R)]
         m.d.sync += [const_q[g].eq(const_rp[g].data) for g in range(G)]
@@ -611,19 +620,18 @@ class ConvEngine(wiring.Component):
         # descriptor is fixed from the first check cycle, two cycles before the layer.
         m.d.sync += [rq.shift.eq(d.shift), rq.relu.eq(d.relu), rq.has_res.eq(d.has_res),
                      rq.m_res.eq(d.m_res)]
-        m.d.comb += layer_end.eq(pr_done & ~p1.valid & ~p2.valid & ~rq.busy)
+        m.d.comb += layer_end.eq(pr_done & ~p0.valid & ~p1.valid & ~p2.valid & ~rq.busy)
 
         # ---- activation memory ports ---------------------------------------------------
-        res_addr = Signal(addr_shape)
-        m.d.comb += res_addr.eq(pr_cbhw + pr_p)
         for b in range(NB):
             for r in range(R):
                 rp, wp = act_rp[b][r], act_wp[b][r]
-                res_hit = res_read & (d.res == b) & (pr_gi == r // G)
+                res_hit = Signal(name=f"res_hit_{b}_{r}")
+                m.d.sync += res_hit.eq(pr_fire & d.has_res & (d.res == b) & (pr_gi == r // G))
                 with m.If(host_rd):
                     m.d.comb += [rp.addr.eq(h_addr), rp.en.eq(host_adv)]
                 with m.Elif(res_hit):
-                    m.d.comb += [rp.addr.eq(res_addr), rp.en.eq(1)]
+                    m.d.comb += [rp.addr.eq(p0.tag.addr), rp.en.eq(1)]
                 with m.Else():
                     m.d.comb += [rp.addr.eq(vec.addr), rp.en.eq(1)]
                 wb = rq.o_valid & rq.o_lanes[r % G] & (rq.o_tag.gi == r // G) & (d.dst == b)

@@ -505,20 +505,30 @@ class GenerationUnit(wiring.Component):
                 m.d.sync += state.eq(pend)
 
         # Issue stage ---------------------------------------------------------
+        # The loop ends of the issue mode (level 1, level 2 or bypass) are registers,
+        # set in the one state before each issue state (ALIGN, DRAIN_L1): the loop
+        # conditions then start from registers, not from the state decode.
         n_lim = Signal.like(n)
-        pc_last = Signal()
-        pr_last = Signal()
-        with m.If(issue_l1):
-            m.d.comb += [n_lim.eq(bi_m1), pc_last.eq(pc == P1 - 1), pr_last.eq(1)]
-        with m.Elif(has_l2):
-            m.d.comb += [n_lim.eq(bo_m1), pc_last.eq(pc == Pc - 1), pr_last.eq(pr == Pr - 1)]
-        with m.Else():
-            m.d.comb += [n_lim.eq(0), pc_last.eq(pc == C - 1), pr_last.eq(1)]
+        pc_lim = Signal.like(pc)
+        pr_lim = Signal.like(pr)
+        l0_lim = Signal.like(l0)
+        mode_l1 = Signal()
+
+        def issue_limits(l1):
+            return [mode_l1.eq(l1),
+                    n_lim.eq(Mux(l1, bi_m1, Mux(has_l2, bo_m1, 0))),
+                    pc_lim.eq(Mux(l1, P1 - 1, Mux(has_l2, Pc - 1, C - 1))),
+                    pr_lim.eq(Mux(~l1 & has_l2, Pr - 1, 0)),
+                    l0_lim.eq(Mux(l1, bo_m1, co_last))]
+        with m.If(state == _State.ALIGN):
+            m.d.sync += issue_limits(has_l1)
+        with m.If(state == _State.DRAIN_L1):
+            m.d.sync += issue_limits(0)
         last4 = n == n_lim
-        last3 = pc_last & pr_last
+        last3 = (pc == pc_lim) & (pr == pr_lim)
         last2 = tap == kk_m1
         last1 = ci0 == ci_last
-        last0 = Mux(issue_l1, l0 == bo_m1, l0 == co_last)
+        last0 = l0 == l0_lim
 
         # A tile is issued only into a free slot, so a result never waits at the end of
         # the pipeline and nothing past the issue stage needs a stall.
@@ -553,7 +563,7 @@ class GenerationUnit(wiring.Component):
             with m.Else():
                 m.d.sync += [n.eq(0), nk.eq(0)]
                 with m.If(~last3):
-                    with m.If(~pc_last):
+                    with m.If(pc != pc_lim):
                         m.d.sync += pc.eq(pc + 1)
                     with m.Else():
                         m.d.sync += [pc.eq(0), pr.eq(pr + 1)]
@@ -571,7 +581,7 @@ class GenerationUnit(wiring.Component):
                     with m.Else():
                         m.d.sync += [tap.eq(0), ci0.eq(0)]
                         with m.If(~last0):
-                            with m.If(issue_l1):
+                            with m.If(mode_l1):
                                 m.d.sync += [l0.eq(l0 + 1), wa.eq(wa + 1), ub.eq(ub + bi),
                                              bb.eq(bb + bikk), bt.eq(bb + bikk)]
                             with m.Else():
@@ -698,20 +708,23 @@ class GenerationUnit(wiring.Component):
                             m.d.sync += work[t][r][c].eq(Mux(keep, byp_w[r], 0))
 
         # Output tile: takes a complete work tile when empty, shifts its vectors out -------
+        # Valid and the last flag are registers (out_cnt != 0, out_last & out_cnt == 1),
+        # so that the handshake, which enables every output tile register, is one gate
+        # of two registers and the consumer's ready.
+        o_valid, o_last = Signal(), Signal()
         handshake = self.o_weights.valid & self.o_weights.ready
         copy = Signal()
-        m.d.comb += copy.eq(full.bit_select(rd_slot, 1) & (out_cnt == 0))
-        m.d.comb += [
-            self.o_weights.valid.eq(out_cnt != 0),
-            self.o_weights.payload.last.eq(out_last & (out_cnt == 1)),
-        ]
+        m.d.comb += copy.eq(full.bit_select(rd_slot, 1) & ~o_valid)
+        m.d.comb += [self.o_weights.valid.eq(o_valid), self.o_weights.payload.last.eq(o_last)]
         m.d.comb += [self.o_weights.payload.w[c].eq(out[0][c]) for c in range(C)]
         with m.If(handshake):
-            m.d.sync += out_cnt.eq(out_cnt - 1)
+            m.d.sync += [out_cnt.eq(out_cnt - 1), o_valid.eq(out_cnt != 1),
+                         o_last.eq(out_last & (out_cnt == 2))]
             for r in range(R - 1):
                 m.d.sync += [out[r][c].eq(out[r + 1][c]) for c in range(C)]
         with m.If(copy):
             m.d.sync += [out_cnt.eq(R), out_last.eq(work_last.bit_select(rd_slot, 1)),
+                         o_valid.eq(1), o_last.eq(work_last.bit_select(rd_slot, 1) if R == 1 else 0),
                          full.bit_select(rd_slot, 1).eq(0), busy.bit_select(rd_slot, 1).eq(0),
                          rd_slot.eq(~rd_slot)]
             for t in range(2):

@@ -52,6 +52,7 @@ class _Rx(enum.Enum, shape=4):
     EXEC = 7
     ERROR = 8
     SETTLE = 9   # the CRC register holds the whole frame; its check is registered
+    LENCHK = 10  # the length is checked from its register, not from the line's byte
 
 
 class _Tx(enum.Enum, shape=3):
@@ -132,11 +133,14 @@ class HostLink(wiring.Component):
 
         # A frame whose bytes stop arriving is dropped, so a truncated frame cannot
         # hold the link forever.
-        mid_frame = _any(rx, _Rx.OP, _Rx.LEN0, _Rx.LEN1, _Rx.PAYLOAD, _Rx.CRC)
+        # The timeout compare is registered: ``timed_out`` holds exactly when ``idle``
+        # is link_timeout - 1 (link_timeout >= 16).
+        mid_frame = _any(rx, _Rx.OP, _Rx.LEN0, _Rx.LEN1, _Rx.LENCHK, _Rx.PAYLOAD, _Rx.CRC)
+        timed_out = Signal()
         with m.If(~mid_frame | fire):
-            m.d.sync += idle.eq(0)
+            m.d.sync += [idle.eq(0), timed_out.eq(0)]
         with m.Else():
-            m.d.sync += idle.eq(idle + 1)
+            m.d.sync += [idle.eq(idle + 1), timed_out.eq(idle == cfg.link_timeout - 2)]
 
         # The 32-bit residue compare is registered: the frame verdict (state, error
         # code, counters) starts from one flip-flop.
@@ -160,13 +164,15 @@ class HostLink(wiring.Component):
                     m.d.sync += [length[:8].eq(byte), rx.eq(_Rx.LEN1)]
             with m.Case(_Rx.LEN1):
                 with m.If(fire):
-                    m.d.sync += [length[8:].eq(byte), count.eq(0), crc_count.eq(0)]
-                    with m.If(Cat(length[:8], byte) > self.depth):
-                        refuse(ERR_LENGTH)
-                    with m.Elif((byte == 0) & (length[:8] == 0)):
-                        m.d.sync += rx.eq(_Rx.CRC)
-                    with m.Else():
-                        m.d.sync += rx.eq(_Rx.PAYLOAD)
+                    m.d.sync += [length[8:].eq(byte), count.eq(0), crc_count.eq(0),
+                                 rx.eq(_Rx.LENCHK)]
+            with m.Case(_Rx.LENCHK):
+                with m.If(length > self.depth):
+                    refuse(ERR_LENGTH)
+                with m.Elif(length == 0):
+                    m.d.sync += rx.eq(_Rx.CRC)
+                with m.Else():
+                    m.d.sync += rx.eq(_Rx.PAYLOAD)
             with m.Case(_Rx.PAYLOAD):
                 m.d.comb += wp.en.eq(fire)
                 with m.If(fire):
@@ -185,7 +191,7 @@ class HostLink(wiring.Component):
                     m.d.sync += [rx.eq(_Rx.EXEC), self.frames.eq(self.frames + 1)]
                 with m.Else():
                     refuse(ERR_CRC)
-        with m.If(mid_frame & (idle == cfg.link_timeout - 1) & ~fire):
+        with m.If(mid_frame & timed_out & ~fire):
             refuse(ERR_TIMEOUT)
 
         # ---- request to the executor, response framing ---------------------------------

@@ -114,9 +114,11 @@ class Requantizer(wiring.Component):
             mult = Signal(signed(cfg.m_bits), name=f"mult_{g}")
             bias0 = Signal(signed(cfg.bias_bits), name=f"bias0_{g}")
             res = Signal(signed(cfg.a_bits), name=f"res_{g}")
-            m.d.sync += [bias0.eq(self.i_bias[g])]
-            m.d.comb += [acc.eq(self.i_acc[g]), mult.eq(self.i_mult[g]),
-                         res.eq(Mux(self.has_res, self.i_res[g], 0))]
+            # The residual lands in a fabric register before its product (its source
+            # is a buffer select far from the DSP blocks); its product then skips the
+            # register stage that aligns the other products with the sum.
+            m.d.sync += [bias0.eq(self.i_bias[g]), res.eq(Mux(self.has_res, self.i_res[g], 0))]
+            m.d.comb += [acc.eq(self.i_acc[g]), mult.eq(self.i_mult[g])]
             # acc * M as two products of at most 18 x 18 bits, one DSP block each, summed
             # in the next stage: a wider product would chain DSPs and an adder in one cycle.
             # Each product registers its operands (first stage) and itself (second).
@@ -129,17 +131,23 @@ class Requantizer(wiring.Component):
             rprod1 = registered_multiply(m, res, self.m_res, f"rprod1_{g}", platform)
             m.d.sync += bias1.eq(bias0)
             prod = Signal(signed(cfg.acc_bits + cfg.m_bits), name=f"prod_{g}")
-            rprod = Signal(signed(cfg.a_bits + cfg.m_bits), name=f"rprod_{g}")
             bias = Signal(signed(cfg.bias_bits), name=f"bias_{g}")
-            m.d.sync += [prod.eq((p_hi << lo_bits) + p_lo), rprod.eq(rprod1), bias.eq(bias1)]
+            m.d.sync += [prod.eq((p_hi << lo_bits) + p_lo), bias.eq(bias1)]
             total = Signal(signed(cfg.post_bits + 2), name=f"total_{g}")
-            m.d.sync += total.eq(prod + bias + rprod)
+            m.d.sync += total.eq(prod + bias + rprod1)
             rounded = Signal(signed(cfg.post_bits + 3), name=f"rounded_{g}")
             m.d.sync += rounded.eq(total + rnd)
             shifted = Signal(signed(cfg.post_bits + 3), name=f"shifted_{g}")
             m.d.sync += shifted.eq(rounded >> self.shift)
-            y = Mux(self.relu & (shifted < 0), 0, shifted)
-            m.d.sync += self.o_y[g].eq(Mux(y > hi, hi, Mux(y < lo, lo, y)))
+            # Clamp and ReLU from the bits: the value fits a_bits when every bit from
+            # a_bits - 1 up equals the sign. ReLU only picks the negative side's result,
+            # so the layer's flag (one register for all lanes) is the last gate.
+            sign = shifted[-1]
+            top = shifted[cfg.a_bits - 1:-1]
+            low = shifted[:cfg.a_bits]
+            pos = Mux(top.any(), hi, low)
+            neg = Mux(self.relu, 0, Mux(top.all(), low, lo))
+            m.d.sync += self.o_y[g].eq(Mux(sign, neg, pos))
         return m
 
 
