@@ -359,6 +359,8 @@ class Accelerator(wiring.Component):
         pre = {"mem_ok": {reg: Signal(name=f"pre_mem_ok_{reg}") for reg in self._region_sizes()},
                "run_ok": Signal(name="pre_run_ok"), "act_ok": Signal(name="pre_act_ok")}
         pre_n = Signal(17)
+        # A request on the stream region, from a register (its data path and CHECK).
+        to_stream = pre["stream"] = Signal(name="pre_stream")
         pre_end = Signal(41)
 
         def refuse(code):
@@ -413,7 +415,8 @@ class Accelerator(wiring.Component):
             # them: the transfer length, the end address, then the comparators (carry
             # chains on 16..40-bit values).
             with m.Case(_Ex.PRE):
-                m.d.sync += [pre_n.eq(Mux(op == OP_WRITE, data_len, count)), ex.eq(_Ex.PRE2)]
+                m.d.sync += [pre_n.eq(Mux(op == OP_WRITE, data_len, count)), ex.eq(_Ex.PRE2),
+                             to_stream.eq(region == REGION_STREAM)]
             with m.Case(_Ex.PRE2):
                 m.d.sync += [pre_end.eq(addr + pre_n), ex.eq(_Ex.PRE3)]
             with m.Case(_Ex.PRE3):
@@ -461,7 +464,7 @@ class Accelerator(wiring.Component):
         m.d.sync += wq_en.eq(0)
         # A streamed byte waits for room in the FIFO; the frame buffer read then holds.
         w_stall = Signal()
-        m.d.comb += w_stall.eq((region == REGION_STREAM) & w_pending & ~code_fifo.w_rdy)
+        m.d.comb += w_stall.eq(to_stream & w_pending & ~code_fifo.w_rdy)
         m.d.comb += code_fifo.w_data.eq(link.buf_data)
         with m.If(w_stall):
             # The frame buffer read port is always enabled: re-read the pending byte.
@@ -475,7 +478,7 @@ class Accelerator(wiring.Component):
                 m.d.sync += [link_rd.eq(link_rd + 1), w_byte.eq(w_byte + 1)]
             m.d.sync += w_pending.eq(w_byte < data_len)
             with m.If(w_pending):
-                with m.If(region == REGION_STREAM):
+                with m.If(to_stream):
                     m.d.comb += code_fifo.w_en.eq(1)
                 with m.Else():
                     m.d.sync += [wq_en.eq(1), wq_pos.eq(addr + w_byte - 1), wq_data.eq(link.buf_data)]
@@ -502,7 +505,7 @@ class Accelerator(wiring.Component):
         cidx = Signal(range(len(COUNTERS)))
         cap_ident, cap_bases = Signal(8), Signal(8)
         cap_prog, cap_consts = Signal(8 * RB), Signal(8 * CB)
-        cap_counter = Signal(COUNTER_BITS)
+        cap_counter, cap_log = Signal(COUNTER_BITS), Signal(COUNTER_BITS)
         # A log entry is LOG_COUNTERS words of 8 bytes: byte address = (layer, word, byte).
         log_shift = 3 + (len(LOG_COUNTERS) - 1).bit_length()
         log_word = Signal(range(len(LOG_COUNTERS)))
@@ -568,9 +571,8 @@ class Accelerator(wiring.Component):
                         m.d.sync += [cap_ident.eq(ident_rd.data), cap_bases.eq(bases_rd_host.data),
                                      cap_prog.eq(prog_rd_host.data),
                                      cap_consts.eq(consts_rd_host.data),
-                                     cap_counter.eq(Mux(src_sel == SRC_LOG,
-                                                        Array(rp.data for rp in log_rds)[log_word],
-                                                        counter_word)),
+                                     cap_counter.eq(counter_word),
+                                     cap_log.eq(Array(rp.data for rp in log_rds)[log_word]),
                                      s_phase.eq(_Rd.OFFER)]
                     with m.Case(_Rd.OFFER):
                         m.d.comb += payload.valid.eq(1)
@@ -595,7 +597,7 @@ class Accelerator(wiring.Component):
                         m.d.comb += s_data.eq(Cat(cap_counter, Const(0, 64 - COUNTER_BITS))
                                               .word_select(sel_q[:3], 8))
                     with m.Case(SRC_LOG):
-                        m.d.comb += s_data.eq(Cat(cap_counter, Const(0, 64 - COUNTER_BITS))
+                        m.d.comb += s_data.eq(Cat(cap_log, Const(0, 64 - COUNTER_BITS))
                                               .word_select(s_sel_byte[:3], 8))
             with m.Switch(cidx):
                 for i, name in enumerate(COUNTERS):
@@ -718,7 +720,7 @@ class Accelerator(wiring.Component):
                     m.d.sync += n_layers.eq(n)
                     respond(op | RESPONSE, 0)
             with m.Case(OP_WRITE, OP_READ):
-                with m.If(region == REGION_STREAM):
+                with m.If(pre["stream"]):
                     with m.If((op != OP_WRITE) | (addr != 0)):
                         refuse(ERR_ADDRESS)
                     with m.Elif(~running):

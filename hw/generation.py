@@ -342,6 +342,7 @@ class GenerationUnit(wiring.Component):
         wo = Signal(range(addr_lim))
         ob = Signal(range(addr_lim))
         cob = Signal(range(addr_lim))
+        obt = Signal(len(ob) + 1)    # ob + toff, kept up to date with them
 
         ctrl_layout = data.StructLayout({
             "l1": 1, "l2": 1, "byp": 1, "first": 1, "last": 1,
@@ -376,7 +377,7 @@ class GenerationUnit(wiring.Component):
 
         def reset_issue():
             return [x.eq(0) for x in (l0, ci0, tap, pr, pc, n, ub, bb, bt, nk, wa, vb,
-                                      toff, wo, ob, cob)]
+                                      toff, wo, ob, cob, obt)]
 
         def reset_load():
             return [x.eq(0) for x in (c0, c1, c2, ln, lb, la)]
@@ -550,7 +551,7 @@ class GenerationUnit(wiring.Component):
             u_rd.addr.eq(ub + n),
             b_rd.addr.eq(bt + nk),
             v_rd.addr.eq(vb + n),
-            w1_rd.addr.eq(Mux(has_l2, wo, ob + toff)),
+            w1_rd.addr.eq(Mux(has_l2, wo, obt)),
         ]
         with m.If(s0_valid & issue_main & tile_first):
             m.d.sync += busy.bit_select(cur_slot, 1).eq(1)
@@ -567,7 +568,7 @@ class GenerationUnit(wiring.Component):
                         m.d.sync += pc.eq(pc + 1)
                     with m.Else():
                         m.d.sync += [pc.eq(0), pr.eq(pr + 1)]
-                    m.d.sync += [wo.eq(toff), ob.eq(ob + stride)]
+                    m.d.sync += [wo.eq(toff), ob.eq(ob + stride), obt.eq(obt + stride)]
                 with m.Else():
                     m.d.sync += [pc.eq(0), pr.eq(0)]
                     with m.If(~last2 | ~last1):
@@ -575,6 +576,7 @@ class GenerationUnit(wiring.Component):
                             tap.eq(Mux(last2, 0, tap + 1)),
                             ci0.eq(Mux(last2, ci0 + R, ci0)),
                             toff.eq(toff + 1), wo.eq(toff + 1), ob.eq(cob), wa.eq(wa + 1),
+                            obt.eq(cob + toff + 1),
                             bt.eq(Mux(last2, bb, bt + 1)),
                             ub.eq(Mux(last2, ub + bi, ub)),
                         ]
@@ -586,7 +588,8 @@ class GenerationUnit(wiring.Component):
                                              bb.eq(bb + bikk), bt.eq(bb + bikk)]
                             with m.Else():
                                 m.d.sync += [l0.eq(l0 + C), vb.eq(vb + bo), toff.eq(0), wo.eq(0),
-                                             cob.eq(ob + stride), ob.eq(ob + stride)]
+                                             cob.eq(ob + stride), ob.eq(ob + stride),
+                                             obt.eq(ob + stride)]
                         with m.Else():
                             m.d.sync += state.eq(Mux(issue_l1, _State.DRAIN_L1, _State.DRAIN_MAIN))
 

@@ -147,9 +147,15 @@ class HostLink(wiring.Component):
         crc_match = Signal()
         m.d.sync += crc_match.eq(rx_crc.match_detected)
 
+        # The refusal count follows a cycle later, from a register: the refusal
+        # conditions then enable two registers, not a 48-bit counter.
+        refused = Signal()
+        m.d.sync += refused.eq(0)
+        with m.If(refused):
+            m.d.sync += self.frame_errors.eq(self.frame_errors + 1)
+
         def refuse(code):
-            m.d.sync += [err_code.eq(code), rx.eq(_Rx.ERROR),
-                         self.frame_errors.eq(self.frame_errors + 1)]
+            m.d.sync += [err_code.eq(code), rx.eq(_Rx.ERROR), refused.eq(1)]
 
         m.d.comb += [wp.addr.eq(count), wp.data.eq(byte)]
         with m.Switch(rx):
