@@ -359,6 +359,14 @@ class Accelerator(wiring.Component):
         pre = {"mem_ok": {reg: Signal(name=f"pre_mem_ok_{reg}") for reg in self._region_sizes()},
                "run_ok": Signal(name="pre_run_ok"), "act_ok": Signal(name="pre_act_ok")}
         pre_n = Signal(17)
+        # CHECK decides on registers: the opcode one-hot (from IDLE), the region one-hot
+        # and the argument flags (from PRE).
+        pre["op"] = {code: Signal(name=f"pre_op_{code:02x}") for code in
+                     (OP_IDENTIFY, OP_STATUS, OP_COUNTERS, OP_ABORT, OP_RUN, OP_WRITE, OP_READ,
+                      OP_LOAD_ACT, OP_READ_ACT)}
+        pre["region"] = {reg: Signal(name=f"pre_region_{reg}") for reg in self._region_sizes()}
+        pre["addr0"], pre["count0"], pre["abuf_bad"] = (
+            Signal(name="pre_addr0"), Signal(name="pre_count0"), Signal(name="pre_abuf_bad"))
         # A request on the stream region, from a register (its data path and CHECK).
         to_stream = pre["stream"] = Signal(name="pre_stream")
         pre_end = Signal(41)
@@ -380,6 +388,7 @@ class Accelerator(wiring.Component):
             with m.Case(_Ex.IDLE):
                 with m.If(link.o_req.valid):
                     rq = link.o_req.payload
+                    m.d.sync += [flag.eq(rq.op == code) for code, flag in pre["op"].items()]
                     m.d.sync += [op.eq(rq.op), length.eq(rq.len), arg_i.eq(0), args.eq(0),
                                  link_rd.eq(0), arg_pending.eq(0), ex.eq(_Ex.ARGS)]
                     m.d.sync += n_args.eq(0)
@@ -415,8 +424,11 @@ class Accelerator(wiring.Component):
             # them: the transfer length, the end address, then the comparators (carry
             # chains on 16..40-bit values).
             with m.Case(_Ex.PRE):
-                m.d.sync += [pre_n.eq(Mux(op == OP_WRITE, data_len, count)), ex.eq(_Ex.PRE2),
-                             to_stream.eq(region == REGION_STREAM)]
+                m.d.sync += [pre_n.eq(Mux(pre["op"][OP_WRITE], data_len, count)), ex.eq(_Ex.PRE2),
+                             to_stream.eq(region == REGION_STREAM), pre["addr0"].eq(addr == 0),
+                             pre["count0"].eq(count == 0),
+                             pre["abuf_bad"].eq(abuf >= cfg.act_buffers)]
+                m.d.sync += [flag.eq(region == reg) for reg, flag in pre["region"].items()]
             with m.Case(_Ex.PRE2):
                 m.d.sync += [pre_end.eq(addr + pre_n), ex.eq(_Ex.PRE3)]
             with m.Case(_Ex.PRE3):
@@ -437,7 +449,7 @@ class Accelerator(wiring.Component):
                 with m.Else():
                     with m.If(need > self.engine.bank_depth):
                         refuse(ERR_ARGUMENT)
-                    with m.Elif(op == OP_LOAD_ACT):
+                    with m.Elif(pre["op"][OP_LOAD_ACT]):
                         with m.If(data_len != (elems << ab_log)):
                             refuse(ERR_LENGTH)
                         with m.Else():
@@ -494,7 +506,7 @@ class Accelerator(wiring.Component):
             lanes = (1 << wq_pos[:lg]) if lg else 1
             m.d.sync += [wp.addr.eq(wq_pos >> lg), wp.data.eq(Cat(*([wq_data] * nb))),
                          wp.en.eq(Mux(wq_en & (region == reg), lanes, 0))]
-        with m.If((ex == _Ex.CHECK) & (op == OP_WRITE)):
+        with m.If((ex == _Ex.CHECK) & pre["op"][OP_WRITE]):
             m.d.sync += [w_byte.eq(0), w_pending.eq(0), link_rd.eq(5)]
 
         # Streamed responses: identity, memory reads, status, counters, activations.
@@ -608,7 +620,7 @@ class Accelerator(wiring.Component):
 
         # Activation transfers: one engine host command, then the elements.
         hc = eng.i_host.payload
-        m.d.comb += [hc.write.eq(op == OP_LOAD_ACT), hc.buf.eq(abuf), hc.channels.eq(achan),
+        m.d.comb += [hc.write.eq(pre["op"][OP_LOAD_ACT]), hc.buf.eq(abuf), hc.channels.eq(achan),
                      hc.pixels.eq(apix)]
         l_idx = Signal(17)
         l_pending = Signal()
@@ -618,7 +630,7 @@ class Accelerator(wiring.Component):
             with m.Case(_Ex.ACT_CMD):
                 m.d.comb += eng.i_host.valid.eq(1)
                 with m.If(eng.i_host.ready):
-                    with m.If(op == OP_LOAD_ACT):
+                    with m.If(pre["op"][OP_LOAD_ACT]):
                         m.d.sync += [ex.eq(_Ex.ACT_LOAD), l_idx.eq(0), l_pending.eq(0),
                                      l_byte.eq(0), link_rd.eq(7)]
                     with m.Else():
@@ -687,7 +699,7 @@ class Accelerator(wiring.Component):
             wb = words[reg]
             aligned = ((addr & (wb - 1)) == 0) & ((n & (wb - 1)) == 0)
             in_range = (addr < size) & (n <= size) & (end <= size)
-            m.d.sync += pre["mem_ok"][reg].eq(in_range & ((op != OP_WRITE) | aligned))
+            m.d.sync += pre["mem_ok"][reg].eq(in_range & (~pre["op"][OP_WRITE] | aligned))
         layers = args[:16]
         m.d.sync += pre["run_ok"].eq((layers != 0) & (layers <= cfg.max_layers))
         max_ch = max(cfg.max_ci, cfg.max_co)
@@ -699,65 +711,65 @@ class Accelerator(wiring.Component):
                args, sums, length, pre, srcs):
         SRC_IDENT, SRC_PROG, SRC_BASES, SRC_CONSTS, SRC_STATUS, SRC_COUNTERS, SRC_LOG = srcs
         sizes = self._region_sizes()
-        with m.Switch(op):
-            with m.Case(OP_IDENTIFY):
-                respond(op | RESPONSE, len(identity_bytes(cfg)), SRC_IDENT)
-            with m.Case(OP_STATUS):
-                respond(op | RESPONSE, 4, SRC_STATUS)
-            with m.Case(OP_COUNTERS):
-                respond(op | RESPONSE, 8 * len(COUNTERS), SRC_COUNTERS)
-            with m.Case(OP_ABORT):
-                m.d.comb += abort.eq(1)
+        is_op, is_reg = pre["op"], pre["region"]
+        is_write = is_op[OP_WRITE]
+        with m.If(is_op[OP_IDENTIFY]):
+            respond(op | RESPONSE, len(identity_bytes(cfg)), SRC_IDENT)
+        with m.Elif(is_op[OP_STATUS]):
+            respond(op | RESPONSE, 4, SRC_STATUS)
+        with m.Elif(is_op[OP_COUNTERS]):
+            respond(op | RESPONSE, 8 * len(COUNTERS), SRC_COUNTERS)
+        with m.Elif(is_op[OP_ABORT]):
+            m.d.comb += abort.eq(1)
+            respond(op | RESPONSE, 0)
+        with m.Elif(is_op[OP_RUN]):
+            n = args[:16]
+            with m.If(running):
+                refuse(ERR_BUSY)
+            with m.Elif(~pre["run_ok"]):
+                refuse(ERR_ARGUMENT)
+            with m.Else():
+                m.d.comb += start.eq(1)
+                m.d.sync += n_layers.eq(n)
                 respond(op | RESPONSE, 0)
-            with m.Case(OP_RUN):
-                n = args[:16]
-                with m.If(running):
-                    refuse(ERR_BUSY)
-                with m.Elif(~pre["run_ok"]):
-                    refuse(ERR_ARGUMENT)
-                with m.Else():
-                    m.d.comb += start.eq(1)
-                    m.d.sync += n_layers.eq(n)
-                    respond(op | RESPONSE, 0)
-            with m.Case(OP_WRITE, OP_READ):
-                with m.If(pre["stream"]):
-                    with m.If((op != OP_WRITE) | (addr != 0)):
-                        refuse(ERR_ADDRESS)
-                    with m.Elif(~running):
-                        refuse(ERR_STATE)
-                    with m.Else():
-                        m.d.sync += ex.eq(_Ex.WRITE)
-                with m.Elif(running):
-                    refuse(ERR_BUSY)
-                with m.Elif((op == OP_READ) & (count == 0)):
-                    refuse(ERR_ARGUMENT)
-                with m.Else():
-                    with m.Switch(region):
-                        for reg in sizes:
-                            with m.Case(reg):
-                                with m.If(~pre["mem_ok"][reg]):
-                                    refuse(ERR_ADDRESS)
-                                with m.Elif((op == OP_WRITE) & (reg == REGION_LOG)):
-                                    refuse(ERR_ADDRESS)
-                                with m.Elif(op == OP_WRITE):
-                                    m.d.sync += ex.eq(_Ex.WRITE)
-                                with m.Else():
-                                    respond(op | RESPONSE, count,
-                                            {REGION_PROGRAM: SRC_PROG, REGION_BASES: SRC_BASES,
-                                             REGION_CONSTS: SRC_CONSTS, REGION_LOG: SRC_LOG}[reg])
-                        with m.Default():
-                            refuse(ERR_ADDRESS)
-            with m.Case(OP_LOAD_ACT, OP_READ_ACT):
-                with m.If(running):
-                    refuse(ERR_BUSY)
-                with m.Elif(abuf >= cfg.act_buffers):
+        with m.Elif(is_write | is_op[OP_READ]):
+            with m.If(pre["stream"]):
+                with m.If(~is_write | ~pre["addr0"]):
                     refuse(ERR_ADDRESS)
-                with m.Elif(~pre["act_ok"]):
-                    refuse(ERR_ARGUMENT)
+                with m.Elif(~running):
+                    refuse(ERR_STATE)
                 with m.Else():
-                    rem, elems, need, lane = sums
-                    m.d.sync += [ex.eq(_Ex.TILES), rem.eq(achan), elems.eq(0), need.eq(0),
-                                 lane.eq(0)]
-            with m.Default():
-                refuse(ERR_OPCODE)
+                    m.d.sync += ex.eq(_Ex.WRITE)
+            with m.Elif(running):
+                refuse(ERR_BUSY)
+            with m.Elif(~is_write & pre["count0"]):
+                refuse(ERR_ARGUMENT)
+            with m.Else():
+                with m.If(~Cat(*is_reg.values()).any()):
+                    refuse(ERR_ADDRESS)
+                for reg in sizes:
+                    with m.If(is_reg[reg]):
+                        with m.If(~pre["mem_ok"][reg]):
+                            refuse(ERR_ADDRESS)
+                        with m.Elif(is_write & (reg == REGION_LOG)):
+                            refuse(ERR_ADDRESS)
+                        with m.Elif(is_write):
+                            m.d.sync += ex.eq(_Ex.WRITE)
+                        with m.Else():
+                            respond(op | RESPONSE, count,
+                                    {REGION_PROGRAM: SRC_PROG, REGION_BASES: SRC_BASES,
+                                     REGION_CONSTS: SRC_CONSTS, REGION_LOG: SRC_LOG}[reg])
+        with m.Elif(is_op[OP_LOAD_ACT] | is_op[OP_READ_ACT]):
+            with m.If(running):
+                refuse(ERR_BUSY)
+            with m.Elif(pre["abuf_bad"]):
+                refuse(ERR_ADDRESS)
+            with m.Elif(~pre["act_ok"]):
+                refuse(ERR_ARGUMENT)
+            with m.Else():
+                rem, elems, need, lane = sums
+                m.d.sync += [ex.eq(_Ex.TILES), rem.eq(achan), elems.eq(0), need.eq(0),
+                             lane.eq(0)]
+        with m.Else():
+            refuse(ERR_OPCODE)
 
