@@ -60,6 +60,7 @@ from .engine import ConvEngine, channel_layout
 from .generation import GenerationUnit
 from .interfaces import layer_record_layout
 from .link import COUNTER_BITS, HostLink
+from .skid import SkidBuffer
 
 __all__ = ["Accelerator", "ERR_ABORTED"]
 
@@ -224,15 +225,20 @@ class Accelerator(wiring.Component):
         s_left = Signal.like(g_rec.code_len)
         with m.If(g_go & g_rec.streamed):
             m.d.sync += s_left.eq(g_rec.code_len)
+        # Code bytes reach the generation unit through a register slice: both sources
+        # are block RAM outputs (slow), and the unit's input FIFO is LUT RAM.
+        m.submodules.codes_q = codes_q = in_unit(SkidBuffer(8))
+        wiring.connect(m, codes_q.o, gen.i_codes)
+        codes = codes_q.i
         with m.If(g_rec.streamed):
-            m.d.comb += [gen.i_codes.valid.eq(code_fifo.r_rdy & (s_left != 0)),
-                         gen.i_codes.payload.eq(code_fifo.r_data),
-                         code_fifo.r_en.eq(gen.i_codes.ready & (s_left != 0))]
+            m.d.comb += [codes.valid.eq(code_fifo.r_rdy & (s_left != 0)),
+                         codes.payload.eq(code_fifo.r_data),
+                         code_fifo.r_en.eq(codes.ready & (s_left != 0))]
             with m.If(code_fifo.r_rdy & code_fifo.r_en):
                 m.d.sync += s_left.eq(s_left - 1)
         with m.Else():
-            m.d.comb += [gen.i_codes.valid.eq(b_valid), gen.i_codes.payload.eq(bases_rd_gen.data),
-                         b_ready.eq(gen.i_codes.ready)]
+            m.d.comb += [codes.valid.eq(b_valid), codes.payload.eq(bases_rd_gen.data),
+                         b_ready.eq(codes.ready)]
         m.d.comb += [prog_rd_gen.addr.eq(g_idx), gen.i_desc.payload.eq(g_rec.desc)]
         with m.If(gen.i_codes.valid & gen.i_codes.ready):
             m.d.sync += ctr["code_bytes"].eq(ctr["code_bytes"] + 1)

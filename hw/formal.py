@@ -94,7 +94,7 @@ from gen.config import KERNEL_SIZES, AcceleratorConfig
 from host.protocol import ERR_LENGTH, OP_ERROR, SYNC
 
 __all__ = ["Harness", "Result", "Check", "CHECKS", "check", "run_checks", "missing_tools",
-           "prove", "assume", "cover", "stream_rules", "fifo_tokens", "link_streams",
+           "prove", "assume", "cover", "stream_rules", "fifo_tokens", "skid_tokens", "link_streams",
            "link_frames", "link_response", "uart_rx_stream", "uart_loopback", "unpacker_stream",
            "feeder_stream", "generation_stream", "engine_streams", "engine_readback",
            "engine_desc_accept", "controller_liveness", "UnitStub", "main", "LINK_PARAMS", "LINK_ANSWER_CYCLES",
@@ -484,29 +484,60 @@ def fifo_tokens(depth: int, width: int = 2, *, mutate: str | None = None) -> Har
                      cons.valid.eq(f.r_rdy), cons.payload.eq(f.r_data),
                      f.r_en.eq(1 if mutate == "read_always" else cons.ready)]
 
-        put = prod.valid & prod.ready
-        get = cons.valid & cons.ready
-        inside = Signal(range(depth + 2))      # accepted and not yet delivered
-        m.d.sync += inside.eq(inside + put - get)
-        pick = _any(m, 1, "pick")
-        tagged, tag, ahead = Signal(), Signal(width), Signal(range(depth + 2))
-        last_slot = Signal()    # the tagged item entered a FIFO holding depth - 1 others
-        with m.If(put & pick & ~tagged):
-            m.d.sync += [tagged.eq(1), tag.eq(prod.payload), ahead.eq(inside - get),
-                         last_slot.eq(inside - get == depth - 1)]
-        with m.Elif(tagged & get):
-            m.d.sync += ahead.eq(ahead - 1)
-            with m.If(ahead == 0):
-                m.d.sync += tagged.eq(0)
-        m.d.comb += [
-            prove(~get | (inside != 0), "fifo.no_extra"),
-            prove(~(tagged & get & (ahead == 0)) | (cons.payload == tag), "fifo.order"),
-            prove(inside <= depth, "fifo.bounded"),
-            prove(f.level == inside, "fifo.level"),
-            prove((f.level >= depth) | f.w_rdy, "fifo.room"),
-            cover(tagged & get & (ahead == 0) & last_slot, "fifo.cover.through_full"),
-        ]
+        inside = _token_check(m, prod, cons, depth, width, "fifo")
+        m.d.comb += [prove(f.level == inside, "fifo.level"),
+                     prove((f.level >= depth) | f.w_rdy, "fifo.room")]
     return Harness(f"SyncFIFOBuffered(depth={depth})", build)
+
+
+def _token_check(m, prod, cons, depth: int, width: int, name: str):
+    """Items of stream ``prod`` reach ``cons`` in order, none lost, none made up, at
+    most ``depth`` inside. Returns the count of items inside.
+
+    The tagged item is the solver's choice among the accepted ones (an arbitrary
+    ``N``-th): the harness records its data and the number of items ahead of it,
+    counts that down on every delivery and checks the data when it reaches the head.
+    """
+    put = prod.valid & prod.ready
+    get = cons.valid & cons.ready
+    inside = Signal(range(depth + 2))      # accepted and not yet delivered
+    m.d.sync += inside.eq(inside + put - get)
+    pick = _any(m, 1, "pick")
+    tagged, tag, ahead = Signal(), Signal(width), Signal(range(depth + 2))
+    last_slot = Signal()    # the tagged item entered holding depth - 1 others
+    with m.If(put & pick & ~tagged):
+        m.d.sync += [tagged.eq(1), tag.eq(prod.payload), ahead.eq(inside - get),
+                     last_slot.eq(inside - get == depth - 1)]
+    with m.Elif(tagged & get):
+        m.d.sync += ahead.eq(ahead - 1)
+        with m.If(ahead == 0):
+            m.d.sync += tagged.eq(0)
+    m.d.comb += [
+        prove(~get | (inside != 0), f"{name}.no_extra"),
+        prove(~(tagged & get & (ahead == 0)) | (cons.payload == tag), f"{name}.order"),
+        prove(inside <= depth, f"{name}.bounded"),
+        cover(tagged & get & (ahead == 0) & last_slot, f"{name}.cover.through_full"),
+    ]
+    return inside
+
+
+def skid_tokens(width: int = 2, *, buffer=None) -> Harness:
+    """Tagged-token check of :class:`~hw.skid.SkidBuffer` (as :func:`fifo_tokens`), its
+    output held until taken, and full throughput: an item offered to an empty skid
+    entry is taken. ``buffer(width)`` builds another buffer with the same members in
+    its place (the tests check that a faulty one fails)."""
+    from .skid import SkidBuffer
+
+    def build(m, h):
+        m.submodules.skid = s = (buffer or SkidBuffer)(width)
+        stream_rules(m, s.i, output=False, name="skid.i")
+        stream_rules(m, s.o, output=True, name="skid.o")
+        _token_check(m, s.i, s.o, 2, width, "skid")
+        streaming = Signal()    # the previous cycle delivered and accepted
+        m.d.sync += streaming.eq(s.i.valid & s.i.ready & s.o.valid & s.o.ready)
+        m.d.comb += [prove(~streaming | s.i.ready, "skid.full_rate"),
+                     cover(streaming & s.i.valid & s.o.ready, "skid.cover.streaming")]
+    return Harness("hw.skid.SkidBuffer", build)
 
 
 def engine_readback(config: AcceleratorConfig = TINY) -> Harness:
@@ -888,6 +919,8 @@ CHECKS = (
           "weight FIFO, engine read-back FIFO: tagged token, level, room", 16),
     Check("fifo.depth5", lambda: fifo_tokens(5), "bmc", 16,
           "as depth 4, with a power-of-two inner memory", 16),
+    Check("skid.tokens", skid_tokens, "bmc", 12,
+          "code-byte register slice: tagged token, held output, one item per cycle", 12),
     Check(f"fifo.depth{STREAM_FIFO_DEPTH}", lambda: fifo_tokens(STREAM_FIFO_DEPTH), "bmc", 12,
           "code-byte stream FIFO at the smallest stream_depth (not filled in 12 cycles)"),
     Check("engine.readback", engine_readback, "bmc", 16,

@@ -258,16 +258,19 @@ class GenerationUnit(wiring.Component):
             shape=data.ArrayLayout(unsigned(cfg.qv), C), depth=depth["V"], init=[])
         m.submodules.w1_mem = w1_mem = Memory(
             shape=data.ArrayLayout(signed(w1w), R), depth=depth["W1"], init=[])
-        b_wr, b_rd = b_mem.write_port(), b_mem.read_port()
-        u_wr, u_rd = u_mem.write_port(granularity=1), u_mem.read_port()
-        v_wr, v_rd = v_mem.write_port(granularity=1), v_mem.read_port()
+        b_port, b_rd = b_mem.write_port(), b_mem.read_port()
+        u_port, u_rd = u_mem.write_port(granularity=1), u_mem.read_port()
+        v_port, v_rd = v_mem.write_port(granularity=1), v_mem.read_port()
         w1_port, w1_rd = w1_mem.write_port(granularity=1), w1_mem.read_port()
-        # W1 writes (code loads, level-1 results) leave from registers, a cycle after
-        # they are decided: the decode and lane select logic does not reach the block
-        # RAM inputs in the same cycle.
-        w1_wr = _WritePortRegs(w1_port, "w1_wq")
-        m.d.sync += [w1_port.en.eq(w1_wr.en), w1_port.addr.eq(w1_wr.addr),
-                     w1_port.data.eq(w1_wr.data)]
+        # Every memory write (code loads, level-1 results) leaves from registers, a
+        # cycle after it is decided: the unpacker's handshake, the loader's counters and
+        # the lane select do not reach the block RAM inputs in the same cycle. A section
+        # is read no earlier than two cycles after its last code (ALIGN comes between).
+        wr = {}
+        for name, port in (("b", b_port), ("u", u_port), ("v", v_port), ("w1", w1_port)):
+            wr[name] = regs = _WritePortRegs(port, f"{name}_wq")
+            m.d.sync += [port.en.eq(regs.en), port.addr.eq(regs.addr), port.data.eq(regs.data)]
+        b_wr, u_wr, v_wr, w1_wr = wr["b"], wr["u"], wr["v"], wr["w1"]
 
         # The code bytes land in registers before the unpacker: their sources (block
         # RAM outputs, a source select) leave no time for its shifts in the same cycle.
@@ -514,10 +517,12 @@ class GenerationUnit(wiring.Component):
         pr_lim = Signal.like(pr)
         l0_lim = Signal.like(l0)
         mode_l1 = Signal()
+        # n == n_lim and n == 0, kept as registers with n (n is 0 in ALIGN and DRAIN_L1).
+        n_last, n_zero = Signal(), Signal()
 
         def issue_limits(l1):
-            return [mode_l1.eq(l1),
-                    n_lim.eq(Mux(l1, bi_m1, Mux(has_l2, bo_m1, 0))),
+            lim = Mux(l1, bi_m1, Mux(has_l2, bo_m1, 0))
+            return [mode_l1.eq(l1), n_lim.eq(lim), n_last.eq(lim == 0), n_zero.eq(1),
                     pc_lim.eq(Mux(l1, P1 - 1, Mux(has_l2, Pc - 1, C - 1))),
                     pr_lim.eq(Mux(~l1 & has_l2, Pr - 1, 0)),
                     l0_lim.eq(Mux(l1, bo_m1, co_last))]
@@ -525,7 +530,7 @@ class GenerationUnit(wiring.Component):
             m.d.sync += issue_limits(has_l1)
         with m.If(state == _State.DRAIN_L1):
             m.d.sync += issue_limits(0)
-        last4 = n == n_lim
+        last4 = n_last
         last3 = (pc == pc_lim) & (pr == pr_lim)
         last2 = tap == kk_m1
         last1 = ci0 == ci_last
@@ -533,7 +538,7 @@ class GenerationUnit(wiring.Component):
 
         # A tile is issued only into a free slot, so a result never waits at the end of
         # the pipeline and nothing past the issue stage needs a stall.
-        tile_first = (n == 0) & (pc == 0) & (pr == 0)
+        tile_first = n_zero & (pc == 0) & (pr == 0)
         blocked = issue_main & tile_first & busy.bit_select(cur_slot, 1)
         m.d.comb += [
             s0_valid.eq((issue_l1 | issue_main) & ~blocked),
@@ -541,7 +546,7 @@ class GenerationUnit(wiring.Component):
             s0.l1.eq(issue_l1),
             s0.l2.eq(issue_main & has_l2),
             s0.byp.eq(issue_main & ~has_l2),
-            s0.first.eq(n == 0),
+            s0.first.eq(n_zero),
             s0.last.eq(last4),
             s0.pr.eq(pr), s0.pc.eq(pc), s0.wa.eq(wa),
             s0.rmask.eq(Cat(ci0 + r < ci for r in range(R))),
@@ -560,9 +565,10 @@ class GenerationUnit(wiring.Component):
 
         with m.If(s0_valid):
             with m.If(~last4):
-                m.d.sync += [n.eq(n + 1), nk.eq(nk + kk), wo.eq(wo + stride)]
+                m.d.sync += [n.eq(n + 1), nk.eq(nk + kk), wo.eq(wo + stride),
+                             n_last.eq(n + 1 == n_lim), n_zero.eq(0)]
             with m.Else():
-                m.d.sync += [n.eq(0), nk.eq(0)]
+                m.d.sync += [n.eq(0), nk.eq(0), n_last.eq(n_lim == 0), n_zero.eq(1)]
                 with m.If(~last3):
                     with m.If(pc != pc_lim):
                         m.d.sync += pc.eq(pc + 1)

@@ -52,7 +52,7 @@ class _Rx(enum.Enum, shape=4):
     EXEC = 7
     ERROR = 8
     SETTLE = 9   # the CRC register holds the whole frame; its check is registered
-    LENCHK = 10  # the length is checked from its register, not from the line's byte
+    LENCHK = 10  # the length checks act from registers, not from the line's byte
 
 
 class _Tx(enum.Enum, shape=3):
@@ -120,6 +120,7 @@ class HostLink(wiring.Component):
         crc_count = Signal(range(CRC_BYTES + 1))
         idle = Signal(range(cfg.link_timeout + 1))
         err_code = Signal(8)
+        len_over, len_zero = Signal(), Signal()   # the length checks, registered
         byte = self.i_rx.payload
         fire = self.i_rx.valid & self.i_rx.ready
 
@@ -170,12 +171,14 @@ class HostLink(wiring.Component):
                     m.d.sync += [length[:8].eq(byte), rx.eq(_Rx.LEN1)]
             with m.Case(_Rx.LEN1):
                 with m.If(fire):
+                    new_len = Cat(length[:8], byte)
                     m.d.sync += [length[8:].eq(byte), count.eq(0), crc_count.eq(0),
+                                 len_over.eq(new_len > self.depth), len_zero.eq(new_len == 0),
                                  rx.eq(_Rx.LENCHK)]
             with m.Case(_Rx.LENCHK):
-                with m.If(length > self.depth):
+                with m.If(len_over):
                     refuse(ERR_LENGTH)
-                with m.Elif(length == 0):
+                with m.Elif(len_zero):
                     m.d.sync += rx.eq(_Rx.CRC)
                 with m.Else():
                     m.d.sync += rx.eq(_Rx.PAYLOAD)

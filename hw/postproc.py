@@ -108,35 +108,40 @@ class Requantizer(wiring.Component):
         m.d.sync += rnd.eq((Const(1, cfg.post_bits + 2) << self.shift) >> 1)
 
         # Every stage ends in a register: inputs (they come from block RAM), partial
-        # products, products, sum, rounding add, shift, clamp.
+        # products, products, product + bias + rounding constant, + residual product,
+        # shift, clamp.
         for g in range(L):
             acc = Signal(signed(cfg.acc_bits), name=f"acc_{g}")
             mult = Signal(signed(cfg.m_bits), name=f"mult_{g}")
             bias0 = Signal(signed(cfg.bias_bits), name=f"bias0_{g}")
             res = Signal(signed(cfg.a_bits), name=f"res_{g}")
             # The residual lands in a fabric register before its product (its source
-            # is a buffer select far from the DSP blocks); its product then skips the
-            # register stage that aligns the other products with the sum.
+            # is a buffer select far from the DSP blocks).
             m.d.sync += [bias0.eq(self.i_bias[g]), res.eq(Mux(self.has_res, self.i_res[g], 0))]
             m.d.comb += [acc.eq(self.i_acc[g]), mult.eq(self.i_mult[g])]
             # acc * M as two products of at most 18 x 18 bits, one DSP block each, summed
             # in the next stage: a wider product would chain DSPs and an adder in one cycle.
             # Each product registers its operands (first stage) and itself (second).
             lo_bits = min(cfg.acc_bits, 17)
-            bias1 = Signal(signed(cfg.bias_bits), name=f"bias1_{g}")
+            wide = signed(cfg.post_bits + 3)
+            bias1 = Signal(wide, name=f"bias1_{g}")
             acc_hi = acc[lo_bits:].as_signed() if cfg.acc_bits > lo_bits else Const(0, signed(1))
             acc_lo = acc[:lo_bits] if cfg.acc_bits > lo_bits else acc
             p_lo = registered_multiply(m, acc_lo, mult, f"prod_lo_{g}", platform)
             p_hi = registered_multiply(m, acc_hi, mult, f"prod_hi_{g}", platform)
             rprod1 = registered_multiply(m, res, self.m_res, f"rprod1_{g}", platform)
-            m.d.sync += bias1.eq(bias0)
+            # The rounding constant joins the bias early (it is a layer constant), so
+            # that every later stage adds two values: product + bias, then + residual
+            # product, both from registers (the DSP outputs land in registers first).
+            m.d.sync += bias1.eq(bias0 + rnd)
             prod = Signal(signed(cfg.acc_bits + cfg.m_bits), name=f"prod_{g}")
-            bias = Signal(signed(cfg.bias_bits), name=f"bias_{g}")
-            m.d.sync += [prod.eq((p_hi << lo_bits) + p_lo), bias.eq(bias1)]
-            total = Signal(signed(cfg.post_bits + 2), name=f"total_{g}")
-            m.d.sync += total.eq(prod + bias + rprod1)
-            rounded = Signal(signed(cfg.post_bits + 3), name=f"rounded_{g}")
-            m.d.sync += rounded.eq(total + rnd)
+            rprod = Signal(signed(cfg.a_bits + cfg.m_bits), name=f"rprod_{g}")
+            bias = Signal(wide, name=f"bias_{g}")
+            m.d.sync += [prod.eq((p_hi << lo_bits) + p_lo), bias.eq(bias1), rprod.eq(rprod1)]
+            total = Signal(wide, name=f"total_{g}")
+            m.d.sync += total.eq(prod + bias)
+            rounded = Signal(wide, name=f"rounded_{g}")
+            m.d.sync += rounded.eq(total + rprod)
             shifted = Signal(signed(cfg.post_bits + 3), name=f"shifted_{g}")
             m.d.sync += shifted.eq(rounded >> self.shift)
             # Clamp and ReLU from the bits: the value fits a_bits when every bit from
