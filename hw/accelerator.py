@@ -45,7 +45,7 @@ from __future__ import annotations
 from amaranth.hdl import (Array, Cat, ClockDomain, ClockSignal, Const, DomainRenamer, Module, Mux,
                           ResetSignal, Signal)
 from amaranth.lib import data, enum, stream, wiring
-from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
@@ -60,7 +60,6 @@ from .engine import ConvEngine, channel_layout
 from .generation import GenerationUnit
 from .interfaces import layer_record_layout
 from .link import COUNTER_BITS, HostLink
-from .skid import SkidBuffer
 
 __all__ = ["Accelerator", "ERR_ABORTED"]
 
@@ -225,20 +224,26 @@ class Accelerator(wiring.Component):
         s_left = Signal.like(g_rec.code_len)
         with m.If(g_go & g_rec.streamed):
             m.d.sync += s_left.eq(g_rec.code_len)
-        # Code bytes reach the generation unit through a register slice: both sources
-        # are block RAM outputs (slow), and the unit's input FIFO is LUT RAM.
-        m.submodules.codes_q = codes_q = in_unit(SkidBuffer(8))
-        wiring.connect(m, codes_q.o, gen.i_codes)
-        codes = codes_q.i
+        # Each source of code bytes (both are block RAM outputs, slow) writes its own
+        # two-entry register FIFO, whose data inputs have no select in front of them;
+        # the unit takes from the FIFO of the record's source. The sequencer leaves a
+        # record only once its FIFO is empty, so bytes never cross between records.
+        m.submodules.base_q = base_q = in_unit(SyncFIFO(width=8, depth=2))
+        m.submodules.stream_q = stream_q = in_unit(SyncFIFO(width=8, depth=2))
+        m.d.comb += [base_q.w_en.eq(b_valid), base_q.w_data.eq(bases_rd_gen.data),
+                     b_ready.eq(base_q.w_rdy),
+                     stream_q.w_en.eq(g_rec.streamed & code_fifo.r_rdy & (s_left != 0)),
+                     stream_q.w_data.eq(code_fifo.r_data),
+                     code_fifo.r_en.eq(g_rec.streamed & stream_q.w_rdy & (s_left != 0))]
+        with m.If(code_fifo.r_rdy & code_fifo.r_en):
+            m.d.sync += s_left.eq(s_left - 1)
         with m.If(g_rec.streamed):
-            m.d.comb += [codes.valid.eq(code_fifo.r_rdy & (s_left != 0)),
-                         codes.payload.eq(code_fifo.r_data),
-                         code_fifo.r_en.eq(codes.ready & (s_left != 0))]
-            with m.If(code_fifo.r_rdy & code_fifo.r_en):
-                m.d.sync += s_left.eq(s_left - 1)
+            m.d.comb += [gen.i_codes.valid.eq(stream_q.r_rdy), gen.i_codes.payload.eq(stream_q.r_data),
+                         stream_q.r_en.eq(gen.i_codes.ready)]
         with m.Else():
-            m.d.comb += [codes.valid.eq(b_valid), codes.payload.eq(bases_rd_gen.data),
-                         b_ready.eq(codes.ready)]
+            m.d.comb += [gen.i_codes.valid.eq(base_q.r_rdy), gen.i_codes.payload.eq(base_q.r_data),
+                         base_q.r_en.eq(gen.i_codes.ready)]
+        codes_left = base_q.r_rdy | stream_q.r_rdy
         m.d.comb += [prog_rd_gen.addr.eq(g_idx), gen.i_desc.payload.eq(g_rec.desc)]
         with m.If(gen.i_codes.valid & gen.i_codes.ready):
             m.d.sync += ctr["code_bytes"].eq(ctr["code_bytes"] + 1)
@@ -258,7 +263,7 @@ class Accelerator(wiring.Component):
                     m.d.comb += g_go.eq(1)
                     m.d.sync += g_st.eq(_Seq.DATA)
             with m.Case(_Seq.DATA):
-                with m.If(~g_more & (s_left == 0)):
+                with m.If(~g_more & (s_left == 0) & ~codes_left):
                     m.d.sync += g_st.eq(_Seq.NEXT)
             with m.Case(_Seq.NEXT):
                 with m.If(g_idx + 1 >= n_layers):

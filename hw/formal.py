@@ -94,7 +94,7 @@ from gen.config import KERNEL_SIZES, AcceleratorConfig
 from host.protocol import ERR_LENGTH, OP_ERROR, SYNC
 
 __all__ = ["Harness", "Result", "Check", "CHECKS", "check", "run_checks", "missing_tools",
-           "prove", "assume", "cover", "stream_rules", "fifo_tokens", "skid_tokens", "link_streams",
+           "prove", "assume", "cover", "stream_rules", "fifo_tokens", "link_streams",
            "link_frames", "link_response", "uart_rx_stream", "uart_loopback", "unpacker_stream",
            "feeder_stream", "generation_stream", "engine_streams", "engine_readback",
            "engine_desc_accept", "controller_liveness", "UnitStub", "main", "LINK_PARAMS", "LINK_ANSWER_CYCLES",
@@ -521,25 +521,6 @@ def _token_check(m, prod, cons, depth: int, width: int, name: str):
     return inside
 
 
-def skid_tokens(width: int = 2, *, buffer=None) -> Harness:
-    """Tagged-token check of :class:`~hw.skid.SkidBuffer` (as :func:`fifo_tokens`), its
-    output held until taken, and full throughput: an item offered to an empty skid
-    entry is taken. ``buffer(width)`` builds another buffer with the same members in
-    its place (the tests check that a faulty one fails)."""
-    from .skid import SkidBuffer
-
-    def build(m, h):
-        m.submodules.skid = s = (buffer or SkidBuffer)(width)
-        stream_rules(m, s.i, output=False, name="skid.i")
-        stream_rules(m, s.o, output=True, name="skid.o")
-        _token_check(m, s.i, s.o, 2, width, "skid")
-        streaming = Signal()    # the previous cycle delivered and accepted
-        m.d.sync += streaming.eq(s.i.valid & s.i.ready & s.o.valid & s.o.ready)
-        m.d.comb += [prove(~streaming | s.i.ready, "skid.full_rate"),
-                     cover(streaming & s.i.valid & s.o.ready, "skid.cover.streaming")]
-    return Harness("hw.skid.SkidBuffer", build)
-
-
 def engine_readback(config: AcceleratorConfig = TINY) -> Harness:
     """ConvEngine host read: a command for ``channels x pixels`` values delivers exactly
     that many on ``o_read`` (under any back-pressure) before the engine is idle again.
@@ -919,8 +900,6 @@ CHECKS = (
           "weight FIFO, engine read-back FIFO: tagged token, level, room", 16),
     Check("fifo.depth5", lambda: fifo_tokens(5), "bmc", 16,
           "as depth 4, with a power-of-two inner memory", 16),
-    Check("skid.tokens", skid_tokens, "bmc", 12,
-          "code-byte register slice: tagged token, held output, one item per cycle", 12),
     Check(f"fifo.depth{STREAM_FIFO_DEPTH}", lambda: fifo_tokens(STREAM_FIFO_DEPTH), "bmc", 12,
           "code-byte stream FIFO at the smallest stream_depth (not filled in 12 cycles)"),
     Check("engine.readback", engine_readback, "bmc", 16,

@@ -13,7 +13,6 @@ with the utilisation table nextpnr printed.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess

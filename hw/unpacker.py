@@ -146,11 +146,17 @@ class CodeUnpacker(wiring.Component):
         buf = Signal(cap)
         count = Signal(range(cap + 1))
 
+        # The count compares are registers, kept with the count: ``ge[w]`` is
+        # count >= w, ``room`` is count <= cap - W (a word fits). The handshakes then
+        # start from flip-flops and a small select, not from a carry chain.
+        ge = Signal(Q + 1, init=1)
+        room = Signal(init=1)
         mask = (Const(1, Q + 1) << self.width) - 1
         m.d.comb += [
-            self.o_stream.valid.eq((count >= self.width) & (self.width != 0) & ~self.align),
+            self.o_stream.valid.eq(ge.bit_select(self.width, 1) & (self.width != 0)
+                                   & ~self.align),
             self.o_stream.payload.eq(buf[:Q] & mask[:Q]),
-            self.i_stream.ready.eq(count <= cap - W),
+            self.i_stream.ready.eq(room),
         ]
 
         drop = Signal(range(Q + 1))
@@ -168,5 +174,8 @@ class CodeUnpacker(wiring.Component):
             m.d.comb += [merged.eq(buf | (self.i_stream.payload << count)), total.eq(count + W)]
         with m.Else():
             m.d.comb += [merged.eq(buf), total.eq(count)]
-        m.d.sync += [buf.eq(merged >> drop), count.eq(total - drop)]
+        nxt = Signal.like(count)
+        m.d.comb += nxt.eq(total - drop)
+        m.d.sync += [buf.eq(merged >> drop), count.eq(nxt), room.eq(nxt <= cap - W)]
+        m.d.sync += [ge[w].eq(nxt >= w) for w in range(Q + 1)]
         return m
