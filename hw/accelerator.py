@@ -85,12 +85,13 @@ class _Ex(enum.Enum, shape=4):
     PRE3 = 13
 
 
-class _Rd(enum.Enum, shape=2):
+class _Rd(enum.Enum, shape=3):
     """Steps of a memory, status or counter read-back byte."""
     ADDR = 0
     CAPTURE = 1
     OFFER = 2
     PREP = 3
+    HOLD = 4
 
 
 class _Seq(enum.Enum, shape=3):
@@ -529,6 +530,12 @@ class Accelerator(wiring.Component):
         cap_ident, cap_bases = Signal(8), Signal(8)
         cap_prog, cap_consts = Signal(8 * RB), Signal(8 * CB)
         cap_counter, cap_log = Signal(COUNTER_BITS), Signal(COUNTER_BITS)
+        # The block RAM outputs land in plain registers every cycle (no enable, no
+        # select in front), which CAPTURE samples and HOLD copies.
+        raw_ident, raw_bases = Signal(8), Signal(8)
+        raw_prog, raw_consts = Signal(8 * RB), Signal(8 * CB)
+        m.d.sync += [raw_ident.eq(ident_rd.data), raw_bases.eq(bases_rd_host.data),
+                     raw_prog.eq(prog_rd_host.data), raw_consts.eq(consts_rd_host.data)]
         # A log entry is LOG_COUNTERS words of 8 bytes: byte address = (layer, word, byte).
         log_shift = 3 + (len(LOG_COUNTERS) - 1).bit_length()
         log_word = Signal(range(len(LOG_COUNTERS)))
@@ -559,12 +566,13 @@ class Accelerator(wiring.Component):
                     with m.If(s_idx == resp_len - 1):
                         m.d.sync += ex.eq(_Ex.IDLE)
             with m.Else():
-                # One byte at a time, in four registered steps, so that no block RAM
+                # One byte at a time, in five registered steps, so that no block RAM
                 # output reaches the payload mux in the same cycle and no address adder
                 # reaches a block RAM address (the link drains far slower than a byte
-                # every four cycles): PREP computes byte s_idx's address, ADDR
-                # addresses it, CAPTURE registers the sources' words, OFFER selects the
-                # byte from those registers until the link takes it.
+                # every five cycles): PREP computes byte s_idx's address, ADDR
+                # addresses it, CAPTURE has the memories' words land in plain registers
+                # (and registers the counter and log words), HOLD keeps them, OFFER
+                # selects the byte from those registers until the link takes it.
                 with m.Switch(s_phase):
                     with m.Case(_Rd.PREP):
                         m.d.sync += [s_pos.eq(addr + s_idx), s_more.eq(s_idx < resp_len),
@@ -591,11 +599,12 @@ class Accelerator(wiring.Component):
                         with m.Else():
                             m.d.sync += ex.eq(_Ex.IDLE)
                     with m.Case(_Rd.CAPTURE):
-                        m.d.sync += [cap_ident.eq(ident_rd.data), cap_bases.eq(bases_rd_host.data),
-                                     cap_prog.eq(prog_rd_host.data),
-                                     cap_consts.eq(consts_rd_host.data),
-                                     cap_counter.eq(counter_word),
+                        m.d.sync += [cap_counter.eq(counter_word),
                                      cap_log.eq(Array(rp.data for rp in log_rds)[log_word]),
+                                     s_phase.eq(_Rd.HOLD)]
+                    with m.Case(_Rd.HOLD):
+                        m.d.sync += [cap_ident.eq(raw_ident), cap_bases.eq(raw_bases),
+                                     cap_prog.eq(raw_prog), cap_consts.eq(raw_consts),
                                      s_phase.eq(_Rd.OFFER)]
                     with m.Case(_Rd.OFFER):
                         m.d.comb += payload.valid.eq(1)

@@ -701,20 +701,31 @@ class GenerationUnit(wiring.Component):
             m.d.sync += [full.bit_select(wb_slot, 1).eq(1),
                          work_last.bit_select(wb_slot, 1).eq(Mux(wb_l2, s7.layer_last,
                                                                   s4.layer_last))]
+        # The tile writes' enables are decoded a stage ahead, into registers: a lane
+        # group's enable at stage 7 (decoded from stage 6), a bypass column's at stage 4
+        # (from stage 3), per slot.
+        l2_en = [[[Signal(name=f"l2_en_{t}_{p}_{q}") for q in range(Pc)] for p in range(Pr)]
+                 for t in range(2)]
+        byp_en = [[Signal(name=f"byp_en_{t}_{c}") for c in range(C)] for t in range(2)]
         for t in range(2):
-            with m.If(wb_l2 & (s7.slot == t)):
-                for r in range(R):
-                    for c in range(C):
-                        l = (r % Lr) * Lc + (c % Lc)
-                        with m.If((s7.pr == r // Lr) & (s7.pc == c // Lc)):
-                            keep = s7.rmask[r] & s7.cmask[c]
-                            m.d.sync += work[t][r][c].eq(Mux(keep, lane_w[l], 0))
-            with m.If(wb_byp & (s4.slot == t)):
+            for p in range(Pr):
+                for q in range(Pc):
+                    m.d.sync += l2_en[t][p][q].eq(v6 & s6.l2 & s6.last & (s6.slot == t)
+                                                  & (s6.pr == p) & (s6.pc == q))
+            for c in range(C):
+                m.d.sync += byp_en[t][c].eq(v3 & s3.byp & (s3.slot == t) & (s3.pc == c))
+        for t in range(2):
+            for r in range(R):
                 for c in range(C):
-                    with m.If(s4.pc == c):
-                        for r in range(R):
-                            keep = s4.rmask[r] & s4.cmask[c]
-                            m.d.sync += work[t][r][c].eq(Mux(keep, byp_w[r], 0))
+                    l = (r % Lr) * Lc + (c % Lc)
+                    with m.If(l2_en[t][r // Lr][c // Lc]):
+                        keep = s7.rmask[r] & s7.cmask[c]
+                        m.d.sync += work[t][r][c].eq(Mux(keep, lane_w[l], 0))
+            for c in range(C):
+                with m.If(byp_en[t][c]):
+                    for r in range(R):
+                        keep = s4.rmask[r] & s4.cmask[c]
+                        m.d.sync += work[t][r][c].eq(Mux(keep, byp_w[r], 0))
 
         # Output tile: takes a complete work tile when empty, shifts its vectors out -------
         # Valid and the last flag are registers (out_cnt != 0, out_last & out_cnt == 1),
