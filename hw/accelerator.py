@@ -92,6 +92,7 @@ class _Rd(enum.Enum, shape=3):
     OFFER = 2
     PREP = 3
     HOLD = 4
+    SELECT = 5
 
 
 class _Seq(enum.Enum, shape=3):
@@ -546,7 +547,8 @@ class Accelerator(wiring.Component):
                           e_idx, Const(0, 16 - len(e_idx)))
         counter_word = Signal(COUNTER_BITS)
         payload = link.i_payload
-        m.d.comb += payload.payload.eq(s_data)
+        s_byte = Signal(8)      # the byte offered, selected a cycle ahead
+        m.d.comb += payload.payload.eq(s_byte)
         # Activation read-back: elements from the engine, AB bytes each.
         act_byte = Signal(range(max(2, AB)))
         with m.If(ex == _Ex.STREAM):
@@ -566,13 +568,13 @@ class Accelerator(wiring.Component):
                     with m.If(s_idx == resp_len - 1):
                         m.d.sync += ex.eq(_Ex.IDLE)
             with m.Else():
-                # One byte at a time, in five registered steps, so that no block RAM
+                # One byte at a time, in six registered steps, so that no block RAM
                 # output reaches the payload mux in the same cycle and no address adder
                 # reaches a block RAM address (the link drains far slower than a byte
-                # every five cycles): PREP computes byte s_idx's address, ADDR
+                # every six cycles): PREP computes byte s_idx's address, ADDR
                 # addresses it, CAPTURE has the memories' words land in plain registers
-                # (and registers the counter and log words), HOLD keeps them, OFFER
-                # selects the byte from those registers until the link takes it.
+                # (and registers the counter and log words), HOLD keeps them, SELECT
+                # registers the byte, OFFER offers it until the link takes it.
                 with m.Switch(s_phase):
                     with m.Case(_Rd.PREP):
                         m.d.sync += [s_pos.eq(addr + s_idx), s_more.eq(s_idx < resp_len),
@@ -605,7 +607,9 @@ class Accelerator(wiring.Component):
                     with m.Case(_Rd.HOLD):
                         m.d.sync += [cap_ident.eq(raw_ident), cap_bases.eq(raw_bases),
                                      cap_prog.eq(raw_prog), cap_consts.eq(raw_consts),
-                                     s_phase.eq(_Rd.OFFER)]
+                                     s_phase.eq(_Rd.SELECT)]
+                    with m.Case(_Rd.SELECT):
+                        m.d.sync += [s_byte.eq(s_data), s_phase.eq(_Rd.OFFER)]
                     with m.Case(_Rd.OFFER):
                         m.d.comb += payload.valid.eq(1)
                         with m.If(payload.ready):
