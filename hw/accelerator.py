@@ -60,6 +60,7 @@ from .engine import ConvEngine, channel_layout
 from .generation import GenerationUnit
 from .interfaces import layer_record_layout
 from .link import COUNTER_BITS, HostLink
+from .memory import SlicedMemory
 
 __all__ = ["Accelerator", "ERR_ABORTED"]
 
@@ -185,7 +186,8 @@ class Accelerator(wiring.Component):
 
         rec_layout = layer_record_layout(cfg)
         m.submodules.prog = prog = Memory(shape=8 * RB, depth=cfg.max_layers, init=[])
-        m.submodules.bases = bases = Memory(shape=8, depth=cfg.base_store_bytes, init=[])
+        # The base store is deep: stored in slices one block RAM deep (hw.memory).
+        bases = SlicedMemory(m, "bases", 8, 1, cfg.base_store_bytes)
         m.submodules.consts = consts = Memory(shape=8 * CB, depth=cfg.const_depth, init=[])
         m.submodules.ident = ident = Memory(shape=8, depth=len(identity_bytes(cfg)),
                                             init=list(identity_bytes(cfg)))

@@ -78,6 +78,7 @@ from amaranth.lib.wiring import In, Out
 from gen.config import KERNEL_SIZES, AcceleratorConfig, lane_plan
 from hw.interfaces import descriptor_layout, weight_stream_signature
 from hw.dsp import registered_multiply
+from hw.memory import SlicedMemory
 from hw.unpacker import CodeUnpacker, decode_code
 
 __all__ = ["GenerationUnit", "WeightRounder", "round_half", "shift_saturate", "saturate",
@@ -256,12 +257,12 @@ class GenerationUnit(wiring.Component):
             shape=data.ArrayLayout(unsigned(cfg.qu), R), depth=depth["U"], init=[])
         m.submodules.v_mem = v_mem = Memory(
             shape=data.ArrayLayout(unsigned(cfg.qv), C), depth=depth["V"], init=[])
-        m.submodules.w1_mem = w1_mem = Memory(
-            shape=data.ArrayLayout(signed(w1w), R), depth=depth["W1"], init=[])
+        # W1 is the deepest memory: stored in slices one block RAM deep (hw.memory).
+        w1_mem = SlicedMemory(m, "w1_mem", signed(w1w), R, depth["W1"])
         b_port, b_rd = b_mem.write_port(), b_mem.read_port()
         u_port, u_rd = u_mem.write_port(granularity=1), u_mem.read_port()
         v_port, v_rd = v_mem.write_port(granularity=1), v_mem.read_port()
-        w1_port, w1_rd = w1_mem.write_port(granularity=1), w1_mem.read_port()
+        w1_port, w1_rd = w1_mem.write_port(), w1_mem.read_port()
         # Every memory write (code loads, level-1 results) leaves from registers, a
         # cycle after it is decided: the unpacker's handshake, the loader's counters and
         # the lane select do not reach the block RAM inputs in the same cycle. A section

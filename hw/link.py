@@ -121,6 +121,7 @@ class HostLink(wiring.Component):
         idle = Signal(range(cfg.link_timeout + 1))
         err_code = Signal(8)
         len_over, len_zero = Signal(), Signal()   # the length checks, registered
+        pay_last = Signal()                       # count == length - 1, registered
         byte = self.i_rx.payload
         fire = self.i_rx.valid & self.i_rx.ready
 
@@ -176,6 +177,7 @@ class HostLink(wiring.Component):
                                  len_over.eq(new_len > self.depth), len_zero.eq(new_len == 0),
                                  rx.eq(_Rx.LENCHK)]
             with m.Case(_Rx.LENCHK):
+                m.d.sync += pay_last.eq(length == 1)
                 with m.If(len_over):
                     refuse(ERR_LENGTH)
                 with m.Elif(len_zero):
@@ -185,8 +187,8 @@ class HostLink(wiring.Component):
             with m.Case(_Rx.PAYLOAD):
                 m.d.comb += wp.en.eq(fire)
                 with m.If(fire):
-                    m.d.sync += count.eq(count + 1)
-                    with m.If(count == length - 1):
+                    m.d.sync += [count.eq(count + 1), pay_last.eq(count + 2 == length)]
+                    with m.If(pay_last):
                         m.d.sync += rx.eq(_Rx.CRC)
             with m.Case(_Rx.CRC):
                 with m.If(fire):
