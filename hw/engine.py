@@ -523,31 +523,38 @@ class ConvEngine(wiring.Component):
                      line[0].first.eq(s2.first), line[0].last.eq(s2.cotile_last),
                      line[0].half.eq(s2.half)]
         L = array.latency
-        for i in range(1, L + 2):
+        assert L >= 3, "the accumulator read leaves three stages before the array's output"
+        for i in range(1, L + 3):
             nxt = Signal(meta_layout, name=f"meta_{i}")
             m.d.sync += nxt.eq(line[-1])
             line.append(nxt)
-        pre, acc = line[L - 2], line[L]
+        pre, acc = line[L - 3], line[L]
 
         def same(a, b):
             return a.valid & b.valid & (a.half == b.half) & (a.pix == b.pix)
 
-        # The read for the vector at the accumulate stage left two cycles earlier, so it
-        # misses the writes of the two vectors before it: forward those instead.
-        hit1, hit2 = Signal(), Signal()
-        m.d.sync += [hit1.eq(same(line[L - 1], line[L])), hit2.eq(same(line[L - 1], line[L + 1]))]
+        # The read for the vector at the accumulate stage left three cycles earlier (block
+        # RAM output, a plain register next to the block, then the half select into a
+        # register by the adders), so it misses the writes of the three vectors before
+        # it: forward those instead, the most recent first.
+        hit1, hit2, hit3 = Signal(), Signal(), Signal()
+        m.d.sync += [hit1.eq(same(line[L - 1], line[L])), hit2.eq(same(line[L - 1], line[L + 1])),
+                     hit3.eq(same(line[L - 1], line[L + 2]))]
         sum1 = Signal(data.ArrayLayout(signed(cfg.acc_bits), C))
         sum2 = Signal.like(sum1)
-        m.d.sync += [sum2.eq(sum1)]
-        acc_q = [Signal(data.ArrayLayout(signed(cfg.acc_bits), C), name=f"acc_q_{h}")
-                 for h in range(2)]
+        sum3 = Signal.like(sum1)
+        m.d.sync += [sum2.eq(sum1), sum3.eq(sum2)]
+        acc_raw = [Signal(data.ArrayLayout(signed(cfg.acc_bits), C), name=f"acc_raw_{h}")
+                   for h in range(2)]
+        acc_q = Signal(data.ArrayLayout(signed(cfg.acc_bits), C), name="acc_q")
+        m.d.sync += acc_q.eq(Mux(line[L - 1].half, acc_raw[1], acc_raw[0]))
         post_q = [Signal(data.ArrayLayout(signed(cfg.acc_bits), C), name=f"post_q_{h}")
                   for h in range(2)]
         pr_p_q = Signal.like(pr_p)
         pr_cg_q = Signal.like(pr_cg)
         m.d.sync += [pr_p_q.eq(pr_p), pr_cg_q.eq(pr_cg)]
         for h in range(2):
-            m.d.sync += [acc_q[h].eq(acc_rp[h].data), post_q[h].eq(acc_pp[h].data)]
+            m.d.sync += [acc_raw[h].eq(acc_rp[h].data), post_q[h].eq(acc_pp[h].data)]
             m.d.comb += [
                 acc_rp[h].addr.eq(pre.pix),
                 acc_pp[h].addr.eq(pr_p_q),
@@ -555,7 +562,7 @@ class ConvEngine(wiring.Component):
                 acc_wp[h].en.eq(acc.valid & (acc.half == h)),
             ]
         for c in range(C):
-            old = Mux(hit1, sum1[c], Mux(hit2, sum2[c], Mux(acc.half, acc_q[1][c], acc_q[0][c])))
+            old = Mux(hit1, sum1[c], Mux(hit2, sum2[c], Mux(hit3, sum3[c], acc_q[c])))
             total = Signal(signed(cfg.acc_bits), name=f"acc_sum_{c}")
             m.d.comb += [total.eq(Mux(acc.first, 0, old) + array.o_sum[c]),
                          acc_wp[0].data[c].eq(total), acc_wp[1].data[c].eq(total)]
@@ -623,6 +630,12 @@ class ConvEngine(wiring.Component):
         m.d.comb += layer_end.eq(pr_done & ~p0.valid & ~p1.valid & ~p2.valid & ~rq.busy)
 
         # ---- activation memory ports ---------------------------------------------------
+        # A host write reaches its bank a cycle after it is taken, from registers (the
+        # element comes from the link's frame buffer, a block RAM output). Host writes
+        # and layer results never overlap: the engine is in HOST or in a layer.
+        h_addr_q = Signal.like(h_addr)
+        h_data_q = Signal.like(self.i_load.payload)
+        m.d.sync += [h_addr_q.eq(h_addr), h_data_q.eq(self.i_load.payload)]
         for b in range(NB):
             for r in range(R):
                 rp, wp = act_rp[b][r], act_wp[b][r]
@@ -635,11 +648,12 @@ class ConvEngine(wiring.Component):
                 with m.Else():
                     m.d.comb += [rp.addr.eq(vec.addr), rp.en.eq(1)]
                 wb = rq.o_valid & rq.o_lanes[r % G] & (rq.o_tag.gi == r // G) & (d.dst == b)
-                hw_ = host_wr_fire & (h_buf == b) & (h_bank == r)
+                hw_ = Signal(name=f"host_we_{b}_{r}")
+                m.d.sync += hw_.eq(host_wr_fire & (h_buf == b) & (h_bank == r))
                 m.d.comb += [
                     wp.en.eq(wb | hw_),
-                    wp.addr.eq(Mux(hw_, h_addr, rq.o_tag.addr)),
-                    wp.data.eq(Mux(hw_, self.i_load.payload, rq.o_y[r % G])),
+                    wp.addr.eq(Mux(hw_, h_addr_q, rq.o_tag.addr)),
+                    wp.data.eq(Mux(hw_, h_data_q, rq.o_y[r % G])),
                 ]
         host_data = Array([Array([act_q[b][r] for r in range(R)]) for b in range(NB)])
         m.d.comb += [rd_fifo.w_en.eq(rd_v2), rd_fifo.w_data.eq(host_data[h_buf][rd_b2]),
