@@ -114,10 +114,13 @@ def _stream_words(m, rp, start, count, go, out_valid, out_ready, name):
     addr = Signal.like(rp.addr, name=f"{name}_addr")
     left = Signal(len(count) + 1, name=f"{name}_left")
     pending = Signal(name=f"{name}_pending")
-    m.d.comb += [rp.addr.eq(addr), rp.en.eq(~pending | out_ready), out_valid.eq(pending)]
+    # The counters follow this stream's own enable, not the port's (host read-back
+    # drives the shared port while no run uses it).
+    en = Signal(name=f"{name}_en")
+    m.d.comb += [en.eq(~pending | out_ready), rp.addr.eq(addr), rp.en.eq(en), out_valid.eq(pending)]
     with m.If(go):
         m.d.sync += [addr.eq(start), left.eq(count), pending.eq(0)]
-    with m.Elif(rp.en):
+    with m.Elif(en):
         with m.If(left != 0):
             m.d.sync += [addr.eq(addr + 1), left.eq(left - 1), pending.eq(1)]
         with m.Else():
@@ -233,7 +236,9 @@ class Accelerator(wiring.Component):
         # the unit takes from the FIFO of the record's source. The sequencer leaves a
         # record only once its FIFO is empty, so bytes never cross between records.
         m.submodules.base_q = base_q = in_unit(SyncFIFO(width=8, depth=2))
-        m.submodules.stream_q = stream_q = in_unit(SyncFIFO(width=8, depth=2))
+        # (Streamed bytes arrive at the host link's pace: a FIFO that takes one every
+        # other cycle, but keeps its items in registers, is enough.)
+        m.submodules.stream_q = stream_q = in_unit(SyncFIFOBuffered(width=8, depth=2))
         m.d.comb += [base_q.w_en.eq(b_valid), base_q.w_data.eq(bases_rd_gen.data),
                      b_ready.eq(base_q.w_rdy),
                      stream_q.w_en.eq(g_rec.streamed & code_fifo.r_rdy & (s_left != 0)),
@@ -247,7 +252,7 @@ class Accelerator(wiring.Component):
         with m.Else():
             m.d.comb += [gen.i_codes.valid.eq(base_q.r_rdy), gen.i_codes.payload.eq(base_q.r_data),
                          base_q.r_en.eq(gen.i_codes.ready)]
-        codes_left = base_q.r_rdy | stream_q.r_rdy
+        codes_left = (base_q.level != 0) | (stream_q.level != 0)
         m.d.comb += [prog_rd_gen.addr.eq(g_idx), gen.i_desc.payload.eq(g_rec.desc)]
         with m.If(gen.i_codes.valid & gen.i_codes.ready):
             m.d.sync += ctr["code_bytes"].eq(ctr["code_bytes"] + 1)

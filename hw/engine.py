@@ -280,8 +280,7 @@ class ConvEngine(wiring.Component):
         h_base = Signal(addr_shape)
         h_pix = Signal(range(max_p + 1))
         h_more = Signal()
-        h_addr = Signal(addr_shape)
-        m.d.comb += h_addr.eq(h_base + h_pix)
+        h_addr = Signal(addr_shape)     # h_base + h_pix, kept up to date with them
         # Host reads: bank read, then the act_q register (block RAM outputs are slow),
         # then the bank select into a small FIFO. A read is issued only while the FIFO
         # has room for it and the reads in flight, so the pipeline never stalls.
@@ -299,13 +298,14 @@ class ConvEngine(wiring.Component):
 
         def host_step():
             with m.If(h_pix != h_pixels - 1):
-                m.d.sync += h_pix.eq(h_pix + 1)
+                m.d.sync += [h_pix.eq(h_pix + 1), h_addr.eq(h_addr + 1)]
             with m.Else():
                 m.d.sync += [h_pix.eq(0), h_ch.eq(h_ch + 1)]
                 with m.If(h_bank == R - 1):
-                    m.d.sync += [h_bank.eq(0), h_base.eq(h_base + h_pixels)]
+                    m.d.sync += [h_bank.eq(0), h_base.eq(h_base + h_pixels),
+                                 h_addr.eq(h_base + h_pixels)]
                 with m.Else():
-                    m.d.sync += h_bank.eq(h_bank + 1)
+                    m.d.sync += [h_bank.eq(h_bank + 1), h_addr.eq(h_base)]
 
         # ---- descriptor check ----------------------------------------------------------
         conv_ok = (Cat(*[d.k == kk for kk in KERNEL_SIZES if kk <= cfg.max_k]).any()
@@ -676,7 +676,7 @@ class ConvEngine(wiring.Component):
                 with m.Else():
                     m.d.sync += [h_write.eq(hp.write), h_buf.eq(hp.buf), h_chans.eq(hp.channels),
                                  h_pixels.eq(hp.pixels), h_ch.eq(0), h_bank.eq(0), h_base.eq(0),
-                                 h_pix.eq(0), h_more.eq(1)]
+                                 h_pix.eq(0), h_addr.eq(0), h_more.eq(1)]
                 with m.If(self.i_desc.valid & turn):
                     m.d.sync += [st.eq(CHECK), chk_ready.eq(0)]
                 with m.If(self.i_host.valid & ~turn):
