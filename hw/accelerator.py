@@ -452,12 +452,11 @@ class Accelerator(wiring.Component):
             with m.Case(_Ex.PRE2):
                 m.d.sync += [pre_end.eq(addr + pre_n), ex.eq(_Ex.PRE3)]
             with m.Case(_Ex.PRE3):
-                self._precheck(m, cfg, op, addr, pre_n, pre_end, achan, apix, args, pre)
+                self._precheck(m, cfg, addr, pre_n, pre_end, achan, apix, args, pre)
                 m.d.sync += ex.eq(_Ex.CHECK)
             with m.Case(_Ex.CHECK):
-                self._check(m, cfg, op, region, addr, count, data_len, abuf, achan, apix,
-                            running, refuse, respond, ex, src_sel, state, status_err, start,
-                            abort, n_layers, args, (rem, elems, need, lane), length, pre,
+                self._check(m, cfg, op, count, achan, running, refuse, respond, ex, start,
+                            abort, n_layers, args, (rem, elems, need, lane), pre,
                             (SRC_IDENT, SRC_PROG, SRC_BASES, SRC_CONSTS, SRC_STATUS, SRC_COUNTERS,
                              SRC_LOG))
             with m.Case(_Ex.TILES):
@@ -719,7 +718,7 @@ class Accelerator(wiring.Component):
                 REGION_CONSTS: cfg.const_depth * self.const_bytes,
                 REGION_LOG: cfg.max_layers * len(LOG_COUNTERS) * 8}
 
-    def _precheck(self, m, cfg, op, addr, n, end, achan, apix, args, pre):
+    def _precheck(self, m, cfg, addr, n, end, achan, apix, args, pre):
         """Registered argument checks for CHECK: RUN's layer count, LOAD_ACT/READ_ACT's
         shape, and per memory region whether the transfer of ``n`` bytes (a WRITE's
         data, a READ's count) from ``addr`` to ``end`` is in range (and, for a WRITE,
@@ -737,9 +736,8 @@ class Accelerator(wiring.Component):
         m.d.sync += pre["act_ok"].eq((achan != 0) & (achan <= max_ch) & (apix != 0)
                                      & (apix <= cfg.max_h * cfg.max_w))
 
-    def _check(self, m, cfg, op, region, addr, count, data_len, abuf, achan, apix, running,
-               refuse, respond, ex, src_sel, state, status_err, start, abort, n_layers,
-               args, sums, length, pre, srcs):
+    def _check(self, m, cfg, op, count, achan, running, refuse, respond, ex, start, abort,
+               n_layers, args, sums, pre, srcs):
         SRC_IDENT, SRC_PROG, SRC_BASES, SRC_CONSTS, SRC_STATUS, SRC_COUNTERS, SRC_LOG = srcs
         sizes = self._region_sizes()
         is_op, is_reg = pre["op"], pre["region"]
