@@ -43,7 +43,7 @@ of the layer log (``REGION_LOG``), the cycle after the layer's end.
 from __future__ import annotations
 
 from amaranth.hdl import (Array, Cat, ClockDomain, ClockSignal, Const, DomainRenamer, Module, Mux,
-                          ResetSignal, Signal)
+                          ResetSignal, Signal, Value)
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
 from amaranth.lib.memory import Memory
@@ -60,7 +60,7 @@ from .engine import ConvEngine, channel_layout
 from .generation import GenerationUnit
 from .interfaces import layer_record_layout
 from .link import COUNTER_BITS, HostLink
-from .memory import SlicedMemory
+from .memory import BlockMemory
 
 __all__ = ["Accelerator", "ERR_ABORTED"]
 
@@ -105,27 +105,33 @@ class _Seq(enum.Enum, shape=3):
     NEXT = 5
 
 
-def _stream_words(m, rp, start, count, go, out_valid, out_ready, name):
+def _stream_words(m, rp, start, count, go, out_valid, out_ready, host_load, host_addr, name):
     """Stream ``count`` words from read port ``rp`` starting at ``start`` after ``go``.
 
-    ``out_valid`` is a register; ``rp.data`` holds while the output is stalled
-    (``rp.en`` low). Returns the signal that is high while words remain to be read.
+    ``rp`` is a :class:`hw.memory.BlockMemory` read port (data two cycles after the
+    address); both of its stages hold while the output is stalled. ``out_valid`` is a
+    register. ``host_load`` cancels the stream and points the port at ``host_addr``:
+    host read-back uses the port through this one address register, so no address
+    select sits in front of the block RAMs. Returns the signal that is high while
+    words remain to be read.
     """
     addr = Signal.like(rp.addr, name=f"{name}_addr")
     left = Signal(len(count) + 1, name=f"{name}_left")
-    pending = Signal(name=f"{name}_pending")
-    # The counters follow this stream's own enable, not the port's (host read-back
-    # drives the shared port while no run uses it).
+    p1, p2 = Signal(name=f"{name}_p1"), Signal(name=f"{name}_p2")
     en = Signal(name=f"{name}_en")
-    m.d.comb += [en.eq(~pending | out_ready), rp.addr.eq(addr), rp.en.eq(en), out_valid.eq(pending)]
-    with m.If(go):
-        m.d.sync += [addr.eq(start), left.eq(count), pending.eq(0)]
+    m.d.comb += [en.eq(~p2 | out_ready), rp.addr.eq(addr), rp.en.eq(en), rp.out_en.eq(en),
+                 out_valid.eq(p2)]
+    with m.If(host_load):
+        m.d.sync += [addr.eq(host_addr), left.eq(0), p1.eq(0), p2.eq(0)]
+    with m.Elif(go):
+        m.d.sync += [addr.eq(start), left.eq(count), p1.eq(0), p2.eq(0)]
     with m.Elif(en):
+        m.d.sync += p2.eq(p1)
         with m.If(left != 0):
-            m.d.sync += [addr.eq(addr + 1), left.eq(left - 1), pending.eq(1)]
+            m.d.sync += [addr.eq(addr + 1), left.eq(left - 1), p1.eq(1)]
         with m.Else():
-            m.d.sync += pending.eq(0)
-    return (left != 0) | pending
+            m.d.sync += p1.eq(0)
+    return (left != 0) | p1 | p2
 
 
 class Accelerator(wiring.Component):
@@ -189,9 +195,11 @@ class Accelerator(wiring.Component):
 
         rec_layout = layer_record_layout(cfg)
         m.submodules.prog = prog = Memory(shape=8 * RB, depth=cfg.max_layers, init=[])
-        # The base store is deep: stored in slices one block RAM deep (hw.memory).
-        bases = SlicedMemory(m, "bases", 8, 1, cfg.base_store_bytes)
-        m.submodules.consts = consts = Memory(shape=8 * CB, depth=cfg.const_depth, init=[])
+        # The base store and the constants: registered reads, the base store in slices
+        # one block RAM deep (hw.memory).
+        m.submodules.bases = bases = BlockMemory(8, 1, cfg.base_store_bytes, name="bases")
+        m.submodules.consts = consts = BlockMemory(8, CB, cfg.const_depth, granular=True,
+                                                   name="consts")
         m.submodules.ident = ident = Memory(shape=8, depth=len(identity_bytes(cfg)),
                                             init=list(identity_bytes(cfg)))
         # Host read-back shares the sequencers' read ports (it is refused while a run
@@ -199,7 +207,7 @@ class Accelerator(wiring.Component):
         prog_wp, prog_rd_gen, prog_rd_eng = (
             prog.write_port(granularity=8), prog.read_port(), prog.read_port())
         bases_wp, bases_rd_gen = bases.write_port(), bases.read_port()
-        consts_wp, consts_rd_eng = consts.write_port(granularity=8), consts.read_port()
+        consts_wp, consts_rd_eng = consts.write_port(), consts.read_port()
         prog_rd_host, bases_rd_host, consts_rd_host = prog_rd_eng, bases_rd_gen, consts_rd_eng
         ident_rd = ident.read_port()
         # Per-layer log: the run counters as they stood when each layer ended, one
@@ -226,8 +234,13 @@ class Accelerator(wiring.Component):
         g_rec = Signal(rec_layout)
         g_go = Signal()
         b_valid, b_ready = Signal(), Signal()
+        # Host read-back of the base store and the constants points the sequencers'
+        # stream address registers at the byte it reads (see the read-back below).
+        h_pos = Signal(40)
+        h_bases_load, h_consts_load = Signal(), Signal()
         g_more = _stream_words(m, bases_rd_gen, g_rec.code_addr, g_rec.code_len,
-                               g_go & ~g_rec.streamed, b_valid, b_ready, "gcode")
+                               g_go & ~g_rec.streamed, b_valid, b_ready,
+                               h_bases_load, h_pos, "gcode")
         s_left = Signal.like(g_rec.code_len)
         with m.If(g_go & g_rec.streamed):
             m.d.sync += s_left.eq(g_rec.code_len)
@@ -292,8 +305,8 @@ class Accelerator(wiring.Component):
         const_w = channel_layout(cfg).size
         m.submodules.const_fifo = cfifo = in_unit(SyncFIFOBuffered(width=const_w, depth=2))
         _stream_words(m, consts_rd_eng, e_rec.const_addr, n_out, e_go,
-                      cfifo.w_en, cfifo.w_rdy, "const")
-        m.d.comb += [cfifo.w_data.eq(consts_rd_eng.data[:const_w]),
+                      cfifo.w_en, cfifo.w_rdy, h_consts_load, h_pos >> cb_log, "const")
+        m.d.comb += [cfifo.w_data.eq(Value.cast(consts_rd_eng.data)[:const_w]),
                      eng.i_chan.payload.eq(cfifo.r_data), eng.i_chan.valid.eq(cfifo.r_rdy),
                      cfifo.r_en.eq(eng.i_chan.ready),
                      prog_rd_eng.addr.eq(e_idx), eng.i_desc.payload.eq(e_rec.desc)]
@@ -538,11 +551,11 @@ class Accelerator(wiring.Component):
         cap_prog, cap_consts = Signal(8 * RB), Signal(8 * CB)
         cap_counter, cap_log = Signal(COUNTER_BITS), Signal(COUNTER_BITS)
         # The block RAM outputs land in plain registers every cycle (no enable, no
-        # select in front), which CAPTURE samples and HOLD copies.
-        raw_ident, raw_bases = Signal(8), Signal(8)
-        raw_prog, raw_consts = Signal(8 * RB), Signal(8 * CB)
-        m.d.sync += [raw_ident.eq(ident_rd.data), raw_bases.eq(bases_rd_host.data),
-                     raw_prog.eq(prog_rd_host.data), raw_consts.eq(consts_rd_host.data)]
+        # select in front), which HOLD copies; the base store and the constants have
+        # such registers of their own (hw.memory).
+        raw_ident, raw_prog = Signal(8), Signal(8 * RB)
+        raw_bases, raw_consts = bases_rd_host.data, Value.cast(consts_rd_host.data)
+        m.d.sync += [raw_ident.eq(ident_rd.data), raw_prog.eq(prog_rd_host.data)]
         # A log entry is LOG_COUNTERS words of 8 bytes: byte address = (layer, word, byte).
         log_shift = 3 + (len(LOG_COUNTERS) - 1).bit_length()
         log_word = Signal(range(len(LOG_COUNTERS)))
@@ -585,19 +598,16 @@ class Accelerator(wiring.Component):
                     with m.Case(_Rd.PREP):
                         m.d.sync += [s_pos.eq(addr + s_idx), s_more.eq(s_idx < resp_len),
                                      s_phase.eq(_Rd.ADDR)]
+                        m.d.comb += [h_pos.eq(addr + s_idx),
+                                     h_bases_load.eq(src_sel == SRC_BASES),
+                                     h_consts_load.eq(src_sel == SRC_CONSTS)]
                     with m.Case(_Rd.ADDR):
                         with m.If(s_more):
                             m.d.comb += [ident_rd.addr.eq(s_idx), ident_rd.en.eq(1)]
                             with m.Switch(src_sel):
-                                with m.Case(SRC_BASES):
-                                    m.d.comb += [bases_rd_host.addr.eq(s_pos),
-                                                 bases_rd_host.en.eq(1)]
                                 with m.Case(SRC_PROG):
                                     m.d.comb += [prog_rd_host.addr.eq(s_pos >> rb_log),
                                                  prog_rd_host.en.eq(1)]
-                                with m.Case(SRC_CONSTS):
-                                    m.d.comb += [consts_rd_host.addr.eq(s_pos >> cb_log),
-                                                 consts_rd_host.en.eq(1)]
                                 with m.Case(SRC_LOG):
                                     for rp in log_rds:
                                         m.d.comb += [rp.addr.eq(s_pos >> log_shift), rp.en.eq(1)]

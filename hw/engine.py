@@ -73,12 +73,12 @@ import math
 from amaranth.hdl import Array, Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
-from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from gen.config import KERNEL_SIZES, AcceleratorConfig, clog2
 from .feeder import WindowFeeder, bank_depth, feed_layout
 from .interfaces import descriptor_layout, weight_stream_signature
+from .memory import BlockMemory
 from .postproc import PoolAccumulator, Requantizer
 from .systolic import PE_MULTIPLIERS, SystolicArray, lut_multiply
 
@@ -230,7 +230,7 @@ class ConvEngine(wiring.Component):
         for b in range(NB):
             rps, wps = [], []
             for r in range(R):
-                mem = Memory(shape=signed(A), depth=self.bank_depth, init=[])
+                mem = BlockMemory(signed(A), 1, self.bank_depth, name=f"act_{b}_{r}")
                 m.submodules[f"act_{b}_{r}"] = mem
                 wps.append(mem.write_port())
                 rps.append(mem.read_port())
@@ -242,7 +242,7 @@ class ConvEngine(wiring.Component):
         # critical path).
         acc_rp, acc_pp, acc_wp = [], [], []
         for h in range(2):
-            mem = Memory(shape=data.ArrayLayout(signed(cfg.acc_bits), C), depth=max_p, init=[])
+            mem = BlockMemory(signed(cfg.acc_bits), C, max_p, name=f"acc_{h}")
             m.submodules[f"acc_{h}"] = mem
             wp = mem.write_port()
             acc_wp.append(wp)
@@ -252,7 +252,7 @@ class ConvEngine(wiring.Component):
         const_depth = -(-max_ch // G)
         const_rp, const_wp = [], []
         for g in range(G):
-            mem = Memory(shape=channel_layout(cfg), depth=const_depth, init=[])
+            mem = BlockMemory(channel_layout(cfg), 1, const_depth, name=f"const_{g}")
             m.submodules[f"const_{g}"] = mem
             const_wp.append(mem.write_port())
             const_rp.append(mem.read_port())
@@ -495,11 +495,8 @@ class ConvEngine(wiring.Component):
         s2 = Signal(feed_layout(cfg))
         s2_valid = Signal()
         m.d.sync += [s1.eq(vec), s1_valid.eq(issue), s2.eq(s1), s2_valid.eq(s1_valid)]
-        # Block RAM outputs are slow (no output register in the ECP5 mapping): every bank
-        # output goes straight into a register, and the buffer select follows it.
-        act_q = [[Signal(signed(A), name=f"act_q_{b}_{r}") for r in range(R)] for b in range(NB)]
-        for b in range(NB):
-            m.d.sync += [act_q[b][r].eq(act_rp[b][r].data) for r in range(R)]
+        # The banks' registered read data (hw.memory); the buffer select follows them.
+        act_q = [[act_rp[b][r].data for r in range(R)] for b in range(NB)]
         act = Signal(data.ArrayLayout(signed(A), R))
         for r in range(R):
             src_data = Array([act_q[b][r] for b in range(NB)])[d.src]
@@ -544,17 +541,14 @@ class ConvEngine(wiring.Component):
         sum2 = Signal.like(sum1)
         sum3 = Signal.like(sum1)
         m.d.sync += [sum2.eq(sum1), sum3.eq(sum2)]
-        acc_raw = [Signal(data.ArrayLayout(signed(cfg.acc_bits), C), name=f"acc_raw_{h}")
-                   for h in range(2)]
+        acc_raw = [acc_rp[h].data for h in range(2)]
         acc_q = Signal(data.ArrayLayout(signed(cfg.acc_bits), C), name="acc_q")
         m.d.sync += acc_q.eq(Mux(line[L - 1].half, acc_raw[1], acc_raw[0]))
-        post_q = [Signal(data.ArrayLayout(signed(cfg.acc_bits), C), name=f"post_q_{h}")
-                  for h in range(2)]
+        post_q = [acc_pp[h].data for h in range(2)]
         pr_p_q = Signal.like(pr_p)
         pr_cg_q = Signal.like(pr_cg)
         m.d.sync += [pr_p_q.eq(pr_p), pr_cg_q.eq(pr_cg)]
         for h in range(2):
-            m.d.sync += [acc_raw[h].eq(acc_rp[h].data), post_q[h].eq(acc_pp[h].data)]
             m.d.comb += [
                 acc_rp[h].addr.eq(pre.pix),
                 acc_pp[h].addr.eq(pr_p_q),
@@ -609,9 +603,8 @@ class ConvEngine(wiring.Component):
         m.d.sync += [p0.valid.eq(pr_fire), p0.pool.eq(is_pool), p0.half.eq(pr_half), p0.j.eq(pr_j),
                      p0.gi.eq(pr_gi), p0.lanes.eq(lane_en), p0.tag.addr.eq(pr_cbhw + pr_p),
                      p0.tag.gi.eq(pr_gi), p1.eq(p0), p2.eq(p1)]
-        const_q = [Signal(channel_layout(cfg), name=f"const_q_{g}") for g in range(G)]
+        const_q = [const_rp[g].data for g in range(G)]
         res_q = [Array([act_q[b][r] for b in range(NB)])[d.res] for r in range(R)]
-        m.d.sync += [const_q[g].eq(const_rp[g].data) for g in range(G)]
         for g in range(G):
             conv_acc = Array([Mux(p2.half, post_q[1][j * G + g], post_q[0][j * G + g])
                               for j in range(groups_c)])[p2.j]

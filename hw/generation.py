@@ -72,13 +72,12 @@ from __future__ import annotations
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
-from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from gen.config import KERNEL_SIZES, AcceleratorConfig, lane_plan
 from hw.interfaces import descriptor_layout, weight_stream_signature
 from hw.dsp import registered_multiply
-from hw.memory import SlicedMemory
+from hw.memory import BlockMemory
 from hw.unpacker import CodeUnpacker, decode_code
 
 __all__ = ["GenerationUnit", "WeightRounder", "round_half", "shift_saturate", "saturate",
@@ -252,16 +251,18 @@ class GenerationUnit(wiring.Component):
         addr_lim = (bo_cap + C + 1) * ci_tiles_max * kk_max + kk_max + 1
 
         # Memories --------------------------------------------------------
-        m.submodules.b_mem = b_mem = Memory(shape=unsigned(cfg.qb), depth=depth["B"], init=[])
-        m.submodules.u_mem = u_mem = Memory(
-            shape=data.ArrayLayout(unsigned(cfg.qu), R), depth=depth["U"], init=[])
-        m.submodules.v_mem = v_mem = Memory(
-            shape=data.ArrayLayout(unsigned(cfg.qv), C), depth=depth["V"], init=[])
-        # W1 is the deepest memory: stored in slices one block RAM deep (hw.memory).
-        w1_mem = SlicedMemory(m, "w1_mem", signed(w1w), R, depth["W1"])
+        # Read data arrive in registers two cycles after the address (hw.memory: the
+        # block RAMs' own output registers on ECP5); W1, the deepest, is sliced.
+        m.submodules.b_mem = b_mem = BlockMemory(unsigned(cfg.qb), 1, depth["B"], name="b_mem")
+        m.submodules.u_mem = u_mem = BlockMemory(unsigned(cfg.qu), R, depth["U"],
+                                                 granular=True, name="u_mem")
+        m.submodules.v_mem = v_mem = BlockMemory(unsigned(cfg.qv), C, depth["V"],
+                                                 granular=True, name="v_mem")
+        m.submodules.w1_mem = w1_mem = BlockMemory(signed(w1w), R, depth["W1"], granular=True,
+                                                   name="w1_mem")
         b_port, b_rd = b_mem.write_port(), b_mem.read_port()
-        u_port, u_rd = u_mem.write_port(granularity=1), u_mem.read_port()
-        v_port, v_rd = v_mem.write_port(granularity=1), v_mem.read_port()
+        u_port, u_rd = u_mem.write_port(), u_mem.read_port()
+        v_port, v_rd = v_mem.write_port(), v_mem.read_port()
         w1_port, w1_rd = w1_mem.write_port(), w1_mem.read_port()
         # Every memory write (code loads, level-1 results) leaves from registers, a
         # cycle after it is decided: the unpacker's handshake, the loader's counters and
@@ -605,15 +606,10 @@ class GenerationUnit(wiring.Component):
         with m.If((state == _State.DRAIN_MAIN) & pipe_empty):
             m.d.sync += state.eq(_State.IDLE)
 
-        # Stage 1: memory data, registered at once (block RAM clock-to-out and the
-        # depth cascade of a large W1 buffer take most of a cycle already).
+        # Stage 1: the memories' registered read data.
         sm, vm = Signal(ctrl_layout, name="sm"), Signal(name="sm_valid")
-        u_q = Signal(u_mem.shape)
-        v_q = Signal(v_mem.shape)
-        b_q = Signal(b_mem.shape)
-        w1_q = Signal(w1_mem.shape)
-        m.d.sync += [u_q.eq(u_rd.data), v_q.eq(v_rd.data), b_q.eq(b_rd.data),
-                     w1_q.eq(w1_rd.data), sm.eq(s1), vm.eq(v1)]
+        u_q, v_q, b_q, w1_q = u_rd.data, v_rd.data, b_rd.data, w1_rd.data
+        m.d.sync += [sm.eq(s1), vm.eq(v1)]
 
         # Stage 1b: decode and route operands to the lanes.
         u_val = [decode_code(u_q[r], cfg.qu, form) for r in range(R)]

@@ -1,27 +1,40 @@
-"""Deep memories stored as narrow slices, one block RAM deep each.
+"""Block memories with registered read data, stored as slices one block RAM deep.
 
-Yosys maps a memory deeper than one block RAM at its width to several block RAMs
-stacked in depth, with a select after their outputs. On ECP5 a block RAM's data
-output comes some 5.8 ns after the clock, so that select (and the route to it
-from the stacked blocks) leaves little of a 10 ns cycle for anything else.
-:class:`SlicedMemory` stores the same words as narrow slices that each fit one
-block RAM at the full depth (a DP16KD holds 16 Kbit: 4096 x 4, 8192 x 2, ...),
-so every read data bit comes straight from one block.
+Two costs of block RAM reads on ECP5 shape this module:
 
-The ports behave as ``amaranth.lib.memory`` ports of a memory of
-``ArrayLayout(elem, count)``: a synchronous, non-transparent read port and a
-write port with one enable per element.
+* A DP16KD without its output register drives its data some 5.8 ns after the clock,
+  which leaves little of a 10 ns cycle for the route to the next register. With the
+  block's own output register (``REGMODE = "OUTREG"``) the data leaves 1 ns after the
+  clock. Yosys never uses that register, so on an ECP5 platform (see
+  :func:`hw.dsp.is_ecp5`) :class:`BlockMemory` instantiates the blocks itself.
+* Yosys maps a memory deeper than one block RAM at its width to blocks stacked in
+  depth with a select after their outputs. :class:`BlockMemory` stores every word as
+  narrow slices that each fit one block at the full depth (16 Kbit: 4096 x 4,
+  8192 x 2, ...), so every read data bit comes straight from one block.
+
+Read ports have a latency of two: ``data`` is a register (no reset) loaded, when
+``out_en`` is high, with the word the port addressed at the previous edge where ``en``
+was high. That is an ``amaranth.lib.memory`` non-transparent read port followed by a
+register, which is what simulation and other platforms get. Write ports write
+``data`` at ``addr`` where ``en`` is high; ``en`` has one bit per element when the
+memory is built with ``granular=True``.
 """
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Module, Shape, Signal, Value
+from amaranth.hdl import Cat, ClockSignal, Const, Elaboratable, Instance, Module, Shape, Signal, Value
 from amaranth.lib import data
 from amaranth.lib.memory import Memory
 
-__all__ = ["SlicedMemory", "slice_bits"]
+from .dsp import is_ecp5
+
+__all__ = ["BlockMemory", "slice_bits", "ECP5_MODES"]
 
 BLOCK_BITS = 16384
+# DP16KD data widths and the depth each holds; the word address sits in the top
+# address bits (a width-4 port uses AD13..AD2).
+ECP5_MODES = ((18, 1024), (9, 2048), (4, 4096), (2, 8192), (1, 16384))
+_ECP5_ADDR_SHIFT = {18: 4, 9: 3, 4: 2, 2: 1, 1: 0}
 
 
 def slice_bits(depth: int) -> int:
@@ -30,58 +43,129 @@ def slice_bits(depth: int) -> int:
     return max(1, BLOCK_BITS // pow2)
 
 
-class _Port:
-    def __init__(self, shape, count, depth, name, write):
+def ecp5_mode(depth: int):
+    """The widest DP16KD data width that holds ``depth`` words, or None if none does."""
+    for width, words in ECP5_MODES:
+        if depth <= words:
+            return width
+    return None
+
+
+class _WritePort:
+    def __init__(self, shape, depth, en_width, name):
         self.addr = Signal(range(depth), name=f"{name}_addr")
         self.data = Signal(shape, name=f"{name}_data")
-        # A write enable per element; a read enable (the data holds while it is low).
-        self.en = Signal(count, name=f"{name}_en") if write else Signal(init=1, name=f"{name}_en")
+        self.en = Signal(en_width, name=f"{name}_en")
 
 
-class SlicedMemory:
-    """A memory of ``depth`` words of ``count`` elements of ``elem`` (a shape; the
-    words are ``ArrayLayout(elem, count)``, or ``elem`` itself for ``count == 1``),
-    elaborated into ``m`` as per-element slices of at most :func:`slice_bits` bits.
+class _ReadPort:
+    def __init__(self, shape, depth, name):
+        self.addr = Signal(range(depth), name=f"{name}_addr")
+        self.en = Signal(init=1, name=f"{name}_en")
+        self.out_en = Signal(init=1, name=f"{name}_out_en")
+        self.data = Signal(shape, name=f"{name}_data", reset_less=True)
 
-    ``write_port()`` and ``read_port()`` may each be called once.
+
+class BlockMemory(Elaboratable):
+    """``depth`` words of ``count`` elements of ``elem`` (the words are
+    ``ArrayLayout(elem, count)``, or ``elem`` itself for ``count == 1``).
+
+    One write port (``write_port()``) and any number of read ports (``read_port()``),
+    all in the ``sync`` domain.
     """
 
-    def __init__(self, m: Module, name: str, elem, count: int, depth: int):
+    def __init__(self, elem, count: int, depth: int, *, granular: bool = False,
+                 name: str = "mem"):
         self.elem = Shape.cast(elem)
         self.count = count
         self.depth = depth
-        self.shape = self.elem if count == 1 else data.ArrayLayout(elem, count)
+        self.granular = granular
+        if count > 1:
+            self.shape = data.ArrayLayout(elem, count)
+        else:
+            self.shape = elem if isinstance(elem, data.Layout) else self.elem
         self.name = name
-        self._m = m
-        self._mems = []
-        width = self.elem.width
-        step = slice_bits(depth)
-        for e in range(count):
-            for lo in range(0, width, step):
-                hi = min(width, lo + step)
-                mem = Memory(shape=hi - lo, depth=depth, init=[])
-                m.submodules[f"{name}_{e}_{lo}"] = mem
-                self._mems.append((e, lo, hi, mem))
-        self._wr = self._rd = None
+        self._wr = None
+        self._rds = []
 
-    def write_port(self) -> _Port:
+    def write_port(self) -> _WritePort:
         assert self._wr is None, "one write port"
-        self._wr = p = _Port(self.shape, self.count, self.depth, f"{self.name}_w", True)
-        width = self.elem.width
-        flat = Value.cast(p.data)
-        for e, lo, hi, mem in self._mems:
-            wp = mem.write_port()
-            self._m.d.comb += [wp.addr.eq(p.addr), wp.en.eq(p.en[e]),
-                               wp.data.eq(flat[e * width + lo:e * width + hi])]
+        self._wr = _WritePort(self.shape, self.depth, self.count if self.granular else 1,
+                              f"{self.name}_w")
+        return self._wr
+
+    def read_port(self) -> _ReadPort:
+        p = _ReadPort(self.shape, self.depth, f"{self.name}_r{len(self._rds)}")
+        self._rds.append(p)
         return p
 
-    def read_port(self) -> _Port:
-        assert self._rd is None, "one read port"
-        self._rd = p = _Port(self.shape, self.count, self.depth, f"{self.name}_r", False)
-        parts = []
-        for e, lo, hi, mem in self._mems:
-            rp = mem.read_port()
-            self._m.d.comb += [rp.addr.eq(p.addr), rp.en.eq(p.en)]
-            parts.append(rp.data)
-        self._m.d.comb += Value.cast(p.data).eq(Cat(*parts))
-        return p
+    def _slices(self, step):
+        """(enable bit, low bit, high bit) of the flat word, per slice of at most ``step``."""
+        width = self.elem.width
+        if self.granular:
+            return [(e, e * width + lo, e * width + min(width, lo + step))
+                    for e in range(self.count) for lo in range(0, width, step)]
+        total = width * self.count
+        return [(0, lo, min(total, lo + step)) for lo in range(0, total, step)]
+
+    def elaborate(self, platform):
+        m = Module()
+        wr = self._wr
+        assert wr is not None, f"{self.name}: no write port"
+        wdata = Value.cast(wr.data)
+        mode = ecp5_mode(self.depth)
+        if is_ecp5(platform) and mode is not None:
+            self._ecp5(m, wr, wdata, mode)
+            return m
+        for i, (e, lo, hi) in enumerate(self._slices(slice_bits(self.depth))):
+            mem = Memory(shape=hi - lo, depth=self.depth, init=[])
+            m.submodules[f"s{i}"] = mem
+            wp = mem.write_port()
+            m.d.comb += [wp.addr.eq(wr.addr), wp.en.eq(wr.en[e]), wp.data.eq(wdata[lo:hi])]
+            for p in self._rds:
+                rp = mem.read_port()
+                m.d.comb += [rp.addr.eq(p.addr), rp.en.eq(p.en)]
+                with m.If(p.out_en):
+                    m.d.sync += Value.cast(p.data)[lo:hi].eq(rp.data)
+        return m
+
+    def _ecp5(self, m, wr, wdata, mode):
+        shift = _ECP5_ADDR_SHIFT[mode]
+        abits = len(wr.addr)
+
+        def address(prefix, addr):
+            pins = {}
+            for i in range(14):
+                j = i - shift
+                if 0 <= j < abits:
+                    pins[f"i_{prefix}{i}"] = addr[j]
+                else:
+                    # Below the word address: byte enables in x18 mode, else unused.
+                    pins[f"i_{prefix}{i}"] = Const(1 if (mode == 18 and i < 2) else 0)
+            return pins
+
+        for i, (e, lo, hi) in enumerate(self._slices(mode)):
+            for k, p in enumerate(self._rds):
+                out = Signal(18, name=f"{p.addr.name[:-5]}_do{i}")
+                pins = {
+                    "i_CLKA": ClockSignal(), "i_CEA": Const(1), "i_OCEA": Const(1),
+                    "i_WEA": wr.en[e], "i_RSTA": Const(0),
+                    "i_CLKB": ClockSignal(), "i_CEB": p.en, "i_OCEB": p.out_en,
+                    "i_WEB": Const(0), "i_RSTB": Const(0),
+                    **address("ADA", wr.addr), **address("ADB", p.addr),
+                }
+                for b in range(3):
+                    pins[f"i_CSA{b}"] = pins[f"i_CSB{b}"] = Const(0)
+                for b in range(18):
+                    pins[f"i_DIA{b}"] = wdata[lo + b] if lo + b < hi else Const(0)
+                    pins[f"i_DIB{b}"] = Const(0)
+                    pins[f"o_DOB{b}"] = out[b]
+                m.submodules[f"s{i}_r{k}"] = Instance(
+                    "DP16KD",
+                    p_DATA_WIDTH_A=mode, p_DATA_WIDTH_B=mode,
+                    p_REGMODE_A="NOREG", p_REGMODE_B="OUTREG",
+                    p_RESETMODE="SYNC", p_ASYNC_RESET_RELEASE="SYNC",
+                    p_CSDECODE_A="0b000", p_CSDECODE_B="0b000",
+                    p_WRITEMODE_A="NORMAL", p_WRITEMODE_B="NORMAL",
+                    p_GSR="DISABLED", **pins)
+                m.d.comb += Value.cast(p.data)[lo:hi].eq(out[:hi - lo])
