@@ -392,6 +392,7 @@ class Accelerator(wiring.Component):
         pre = {"mem_ok": {reg: Signal(name=f"pre_mem_ok_{reg}") for reg in self._region_sizes()},
                "run_ok": Signal(name="pre_run_ok"), "act_ok": Signal(name="pre_act_ok")}
         pre_n = Signal(17)
+        len_ok = Signal()
         # CHECK decides on registers: the opcode one-hot (from IDLE), the region one-hot
         # and the argument flags (from PRE).
         pre["op"] = {code: Signal(name=f"pre_op_{code:02x}") for code in
@@ -429,7 +430,8 @@ class Accelerator(wiring.Component):
                         for code, n in bytes_of.items():
                             with m.Case(code):
                                 m.d.sync += n_args.eq(n)
-                    # Length checks first: nothing else is read from a short payload.
+                    # The length check, registered here and decided first in ARGS:
+                    # nothing is acted on from a short payload.
                     ok_len = Signal()
                     with m.Switch(rq.op):
                         for code, n in fixed_len.items():
@@ -440,13 +442,14 @@ class Accelerator(wiring.Component):
                                 m.d.comb += ok_len.eq(rq.len > bytes_of[code])
                         with m.Default():
                             m.d.comb += ok_len.eq(1)
-                    with m.If(~ok_len):
-                        refuse(ERR_LENGTH)
+                    m.d.sync += len_ok.eq(ok_len)
             with m.Case(_Ex.ARGS):
                 # Arguments are little endian: byte i lands at bits 8i. A byte read from
                 # the frame buffer is registered before it is placed (block RAM outputs
                 # are slow); the last one is placed as PRE begins.
-                with m.If(arg_i < n_args):
+                with m.If(~len_ok):
+                    refuse(ERR_LENGTH)
+                with m.Elif(arg_i < n_args):
                     m.d.sync += [link_rd.eq(link_rd + 1), arg_i.eq(arg_i + 1), arg_pending.eq(1),
                                  arg_wr.eq(arg_i)]
                 with m.Else():
