@@ -237,17 +237,17 @@ class ConvEngine(wiring.Component):
             act_rp.append(rps)
             act_wp.append(wps)
 
-        # Accumulators: one read port for the read-modify-write, one for the post reader,
-        # each addressed straight from a register (a shared port's address mux sat on the
-        # critical path).
-        acc_rp, acc_pp, acc_wp = [], [], []
+        # Accumulators, two halves: a half is either accumulated into (read-modify-write)
+        # or drained by the post reader, never both at once (the issue stage starts a
+        # co tile in a half only once the post reader has left it), so one read port
+        # per half serves both.
+        acc_rp, acc_wp = [], []
         for h in range(2):
             mem = BlockMemory(signed(cfg.acc_bits), C, max_p, name=f"acc_{h}")
             m.submodules[f"acc_{h}"] = mem
             wp = mem.write_port()
             acc_wp.append(wp)
             acc_rp.append(mem.read_port())
-            acc_pp.append(mem.read_port())
 
         const_depth = -(-max_ch // G)
         const_rp, const_wp = [], []
@@ -366,8 +366,10 @@ class ConvEngine(wiring.Component):
         # cycle ahead against the registered channel count of the layer.
         m.d.comb += self.i_chan.ready.eq(in_layer & chan_open)
         chan_fire = self.i_chan.valid & self.i_chan.ready
+        # The constant writes leave from registers (the memories sit across the die); the
+        # post reader checks the channel count a cycle late, so it never reads ahead.
         for g in range(G):
-            m.d.comb += [const_wp[g].en.eq(chan_fire & (c_lane == g)), const_wp[g].addr.eq(c_addr),
+            m.d.sync += [const_wp[g].en.eq(chan_fire & (c_lane == g)), const_wp[g].addr.eq(c_addr),
                          const_wp[g].data.eq(self.i_chan.payload)]
         with m.If(chan_fire):
             m.d.sync += [chan_cnt.eq(chan_cnt + 1), chan_open.eq(chan_cnt != n_out_m1)]
@@ -521,7 +523,7 @@ class ConvEngine(wiring.Component):
                      line[0].half.eq(s2.half)]
         L = array.latency
         assert L >= 3, "the accumulator read leaves three stages before the array's output"
-        for i in range(1, L + 3):
+        for i in range(1, L + 4):
             nxt = Signal(meta_layout, name=f"meta_{i}")
             m.d.sync += nxt.eq(line[-1])
             line.append(nxt)
@@ -530,39 +532,42 @@ class ConvEngine(wiring.Component):
         def same(a, b):
             return a.valid & b.valid & (a.half == b.half) & (a.pix == b.pix)
 
-        # The read for the vector at the accumulate stage left three cycles earlier (block
-        # RAM output, a plain register next to the block, then the half select into a
-        # register by the adders), so it misses the writes of the three vectors before
-        # it: forward those instead, the most recent first.
-        hit1, hit2, hit3 = Signal(), Signal(), Signal()
+        # The read for the vector at the accumulate stage left three cycles earlier (the
+        # block RAM, its output register, then the half select into a register by the
+        # adders), and a sum is written a cycle after it is computed (from registers, to
+        # the blocks across the die), so the read misses the sums of the four vectors
+        # before it: forward those instead, the most recent first.
+        hit1, hit2, hit3, hit4 = Signal(), Signal(), Signal(), Signal()
         m.d.sync += [hit1.eq(same(line[L - 1], line[L])), hit2.eq(same(line[L - 1], line[L + 1])),
-                     hit3.eq(same(line[L - 1], line[L + 2]))]
+                     hit3.eq(same(line[L - 1], line[L + 2])), hit4.eq(same(line[L - 1], line[L + 3]))]
         sum1 = Signal(data.ArrayLayout(signed(cfg.acc_bits), C))
         sum2 = Signal.like(sum1)
         sum3 = Signal.like(sum1)
-        m.d.sync += [sum2.eq(sum1), sum3.eq(sum2)]
+        sum4 = Signal.like(sum1)
+        m.d.sync += [sum2.eq(sum1), sum3.eq(sum2), sum4.eq(sum3)]
+        wr = line[L + 1]
         acc_raw = [acc_rp[h].data for h in range(2)]
         acc_q = Signal(data.ArrayLayout(signed(cfg.acc_bits), C), name="acc_q")
         m.d.sync += acc_q.eq(Mux(line[L - 1].half, acc_raw[1], acc_raw[0]))
-        post_q = [acc_pp[h].data for h in range(2)]
+        post_q = [acc_rp[h].data for h in range(2)]
         pr_p_q = Signal.like(pr_p)
         pr_cg_q = Signal.like(pr_cg)
         m.d.sync += [pr_p_q.eq(pr_p), pr_cg_q.eq(pr_cg)]
         for h in range(2):
             m.d.comb += [
-                acc_rp[h].addr.eq(pre.pix),
-                acc_pp[h].addr.eq(pr_p_q),
-                acc_wp[h].addr.eq(acc.pix),
-                acc_wp[h].en.eq(acc.valid & (acc.half == h)),
+                acc_wp[h].addr.eq(wr.pix),
+                acc_wp[h].en.eq(wr.valid & (wr.half == h)),
             ]
         for c in range(C):
-            old = Mux(hit1, sum1[c], Mux(hit2, sum2[c], Mux(hit3, sum3[c], acc_q[c])))
+            old = Mux(hit1, sum1[c], Mux(hit2, sum2[c], Mux(hit3, sum3[c],
+                                                            Mux(hit4, sum4[c], acc_q[c]))))
             total = Signal(signed(cfg.acc_bits), name=f"acc_sum_{c}")
-            m.d.comb += [total.eq(Mux(acc.first, 0, old) + array.o_sum[c]),
-                         acc_wp[0].data[c].eq(total), acc_wp[1].data[c].eq(total)]
-            m.d.sync += sum1[c].eq(total)
-        with m.If(acc.valid & acc.last):
-            m.d.sync += half_full.bit_select(acc.half, 1).eq(1)
+            m.d.comb += total.eq(Mux(acc.first, 0, old) + array.o_sum[c])
+            # One register per half for the write data (each half is many blocks).
+            m.d.sync += [sum1[c].eq(total), acc_wp[0].data[c].eq(total),
+                         acc_wp[1].data[c].eq(total)]
+        with m.If(wr.valid & wr.last):
+            m.d.sync += half_full.bit_select(wr.half, 1).eq(1)
 
         # ---- post reader: groups of G channels, every pixel ----------------------------
         groups_m1 = Mux(is_pool, groups_r - 1, groups_c - 1)
@@ -600,6 +605,10 @@ class ConvEngine(wiring.Component):
         post_layout = data.StructLayout({"valid": 1, "pool": 1, "half": 1, "j": pr_j.shape(),
                                          "gi": pr_gi.shape(), "lanes": G, "tag": tag_layout})
         p0, p1, p2 = Signal(post_layout), Signal(post_layout), Signal(post_layout)
+        # A half's read port: the post reader's address while it drains the half, else
+        # the read-modify-write's.
+        for h in range(2):
+            m.d.comb += acc_rp[h].addr.eq(Mux(p0.valid & ~p0.pool & (p0.half == h), pr_p_q, pre.pix))
         m.d.sync += [p0.valid.eq(pr_fire), p0.pool.eq(is_pool), p0.half.eq(pr_half), p0.j.eq(pr_j),
                      p0.gi.eq(pr_gi), p0.lanes.eq(lane_en), p0.tag.addr.eq(pr_cbhw + pr_p),
                      p0.tag.gi.eq(pr_gi), p1.eq(p0), p2.eq(p1)]

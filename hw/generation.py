@@ -146,17 +146,22 @@ class WeightRounder(wiring.Component):
         return m
 
 
-class _State(enum.Enum, shape=4):
+class _State(enum.Enum, shape=5):
     IDLE = 0
     SETUP = 1
-    LOAD_B = 2
-    LOAD_U = 3
-    LOAD_V = 4
-    ALIGN = 5
-    ISSUE_L1 = 6
-    DRAIN_L1 = 7
-    ISSUE_MAIN = 8
-    DRAIN_MAIN = 9
+    ALIGN = 2
+    ISSUE_L1 = 3
+    DRAIN_L1 = 4
+    ISSUE_MAIN = 5
+    DRAIN_MAIN = 6
+    # The load states share bit 4 (LOADING_BIT): the code stream's ready is that one
+    # state register bit, no decode in front of the unpacker's handshake.
+    LOAD_B = 16
+    LOAD_U = 17
+    LOAD_V = 18
+
+
+LOADING_BIT = 4
 
 
 class _WritePortRegs:
@@ -445,7 +450,7 @@ class GenerationUnit(wiring.Component):
             m.d.comb += section_settings(state)
         m.d.comb += [
             unpacker.width.eq(width),
-            code.ready.eq(in_b | in_u | in_v),
+            code.ready.eq(state.as_value()[LOADING_BIT]),
             unpacker.align.eq(state == _State.ALIGN),
         ]
         wrap2 = c2 == lim2
@@ -461,6 +466,13 @@ class GenerationUnit(wiring.Component):
         dec_d = Mux(dense_sel == 1, dec_b,
                     Mux(dense_sel == 2, decode_code(code.payload, cfg.qv, form),
                         decode_code(code.payload, cfg.qd, form)))
+        # Write addresses and data follow the code whatever the handshake: only the
+        # enables wait for it (level 1's W1 writes below take precedence).
+        m.d.comb += [b_wr.addr.eq(la), b_wr.data.eq(code.payload),
+                     w1_wr.addr.eq(load_addr), u_wr.addr.eq(load_addr), v_wr.addr.eq(load_addr),
+                     *[w1_wr.data[r].eq(Mux(dense, dec_d, dec_b)) for r in range(R)],
+                     *[u_wr.data[r].eq(code.payload) for r in range(R)],
+                     *[v_wr.data[c].eq(code.payload) for c in range(C)]]
         with m.If(code.valid & code.ready):
             m.d.sync += c2.eq(Mux(wrap2, 0, c2 + 1))
             with m.If(wrap2):
@@ -473,17 +485,14 @@ class GenerationUnit(wiring.Component):
                 with m.Else():
                     m.d.sync += ln.eq(ln + 1)
             with m.If(in_b & has_l1):
-                m.d.comb += [b_wr.en.eq(1), b_wr.addr.eq(la), b_wr.data.eq(code.payload)]
+                m.d.comb += b_wr.en.eq(1)
                 m.d.sync += la.eq(la + 1)
             with m.If(in_b & ~has_l1):
-                m.d.comb += [w1_wr.en.eq(onehot[:R]), w1_wr.addr.eq(load_addr)]
-                m.d.comb += [w1_wr.data[r].eq(Mux(dense, dec_d, dec_b)) for r in range(R)]
+                m.d.comb += w1_wr.en.eq(onehot[:R])
             with m.If(in_u):
-                m.d.comb += [u_wr.en.eq(onehot[:R]), u_wr.addr.eq(load_addr)]
-                m.d.comb += [u_wr.data[r].eq(code.payload) for r in range(R)]
+                m.d.comb += u_wr.en.eq(onehot[:R])
             with m.If(in_v):
-                m.d.comb += [v_wr.en.eq(onehot[:C]), v_wr.addr.eq(load_addr)]
-                m.d.comb += [v_wr.data[c].eq(code.payload) for c in range(C)]
+                m.d.comb += v_wr.en.eq(onehot[:C])
             with m.If(wrap0):
                 m.d.sync += reset_load()
                 nxt_sig = Signal(_State)
