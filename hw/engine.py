@@ -281,8 +281,8 @@ class ConvEngine(wiring.Component):
         h_pix = Signal(range(max_p + 1))
         h_more = Signal()
         h_addr = Signal(addr_shape)     # h_base + h_pix, kept up to date with them
-        # Host reads: bank read, then the act_q register (block RAM outputs are slow),
-        # then the bank select into a small FIFO. A read is issued only while the FIFO
+        # Host reads: bank read into the bank's read register (hw.memory), then the bank
+        # select into a small FIFO. A read is issued only while the FIFO
         # has room for it and the reads in flight, so the pipeline never stalls.
         m.submodules.rd_fifo = rd_fifo = SyncFIFOBuffered(width=A, depth=4)
         rd_v1, rd_v2 = Signal(), Signal()
@@ -599,9 +599,9 @@ class ConvEngine(wiring.Component):
                 with m.If(last_group):
                     m.d.sync += [pr_active.eq(0), pr_done.eq(1)]
 
-        # P0: registered decision, block RAM addresses; P1: block RAM outputs; P2:
-        # registered (accumulators in post_q, residuals in act_q, constants below), lane
-        # select, then the requantizer.
+        # P0: registered decision, block RAM addresses; P1: block RAM read; P2: the
+        # memories' read registers (accumulators in post_q, residuals in act_q,
+        # constants in const_q) and the lane select; P3: the requantizer's inputs.
         post_layout = data.StructLayout({"valid": 1, "pool": 1, "half": 1, "j": pr_j.shape(),
                                          "gi": pr_gi.shape(), "lanes": G, "tag": tag_layout})
         p0, p1, p2 = Signal(post_layout), Signal(post_layout), Signal(post_layout)
@@ -618,18 +618,21 @@ class ConvEngine(wiring.Component):
             conv_acc = Array([Mux(p2.half, post_q[1][j * G + g], post_q[0][j * G + g])
                               for j in range(groups_c)])[p2.j]
             pool_acc = Array([pool.o_sum[j * G + g] for j in range(groups_r)])[p2.j]
-            m.d.comb += [
+            # P3: the selected operands in registers by the requantizer's multipliers
+            # (the memories' read registers sit across the die from them).
+            m.d.sync += [
                 rq.i_acc[g].eq(Mux(p2.pool, pool_acc, conv_acc)),
                 rq.i_mult[g].eq(const_q[g].mult),
                 rq.i_bias[g].eq(const_q[g].bias),
                 rq.i_res[g].eq(Array([res_q[gi * G + g] for gi in range(groups_r)])[p2.gi]),
             ]
-        m.d.comb += [rq.i_valid.eq(p2.valid), rq.i_lanes.eq(p2.lanes), rq.i_tag.eq(p2.tag)]
+        m.d.sync += [rq.i_valid.eq(p2.valid), rq.i_lanes.eq(p2.lanes), rq.i_tag.eq(p2.tag)]
         # The layer's requant settings, from registers next to the requantizer: the
         # descriptor is fixed from the first check cycle, two cycles before the layer.
         m.d.sync += [rq.shift.eq(d.shift), rq.relu.eq(d.relu), rq.has_res.eq(d.has_res),
                      rq.m_res.eq(d.m_res)]
-        m.d.comb += layer_end.eq(pr_done & ~p0.valid & ~p1.valid & ~p2.valid & ~rq.busy)
+        m.d.comb += layer_end.eq(pr_done & ~p0.valid & ~p1.valid & ~p2.valid & ~rq.i_valid
+                                 & ~rq.busy)
 
         # ---- activation memory ports ---------------------------------------------------
         # A host write reaches its bank a cycle after it is taken, from registers (the

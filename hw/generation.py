@@ -615,10 +615,18 @@ class GenerationUnit(wiring.Component):
         with m.If((state == _State.DRAIN_MAIN) & pipe_empty):
             m.d.sync += state.eq(_State.IDLE)
 
-        # Stage 1: the memories' registered read data.
+        # Stage 1: the memories' registered read data (inside the block RAMs on ECP5).
+        # Stage 1a: the same in fabric registers, placed near the lanes: the block RAMs
+        # sit in rows across the die, too far from the multipliers for the route, the
+        # decode and the operand select in one cycle.
+        sr, vr = Signal(ctrl_layout, name="sr"), Signal(name="sr_valid")
         sm, vm = Signal(ctrl_layout, name="sm"), Signal(name="sm_valid")
-        u_q, v_q, b_q, w1_q = u_rd.data, v_rd.data, b_rd.data, w1_rd.data
-        m.d.sync += [sm.eq(s1), vm.eq(v1)]
+        u_q = Signal.like(u_rd.data, name="u_q")
+        v_q = Signal.like(v_rd.data, name="v_q")
+        b_q = Signal.like(b_rd.data, name="b_q")
+        w1_q = Signal.like(w1_rd.data, name="w1_q")
+        m.d.sync += [sr.eq(s1), vr.eq(v1), sm.eq(sr), vm.eq(vr),
+                     u_q.eq(u_rd.data), v_q.eq(v_rd.data), b_q.eq(b_rd.data), w1_q.eq(w1_rd.data)]
 
         # Stage 1b: decode and route operands to the lanes.
         u_val = [decode_code(u_q[r], cfg.qu, form) for r in range(R)]
@@ -677,7 +685,7 @@ class GenerationUnit(wiring.Component):
         m.d.sync += [rnd[l].eq(acc[l] + half_acc) for l in range(NL)]
         m.d.sync += [rnd_sh[l].eq(rnd[l] >> ws_acc) for l in range(NL)]
 
-        m.d.comb += pipe_empty.eq(~(v1 | vm | v2 | v3 | v4 | v5 | v6 | v7))
+        m.d.comb += pipe_empty.eq(~(v1 | vr | vm | v2 | v3 | v4 | v5 | v6 | v7))
 
         # Level 1 writes W1 straight from the accumulators.
         with m.If(v4 & s4.l1 & s4.last):
