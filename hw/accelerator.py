@@ -94,6 +94,7 @@ class _Rd(enum.Enum, shape=3):
     PREP = 3
     HOLD = 4
     SELECT = 5
+    WAIT = 6
 
 
 class _Seq(enum.Enum, shape=3):
@@ -236,11 +237,14 @@ class Accelerator(wiring.Component):
         b_valid, b_ready = Signal(), Signal()
         # Host read-back of the base store and the constants points the sequencers'
         # stream address registers at the byte it reads (see the read-back below).
-        h_pos = Signal(40)
+        # (Registers: PREP sets the load flags, ADDR loads the stream address from the
+        # byte address s_pos.)
         h_bases_load, h_consts_load = Signal(), Signal()
+        s_pos = Signal(40)
+        m.d.sync += [h_bases_load.eq(0), h_consts_load.eq(0)]
         g_more = _stream_words(m, bases_rd_gen, g_rec.code_addr, g_rec.code_len,
                                g_go & ~g_rec.streamed, b_valid, b_ready,
-                               h_bases_load, h_pos, "gcode")
+                               h_bases_load, s_pos, "gcode")
         s_left = Signal.like(g_rec.code_len)
         with m.If(g_go & g_rec.streamed):
             m.d.sync += s_left.eq(g_rec.code_len)
@@ -305,7 +309,7 @@ class Accelerator(wiring.Component):
         const_w = channel_layout(cfg).size
         m.submodules.const_fifo = cfifo = in_unit(SyncFIFOBuffered(width=const_w, depth=2))
         _stream_words(m, consts_rd_eng, e_rec.const_addr, n_out, e_go,
-                      cfifo.w_en, cfifo.w_rdy, h_consts_load, h_pos >> cb_log, "const")
+                      cfifo.w_en, cfifo.w_rdy, h_consts_load, s_pos >> cb_log, "const")
         m.d.comb += [cfifo.w_data.eq(Value.cast(consts_rd_eng.data)[:const_w]),
                      eng.i_chan.payload.eq(cfifo.r_data), eng.i_chan.valid.eq(cfifo.r_rdy),
                      cfifo.r_en.eq(eng.i_chan.ready),
@@ -563,7 +567,6 @@ class Accelerator(wiring.Component):
         log_shift = 3 + (len(LOG_COUNTERS) - 1).bit_length()
         log_word = Signal(range(len(LOG_COUNTERS)))
         s_data = Signal(8)
-        s_pos = Signal(40)
         s_more = Signal()
         status_word = Cat(state, Const(0, 8 - len(state)), status_err,
                           e_idx, Const(0, 16 - len(e_idx)))
@@ -590,19 +593,21 @@ class Accelerator(wiring.Component):
                     with m.If(s_idx == resp_len - 1):
                         m.d.sync += ex.eq(_Ex.IDLE)
             with m.Else():
-                # One byte at a time, in six registered steps, so that no block RAM
+                # One byte at a time, in seven registered steps, so that no block RAM
                 # output reaches the payload mux in the same cycle and no address adder
                 # reaches a block RAM address (the link drains far slower than a byte
-                # every six cycles): PREP computes byte s_idx's address, ADDR
-                # addresses it, CAPTURE has the memories' words land in plain registers
-                # (and registers the counter and log words), HOLD keeps them, SELECT
-                # registers the byte, OFFER offers it until the link takes it.
+                # every seven cycles): PREP computes byte s_idx's address, ADDR
+                # addresses it (the base store and the constants through their stream
+                # address registers, loaded in ADDR), CAPTURE has the memories' words
+                # land in plain registers (and registers the counter and log words),
+                # WAIT keeps the identity and program words while the base store and
+                # constants' words reach their read registers, HOLD keeps those,
+                # SELECT registers the byte, OFFER offers it until the link takes it.
                 with m.Switch(s_phase):
                     with m.Case(_Rd.PREP):
                         m.d.sync += [s_pos.eq(addr + s_idx), s_more.eq(s_idx < resp_len),
                                      s_phase.eq(_Rd.ADDR)]
-                        m.d.comb += [h_pos.eq(addr + s_idx),
-                                     h_bases_load.eq(src_sel == SRC_BASES),
+                        m.d.sync += [h_bases_load.eq(src_sel == SRC_BASES),
                                      h_consts_load.eq(src_sel == SRC_CONSTS)]
                     with m.Case(_Rd.ADDR):
                         with m.If(s_more):
@@ -622,10 +627,14 @@ class Accelerator(wiring.Component):
                     with m.Case(_Rd.CAPTURE):
                         m.d.sync += [cap_counter.eq(counter_word),
                                      cap_log.eq(Array(rp.data for rp in log_rds)[log_word]),
+                                     s_phase.eq(_Rd.WAIT)]
+                    with m.Case(_Rd.WAIT):
+                        # (The identity and program ports read again from CAPTURE on:
+                        # their words are taken here.)
+                        m.d.sync += [cap_ident.eq(raw_ident), cap_prog.eq(raw_prog),
                                      s_phase.eq(_Rd.HOLD)]
                     with m.Case(_Rd.HOLD):
-                        m.d.sync += [cap_ident.eq(raw_ident), cap_bases.eq(raw_bases),
-                                     cap_prog.eq(raw_prog), cap_consts.eq(raw_consts),
+                        m.d.sync += [cap_bases.eq(raw_bases), cap_consts.eq(raw_consts),
                                      s_phase.eq(_Rd.SELECT)]
                     with m.Case(_Rd.SELECT):
                         m.d.sync += [s_byte.eq(s_data), s_phase.eq(_Rd.OFFER)]
