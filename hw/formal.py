@@ -362,9 +362,10 @@ def link_streams(params=LINK_PARAMS) -> Harness:
     The request header and the link's own error frame are registers of the receive
     side, stable only because the receiver waits while a request is pending or an
     error frame is sent; two auxiliary invariants on the receive and transmit
-    states say so, which lets k-induction close.
+    states say so, which lets k-induction close; two more say that the receiver's
+    state flags agree with its state.
     """
-    from .link import HostLink, _Rx, _Tx
+    from .link import RX_INSIDE, RX_TAKES, HostLink, _Rx, _Tx
 
     def build(m, h):
         m.submodules.link = dut = HostLink(params)
@@ -376,6 +377,11 @@ def link_streams(params=LINK_PARAMS) -> Harness:
             prove(~pending | ((rx == _Rx.EXEC) & (tx == _Tx.IDLE)), "link.lemma.pending"),
             prove((tx == _Tx.IDLE) | (rx == _Rx.EXEC) | (rx == _Rx.ERROR), "link.lemma.tx_busy"),
             prove((tx == _Tx.IDLE) | ~own | (rx == _Rx.ERROR), "link.lemma.own_error"),
+        ]
+        takes, inside = h.probe(1, "link.rx_takes"), h.probe(1, "link.rx_inside")
+        m.d.comb += [
+            prove(takes == Cat(*(rx == st for st in RX_TAKES)).any(), "link.lemma.takes"),
+            prove(inside == Cat(*(rx == st for st in RX_INSIDE)).any(), "link.lemma.inside"),
         ]
     return Harness("hw.link.HostLink", build)
 

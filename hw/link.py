@@ -55,6 +55,11 @@ class _Rx(enum.Enum, shape=4):
     LENCHK = 10  # the length checks act from registers, not from the line's byte
 
 
+# The receive states that take line bytes, and those inside a frame.
+RX_TAKES = (_Rx.HUNT, _Rx.OP, _Rx.LEN0, _Rx.LEN1, _Rx.PAYLOAD, _Rx.CRC)
+RX_INSIDE = (_Rx.OP, _Rx.LEN0, _Rx.LEN1, _Rx.LENCHK, _Rx.PAYLOAD, _Rx.CRC)
+
+
 class _Tx(enum.Enum, shape=3):
     IDLE = 0
     SYNC = 1
@@ -125,8 +130,16 @@ class HostLink(wiring.Component):
         byte = self.i_rx.payload
         fire = self.i_rx.valid & self.i_rx.ready
 
-        m.d.comb += self.i_rx.ready.eq(_any(rx, _Rx.HUNT, _Rx.OP, _Rx.LEN0, _Rx.LEN1,
-                                                   _Rx.PAYLOAD, _Rx.CRC))
+        # Whether the state takes line bytes, and whether it is inside a frame: flags
+        # kept with the state (every change of state goes through ``goto``), so the
+        # handshake and the timeout start from flip-flops, not from a state decode.
+        rx_takes = Signal(init=1)
+        rx_inside = Signal()
+
+        def goto(st):
+            return [rx.eq(st), rx_takes.eq(int(st in RX_TAKES)), rx_inside.eq(int(st in RX_INSIDE))]
+
+        m.d.comb += self.i_rx.ready.eq(rx_takes)
         with m.If(fire):
             m.d.sync += self.bytes_in.eq(self.bytes_in + 1)
         m.d.comb += [rx_crc.data.eq(byte),
@@ -137,7 +150,7 @@ class HostLink(wiring.Component):
         # hold the link forever.
         # The timeout compare is registered: ``timed_out`` holds exactly when ``idle``
         # is link_timeout - 1 (link_timeout >= 16).
-        mid_frame = _any(rx, _Rx.OP, _Rx.LEN0, _Rx.LEN1, _Rx.LENCHK, _Rx.PAYLOAD, _Rx.CRC)
+        mid_frame = rx_inside
         timed_out = Signal()
         with m.If(~mid_frame | fire):
             m.d.sync += [idle.eq(0), timed_out.eq(0)]
@@ -157,49 +170,49 @@ class HostLink(wiring.Component):
             m.d.sync += self.frame_errors.eq(self.frame_errors + 1)
 
         def refuse(code):
-            m.d.sync += [err_code.eq(code), rx.eq(_Rx.ERROR), refused.eq(1)]
+            m.d.sync += [err_code.eq(code), *goto(_Rx.ERROR), refused.eq(1)]
 
         m.d.comb += [wp.addr.eq(count), wp.data.eq(byte)]
         with m.Switch(rx):
             with m.Case(_Rx.HUNT):
                 with m.If(fire & (byte == SYNC)):
-                    m.d.sync += rx.eq(_Rx.OP)
+                    m.d.sync += goto(_Rx.OP)
             with m.Case(_Rx.OP):
                 with m.If(fire):
-                    m.d.sync += [op.eq(byte), rx.eq(_Rx.LEN0)]
+                    m.d.sync += [op.eq(byte), *goto(_Rx.LEN0)]
             with m.Case(_Rx.LEN0):
                 with m.If(fire):
-                    m.d.sync += [length[:8].eq(byte), rx.eq(_Rx.LEN1)]
+                    m.d.sync += [length[:8].eq(byte), *goto(_Rx.LEN1)]
             with m.Case(_Rx.LEN1):
                 with m.If(fire):
                     new_len = Cat(length[:8], byte)
                     m.d.sync += [length[8:].eq(byte), count.eq(0), crc_count.eq(0),
                                  len_over.eq(new_len > self.depth), len_zero.eq(new_len == 0),
-                                 rx.eq(_Rx.LENCHK)]
+                                 *goto(_Rx.LENCHK)]
             with m.Case(_Rx.LENCHK):
                 m.d.sync += pay_last.eq(length == 1)
                 with m.If(len_over):
                     refuse(ERR_LENGTH)
                 with m.Elif(len_zero):
-                    m.d.sync += rx.eq(_Rx.CRC)
+                    m.d.sync += goto(_Rx.CRC)
                 with m.Else():
-                    m.d.sync += rx.eq(_Rx.PAYLOAD)
+                    m.d.sync += goto(_Rx.PAYLOAD)
             with m.Case(_Rx.PAYLOAD):
                 m.d.comb += wp.en.eq(fire)
                 with m.If(fire):
                     m.d.sync += [count.eq(count + 1), pay_last.eq(count + 2 == length)]
                     with m.If(pay_last):
-                        m.d.sync += rx.eq(_Rx.CRC)
+                        m.d.sync += goto(_Rx.CRC)
             with m.Case(_Rx.CRC):
                 with m.If(fire):
                     m.d.sync += crc_count.eq(crc_count + 1)
                     with m.If(crc_count == CRC_BYTES - 1):
-                        m.d.sync += rx.eq(_Rx.SETTLE)
+                        m.d.sync += goto(_Rx.SETTLE)
             with m.Case(_Rx.SETTLE):
-                m.d.sync += rx.eq(_Rx.CHECK)
+                m.d.sync += goto(_Rx.CHECK)
             with m.Case(_Rx.CHECK):
                 with m.If(crc_match):
-                    m.d.sync += [rx.eq(_Rx.EXEC), self.frames.eq(self.frames + 1)]
+                    m.d.sync += [*goto(_Rx.EXEC), self.frames.eq(self.frames + 1)]
                 with m.Else():
                     refuse(ERR_CRC)
         with m.If(mid_frame & timed_out & ~fire):
@@ -280,5 +293,5 @@ class HostLink(wiring.Component):
                 with m.If(out.ready):
                     m.d.sync += tx.eq(_Tx.IDLE)
                     # The frame is answered: the link takes the next one.
-                    m.d.sync += rx.eq(_Rx.HUNT)
+                    m.d.sync += goto(_Rx.HUNT)
         return m
