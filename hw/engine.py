@@ -571,7 +571,11 @@ class ConvEngine(wiring.Component):
 
         # ---- post reader: groups of G channels, every pixel ----------------------------
         groups_m1 = Mux(is_pool, groups_r - 1, groups_c - 1)
-        last_group = pr_base + G >= n_out
+        # The group-end decisions come from registers: pr_base and pr_j move only when a
+        # group ends (or a layer starts), and a bubble (group_moved) follows every move,
+        # so the registers have caught up before the post reader fires again.
+        last_group, j_last = Signal(), Signal()
+        m.d.sync += [last_group.eq(pr_base + G >= n_out), j_last.eq(pr_j == groups_m1)]
         lane_en = Signal(G)
         m.d.comb += [lane_en[g].eq(pr_base + g < n_out) for g in range(G)]
         for g in range(G):
@@ -587,7 +591,7 @@ class ConvEngine(wiring.Component):
                     m.d.sync += [pr_gi.eq(0), pr_cbhw.eq(pr_cbhw + p_out)]
                 with m.Else():
                     m.d.sync += pr_gi.eq(pr_gi + 1)
-                with m.If((pr_j == groups_m1) | last_group):
+                with m.If(j_last | last_group):
                     m.d.sync += pr_j.eq(0)
                     with m.If(is_pool):
                         m.d.sync += [pool_ready.eq(0), pool_free.eq(1)]

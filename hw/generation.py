@@ -616,23 +616,21 @@ class GenerationUnit(wiring.Component):
             m.d.sync += state.eq(_State.IDLE)
 
         # Stage 1: the memories' registered read data (inside the block RAMs on ECP5).
-        # Stage 1a: the same in fabric registers, placed near the lanes: the block RAMs
-        # sit in rows across the die, too far from the multipliers for the route, the
-        # decode and the operand select in one cycle.
+        # Stage 1a: fabric registers placed near the lanes (the block RAMs sit in rows
+        # across the die, too far from the multipliers for the route, the decode and the
+        # operand select in one cycle): the lanes' operands, and W1 for the bypass.
         sr, vr = Signal(ctrl_layout, name="sr"), Signal(name="sr_valid")
         sm, vm = Signal(ctrl_layout, name="sm"), Signal(name="sm_valid")
-        u_q = Signal.like(u_rd.data, name="u_q")
-        v_q = Signal.like(v_rd.data, name="v_q")
-        b_q = Signal.like(b_rd.data, name="b_q")
         w1_q = Signal.like(w1_rd.data, name="w1_q")
-        m.d.sync += [sr.eq(s1), vr.eq(v1), sm.eq(sr), vm.eq(vr),
-                     u_q.eq(u_rd.data), v_q.eq(v_rd.data), b_q.eq(b_rd.data), w1_q.eq(w1_rd.data)]
+        m.d.sync += [sr.eq(s1), vr.eq(v1), sm.eq(sr), vm.eq(vr), w1_q.eq(w1_rd.data)]
 
-        # Stage 1b: decode and route operands to the lanes.
-        u_val = [decode_code(u_q[r], cfg.qu, form) for r in range(R)]
-        v_val = [decode_code(v_q[c], cfg.qv, form) for c in range(C)]
-        b_val = decode_code(b_q, cfg.qb, form)
+        # The lanes' operands are decoded and routed from the read registers (stage 1)
+        # into registers of their own at stage 1a, by the multipliers.
+        u_val = [decode_code(u_rd.data[r], cfg.qu, form) for r in range(R)]
+        v_val = [decode_code(v_rd.data[c], cfg.qv, form) for c in range(C)]
+        b_val = decode_code(b_rd.data, cfg.qb, form)
         w1_val = [w1_q[r] for r in range(R)]
+        w1_rval = [w1_rd.data[r] for r in range(R)]
 
         def pick(m, index, options, shape):
             out = Signal(shape)
@@ -649,22 +647,22 @@ class GenerationUnit(wiring.Component):
         for lr in range(Lr):
             for lc in range(Lc):
                 l = lr * Lc + lc
-                a2 = pick(m, sm.pc, [v_val[p * Lc + lc] if p * Lc + lc < C else 0
+                a2 = pick(m, sr.pc, [v_val[p * Lc + lc] if p * Lc + lc < C else 0
                                      for p in range(Pc)], signed(a_w))
-                b2 = pick(m, sm.pr, [w1_val[p * Lr + lr] if p * Lr + lr < R else 0
+                b2 = pick(m, sr.pr, [w1_rval[p * Lr + lr] if p * Lr + lr < R else 0
                                      for p in range(Pr)], signed(w1w))
                 if l < L1L:
-                    a1 = pick(m, sm.pc, [u_val[p * L1L + l] if p * L1L + l < R else 0
+                    a1 = pick(m, sr.pc, [u_val[p * L1L + l] if p * L1L + l < R else 0
                                          for p in range(P1)], signed(a_w))
-                    a_next, b_next = Mux(sm.l1, a1, a2), Mux(sm.l1, b_val, b2)
+                    a_next, b_next = Mux(sr.l1, a1, a2), Mux(sr.l1, b_val, b2)
                 else:
                     a_next, b_next = a2, b2
-                # Operands registered at stage 2 (inside the DSP block on ECP5), the
-                # product at stage 3. In fabric the 64 lanes cost some 7,000 LUT4 more
+                # Operands registered at stage 1a and again at stage 2 (inside the DSP
+                # block on ECP5), the product at stage 3. In fabric the 64 lanes cost some 7,000 LUT4 more
                 # on an LFE5U-85F and congest its routing.
                 a_op = Signal(signed(a_w), name=f"op_a_{l}")
                 b_op = Signal(signed(w1w), name=f"op_b_{l}")
-                m.d.comb += [a_op.eq(a_next), b_op.eq(b_next)]
+                m.d.sync += [a_op.eq(a_next), b_op.eq(b_next)]
                 prod.append(registered_multiply(m, a_op, b_op, f"prod_{l}", platform))
 
         # Bypass: round-half add (stage 2), shift (stage 3), saturate (stage 4).
