@@ -6,7 +6,9 @@ Two costs of block RAM reads on ECP5 shape this module:
   which leaves little of a 10 ns cycle for the route to the next register. With the
   block's own output register (``REGMODE = "OUTREG"``) the data leaves 1 ns after the
   clock. Yosys never uses that register, so on an ECP5 platform (see
-  :func:`hw.dsp.is_ecp5`) :class:`BlockMemory` instantiates the blocks itself.
+  :func:`hw.dsp.is_ecp5`) :class:`BlockMemory` instantiates the blocks itself
+  (write on port A, read on port B; memories deeper than a block's 16384 x 1 are
+  left to Yosys).
 * Yosys maps a memory deeper than one block RAM at its width to blocks stacked in
   depth with a select after their outputs. :class:`BlockMemory` stores every word as
   narrow slices that each fit one block at the full depth (16 Kbit: 4096 x 4,
