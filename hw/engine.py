@@ -417,7 +417,10 @@ class ConvEngine(wiring.Component):
                             m.d.sync += wl_active.eq(0)
 
         # ---- post reader state used by the issue stage ---------------------------------
-        p_out = Mux(is_pool, 1, feeder.p)
+        # The post reader's pixel count and its last index, from registers (fixed during
+        # a layer; the bubble after the post reader's reset covers the update).
+        p_out, p_last = Signal.like(feeder.p), Signal.like(feeder.p)
+        m.d.sync += [p_out.eq(Mux(is_pool, 1, feeder.p)), p_last.eq(Mux(is_pool, 1, feeder.p) - 1)]
         tile_avail = Mux(is_pool, pool_ready, Mux(pr_half, half_full[1], half_full[0]))
         # Whether a group's constants have arrived is checked on last cycle's values (off
         # the critical path): chan_cnt only grows, and pr_base only moves when a group
@@ -582,7 +585,7 @@ class ConvEngine(wiring.Component):
             m.d.comb += const_rp[g].addr.eq(pr_cg_q)
         m.d.sync += group_moved.eq(0)
         with m.If(pr_fire):
-            with m.If(pr_p != p_out - 1):
+            with m.If(pr_p != p_last):
                 m.d.sync += pr_p.eq(pr_p + 1)
             with m.Else():
                 m.d.sync += [pr_p.eq(0), pr_base.eq(pr_base + G), pr_cg.eq(pr_cg + 1),
