@@ -653,8 +653,10 @@ class ConvEngine(wiring.Component):
                 rp, wp = act_rp[b][r], act_wp[b][r]
                 res_hit = Signal(name=f"res_hit_{b}_{r}")
                 m.d.sync += res_hit.eq(pr_fire & d.has_res & (d.res == b) & (pr_gi == r // G))
+                # (Host reads keep the bank reading: the address only moves when a read
+                # is issued, so the read register holds the same word meanwhile.)
                 with m.If(host_rd):
-                    m.d.comb += [rp.addr.eq(h_addr), rp.en.eq(host_adv)]
+                    m.d.comb += [rp.addr.eq(h_addr), rp.en.eq(1)]
                 with m.Elif(res_hit):
                     m.d.comb += [rp.addr.eq(p0.tag.addr), rp.en.eq(1)]
                 with m.Else():
