@@ -70,6 +70,8 @@ class BoardTop(wiring.Component):
             raise ValueError(f"board {board!r} unsupported; accepted: {', '.join(BOARDS)}")
         self.config, self.board, self.freq_hz = config, BOARDS[board], freq_hz
         self.divisor = uart_divisor(freq_hz, config.baud)
+        f_in = board_platform(board).default_clk_frequency
+        self.pll = (ecp5_pll if self.board.family == "ecp5" else ice40_pll)(f_in, freq_hz)
         super().__init__({})
 
     def elaborate(self, platform):
@@ -78,14 +80,12 @@ class BoardTop(wiring.Component):
         lock = Signal()
         clk = Signal()
         m.domains.sync = ClockDomain("sync")
-        f_in = platform.default_clk_frequency
+        pll = self.pll
         if b.family == "ecp5":
-            pll = ecp5_pll(f_in, self.freq_hz)
             osc = platform.request(platform.default_clk, dir="-")
             m.submodules.osc = osc_buf = io.Buffer("i", osc)
             m.submodules.pll = pll.instance(osc_buf.i, clk, lock)
         else:
-            pll = ice40_pll(f_in, self.freq_hz)
             osc = platform.request(platform.default_clk, dir="-")
             m.submodules.pll = pll.instance(osc.io, clk, lock)
         m.d.comb += ClockSignal("sync").eq(clk)

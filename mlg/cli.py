@@ -321,7 +321,7 @@ def cmd_synth(args) -> int:
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     log(f"synthesizing {args.build} for {args.board} at {args.freq:g} MHz into {out} ...")
     report = synthesize(config, args.board, args.freq, out, seed=args.seed,
-                        pnr_args=shlex.split(args.pnr_args),
+                        pnr_args=shlex.split(args.pnr_args), margin_pct=args.margin,
                         progress=not args.json and sys.stderr.isatty())
     (out / "synth_report.json").write_text(json.dumps(report, indent=2) + "\n")
     if args.json:
@@ -423,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--pnr-args", default="",
                     help="extra nextpnr options, e.g. '--placer-heap-timingweight 30' or "
                          "'--router router2 --tmg-ripup'")
+    sy.add_argument("--margin", type=float, default=0.0, metavar="PCT",
+                    help="tighten the clock constraint given to place and route by PCT "
+                         "percent (0 to 50); the clock and the verdict stay at --freq")
     sy.add_argument("--json", action="store_true")
     sy.set_defaults(func=cmd_synth)
 
