@@ -98,6 +98,17 @@ def _over_capacity(table: str) -> list[str]:
     return over
 
 
+def build_plan(config: AcceleratorConfig, board: str, freq_mhz: float):
+    """The board top of ``config`` and Amaranth's build plan (scripts, netlist, pins)."""
+    try:
+        top = BoardTop(config, board, freq_mhz * 1e6)
+        # iCE40: multipliers into the UP5K's SB_MAC16 blocks instead of logic cells.
+        opts = {"synth_opts": "-dsp"} if BOARDS[board].family == "ice40" else {}
+        return top, board_platform(board).build(top, name=NAME, do_build=False, **opts)
+    except ValueError as e:
+        raise SynthError(f"{board} at {freq_mhz:g} MHz: {e}") from None
+
+
 def tighten_clocks(text: str, scale: float) -> str:
     """Every clock frequency of an LPF (ECP5) or PCF (iCE40) file times ``scale``.
 
@@ -134,12 +145,7 @@ def synthesize(config: AcceleratorConfig, board: str, freq_mhz: float, out_dir,
     b = BOARDS[board]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        top = BoardTop(config, board, freq_mhz * 1e6)
-        platform = board_platform(board)
-        plan = platform.build(top, name=NAME, do_build=False)
-    except ValueError as e:
-        raise SynthError(f"{board} at {freq_mhz:g} MHz: {e}") from None
+    top, plan = build_plan(config, board, freq_mhz)
     plan.extract(str(out))
     if margin_pct:
         pins = out / f"{NAME}.{'lpf' if b.family == 'ecp5' else 'pcf'}"

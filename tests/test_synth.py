@@ -67,6 +67,15 @@ def test_a_margin_tightens_every_clock_constraint_but_not_the_pll(board):
     assert top.pll.f_out == pytest.approx(freq, rel=0.01)
 
 
+def test_ice40_multipliers_go_to_the_dsp_blocks():
+    from hw.synth import NAME, build_plan
+
+    _, plan = build_plan(SMOKE, "icebreaker", 24)
+    script = plan.files[f"{NAME}.ys"]
+    script = script if isinstance(script, str) else script.decode()
+    assert re.search(r"synth_ice40 .*-dsp", script), script
+
+
 def test_board_top_refuses_an_unreachable_baud():
     with pytest.raises(ValueError, match="cannot make baud"):
         BoardTop(AcceleratorConfig(baud=3_000_000), "icebreaker", 25e6)
