@@ -151,22 +151,26 @@ class CodeUnpacker(wiring.Component):
         # start from flip-flops and a small select, not from a carry chain.
         ge = Signal(Q + 1, init=1)
         room = Signal(init=1)
-        mask = (Const(1, Q + 1) << self.width) - 1
+        # The payload mask is a table of the width (no shift and subtract).
+        mask = Signal(Q)
+        with m.Switch(self.width):
+            for w in range(Q + 1):
+                with m.Case(w):
+                    m.d.comb += mask.eq((1 << w) - 1)
+            with m.Default():
+                m.d.comb += mask.eq((1 << Q) - 1)
         m.d.comb += [
-            self.o_stream.valid.eq(ge.bit_select(self.width, 1) & (self.width != 0)
+            # (a width of 0 selects a constant 0: no code leaves)
+            self.o_stream.valid.eq(Cat(Const(0, 1), ge[1:]).bit_select(self.width, 1)
                                    & ~self.align),
-            self.o_stream.payload.eq(buf[:Q] & mask[:Q]),
+            self.o_stream.payload.eq(buf[:Q] & mask),
             self.i_stream.ready.eq(room),
         ]
 
-        drop = Signal(range(Q + 1))
-        with m.If(self.o_stream.valid & self.o_stream.ready):
-            m.d.comb += drop.eq(self.width)
-        with m.Elif(self.align):
-            m.d.comb += drop.eq(count[:3])
         # The new word is placed above the buffered bits (a shift by the registered
-        # count, in parallel with the code handshake), then everything shifts down by
-        # the bits leaving: only that one shift follows the handshake.
+        # count). The next state is worked out for each way bits can leave (a code of
+        # ``width`` bits, the rest of a byte on ``align``, none) in parallel, and the
+        # code handshake, which arrives last, only selects among them.
         take = self.i_stream.valid & self.i_stream.ready
         merged = Signal(cap)
         total = Signal(range(cap + 1))
@@ -174,8 +178,17 @@ class CodeUnpacker(wiring.Component):
             m.d.comb += [merged.eq(buf | (self.i_stream.payload << count)), total.eq(count + W)]
         with m.Else():
             m.d.comb += [merged.eq(buf), total.eq(count)]
-        nxt = Signal.like(count)
-        m.d.comb += nxt.eq(total - drop)
-        m.d.sync += [buf.eq(merged >> drop), count.eq(nxt), room.eq(nxt <= cap - W)]
-        m.d.sync += [ge[w].eq(nxt >= w) for w in range(Q + 1)]
+
+        def leave(drop, name):
+            nxt = Signal.like(count, name=f"nxt_{name}")
+            m.d.comb += nxt.eq(total - drop)
+            return [buf.eq(merged >> drop), count.eq(nxt), room.eq(nxt <= cap - W),
+                    *[ge[w].eq(nxt >= w) for w in range(Q + 1)]]
+
+        with m.If(self.o_stream.valid & self.o_stream.ready):
+            m.d.sync += leave(self.width, "code")
+        with m.Elif(self.align):
+            m.d.sync += leave(count[:3], "align")
+        with m.Else():
+            m.d.sync += leave(0, "keep")
         return m
