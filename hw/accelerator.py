@@ -84,6 +84,7 @@ class _Ex(enum.Enum, shape=4):
     PRE = 11
     PRE2 = 12
     PRE3 = 13
+    TILES_END = 14
 
 
 class _Rd(enum.Enum, shape=3):
@@ -391,6 +392,11 @@ class Accelerator(wiring.Component):
         need = Signal(40)
         lane = Signal(range(cfg.rows))
         ab_log = AB.bit_length() - 1
+        # Their size checks, registered from the sums every cycle (read in TILES_END).
+        tiles_deep, tiles_len_bad, tiles_long = Signal(), Signal(), Signal()
+        m.d.sync += [tiles_deep.eq(need > self.engine.bank_depth),
+                     tiles_len_bad.eq(data_len != (elems << ab_log)),
+                     tiles_long.eq((elems << ab_log) > 0xFFFF)]
         link_rd = Signal(range(cfg.max_payload))
         m.d.comb += link.buf_addr.eq(link_rd)
         pre = {"mem_ok": {reg: Signal(name=f"pre_mem_ok_{reg}") for reg in self._region_sizes()},
@@ -486,18 +492,22 @@ class Accelerator(wiring.Component):
                     with m.If(lane == 0):
                         m.d.sync += need.eq(need + apix)
                 with m.Else():
-                    with m.If(need > self.engine.bank_depth):
-                        refuse(ERR_ARGUMENT)
-                    with m.Elif(pre["op"][OP_LOAD_ACT]):
-                        with m.If(data_len != (elems << ab_log)):
-                            refuse(ERR_LENGTH)
-                        with m.Else():
-                            m.d.sync += ex.eq(_Ex.ACT_CMD)
+                    m.d.sync += ex.eq(_Ex.TILES_END)
+            with m.Case(_Ex.TILES_END):
+                # The size checks of the finished sums are registered (a cycle after
+                # the last sum), so their compares do not reach the state decision.
+                with m.If(tiles_deep):
+                    refuse(ERR_ARGUMENT)
+                with m.Elif(pre["op"][OP_LOAD_ACT]):
+                    with m.If(tiles_len_bad):
+                        refuse(ERR_LENGTH)
                     with m.Else():
-                        with m.If((elems << ab_log) > 0xFFFF):
-                            refuse(ERR_ARGUMENT)
-                        with m.Else():
-                            m.d.sync += ex.eq(_Ex.ACT_CMD)
+                        m.d.sync += ex.eq(_Ex.ACT_CMD)
+                with m.Else():
+                    with m.If(tiles_long):
+                        refuse(ERR_ARGUMENT)
+                    with m.Else():
+                        m.d.sync += ex.eq(_Ex.ACT_CMD)
             with m.Case(_Ex.ERROR):
                 respond(OP_ERROR, 2, SRC_ERROR)
             with m.Case(_Ex.RESPOND):
