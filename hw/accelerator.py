@@ -243,11 +243,15 @@ class Accelerator(wiring.Component):
         h_bases_load, h_consts_load = Signal(), Signal()
         s_pos = Signal(40)
         m.d.sync += [h_bases_load.eq(0), h_consts_load.eq(0)]
+        # The code stream starts the cycle after the unit takes the descriptor, from a
+        # register: the unit's ready (its state) then stays inside the unit.
+        g_go_q = Signal()
+        m.d.sync += g_go_q.eq(g_go)
         g_more = _stream_words(m, bases_rd_gen, g_rec.code_addr, g_rec.code_len,
-                               g_go & ~g_rec.streamed, b_valid, b_ready,
-                               h_bases_load, s_pos, "gcode")
+                               g_go_q & ~g_rec.streamed, b_valid, b_ready,
+                               h_bases_load | unit_rst, s_pos, "gcode")
         s_left = Signal.like(g_rec.code_len)
-        with m.If(g_go & g_rec.streamed):
+        with m.If(g_go_q & g_rec.streamed):
             m.d.sync += s_left.eq(g_rec.code_len)
         # Each source of code bytes (both are block RAM outputs, slow) writes its own
         # two-entry register FIFO, whose data inputs have no select in front of them;
@@ -264,6 +268,10 @@ class Accelerator(wiring.Component):
                      code_fifo.r_en.eq(g_rec.streamed & stream_q.w_rdy & (s_left != 0))]
         with m.If(code_fifo.r_rdy & code_fifo.r_en):
             m.d.sync += s_left.eq(s_left - 1)
+        # The unit reset (abort, fault, start) also ends both code sources' transfers:
+        # nothing left over from a stopped run reaches the FIFOs after their reset.
+        with m.If(unit_rst):
+            m.d.sync += s_left.eq(0)
         with m.If(g_rec.streamed):
             m.d.comb += [gen.i_codes.valid.eq(stream_q.r_rdy), gen.i_codes.payload.eq(stream_q.r_data),
                          stream_q.r_en.eq(gen.i_codes.ready)]
@@ -290,7 +298,7 @@ class Accelerator(wiring.Component):
                     m.d.comb += g_go.eq(1)
                     m.d.sync += g_st.eq(_Seq.DATA)
             with m.Case(_Seq.DATA):
-                with m.If(~g_more & (s_left == 0) & ~codes_left):
+                with m.If(~g_go_q & ~g_more & (s_left == 0) & ~codes_left):
                     m.d.sync += g_st.eq(_Seq.NEXT)
             with m.Case(_Seq.NEXT):
                 with m.If(g_idx + 1 >= n_layers):
@@ -310,7 +318,7 @@ class Accelerator(wiring.Component):
         const_w = channel_layout(cfg).size
         m.submodules.const_fifo = cfifo = in_unit(SyncFIFOBuffered(width=const_w, depth=2))
         _stream_words(m, consts_rd_eng, e_rec.const_addr, n_out, e_go,
-                      cfifo.w_en, cfifo.w_rdy, h_consts_load, s_pos >> cb_log, "const")
+                      cfifo.w_en, cfifo.w_rdy, h_consts_load | unit_rst, s_pos >> cb_log, "const")
         m.d.comb += [cfifo.w_data.eq(Value.cast(consts_rd_eng.data)[:const_w]),
                      eng.i_chan.payload.eq(cfifo.r_data), eng.i_chan.valid.eq(cfifo.r_rdy),
                      cfifo.r_en.eq(eng.i_chan.ready),
@@ -576,6 +584,18 @@ class Accelerator(wiring.Component):
         # A log entry is LOG_COUNTERS words of 8 bytes: byte address = (layer, word, byte).
         log_shift = 3 + (len(LOG_COUNTERS) - 1).bit_length()
         log_word = Signal(range(len(LOG_COUNTERS)))
+        # The read-back addresses come straight from registers: the identity's and the
+        # log's read ports have no other user, and the program port, which the engine
+        # sequencer addresses during a run, is handed to the host by a register that
+        # is set while a program read-back streams (such reads are refused during a
+        # run). These small memories are LUT RAM, read through their address.
+        prog_host = Signal()
+        m.d.sync += prog_host.eq((ex == _Ex.STREAM) & (src_sel == SRC_PROG))
+        m.d.comb += ident_rd.addr.eq(s_idx)
+        for rp in log_rds:
+            m.d.comb += rp.addr.eq(s_pos >> log_shift)
+        with m.If(prog_host):
+            m.d.comb += prog_rd_host.addr.eq(s_pos >> rb_log)
         s_data = Signal(8)
         s_more = Signal()
         status_word = Cat(state, Const(0, 8 - len(state)), status_err,
@@ -621,14 +641,6 @@ class Accelerator(wiring.Component):
                                      h_consts_load.eq(src_sel == SRC_CONSTS)]
                     with m.Case(_Rd.ADDR):
                         with m.If(s_more):
-                            m.d.comb += [ident_rd.addr.eq(s_idx), ident_rd.en.eq(1)]
-                            with m.Switch(src_sel):
-                                with m.Case(SRC_PROG):
-                                    m.d.comb += [prog_rd_host.addr.eq(s_pos >> rb_log),
-                                                 prog_rd_host.en.eq(1)]
-                                with m.Case(SRC_LOG):
-                                    for rp in log_rds:
-                                        m.d.comb += [rp.addr.eq(s_pos >> log_shift), rp.en.eq(1)]
                             m.d.sync += [sel_q.eq(s_idx), s_sel_byte.eq(s_pos[:8]),
                                          log_word.eq(s_pos[3:log_shift]),
                                          cidx.eq(s_idx >> 3), s_phase.eq(_Rd.CAPTURE)]

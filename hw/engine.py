@@ -273,14 +273,16 @@ class ConvEngine(wiring.Component):
         # ---- host transfers ------------------------------------------------------------
         h_write = Signal()
         h_buf = Signal.like(self.i_host.payload.buf)
-        h_chans = Signal.like(self.i_host.payload.channels)
         h_pixels = Signal.like(self.i_host.payload.pixels)
-        h_ch = Signal.like(h_chans)
+        h_ch = Signal.like(self.i_host.payload.channels)
         h_bank = Signal(range(R))
         h_base = Signal(addr_shape)
         h_pix = Signal(range(max_p + 1))
         h_more = Signal()
         h_addr = Signal(addr_shape)     # h_base + h_pix, kept up to date with them
+        # The last pixel and channel indices, so that the end tests are equalities.
+        h_pix_last = Signal.like(h_pixels)
+        h_ch_last = Signal.like(h_ch)
         # Host reads: bank read into the bank's read register (hw.memory), then the bank
         # select into a small FIFO. A read is issued only while the FIFO
         # has room for it and the reads in flight, so the pipeline never stalls.
@@ -289,7 +291,7 @@ class ConvEngine(wiring.Component):
         rd_b1, rd_b2 = Signal(range(R)), Signal(range(R))
         rd_room = Signal()
         m.d.comb += rd_room.eq(rd_fifo.level + rd_v1 + rd_v2 < rd_fifo.depth)
-        h_last = (h_pix == h_pixels - 1) & (h_ch == h_chans - 1)
+        h_last = (h_pix == h_pix_last) & (h_ch == h_ch_last)
         host_rd = (st == HOST) & ~h_write
         host_adv = Signal()
         m.d.comb += host_adv.eq(host_rd & h_more & rd_room)
@@ -297,7 +299,7 @@ class ConvEngine(wiring.Component):
         host_wr_fire = (st == HOST) & h_write & self.i_load.valid
 
         def host_step():
-            with m.If(h_pix != h_pixels - 1):
+            with m.If(h_pix != h_pix_last):
                 m.d.sync += [h_pix.eq(h_pix + 1), h_addr.eq(h_addr + 1)]
             with m.Else():
                 m.d.sync += [h_pix.eq(0), h_ch.eq(h_ch + 1)]
@@ -322,7 +324,8 @@ class ConvEngine(wiring.Component):
         m.d.sync += feed_start.eq(0)
         m.d.comb += feeder.start.eq(feed_start)
         desc_ok_r = Signal()
-        chk_ready = Signal()
+        layer_reset = Signal()      # the first cycle of CHECK
+        m.d.sync += layer_reset.eq(0)
         m.d.sync += desc_ok_r.eq(desc_ok)
 
         # ---- layer state ---------------------------------------------------------------
@@ -688,11 +691,12 @@ class ConvEngine(wiring.Component):
                 with m.If(turn):
                     m.d.sync += desc.eq(self.i_desc.payload)
                 with m.Else():
-                    m.d.sync += [h_write.eq(hp.write), h_buf.eq(hp.buf), h_chans.eq(hp.channels),
-                                 h_pixels.eq(hp.pixels), h_ch.eq(0), h_bank.eq(0), h_base.eq(0),
+                    m.d.sync += [h_write.eq(hp.write), h_buf.eq(hp.buf),
+                                 h_pixels.eq(hp.pixels), h_pix_last.eq(hp.pixels - 1),
+                                 h_ch_last.eq(hp.channels - 1), h_ch.eq(0), h_bank.eq(0), h_base.eq(0),
                                  h_pix.eq(0), h_addr.eq(0), h_more.eq(1)]
                 with m.If(self.i_desc.valid & turn):
-                    m.d.sync += [st.eq(CHECK), chk_ready.eq(0)]
+                    m.d.sync += [st.eq(CHECK), layer_reset.eq(1)]
                 with m.If(self.i_host.valid & ~turn):
                     with m.If((hp.channels != 0) & (hp.pixels != 0) & (hp.buf < NB)):
                         m.d.sync += st.eq(HOST)
@@ -712,37 +716,41 @@ class ConvEngine(wiring.Component):
                 with m.Elif(~h_more & ~rd_v1 & ~rd_v2 & (rd_fifo.level == 0)):
                     m.d.sync += st.eq(IDLE)
             with m.Case(CHECK):
-                m.d.sync += [self.cycles.eq(self.cycles + 1), chk_ready.eq(1)]
-                # The first check cycle resets the layer state (a function of two
-                # registers, whatever the descriptor), the second acts on the registered
-                # descriptor check: its comparisons and the wide reset never share a cycle.
-                with m.If(~chk_ready):
-                    # The counters restart (this cycle counts) and the error clears.
-                    m.d.sync += [c.eq(0) for c in counters[1:]]
-                    m.d.sync += [self.cycles.eq(1), error.eq(0)]
-                    m.d.sync += [
-                        wl_active.eq(~is_pool), stg_count.eq(0),
-                        xp.eq(0),
-                        loaded.eq(0), drain[0].eq(0), drain[1].eq(0), w_tap.eq(0),
-                        w_rows_left.eq(d.ci), w_cols_left.eq(d.co),
-                        half_busy.eq(0), half_full.eq(0), pool_free.eq(1), pool_ready.eq(0),
-                        pr_active.eq(1), pr_done.eq(0), pr_base.eq(0), pr_cg.eq(0), pr_gi.eq(0),
-                        pr_cbhw.eq(0), pr_j.eq(0), pr_p.eq(0), pr_half.eq(0), group_moved.eq(1),
-                        chan_cnt.eq(0), chan_open.eq(1), n_out_m1.eq(n_out - 1),
-                        c_lane.eq(0), c_addr.eq(0), vec_valid.eq(0),
-                        skid_valid.eq(0), res_is_src.eq(d.has_res & (d.res == d.src)),
-                    ]
-                    with m.Switch(d.k):
-                        for kk in KERNEL_SIZES:
-                            if kk <= cfg.max_k:
-                                with m.Case(kk):
-                                    m.d.sync += kk_m1.eq(kk * kk - 1)
-                with m.Elif(desc_ok_r):
-                    m.d.sync += [st.eq(LAYER), in_layer.eq(1), feed_start.eq(1)]
-                with m.Else():
-                    m.d.sync += [error.eq(error | ERR_DESCRIPTOR), self.done.eq(1), st.eq(IDLE)]
+                m.d.sync += self.cycles.eq(self.cycles + 1)
+                # The first check cycle resets the layer state (below), the second acts
+                # on the registered descriptor check: its comparisons and the wide reset
+                # never share a cycle.
+                with m.If(~layer_reset):
+                    with m.If(desc_ok_r):
+                        m.d.sync += [st.eq(LAYER), in_layer.eq(1), feed_start.eq(1)]
+                    with m.Else():
+                        m.d.sync += [error.eq(error | ERR_DESCRIPTOR), self.done.eq(1),
+                                     st.eq(IDLE)]
             with m.Case(LAYER):
                 m.d.sync += self.cycles.eq(self.cycles + 1)
                 with m.If(layer_end):
                     m.d.sync += [self.done.eq(1), st.eq(IDLE), in_layer.eq(0)]
+        # The layer reset: the first check cycle, from a register of its own (st fans out
+        # to the state logic only), after the state machine so that it takes precedence.
+        with m.If(layer_reset):
+            # The counters restart (this cycle counts) and the error clears.
+            m.d.sync += [c.eq(0) for c in counters[1:]]
+            m.d.sync += [self.cycles.eq(1), error.eq(0)]
+            m.d.sync += [
+                wl_active.eq(~is_pool), stg_count.eq(0),
+                xp.eq(0),
+                loaded.eq(0), drain[0].eq(0), drain[1].eq(0), w_tap.eq(0),
+                w_rows_left.eq(d.ci), w_cols_left.eq(d.co),
+                half_busy.eq(0), half_full.eq(0), pool_free.eq(1), pool_ready.eq(0),
+                pr_active.eq(1), pr_done.eq(0), pr_base.eq(0), pr_cg.eq(0), pr_gi.eq(0),
+                pr_cbhw.eq(0), pr_j.eq(0), pr_p.eq(0), pr_half.eq(0), group_moved.eq(1),
+                chan_cnt.eq(0), chan_open.eq(1), n_out_m1.eq(n_out - 1),
+                c_lane.eq(0), c_addr.eq(0), vec_valid.eq(0),
+                skid_valid.eq(0), res_is_src.eq(d.has_res & (d.res == d.src)),
+            ]
+            with m.Switch(d.k):
+                for kk in KERNEL_SIZES:
+                    if kk <= cfg.max_k:
+                        with m.Case(kk):
+                            m.d.sync += kk_m1.eq(kk * kk - 1)
         return m
