@@ -124,17 +124,136 @@ def tighten_clocks(text: str, scale: float) -> str:
     return text
 
 
+def _clocks(report: dict, top, margin_pct: float) -> tuple[dict, bool]:
+    """Achieved and requested clocks of a nextpnr report, and whether all are met.
+
+    The verdict is against the clock the bitstream runs at, not the tightened target:
+    the PLL's output clock was constrained at its frequency times the scale."""
+    scale = 1 + margin_pct / 100
+    clocks = {}
+    for name, v in report.get("fmax", {}).items():
+        target = v.get("constraint")
+        tightened = bool(margin_pct) and target is not None and \
+            abs(target - top.pll.f_out / 1e6 * scale) <= 1e-3 * target
+        clocks[name] = {"achieved_mhz": v.get("achieved"),
+                        "constraint_mhz": target / scale if tightened else target,
+                        "pnr_target_mhz": target}
+    passed = bool(clocks) and all((c["achieved_mhz"] or 0) >= (c["constraint_mhz"] or 0)
+                                  for c in clocks.values())
+    return clocks, passed
+
+
+def _link_inputs(src: Path, dst: Path, names) -> None:
+    for name in names:
+        target = dst / name
+        if target.exists() or target.is_symlink():
+            target.unlink()
+        try:
+            target.symlink_to(Path("..") / name)
+        except OSError:
+            shutil.copy2(src / name, target)
+
+
+class _PnrFailed(SynthError):
+    """Place and route of every seed of a sweep failed (the first failure's seed)."""
+    def __init__(self, seed, message):
+        super().__init__(message)
+        self.seed = seed
+
+
+def _sweep(seeds, jobs: int, cmd_of, out: Path, inputs, top, margin_pct: float,
+           progress: bool) -> tuple[int, list[dict]]:
+    """Place and route once per seed, ``jobs`` at a time, each in ``out/seed-N``; stop
+    at the first seed that meets the clock (the runs still going are stopped). Returns
+    the seed kept (met, else the fastest) and one entry per seed."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc=f"nextpnr seeds {','.join(map(str, seeds))}", total=len(seeds),
+                   bar_format="{desc}: {n}/{total} done, {elapsed}", leave=False)
+    pending = list(seeds)
+    running = {}
+    results = {s: {"seed": s, "status": "not run"} for s in seeds}
+    failure = None
+    met = False
+    while running or (pending and not met and failure is None):
+        while pending and len(running) < jobs and not met and failure is None:
+            s = pending.pop(0)
+            d = out / f"seed-{s}"
+            d.mkdir(exist_ok=True)
+            _link_inputs(out, d, inputs)
+            log = open(d / "nextpnr.log", "w")
+            proc = subprocess.Popen(cmd_of(s), cwd=d, stdout=log, stderr=subprocess.STDOUT)
+            running[s] = (proc, log, time.monotonic())
+        time.sleep(0.5)
+        if bar:
+            bar.refresh()
+        for s, (proc, log, t0) in list(running.items()):
+            if proc.poll() is None:
+                if met or failure is not None:
+                    proc.terminate()
+                    proc.wait()
+                    log.close()
+                    del running[s]
+                    results[s].update(status="stopped", seconds=time.monotonic() - t0)
+                continue
+            log.close()
+            del running[s]
+            entry = results[s]
+            entry["seconds"] = time.monotonic() - t0
+            if bar:
+                bar.update(1)
+            if proc.returncode:
+                entry["status"] = f"failed (exit {proc.returncode})"
+                failure = failure or (s, proc.returncode)
+                continue
+            rep = json.loads((out / f"seed-{s}" / f"{NAME}.report.json").read_text())
+            clocks, passed = _clocks(rep, top, margin_pct)
+            entry.update(status="met" if passed else "missed", timing_met=passed,
+                         achieved_mhz={k: c["achieved_mhz"] for k, c in clocks.items()},
+                         slowest_ratio=min(((c["achieved_mhz"] or 0) / c["constraint_mhz"]
+                                            for c in clocks.values() if c["constraint_mhz"]),
+                                           default=0.0))
+            met = met or passed
+    if bar:
+        bar.close()
+    done = [r for r in results.values() if "slowest_ratio" in r]
+    if not done:
+        s, code = failure
+        log = out / f"seed-{s}" / "nextpnr.log"
+        raise _PnrFailed(s, f"nextpnr place and route failed (exit {code}); see {log}")
+    best = max(done, key=lambda r: (r["timing_met"], r["slowest_ratio"]))
+    for f in (out / f"seed-{best['seed']}").iterdir():
+        if not f.is_symlink():
+            shutil.copy2(f, out / f.name)
+    return best["seed"], [results[s] for s in seeds]
+
+
+def _seeds(seed) -> list[int]:
+    seeds = [seed] if isinstance(seed, int) else list(seed)
+    if not seeds or any(not isinstance(s, int) or s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise SynthError(f"nextpnr seeds {seed!r}: accepted one or more distinct integers >= 0")
+    return seeds
+
+
 def synthesize(config: AcceleratorConfig, board: str, freq_mhz: float, out_dir,
-               *, progress: bool = False, seed: int = 1, pnr_args=(),
-               margin_pct: float = 0.0) -> dict:
+               *, progress: bool = False, seed=1, pnr_args=(),
+               margin_pct: float = 0.0, jobs: int = 1) -> dict:
     """Build the bitstream of ``config`` for ``board`` at ``freq_mhz`` into ``out_dir``.
 
     ``seed`` and ``pnr_args`` (extra nextpnr options) are passed to place and route and
-    recorded in the report. ``margin_pct`` tightens the clock constraint that place and
-    route works towards by that many percent; the clock and the pass/fail verdict stay
-    at ``freq_mhz``."""
+    recorded in the report. ``seed`` may also be a list: place and route then runs once
+    per seed, ``jobs`` runs at a time, each in ``out_dir/seed-N``, until one meets the
+    clock; the bitstream and the report are of that seed (or of the fastest if none
+    does), and the report's ``sweep`` lists every seed. ``margin_pct`` tightens the
+    clock constraint that place and route works towards by that many percent; the
+    clock and the pass/fail verdict stay at ``freq_mhz``."""
     if not 0.0 <= margin_pct <= 50.0:
         raise SynthError(f"timing margin {margin_pct:g}% out of range; accepted: 0 to 50 percent")
+    seeds = _seeds(seed)
+    if not isinstance(jobs, int) or jobs < 1:
+        raise SynthError(f"parallel place and route runs {jobs!r}: accepted an integer >= 1")
     extra = list(pnr_args)
     for a in extra:
         if a in ("--json", "--report", "--sdf", "--seed", "--textcfg", "--asc", "--lpf", "--pcf"):
@@ -147,8 +266,9 @@ def synthesize(config: AcceleratorConfig, board: str, freq_mhz: float, out_dir,
     out.mkdir(parents=True, exist_ok=True)
     top, plan = build_plan(config, board, freq_mhz)
     plan.extract(str(out))
+    pins_name = f"{NAME}.{'lpf' if b.family == 'ecp5' else 'pcf'}"
     if margin_pct:
-        pins = out / f"{NAME}.{'lpf' if b.family == 'ecp5' else 'pcf'}"
+        pins = out / pins_name
         pins.write_text(tighten_clocks(pins.read_text(), 1 + margin_pct / 100))
     tools = {k: _tool(v) for k, v in TOOLS[b.family].items()}
     script = (out / f"build_{NAME}.sh").read_text()
@@ -160,15 +280,27 @@ def synthesize(config: AcceleratorConfig, board: str, freq_mhz: float, out_dir,
                           out / "yosys.log", "yosys synthesis", progress)
     pnr = "NEXTPNR_ECP5" if b.family == "ecp5" else "NEXTPNR_ICE40"
     report_path = out / f"{NAME}.report.json"
+
+    def pnr_cmd(s):
+        return [tools[pnr], *script_args, "--report", report_path.name, "--seed", str(s),
+                "--timing-allow-fail", "--sdf", f"{NAME}.sdf", *extra]
+
+    sweep = None
     try:
-        steps["nextpnr"] = _run([tools[pnr], *script_args, "--report", report_path.name, "--seed",
-                                 str(seed), "--timing-allow-fail", "--sdf", f"{NAME}.sdf",
-                                 *extra],
-                                out, out / "nextpnr.log",
-                                "nextpnr place and route", progress)
+        if len(seeds) == 1:
+            steps["nextpnr"] = _run(pnr_cmd(seeds[0]), out, out / "nextpnr.log",
+                                    "nextpnr place and route", progress)
+            chosen = seeds[0]
+        else:
+            t0 = time.monotonic()
+            inputs = [script_args[i + 1] for i, a in enumerate(script_args[:-1])
+                      if a in ("--json", "--lpf", "--pcf", "--pre-pack", "--pre-place", "--sdc")]
+            chosen, sweep = _sweep(seeds, jobs, pnr_cmd, out, inputs, top, margin_pct, progress)
+            steps["nextpnr"] = time.monotonic() - t0
     except SynthError as e:
-        text = (out / f"{NAME}.tim").read_text() if (out / f"{NAME}.tim").exists() else ""
-        text += (out / "nextpnr.log").read_text()
+        where = out / f"seed-{e.seed}" if isinstance(e, _PnrFailed) else out
+        text = (where / f"{NAME}.tim").read_text() if (where / f"{NAME}.tim").exists() else ""
+        text += (where / "nextpnr.log").read_text()
         table = _utilisation_table(text)
         over = _over_capacity(table)
         if over:
@@ -191,19 +323,7 @@ def synthesize(config: AcceleratorConfig, board: str, freq_mhz: float, out_dir,
     for label, key in RESOURCES[b.family].items():
         if key in util:
             resources[label] = {"used": util[key]["used"], "available": util[key]["available"]}
-    # The verdict is against the clock the bitstream runs at, not the tightened target:
-    # the PLL's output clock was constrained at its frequency times the scale.
-    scale = 1 + margin_pct / 100
-    clocks = {}
-    for name, v in rep.get("fmax", {}).items():
-        target = v.get("constraint")
-        tightened = bool(margin_pct) and target is not None and \
-            abs(target - top.pll.f_out / 1e6 * scale) <= 1e-3 * target
-        clocks[name] = {"achieved_mhz": v.get("achieved"),
-                        "constraint_mhz": target / scale if tightened else target,
-                        "pnr_target_mhz": target}
-    passed = bool(clocks) and all((c["achieved_mhz"] or 0) >= (c["constraint_mhz"] or 0)
-                                  for c in clocks.values())
+    clocks, passed = _clocks(rep, top, margin_pct)
     # Which signals miss the clock and by how much, not only the worst path.
     try:
         slack = sta.report(out / f"{NAME}.sdf", freq_mhz, top=15)
@@ -213,7 +333,8 @@ def synthesize(config: AcceleratorConfig, board: str, freq_mhz: float, out_dir,
         "board": board, "device": b.device, "requested_mhz": freq_mhz,
         "array": f"{config.rows}x{config.cols}", "config_hash": config.hash_hex,
         "clocks": clocks, "timing_met": passed, "resources": resources,
-        "seed": seed, "pnr_args": extra, "margin_pct": margin_pct,
+        "seed": chosen, "pnr_args": extra, "margin_pct": margin_pct,
+        **({"sweep": sweep} if sweep is not None else {}),
         "bitstream": str(bit), "seconds": steps, "total_seconds": sum(steps.values()),
         "slack": slack,
     }
@@ -236,6 +357,10 @@ def format_synth_report(r: dict) -> str:
                   for g in slack["groups"][:10]]
     elif "error" in slack:
         lines.append(f"  endpoint slack not analysed: {slack['error']}")
+    for run in r.get("sweep", []):
+        got = ", ".join(f"{v:.1f} MHz" for v in run.get("achieved_mhz", {}).values())
+        took = f", {run['seconds']:.0f} s" if "seconds" in run else ""
+        lines.append(f"  seed {run['seed']}: {run['status']}" + (f" ({got})" if got else "") + took)
     lines.append(f"  nextpnr seed {r.get('seed', 1)}"
                  + (f", constraint tightened by {r['margin_pct']:g}%" if r.get("margin_pct") else "")
                  + (f", options {' '.join(r['pnr_args'])}" if r.get("pnr_args") else ""))

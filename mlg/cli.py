@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -311,6 +312,27 @@ def cmd_run(args) -> int:
     return _run_on(args.port, args, config, program, {"port": args.port, **_build_rows(args.build)})
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed list {text!r}: accepted integers separated "
+                                         f"by commas, e.g. 1,2,3") from None
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seed list {text!r}: accepted distinct integers >= 0")
+    return seeds
+
+
+def _jobs(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: accepted a whole number of runs >= 1")
+    return n
+
+
 def cmd_synth(args) -> int:
     from hw.synth import format_synth_report, synthesize
 
@@ -320,7 +342,9 @@ def cmd_synth(args) -> int:
     out = Path(args.out) if args.out else Path(args.build) / f"synth-{args.board}"
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     log(f"synthesizing {args.build} for {args.board} at {args.freq:g} MHz into {out} ...")
-    report = synthesize(config, args.board, args.freq, out, seed=args.seed,
+    jobs = args.jobs or max(1, min(len(args.seed), os.cpu_count() or 1))
+    report = synthesize(config, args.board, args.freq, out,
+                        seed=args.seed[0] if len(args.seed) == 1 else args.seed, jobs=jobs,
                         pnr_args=shlex.split(args.pnr_args), margin_pct=args.margin,
                         progress=not args.json and sys.stderr.isatty())
     (out / "synth_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -419,7 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--freq", type=float, default=None,
                     help="clock in MHz (default 100 on ulx3s-85f, 30 on icebreaker)")
     sy.add_argument("--out", help="output folder (default BUILD/synth-BOARD)")
-    sy.add_argument("--seed", type=int, default=1, help="nextpnr placement seed (default 1)")
+    sy.add_argument("--seed", type=_seed_list, default=[1], metavar="N[,N...]",
+                    help="nextpnr placement seed (default 1); with a list, place and route "
+                         "runs per seed until one meets the clock and keeps that one")
+    sy.add_argument("--jobs", type=_jobs, default=None,
+                    help="place and route runs at a time in a seed sweep (default: the "
+                         "number of seeds, at most the number of CPUs)")
     sy.add_argument("--pnr-args", default="",
                     help="extra nextpnr options, e.g. '--placer-heap-timingweight 30' or "
                          "'--router router2 --tmg-ripup'")

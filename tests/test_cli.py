@@ -100,6 +100,17 @@ def test_bad_input_gives_clear_error(tmp_path, capsys, args, needle):
     assert code == 2 and needle in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["--seed", "1,x"], "--seed: seed list '1,x': accepted integers separated by commas"),
+    (["--seed", "2,2"], "--seed: seed list '2,2': accepted distinct integers"),
+    (["--seed", "1,2", "--jobs", "0"], "--jobs: '0': accepted a whole number of runs >= 1"),
+])
+def test_synth_refuses_bad_seeds_and_jobs(tmp_path, capsys, args, needle):
+    with pytest.raises(SystemExit) as e:
+        main(["synth", str(tmp_path), "--board", "ulx3s-85f", *args])
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
 def test_compile_rejects_array_out_of_range(quick_model, tmp_path, capsys):
     assert main(["compile", str(quick_model), "--out", str(tmp_path / "o"), "--rows", "1"]) == 2
     assert "rows = 1" in capsys.readouterr().err

@@ -140,3 +140,75 @@ def test_extra_nextpnr_options_may_not_override_the_flow(opt, tmp_path):
     with pytest.raises(SynthError, match=f"nextpnr option {opt} is set by the flow"):
         synthesize(SMOKE, "ulx3s-85f", 25, tmp_path, pnr_args=["--placer-heap-timingweight", "30", opt, "x"])
     assert not any(tmp_path.iterdir())
+
+
+# A stand-in for nextpnr in the seed-sweep tests: after a delay it writes the report
+# with the Fmax given for its seed and a placed-design file naming the seed, or fails.
+_FAKE_PNR = """
+import json, sys, time
+seed, fmax, delay, code = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+open("mlg_top.json").read()   # the netlist is reachable from the seed's folder
+time.sleep(delay)
+if code:
+    print("ERROR: no placement for seed", seed)
+    raise SystemExit(code)
+open("mlg_top.config", "w").write(f"placed with seed {seed}")
+json.dump({"fmax": {"clk": {"achieved": fmax, "constraint": 100.0}}}, open("mlg_top.report.json", "w"))
+"""
+
+
+def _fake_sweep(tmp_path, plan, jobs):
+    """Run _sweep over seeds -> (fmax, delay, exit code) with the stand-in nextpnr."""
+    import sys
+
+    from hw.synth import _sweep
+
+    (tmp_path / "mlg_top.json").write_text("{}")
+    (tmp_path / "mlg_top.config").write_text("stale")
+
+    def cmd(s):
+        fmax, delay, code = plan[s]
+        return [sys.executable, "-c", _FAKE_PNR, str(s), str(fmax), str(delay), str(code)]
+
+    return _sweep(list(plan), jobs, cmd, tmp_path, ["mlg_top.json"], None, 0.0, False)
+
+
+def test_a_seed_sweep_stops_at_the_first_seed_that_meets_the_clock(tmp_path):
+    chosen, runs = _fake_sweep(tmp_path, {1: (90.0, 0, 0), 2: (101.0, 0, 0), 3: (120.0, 0, 0)}, jobs=1)
+    assert chosen == 2
+    assert [(r["seed"], r["status"]) for r in runs] == [(1, "missed"), (2, "met"), (3, "not run")]
+    assert runs[0]["achieved_mhz"] == {"clk": 90.0}
+    # The kept seed's results replace those in the output folder.
+    assert (tmp_path / "mlg_top.config").read_text() == "placed with seed 2"
+    assert (tmp_path / "seed-1" / "mlg_top.config").read_text() == "placed with seed 1"
+    assert (tmp_path / "mlg_top.json").read_text() == "{}"
+
+
+def test_a_seed_sweep_stops_the_runs_still_going_once_one_meets_the_clock(tmp_path):
+    chosen, runs = _fake_sweep(tmp_path, {1: (95.0, 60, 0), 2: (105.0, 0, 0)}, jobs=2)
+    assert chosen == 2
+    assert [(r["seed"], r["status"]) for r in runs] == [(1, "stopped"), (2, "met")]
+    assert runs[0]["seconds"] < 30
+
+
+def test_a_seed_sweep_that_misses_keeps_the_fastest_seed(tmp_path):
+    chosen, runs = _fake_sweep(tmp_path, {4: (91.0, 0, 0), 5: (97.5, 0, 0), 6: (0, 0, 2)}, jobs=2)
+    assert chosen == 5
+    assert [(r["seed"], r["status"]) for r in runs] == [(4, "missed"), (5, "missed"),
+                                                        (6, "failed (exit 2)")]
+    assert (tmp_path / "mlg_top.config").read_text() == "placed with seed 5"
+
+
+def test_a_seed_sweep_where_every_run_fails_names_the_log(tmp_path):
+    from hw.synth import SynthError
+
+    with pytest.raises(SynthError, match=r"failed \(exit 3\); see .*seed-7/nextpnr.log"):
+        _fake_sweep(tmp_path, {7: (0, 0, 3), 8: (0, 0, 3)}, jobs=1)
+
+
+@pytest.mark.parametrize("seeds", [[], [1, 1], [-1], ["2"]])
+def test_seed_lists_are_checked(seeds, tmp_path):
+    from hw.synth import SynthError, synthesize
+
+    with pytest.raises(SynthError, match="nextpnr seeds"):
+        synthesize(SMOKE, "ulx3s-85f", 25, tmp_path, seed=seeds)
