@@ -13,6 +13,7 @@ with the utilisation table nextpnr printed.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -144,12 +145,15 @@ def _clocks(report: dict, top, margin_pct: float) -> tuple[dict, bool]:
 
 
 def _link_inputs(src: Path, dst: Path, names) -> None:
+    """The input files of place and route, hard-linked (else copied) into ``dst``: the
+    WebAssembly tools open files below their working folder only, not through
+    symbolic links that leave it."""
     for name in names:
         target = dst / name
         if target.exists() or target.is_symlink():
             target.unlink()
         try:
-            target.symlink_to(Path("..") / name)
+            os.link(src / name, target)
         except OSError:
             shutil.copy2(src / name, target)
 
@@ -225,7 +229,7 @@ def _sweep(seeds, jobs: int, cmd_of, out: Path, inputs, top, margin_pct: float,
         raise _PnrFailed(s, f"nextpnr place and route failed (exit {code}); see {log}")
     best = max(done, key=lambda r: (r["timing_met"], r["slowest_ratio"]))
     for f in (out / f"seed-{best['seed']}").iterdir():
-        if not f.is_symlink():
+        if f.name not in inputs:
             shutil.copy2(f, out / f.name)
     return best["seed"], [results[s] for s in seeds]
 
