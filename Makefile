@@ -69,10 +69,11 @@ bench: $(BUILD)/digits.pt
 formal: $(SYNTH_STAMP)
 	MLG_LONG=1 $(PY) -m hw.formal
 
-# Bitstream and report of the digits build: make synth BOARD=ulx3s-85f|icebreaker [FREQ=MHz] [MARGIN=PCT] [SEED=N]
+# Bitstream and report of the digits build:
+#   make synth BOARD=ulx3s-85f|icebreaker [FREQ=MHz] [MARGIN=PCT] [SEED=N[,N...]] [PNR_TIMEOUT=MIN]
 BOARD   ?= ulx3s-85f
 synth: compile $(SYNTH_STAMP)
-	$(MLG) synth $(BUILD)/digits --board $(BOARD) $(if $(FREQ),--freq $(FREQ)) $(if $(MARGIN),--margin $(MARGIN)) $(if $(SEED),--seed $(SEED))
+	$(MLG) synth $(BUILD)/digits --board $(BOARD) $(if $(FREQ),--freq $(FREQ)) $(if $(MARGIN),--margin $(MARGIN)) $(if $(SEED),--seed $(SEED)) $(if $(PNR_TIMEOUT),--pnr-timeout $(PNR_TIMEOUT))
 
 test: $(SYNTH_STAMP) iverilog
 	$(PY) -m pytest -q -n 2 tests

@@ -46,7 +46,11 @@ NAME = "mlg_top"
 
 
 class SynthError(RuntimeError):
-    """A tool is missing, failed, or the design does not fit the device."""
+    """A tool is missing, failed, ran out of time, or the design does not fit the device."""
+
+
+class _TimedOut(SynthError):
+    """A tool step was stopped at its time limit."""
 
 
 def _tool(name: str) -> str:
@@ -58,7 +62,13 @@ def _tool(name: str) -> str:
                      "(pip install -e '.[synth]')")
 
 
-def _run(cmd: list[str], cwd: Path, log: Path, step: str, progress: bool) -> float:
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
+
+
+def _run(cmd: list[str], cwd: Path, log: Path, step: str, progress: bool,
+         timeout: float | None = None) -> float:
+    """Run one tool step, its output into ``log``; stop it after ``timeout`` seconds."""
     t0 = time.monotonic()
     bar = None
     if progress:
@@ -71,6 +81,13 @@ def _run(cmd: list[str], cwd: Path, log: Path, step: str, progress: bool) -> flo
             time.sleep(0.5)
             if bar:
                 bar.refresh()
+            if timeout is not None and time.monotonic() - t0 > timeout:
+                proc.terminate()
+                proc.wait()
+                if bar:
+                    bar.close()
+                raise _TimedOut(f"{step} stopped at its time limit of {_minutes(timeout)}; "
+                                f"see {log}")
     if bar:
         bar.close()
     if proc.returncode:
@@ -166,10 +183,12 @@ class _PnrFailed(SynthError):
 
 
 def _sweep(seeds, jobs: int, cmd_of, out: Path, inputs, top, margin_pct: float,
-           progress: bool) -> tuple[int, list[dict]]:
+           progress: bool, timeout: float | None = None) -> tuple[int, list[dict]]:
     """Place and route once per seed, ``jobs`` at a time, each in ``out/seed-N``; stop
-    at the first seed that meets the clock (the runs still going are stopped). Returns
-    the seed kept (met, else the fastest) and one entry per seed."""
+    at the first seed that meets the clock (the runs still going are stopped). A run
+    that goes on for longer than ``timeout`` seconds is stopped and the sweep goes on
+    with the next seed. Returns the seed kept (met, else the fastest) and one entry
+    per seed."""
     bar = None
     if progress:
         from tqdm import tqdm
@@ -195,12 +214,16 @@ def _sweep(seeds, jobs: int, cmd_of, out: Path, inputs, top, margin_pct: float,
             bar.refresh()
         for s, (proc, log, t0) in list(running.items()):
             if proc.poll() is None:
-                if met or failure is not None:
+                late = timeout is not None and time.monotonic() - t0 > timeout
+                if met or failure is not None or late:
                     proc.terminate()
                     proc.wait()
                     log.close()
                     del running[s]
-                    results[s].update(status="stopped", seconds=time.monotonic() - t0)
+                    results[s].update(status="timed out" if late else "stopped",
+                                      seconds=time.monotonic() - t0)
+                    if late and bar:
+                        bar.update(1)
                 continue
             log.close()
             del running[s]
@@ -224,6 +247,11 @@ def _sweep(seeds, jobs: int, cmd_of, out: Path, inputs, top, margin_pct: float,
         bar.close()
     done = [r for r in results.values() if "slowest_ratio" in r]
     if not done:
+        if failure is None:
+            late = [r["seed"] for r in results.values() if r["status"] == "timed out"]
+            log = out / f"seed-{late[0]}" / "nextpnr.log"
+            raise _TimedOut(f"nextpnr place and route of every seed ({', '.join(map(str, late))}) "
+                            f"stopped at its time limit of {_minutes(timeout)}; see {log}")
         s, code = failure
         log = out / f"seed-{s}" / "nextpnr.log"
         raise _PnrFailed(s, f"nextpnr place and route failed (exit {code}); see {log}")
@@ -243,7 +271,7 @@ def _seeds(seed) -> list[int]:
 
 def synthesize(config: AcceleratorConfig, board: str, freq_mhz: float, out_dir,
                *, progress: bool = False, seed=1, pnr_args=(),
-               margin_pct: float = 0.0, jobs: int = 1) -> dict:
+               margin_pct: float = 0.0, jobs: int = 1, pnr_timeout: float | None = None) -> dict:
     """Build the bitstream of ``config`` for ``board`` at ``freq_mhz`` into ``out_dir``.
 
     ``seed`` and ``pnr_args`` (extra nextpnr options) are passed to place and route and
@@ -252,12 +280,17 @@ def synthesize(config: AcceleratorConfig, board: str, freq_mhz: float, out_dir,
     clock; the bitstream and the report are of that seed (or of the fastest if none
     does), and the report's ``sweep`` lists every seed. ``margin_pct`` tightens the
     clock constraint that place and route works towards by that many percent; the
-    clock and the pass/fail verdict stay at ``freq_mhz``."""
+    clock and the pass/fail verdict stay at ``freq_mhz``. ``pnr_timeout`` (seconds) stops
+    a place and route run that takes longer (a router stuck in congestion); a sweep then
+    goes on with its next seed."""
     if not 0.0 <= margin_pct <= 50.0:
         raise SynthError(f"timing margin {margin_pct:g}% out of range; accepted: 0 to 50 percent")
     seeds = _seeds(seed)
     if not isinstance(jobs, int) or jobs < 1:
         raise SynthError(f"parallel place and route runs {jobs!r}: accepted an integer >= 1")
+    if pnr_timeout is not None and not pnr_timeout > 0:
+        raise SynthError(f"place and route time limit {pnr_timeout!r} s: accepted a number "
+                         f"of seconds > 0")
     extra = list(pnr_args)
     for a in extra:
         if a in ("--json", "--report", "--sdf", "--seed", "--textcfg", "--asc", "--lpf", "--pcf"):
@@ -293,14 +326,18 @@ def synthesize(config: AcceleratorConfig, board: str, freq_mhz: float, out_dir,
     try:
         if len(seeds) == 1:
             steps["nextpnr"] = _run(pnr_cmd(seeds[0]), out, out / "nextpnr.log",
-                                    "nextpnr place and route", progress)
+                                    "nextpnr place and route", progress, pnr_timeout)
             chosen = seeds[0]
         else:
             t0 = time.monotonic()
             inputs = [script_args[i + 1] for i, a in enumerate(script_args[:-1])
                       if a in ("--json", "--lpf", "--pcf", "--pre-pack", "--pre-place", "--sdc")]
-            chosen, sweep = _sweep(seeds, jobs, pnr_cmd, out, inputs, top, margin_pct, progress)
+            chosen, sweep = _sweep(seeds, jobs, pnr_cmd, out, inputs, top, margin_pct, progress,
+                                   pnr_timeout)
             steps["nextpnr"] = time.monotonic() - t0
+    except _TimedOut as e:
+        raise SynthError(f"{e}. Try other seeds (--seed 1,2,3), a lower clock or a longer "
+                         f"time limit") from None
     except SynthError as e:
         where = out / f"seed-{e.seed}" if isinstance(e, _PnrFailed) else out
         text = (where / f"{NAME}.tim").read_text() if (where / f"{NAME}.tim").exists() else ""
@@ -338,6 +375,7 @@ def synthesize(config: AcceleratorConfig, board: str, freq_mhz: float, out_dir,
         "array": f"{config.rows}x{config.cols}", "config_hash": config.hash_hex,
         "clocks": clocks, "timing_met": passed, "resources": resources,
         "seed": chosen, "pnr_args": extra, "margin_pct": margin_pct,
+        "pnr_timeout_s": pnr_timeout,
         **({"sweep": sweep} if sweep is not None else {}),
         "bitstream": str(bit), "seconds": steps, "total_seconds": sum(steps.values()),
         "slack": slack,

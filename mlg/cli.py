@@ -333,6 +333,16 @@ def _jobs(text: str) -> int:
     return n
 
 
+def _minutes_arg(text: str) -> float:
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = 0.0
+    if not minutes > 0 or minutes == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: accepted a number of minutes > 0, e.g. 30")
+    return minutes
+
+
 def cmd_synth(args) -> int:
     from hw.synth import format_synth_report, synthesize
 
@@ -346,6 +356,7 @@ def cmd_synth(args) -> int:
     report = synthesize(config, args.board, args.freq, out,
                         seed=args.seed[0] if len(args.seed) == 1 else args.seed, jobs=jobs,
                         pnr_args=shlex.split(args.pnr_args), margin_pct=args.margin,
+                        pnr_timeout=args.pnr_timeout * 60 if args.pnr_timeout else None,
                         progress=not args.json and sys.stderr.isatty())
     (out / "synth_report.json").write_text(json.dumps(report, indent=2) + "\n")
     if args.json:
@@ -452,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--pnr-args", default="",
                     help="extra nextpnr options, e.g. '--placer-heap-timingweight 30' or "
                          "'--router router2 --tmg-ripup'")
+    sy.add_argument("--pnr-timeout", type=_minutes_arg, default=None, metavar="MIN",
+                    help="stop a place and route run after MIN minutes (a router stuck in "
+                         "congestion); a seed sweep goes on with its next seed")
     sy.add_argument("--margin", type=float, default=0.0, metavar="PCT",
                     help="tighten the clock constraint given to place and route by PCT "
                          "percent (0 to 50); the clock and the verdict stay at --freq")

@@ -104,6 +104,8 @@ def test_bad_input_gives_clear_error(tmp_path, capsys, args, needle):
     (["--seed", "1,x"], "--seed: seed list '1,x': accepted integers separated by commas"),
     (["--seed", "2,2"], "--seed: seed list '2,2': accepted distinct integers"),
     (["--seed", "1,2", "--jobs", "0"], "--jobs: '0': accepted a whole number of runs >= 1"),
+    (["--pnr-timeout", "0"], "--pnr-timeout: '0': accepted a number of minutes > 0"),
+    (["--pnr-timeout", "soon"], "--pnr-timeout: 'soon': accepted a number of minutes > 0"),
 ])
 def test_synth_refuses_bad_seeds_and_jobs(tmp_path, capsys, args, needle):
     with pytest.raises(SystemExit) as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import time
 
 import pytest
 
@@ -157,7 +158,7 @@ json.dump({"fmax": {"clk": {"achieved": fmax, "constraint": 100.0}}}, open("mlg_
 """
 
 
-def _fake_sweep(tmp_path, plan, jobs):
+def _fake_sweep(tmp_path, plan, jobs, timeout=None):
     """Run _sweep over seeds -> (fmax, delay, exit code) with the stand-in nextpnr."""
     import sys
 
@@ -170,7 +171,7 @@ def _fake_sweep(tmp_path, plan, jobs):
         fmax, delay, code = plan[s]
         return [sys.executable, "-c", _FAKE_PNR, str(s), str(fmax), str(delay), str(code)]
 
-    return _sweep(list(plan), jobs, cmd, tmp_path, ["mlg_top.json"], None, 0.0, False)
+    return _sweep(list(plan), jobs, cmd, tmp_path, ["mlg_top.json"], None, 0.0, False, timeout)
 
 
 def test_a_seed_sweep_stops_at_the_first_seed_that_meets_the_clock(tmp_path):
@@ -206,6 +207,44 @@ def test_a_seed_sweep_where_every_run_fails_names_the_log(tmp_path):
 
     with pytest.raises(SynthError, match=r"failed \(exit 3\); see .*seed-7/nextpnr.log"):
         _fake_sweep(tmp_path, {7: (0, 0, 3), 8: (0, 0, 3)}, jobs=1)
+
+
+def test_a_seed_sweep_stops_a_run_at_the_time_limit_and_goes_on(tmp_path):
+    chosen, runs = _fake_sweep(tmp_path, {1: (120.0, 60, 0), 2: (95.0, 0, 0), 3: (101.0, 0, 0)},
+                               jobs=1, timeout=2.0)
+    assert chosen == 3
+    assert [(r["seed"], r["status"]) for r in runs] == [(1, "timed out"), (2, "missed"), (3, "met")]
+    assert 2.0 < runs[0]["seconds"] < 30
+    assert (tmp_path / "mlg_top.config").read_text() == "placed with seed 3"
+
+
+def test_a_seed_sweep_where_every_run_times_out_says_so(tmp_path):
+    from hw.synth import SynthError
+
+    with pytest.raises(SynthError, match=r"every seed \(4, 5\) stopped at its time limit "
+                                         r"of 1 s; see .*seed-4/nextpnr.log"):
+        _fake_sweep(tmp_path, {4: (120.0, 60, 0), 5: (120.0, 60, 0)}, jobs=2, timeout=1.0)
+
+
+def test_a_tool_step_is_stopped_at_its_time_limit(tmp_path):
+    import sys
+
+    from hw.synth import SynthError, _run
+
+    t0 = time.monotonic()
+    with pytest.raises(SynthError, match=r"nextpnr stopped at its time limit of 1 s; see .*n\.log"):
+        _run([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path, tmp_path / "n.log",
+             "nextpnr", False, timeout=1.0)
+    assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.parametrize("limit", [0, -5.0, float("nan")])
+def test_a_bad_time_limit_is_refused(limit, tmp_path):
+    from hw.synth import SynthError, synthesize
+
+    with pytest.raises(SynthError, match="place and route time limit"):
+        synthesize(SMOKE, "ulx3s-85f", 25, tmp_path, pnr_timeout=limit)
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("seeds", [[], [1, 1], [-1], ["2"]])
