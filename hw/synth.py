@@ -66,9 +66,34 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """End a tool that is still running and reap it (killed if it ignores the request)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _exit_text(code: int) -> str:
+    return f"exit {code}" if code >= 0 else f"killed by signal {-code}"
+
+
+def _last_error(*files: Path) -> str:
+    """': ERROR: ...', the last error line the tools wrote to ``files``, or ''."""
+    errors = []
+    for f in files:
+        if f.exists():
+            errors += re.findall(r"^ERROR: .*$", f.read_text(errors="replace"), re.M)
+    return f": {errors[-1]}" if errors else ""
+
+
 def _run(cmd: list[str], cwd: Path, log: Path, step: str, progress: bool,
          timeout: float | None = None) -> float:
-    """Run one tool step, its output into ``log``; stop it after ``timeout`` seconds."""
+    """Run one tool step, its output into ``log``; stop it after ``timeout`` seconds.
+    The tool never outlives the call (an error or an interrupt stops it too)."""
     t0 = time.monotonic()
     bar = None
     if progress:
@@ -77,28 +102,22 @@ def _run(cmd: list[str], cwd: Path, log: Path, step: str, progress: bool,
         bar = tqdm(desc=step, bar_format="{desc}: {elapsed}", leave=False)
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
-        while proc.poll() is None:
-            time.sleep(0.5)
-            if bar:
-                bar.refresh()
-            if timeout is not None and time.monotonic() - t0 > timeout:
-                proc.terminate()
-                proc.wait()
+        try:
+            while proc.poll() is None:
+                time.sleep(0.5)
                 if bar:
-                    bar.close()
-                raise _TimedOut(f"{step} stopped at its time limit of {_minutes(timeout)}; "
-                                f"see {log}")
-    if bar:
-        bar.close()
+                    bar.refresh()
+                if timeout is not None and proc.poll() is None and time.monotonic() - t0 > timeout:
+                    raise _TimedOut(f"{step} stopped at its time limit of {_minutes(timeout)}; "
+                                    f"see {log}")
+        finally:
+            _stop(proc)
+            if bar:
+                bar.close()
     if proc.returncode:
         # Yosys logs to the report file (-l) and stays quiet on stdout: look in both.
-        errors = []
-        for f in (log, cwd / f"{NAME}.rpt"):
-            if not f.exists():
-                continue
-            errors += re.findall(r"^ERROR: .*$", f.read_text(errors="replace"), re.M)
-        why = f": {errors[-1]}" if errors else ""
-        raise SynthError(f"{step} failed (exit {proc.returncode}){why}; see {log}")
+        why = _last_error(log, cwd / f"{NAME}.rpt")
+        raise SynthError(f"{step} failed ({_exit_text(proc.returncode)}){why}; see {log}")
     return time.monotonic() - t0
 
 
@@ -176,7 +195,7 @@ def _link_inputs(src: Path, dst: Path, names) -> None:
 
 
 class _PnrFailed(SynthError):
-    """Place and route of every seed of a sweep failed (the first failure's seed)."""
+    """No seed of a sweep was placed and routed, and one failed (its seed)."""
     def __init__(self, seed, message):
         super().__init__(message)
         self.seed = seed
@@ -186,9 +205,10 @@ def _sweep(seeds, jobs: int, cmd_of, out: Path, inputs, top, margin_pct: float,
            progress: bool, timeout: float | None = None) -> tuple[int, list[dict]]:
     """Place and route once per seed, ``jobs`` at a time, each in ``out/seed-N``; stop
     at the first seed that meets the clock (the runs still going are stopped). A run
-    that goes on for longer than ``timeout`` seconds is stopped and the sweep goes on
-    with the next seed. Returns the seed kept (met, else the fastest) and one entry
-    per seed."""
+    that fails, or goes on for longer than ``timeout`` seconds, is left behind and the
+    sweep goes on with the next seed; a design that does not fit the device ends the
+    sweep (every seed would fail the same way). Returns the seed kept (met, else the
+    fastest) and one entry per seed. No run outlives the call."""
     bar = None
     if progress:
         from tqdm import tqdm
@@ -198,63 +218,82 @@ def _sweep(seeds, jobs: int, cmd_of, out: Path, inputs, top, margin_pct: float,
     pending = list(seeds)
     running = {}
     results = {s: {"seed": s, "status": "not run"} for s in seeds}
-    failure = None
-    met = False
-    while running or (pending and not met and failure is None):
-        while pending and len(running) < jobs and not met and failure is None:
-            s = pending.pop(0)
-            d = out / f"seed-{s}"
-            d.mkdir(exist_ok=True)
-            _link_inputs(out, d, inputs)
-            log = open(d / "nextpnr.log", "w")
-            proc = subprocess.Popen(cmd_of(s), cwd=d, stdout=log, stderr=subprocess.STDOUT)
-            running[s] = (proc, log, time.monotonic())
-        time.sleep(0.5)
-        if bar:
-            bar.refresh()
-        for s, (proc, log, t0) in list(running.items()):
-            if proc.poll() is None:
-                late = timeout is not None and time.monotonic() - t0 > timeout
-                if met or failure is not None or late:
-                    proc.terminate()
-                    proc.wait()
+    failed, no_fit, met = [], None, False
+    try:
+        while running or (pending and not met and no_fit is None):
+            while pending and len(running) < jobs and not met and no_fit is None:
+                s = pending.pop(0)
+                d = out / f"seed-{s}"
+                shutil.rmtree(d, ignore_errors=True)
+                d.mkdir()
+                _link_inputs(out, d, inputs)
+                log = open(d / "nextpnr.log", "w")
+                try:
+                    proc = subprocess.Popen(cmd_of(s), cwd=d, stdout=log, stderr=subprocess.STDOUT)
+                except BaseException:
                     log.close()
-                    del running[s]
-                    results[s].update(status="timed out" if late else "stopped",
-                                      seconds=time.monotonic() - t0)
-                    if late and bar:
-                        bar.update(1)
-                continue
-            log.close()
-            del running[s]
-            entry = results[s]
-            entry["seconds"] = time.monotonic() - t0
+                    raise
+                running[s] = (proc, log, time.monotonic())
+            time.sleep(0.5)
             if bar:
-                bar.update(1)
-            if proc.returncode:
-                entry["status"] = f"failed (exit {proc.returncode})"
-                failure = failure or (s, proc.returncode)
-                continue
-            rep = json.loads((out / f"seed-{s}" / f"{NAME}.report.json").read_text())
-            clocks, passed = _clocks(rep, top, margin_pct)
-            entry.update(status="met" if passed else "missed", timing_met=passed,
-                         achieved_mhz={k: c["achieved_mhz"] for k, c in clocks.items()},
-                         slowest_ratio=min(((c["achieved_mhz"] or 0) / c["constraint_mhz"]
-                                            for c in clocks.values() if c["constraint_mhz"]),
-                                           default=0.0))
-            met = met or passed
-    if bar:
-        bar.close()
+                bar.refresh()
+            for s, (proc, log, t0) in list(running.items()):
+                if proc.poll() is None:
+                    late = timeout is not None and time.monotonic() - t0 > timeout
+                    if met or no_fit is not None or late:
+                        _stop(proc)
+                        log.close()
+                        del running[s]
+                        results[s].update(status="timed out" if late else "stopped",
+                                          seconds=time.monotonic() - t0)
+                        if late and bar:
+                            bar.update(1)
+                    continue
+                log.close()
+                del running[s]
+                entry = results[s]
+                entry["seconds"] = time.monotonic() - t0
+                if bar:
+                    bar.update(1)
+                d = out / f"seed-{s}"
+                if proc.returncode:
+                    entry["status"] = f"failed ({_exit_text(proc.returncode)})"
+                    failed.append(s)
+                    text = (d / "nextpnr.log").read_text(errors="replace")
+                    if _over_capacity(_utilisation_table(text)):
+                        no_fit = s
+                    continue
+                try:
+                    rep = json.loads((d / f"{NAME}.report.json").read_text())
+                except (OSError, ValueError) as e:
+                    entry["status"] = f"failed (no readable report: {e})"
+                    failed.append(s)
+                    continue
+                clocks, passed = _clocks(rep, top, margin_pct)
+                entry.update(status="met" if passed else "missed", timing_met=passed,
+                             achieved_mhz={k: c["achieved_mhz"] for k, c in clocks.items()},
+                             slowest_ratio=min(((c["achieved_mhz"] or 0) / c["constraint_mhz"]
+                                                for c in clocks.values() if c["constraint_mhz"]),
+                                               default=0.0))
+                met = met or passed
+    finally:
+        for proc, log, _ in running.values():
+            _stop(proc)
+            log.close()
+        if bar:
+            bar.close()
     done = [r for r in results.values() if "slowest_ratio" in r]
+    late = [r["seed"] for r in results.values() if r["status"] == "timed out"]
     if not done:
-        if failure is None:
-            late = [r["seed"] for r in results.values() if r["status"] == "timed out"]
-            log = out / f"seed-{late[0]}" / "nextpnr.log"
-            raise _TimedOut(f"nextpnr place and route of every seed ({', '.join(map(str, late))}) "
-                            f"stopped at its time limit of {_minutes(timeout)}; see {log}")
-        s, code = failure
-        log = out / f"seed-{s}" / "nextpnr.log"
-        raise _PnrFailed(s, f"nextpnr place and route failed (exit {code}); see {log}")
+        if failed:
+            s = no_fit if no_fit is not None else failed[0]
+            log = out / f"seed-{s}" / "nextpnr.log"
+            also = (f"; seeds {', '.join(map(str, late))} stopped at the time limit" if late else "")
+            raise _PnrFailed(s, f"nextpnr place and route of seed {s} "
+                                f"{results[s]['status']}{_last_error(log)}{also}; see {log}")
+        log = out / f"seed-{late[0]}" / "nextpnr.log"
+        raise _TimedOut(f"nextpnr place and route of every seed ({', '.join(map(str, late))}) "
+                        f"stopped at its time limit of {_minutes(timeout)}; see {log}")
     best = max(done, key=lambda r: (r["timing_met"], r["slowest_ratio"]))
     for f in (out / f"seed-{best['seed']}").iterdir():
         if f.name not in inputs:
@@ -301,6 +340,10 @@ def synthesize(config: AcceleratorConfig, board: str, freq_mhz: float, out_dir,
     b = BOARDS[board]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # A failed run must not leave an earlier run's bitstream and report looking current.
+    for name in (f"{NAME}.bit", f"{NAME}.bin", f"{NAME}.report.json", f"{NAME}.sdf",
+                 f"{NAME}.config", f"{NAME}.asc", f"{NAME}.tim", "synth_report.json"):
+        (out / name).unlink(missing_ok=True)
     top, plan = build_plan(config, board, freq_mhz)
     plan.extract(str(out))
     pins_name = f"{NAME}.{'lpf' if b.family == 'ecp5' else 'pcf'}"
@@ -336,8 +379,7 @@ def synthesize(config: AcceleratorConfig, board: str, freq_mhz: float, out_dir,
                                    pnr_timeout)
             steps["nextpnr"] = time.monotonic() - t0
     except _TimedOut as e:
-        raise SynthError(f"{e}. Try other seeds (--seed 1,2,3), a lower clock or a longer "
-                         f"time limit") from None
+        raise SynthError(f"{e}. Try other seeds, a lower clock or a longer time limit") from None
     except SynthError as e:
         where = out / f"seed-{e.seed}" if isinstance(e, _PnrFailed) else out
         text = (where / f"{NAME}.tim").read_text() if (where / f"{NAME}.tim").exists() else ""
@@ -382,12 +424,16 @@ def synthesize(config: AcceleratorConfig, board: str, freq_mhz: float, out_dir,
     }
 
 
+def _mhz(v) -> str:
+    return "-" if v is None else f"{v:.1f} MHz"
+
+
 def format_synth_report(r: dict) -> str:
     lines = [f"{r['board']} ({r['device']}), {r['array']} array, requested {r['requested_mhz']:g} MHz"]
     for name, c in r["clocks"].items():
         ok = "pass" if (c["achieved_mhz"] or 0) >= (c["constraint_mhz"] or 0) else "FAIL"
-        lines.append(f"  clock {name}: achieved {c['achieved_mhz']:.1f} MHz, "
-                     f"constraint {c['constraint_mhz']:.1f} MHz: {ok}")
+        lines.append(f"  clock {name}: achieved {_mhz(c['achieved_mhz'])}, "
+                     f"constraint {_mhz(c['constraint_mhz'])}: {ok}")
     for label, u in r["resources"].items():
         pct = 100 * u["used"] / u["available"] if u["available"] else 0
         lines.append(f"  {label:<26} {u['used']:>7} / {u['available']:<7} ({pct:5.1f}%)")
@@ -400,12 +446,13 @@ def format_synth_report(r: dict) -> str:
     elif "error" in slack:
         lines.append(f"  endpoint slack not analysed: {slack['error']}")
     for run in r.get("sweep", []):
-        got = ", ".join(f"{v:.1f} MHz" for v in run.get("achieved_mhz", {}).values())
+        got = ", ".join(_mhz(v) for v in run.get("achieved_mhz", {}).values())
         took = f", {run['seconds']:.0f} s" if "seconds" in run else ""
         lines.append(f"  seed {run['seed']}: {run['status']}" + (f" ({got})" if got else "") + took)
     lines.append(f"  nextpnr seed {r.get('seed', 1)}"
                  + (f", constraint tightened by {r['margin_pct']:g}%" if r.get("margin_pct") else "")
-                 + (f", options {' '.join(r['pnr_args'])}" if r.get("pnr_args") else ""))
+                 + (f", options {' '.join(r['pnr_args'])}" if r.get("pnr_args") else "")
+                 + (f", time limit {_minutes(r['pnr_timeout_s'])}" if r.get("pnr_timeout_s") else ""))
     lines.append(f"  bitstream {r['bitstream']}")
     lines.append("  wall time " + ", ".join(f"{k} {v:.0f} s" for k, v in r["seconds"].items())
                  + f" (total {r['total_seconds']:.0f} s)")

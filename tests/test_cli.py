@@ -113,6 +113,30 @@ def test_synth_refuses_bad_seeds_and_jobs(tmp_path, capsys, args, needle):
     assert e.value.code == 2 and needle in capsys.readouterr().err
 
 
+def test_synth_passes_the_time_limit_in_seconds_and_reports_a_flow_error(tmp_path, capsys,
+                                                                        monkeypatch):
+    import hw.synth
+    import mlg.cli
+    from hw.synth import SynthError
+
+    seen = {}
+
+    def fake_synthesize(config, board, freq, out, **kw):
+        seen.update(kw, board=board, freq=freq, out=out)
+        raise SynthError("nextpnr place and route stopped at its time limit of 1.5 min; see x.log")
+
+    monkeypatch.setattr(mlg.cli, "_load_build", lambda build: (AcceleratorConfig(), None))
+    monkeypatch.setattr(hw.synth, "synthesize", fake_synthesize)
+    code = main(["synth", str(tmp_path), "--board", "icebreaker", "--pnr-timeout", "1.5",
+                 "--seed", "3,4", "--jobs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "mlg synth: error: nextpnr place and route stopped at its time limit" in err
+    assert seen["pnr_timeout"] == 90.0 and seen["seed"] == [3, 4] and seen["jobs"] == 1
+    assert seen["board"] == "icebreaker" and seen["freq"] == 30.0
+    assert seen["out"] == tmp_path / "synth-icebreaker"
+
+
 def test_compile_rejects_array_out_of_range(quick_model, tmp_path, capsys):
     assert main(["compile", str(quick_model), "--out", str(tmp_path / "o"), "--rows", "1"]) == 2
     assert "rows = 1" in capsys.readouterr().err

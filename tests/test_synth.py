@@ -166,10 +166,16 @@ def test_extra_nextpnr_options_may_not_override_the_flow(opt, tmp_path):
 # A stand-in for nextpnr in the seed-sweep tests: after a delay it writes the report
 # with the Fmax given for its seed and a placed-design file naming the seed, or fails.
 _FAKE_PNR = """
-import json, sys, time
+import json, os, sys, time
 seed, fmax, delay, code = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 open("mlg_top.json").read()   # the netlist is reachable from the seed's folder
+open("pid", "w").write(str(os.getpid()))
 time.sleep(delay)
+if code == 4:   # the design does not fit: nextpnr prints its utilisation table
+    print("Info: Device utilisation:")
+    print("Info: \\t         ICESTORM_LC:   20138/   5280   381%")
+    print("Info: \\t               SB_IO:       7/     96     7%")
+    print("")
 if code:
     print("ERROR: no placement for seed", seed)
     raise SystemExit(code)
@@ -214,6 +220,54 @@ def test_a_seed_sweep_stops_the_runs_still_going_once_one_meets_the_clock(tmp_pa
     assert runs[0]["seconds"] < 30
 
 
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_failed_seed_does_not_end_the_sweep(tmp_path):
+    chosen, runs = _fake_sweep(tmp_path, {1: (0, 0, 3), 2: (101.0, 3, 0)}, jobs=2)
+    assert chosen == 2
+    assert [(r["seed"], r["status"]) for r in runs] == [(1, "failed (exit 3)"), (2, "met")]
+
+
+def test_a_design_that_does_not_fit_ends_the_sweep(tmp_path):
+    from hw.synth import SynthError
+
+    with pytest.raises(SynthError, match=r"seed 1 failed \(exit 4\): ERROR: no placement for "
+                                         r"seed 1; see .*seed-1/nextpnr.log"):
+        _fake_sweep(tmp_path, {1: (0, 0, 4), 2: (101.0, 60, 0), 3: (101.0, 0, 0)}, jobs=2)
+    # Seed 2 was stopped, not left running; seed 3 never started.
+    assert not _alive(int((tmp_path / "seed-2" / "pid").read_text()))
+    assert not (tmp_path / "seed-3").exists()
+
+
+def test_no_run_outlives_a_sweep_that_raises(tmp_path):
+    import sys
+
+    from hw.synth import _sweep
+
+    (tmp_path / "mlg_top.json").write_text("{}")
+
+    def cmd(s):
+        if s == 2:
+            raise OSError("no nextpnr for seed 2")
+        return [sys.executable, "-c", _FAKE_PNR, str(s), "101", "60", "0"]
+
+    with pytest.raises(OSError, match="no nextpnr for seed 2"):
+        _sweep([1, 2], 2, cmd, tmp_path, ["mlg_top.json"], None, 0.0, False)
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "seed-1" / "pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)   # (the interpreter may not have reached the line yet: then it is gone)
+    pid_file = tmp_path / "seed-1" / "pid"
+    assert not pid_file.exists() or not _alive(int(pid_file.read_text()))
+
+
 def test_a_seed_sweep_that_misses_keeps_the_fastest_seed(tmp_path):
     chosen, runs = _fake_sweep(tmp_path, {4: (91.0, 0, 0), 5: (97.5, 0, 0), 6: (0, 0, 2)}, jobs=2)
     assert chosen == 5
@@ -225,16 +279,17 @@ def test_a_seed_sweep_that_misses_keeps_the_fastest_seed(tmp_path):
 def test_a_seed_sweep_where_every_run_fails_names_the_log(tmp_path):
     from hw.synth import SynthError
 
-    with pytest.raises(SynthError, match=r"failed \(exit 3\); see .*seed-7/nextpnr.log"):
+    with pytest.raises(SynthError, match=r"seed 7 failed \(exit 3\): ERROR: no placement for "
+                                         r"seed 7; see .*seed-7/nextpnr.log"):
         _fake_sweep(tmp_path, {7: (0, 0, 3), 8: (0, 0, 3)}, jobs=1)
 
 
 def test_a_seed_sweep_stops_a_run_at_the_time_limit_and_goes_on(tmp_path):
     chosen, runs = _fake_sweep(tmp_path, {1: (120.0, 60, 0), 2: (95.0, 0, 0), 3: (101.0, 0, 0)},
-                               jobs=1, timeout=2.0)
+                               jobs=1, timeout=5.0)
     assert chosen == 3
     assert [(r["seed"], r["status"]) for r in runs] == [(1, "timed out"), (2, "missed"), (3, "met")]
-    assert 2.0 < runs[0]["seconds"] < 30
+    assert 5.0 < runs[0]["seconds"] < 40
     assert (tmp_path / "mlg_top.config").read_text() == "placed with seed 3"
 
 
@@ -265,6 +320,22 @@ def test_a_bad_time_limit_is_refused(limit, tmp_path):
     with pytest.raises(SynthError, match="place and route time limit"):
         synthesize(SMOKE, "ulx3s-85f", 25, tmp_path, pnr_timeout=limit)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_new_run_first_removes_the_last_runs_bitstream_and_report(tmp_path, monkeypatch):
+    import hw.synth as hs
+
+    for name in ("mlg_top.bit", "mlg_top.report.json", "synth_report.json"):
+        (tmp_path / name).write_text("from the last run")
+    (tmp_path / "notes.txt").write_text("not the flow's")
+
+    def broken(*args, **kw):
+        raise hs.SynthError("the board top failed")
+
+    monkeypatch.setattr(hs, "build_plan", broken)
+    with pytest.raises(hs.SynthError, match="the board top failed"):
+        hs.synthesize(SMOKE, "ulx3s-85f", 25, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
 @pytest.mark.parametrize("seeds", [[], [1, 1], [-1], ["2"]])
