@@ -55,17 +55,9 @@ class _Rx(enum.Enum, shape=4):
     LENCHK = 10  # the length checks act from registers, not from the line's byte
 
 
-# Flags kept with the receive state (register ``rx_NAME`` is high in these states):
-# the states that take line bytes, those inside a frame, and the single states that
-# logic outside the state register asks about.
-RX_FLAGS = {
-    "takes": (_Rx.HUNT, _Rx.OP, _Rx.LEN0, _Rx.LEN1, _Rx.PAYLOAD, _Rx.CRC),
-    "inside": (_Rx.OP, _Rx.LEN0, _Rx.LEN1, _Rx.LENCHK, _Rx.PAYLOAD, _Rx.CRC),
-    "hunt": (_Rx.HUNT,),
-    "check": (_Rx.CHECK,),
-    "exec": (_Rx.EXEC,),
-    "error": (_Rx.ERROR,),
-}
+# The receive states that take line bytes, and those inside a frame.
+RX_TAKES = (_Rx.HUNT, _Rx.OP, _Rx.LEN0, _Rx.LEN1, _Rx.PAYLOAD, _Rx.CRC)
+RX_INSIDE = (_Rx.OP, _Rx.LEN0, _Rx.LEN1, _Rx.LENCHK, _Rx.PAYLOAD, _Rx.CRC)
 
 
 class _Tx(enum.Enum, shape=3):
@@ -138,23 +130,21 @@ class HostLink(wiring.Component):
         byte = self.i_rx.payload
         fire = self.i_rx.valid & self.i_rx.ready
 
-        # Flags kept with the state (every change of state goes through ``goto``): the
-        # handshake, the timeout, the CRC, the request and the response start from
-        # flip-flops, not from decodes of the state that the state's own next-state
-        # logic would share with logic far from it.
-        flags = {name: Signal(init=int(_Rx.HUNT in states), name=f"rx_{name}")
-                 for name, states in RX_FLAGS.items()}
-        rx_takes, rx_inside = flags["takes"], flags["inside"]
+        # Whether the state takes line bytes, and whether it is inside a frame: flags
+        # kept with the state (every change of state goes through ``goto``), so the
+        # handshake and the timeout start from flip-flops, not from a state decode.
+        rx_takes = Signal(init=1)
+        rx_inside = Signal()
 
         def goto(st):
-            return [rx.eq(st), *(flag.eq(int(st in RX_FLAGS[name])) for name, flag in flags.items())]
+            return [rx.eq(st), rx_takes.eq(int(st in RX_TAKES)), rx_inside.eq(int(st in RX_INSIDE))]
 
         m.d.comb += self.i_rx.ready.eq(rx_takes)
         with m.If(fire):
             m.d.sync += self.bytes_in.eq(self.bytes_in + 1)
         m.d.comb += [rx_crc.data.eq(byte),
-                     rx_crc.valid.eq(fire & ~flags["hunt"]),
-                     rx_crc.start.eq(fire & flags["hunt"])]
+                     rx_crc.valid.eq(fire & (rx != _Rx.HUNT)),
+                     rx_crc.start.eq(fire & (rx == _Rx.HUNT))]
 
         # A frame whose bytes stop arriving is dropped, so a truncated frame cannot
         # hold the link forever.
@@ -232,7 +222,7 @@ class HostLink(wiring.Component):
         req_pending = Signal()
         m.d.comb += [self.o_req.valid.eq(req_pending),
                      self.o_req.payload.op.eq(op), self.o_req.payload.len.eq(length)]
-        with m.If(flags["check"] & crc_match):
+        with m.If((rx == _Rx.CHECK) & crc_match):
             m.d.sync += req_pending.eq(1)
         with m.If(self.o_req.valid & self.o_req.ready):
             m.d.sync += req_pending.eq(0)
@@ -261,10 +251,10 @@ class HostLink(wiring.Component):
                      p_fifo.r_en.eq(in_payload & out.ready)]
         p_valid, p_data = p_fifo.r_rdy, p_fifo.r_data
 
-        m.d.comb += self.i_resp.ready.eq((tx == _Tx.IDLE) & flags["exec"] & ~req_pending)
+        m.d.comb += self.i_resp.ready.eq((tx == _Tx.IDLE) & (rx == _Rx.EXEC) & ~req_pending)
         with m.Switch(tx):
             with m.Case(_Tx.IDLE):
-                with m.If(flags["error"]):
+                with m.If(rx == _Rx.ERROR):
                     m.d.sync += [t_op.eq(OP_ERROR), t_len.eq(2), t_own.eq(1), tx.eq(_Tx.SYNC)]
                 with m.Elif(self.i_resp.valid & self.i_resp.ready):
                     m.d.sync += [t_op.eq(self.i_resp.payload.op), t_len.eq(self.i_resp.payload.len),
