@@ -81,13 +81,21 @@ def _exit_text(code: int) -> str:
     return f"exit {code}" if code >= 0 else f"killed by signal {-code}"
 
 
-def _last_error(*files: Path) -> str:
-    """': ERROR: ...', the last error line the tools wrote to ``files``, or ''."""
-    errors = []
+def _find_error(*files: Path) -> tuple[str, Path | None]:
+    """The last error line the tools wrote to ``files`` and the file it is in."""
+    found = ("", None)
     for f in files:
         if f.exists():
-            errors += re.findall(r"^ERROR: .*$", f.read_text(errors="replace"), re.M)
-    return f": {errors[-1]}" if errors else ""
+            errors = re.findall(r"^ERROR: .*$", f.read_text(errors="replace"), re.M)
+            if errors:
+                found = (errors[-1], f)
+    return found
+
+
+def _last_error(*files: Path) -> str:
+    """': ERROR: ...', the last error line the tools wrote to ``files``, or ''."""
+    line, _ = _find_error(*files)
+    return f": {line}" if line else ""
 
 
 def _run(cmd: list[str], cwd: Path, log: Path, step: str, progress: bool,
@@ -115,9 +123,12 @@ def _run(cmd: list[str], cwd: Path, log: Path, step: str, progress: bool,
             if bar:
                 bar.close()
     if proc.returncode:
-        # Yosys logs to the report file (-l) and stays quiet on stdout: look in both.
-        why = _last_error(log, cwd / f"{NAME}.rpt")
-        raise SynthError(f"{step} failed ({_exit_text(proc.returncode)}){why}; see {log}")
+        # Yosys logs to the report file (-l) and stays quiet on stdout: look in both,
+        # and point at the one that says what went wrong.
+        line, where = _find_error(log, cwd / f"{NAME}.rpt")
+        why = f": {line}" if line else ""
+        raise SynthError(f"{step} failed ({_exit_text(proc.returncode)}){why}; "
+                         f"see {where or log}")
     return time.monotonic() - t0
 
 

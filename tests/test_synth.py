@@ -154,6 +154,20 @@ def test_a_failing_tool_step_quotes_its_error_line(tmp_path):
         _run(cmd, tmp_path, tmp_path / "n.log", "nextpnr", False)
 
 
+def test_a_failing_step_points_at_the_file_with_its_error(tmp_path):
+    import sys
+
+    from hw.synth import SynthError, _run
+
+    # Yosys run with -q -l: its output goes to the report file, not to the log.
+    (tmp_path / "mlg_top.rpt").write_text("2.46.19.7. Executing ABC_OPS_REINTEGRATE pass\n"
+                                         "ERROR: Assert `x' failed in rtlil.cc:3091.\n")
+    with pytest.raises(SynthError, match=r"yosys failed \(exit 1\): ERROR: Assert `x' failed "
+                                         r"in rtlil.cc:3091.; see .*mlg_top\.rpt$"):
+        _run([sys.executable, "-c", "raise SystemExit(1)"], tmp_path, tmp_path / "y.log",
+             "yosys", False)
+
+
 @pytest.mark.parametrize("opt", ["--sdf", "--seed", "--report", "--lpf"])
 def test_extra_nextpnr_options_may_not_override_the_flow(opt, tmp_path):
     from hw.synth import SynthError, synthesize
