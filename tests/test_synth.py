@@ -358,3 +358,48 @@ def test_seed_lists_are_checked(seeds, tmp_path):
 
     with pytest.raises(SynthError, match="nextpnr seeds"):
         synthesize(SMOKE, "ulx3s-85f", 25, tmp_path, seed=seeds)
+
+
+# The CLI with the flow replaced by a sweep of two stand-in nextpnr runs that would
+# go on for two minutes.
+_SWEEP_CLI = """
+import sys
+from pathlib import Path
+
+import hw.synth
+import mlg.cli
+
+out, fake = Path(sys.argv[1]), Path(sys.argv[2]).read_text()
+
+
+def synthesize(config, board, freq, out_dir, **kw):
+    (out / "mlg_top.json").write_text("{}")
+    hw.synth._sweep([1, 2], 2, lambda s: [sys.executable, "-c", fake, str(s), "101", "120", "0"],
+                    out, ["mlg_top.json"], None, 0.0, False)
+
+
+hw.synth.synthesize = synthesize
+mlg.cli._load_build = lambda build: (None, None)
+sys.exit(mlg.cli.main(["synth", str(out), "--board", "ulx3s-85f", "--seed", "1,2"]))
+"""
+
+
+def test_mlg_synth_ended_by_sigterm_stops_its_tools(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    (tmp_path / "fake_pnr.py").write_text(_FAKE_PNR)
+    cli = subprocess.Popen([sys.executable, "-c", _SWEEP_CLI, str(tmp_path), str(tmp_path / "fake_pnr.py")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids = [tmp_path / f"seed-{s}" / "pid" for s in (1, 2)]
+    deadline = time.monotonic() + 60
+    while not all(p.exists() and p.read_text() for p in pids) and time.monotonic() < deadline:
+        assert cli.poll() is None, cli.communicate()
+        time.sleep(0.1)
+    cli.send_signal(signal.SIGTERM)
+    out, err = cli.communicate(timeout=30)
+    assert cli.returncode == 128 + signal.SIGTERM, err
+    assert "mlg synth: stopped by SIGTERM" in err
+    # Both place and route runs were stopped, not left behind for their two minutes.
+    assert not any(_alive(int(p.read_text())) for p in pids)
