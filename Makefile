@@ -72,6 +72,14 @@ formal: $(SYNTH_STAMP)
 # Bitstream and report of the digits build:
 #   make synth BOARD=ulx3s-85f|icebreaker [FREQ=MHz] [MARGIN=PCT] [SEED=N[,N...]] [PNR_TIMEOUT=MIN]
 BOARD   ?= ulx3s-85f
+# On the ULX3S, place and route works towards a clock 10 % above the request and up to
+# four placement seeds are tried, as many at a time as there are CPUs; the first that
+# meets the clock is kept.
+ifeq ($(BOARD),ulx3s-85f)
+MARGIN      ?= 10
+SEED        ?= 1,2,3,4
+PNR_TIMEOUT ?= 40
+endif
 synth: compile $(SYNTH_STAMP)
 	$(MLG) synth $(BUILD)/digits --board $(BOARD) $(if $(FREQ),--freq $(FREQ)) $(if $(MARGIN),--margin $(MARGIN)) $(if $(SEED),--seed $(SEED)) $(if $(PNR_TIMEOUT),--pnr-timeout $(PNR_TIMEOUT))
 
