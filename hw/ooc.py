@@ -15,10 +15,12 @@ hops, so a slow path can be traced to its source without opening the log.
 
 ``--by-module`` (iCE40) says where the cells go: the block is synthesized
 without flattening, and every module of its hierarchy is listed with the cells
-of its own logic (its submodules are listed on their own). Flip-flop, block RAM
-and multiplier counts are those of a flat build; the LUT counts come from
-Yosys's plain LUT mapping (ABC cannot map the unflattened design), an upper
-bound that is typically 20 to 30 % above what the flat build uses.
+of its own logic (its submodules are listed on their own). Block RAM and
+multiplier counts are those of a flat build, flip-flops a few percent more
+(nothing is optimised across module boundaries: 9,589 against 9,207 for the
+2 x 2 accelerator of ``build/small``); the LUT counts come from Yosys's plain
+LUT mapping (ABC cannot map the unflattened design), an upper bound (13,172
+against 10,170 there).
 """
 
 from __future__ import annotations
