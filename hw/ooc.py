@@ -65,13 +65,18 @@ CELLS = {"ecp5": ("LUT4", "TRELLIS_FF", "MULT18X18D", "DP16KD", "CCU2C", "TRELLI
 SYNTH = {"ecp5": "synth_ecp5", "ice40": "synth_ice40 -dsp"}
 
 
+def _key(cell: str) -> str:
+    """The name a cell pattern of :data:`CELLS` is reported under (``SB_DFF*``)."""
+    return cell.replace("\\w*", "*")
+
+
 def _count(stat: str, family: str) -> dict:
     """Cells of each kind in :data:`CELLS` in one section of a Yosys ``stat``
     (parametrised cells, such as ``$paramod$...\\SB_RAM40_4K``, count as their kind)."""
     cells = {}
     for cell in CELLS[family]:
         found = re.findall(rf"^\s+(\d+)\s+(?:\S*\\)?{cell}\s*$|^\s+{cell}\s+(\d+)\s*$", stat, re.M)
-        cells[cell.replace("\\w*", "*")] = sum(int(a or b) for a, b in found)
+        cells[_key(cell)] = sum(int(a or b) for a, b in found)
     return cells
 
 
@@ -82,7 +87,7 @@ def module_cells(stat: str, family: str) -> list[dict]:
     rows = [{"module": name, "cells": _count(body, family)}
             for name, body in zip(parts[1::2], parts[2::2]) if name != "design hierarchy"]
     lut = CELLS[family][0]
-    ff = next(k.replace("\\w*", "*") for k in CELLS[family] if "FF" in k)
+    ff = next(_key(k) for k in CELLS[family] if "FF" in k)
     return sorted(rows, key=lambda r: -(r["cells"][lut] + r["cells"][ff]))
 
 

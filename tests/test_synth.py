@@ -418,8 +418,8 @@ def test_a_per_module_breakdown_lists_each_modules_own_cells(tmp_path):
     # The link's frame buffer is a block RAM of the link itself; the totals add up.
     assert mods["top"]["SB_RAM40_4K"] >= 1
     assert r["cells"]["SB_DFF*"] == sum(c["SB_DFF*"] for c in mods.values())
-    ffs = [m["cells"]["SB_LUT4"] + m["cells"]["SB_DFF*"] for m in r["modules"]]
-    assert ffs == sorted(ffs, reverse=True)
+    sizes = [m["cells"]["SB_LUT4"] + m["cells"]["SB_DFF*"] for m in r["modules"]]
+    assert sizes == sorted(sizes, reverse=True)
     # The breakdown is an iCE40 one: synth_ecp5 cannot map the unflattened design.
     with pytest.raises(ValueError, match="family ice40"):
         ooc_timing("link", SMOKE, tmp_path, family="ecp5", by_module=True)
