@@ -21,6 +21,7 @@ __all__ = [
     "ConfigError",
     "DECODE_FORMS",
     "CONFIG_SCHEMA_VERSION",
+    "OPTIONAL_FIELDS",
     "code_value_bits",
     "clog2",
     "lane_plan",
@@ -29,6 +30,9 @@ __all__ = [
 CONFIG_SCHEMA_VERSION = 1
 DECODE_FORMS = ("signed", "odd")
 KERNEL_SIZES = (1, 3, 5, 7)
+# Fields added after the first configs were written: a config file may leave them
+# out (they take these values), and the canonical form omits them at these values.
+OPTIONAL_FIELDS = {"counter_bits": 48, "layer_log": True}
 
 
 class ConfigError(ValueError):
@@ -109,6 +113,16 @@ class AcceleratorConfig:
         Clock cycles without a byte after which a partly received frame is dropped.
     baud:
         Host link UART rate in bit/s.
+    counter_bits:
+        Width of the run and link counters, 16..48. They wrap at ``2**counter_bits``
+        (the host reads every counter as 8 bytes, zero-extended).
+    layer_log:
+        Keep the per-layer log of the counters (``REGION_LOG``). Without it, reads
+        of that region are refused and the log's block RAMs are saved.
+
+    ``counter_bits`` and ``layer_log`` may be left out of a config file; a field
+    at its default is left out of the canonical form (:attr:`digest`), so that
+    configs written before these fields existed keep their identity.
     """
 
     rows: int = 8
@@ -137,6 +151,8 @@ class AcceleratorConfig:
     max_payload: int = 1024
     link_timeout: int = 1 << 20
     baud: int = 3_000_000
+    counter_bits: int = 48
+    layer_log: bool = True
     schema: int = field(default=CONFIG_SCHEMA_VERSION)
 
     def __post_init__(self):
@@ -168,6 +184,10 @@ class AcceleratorConfig:
         _check_int("max_payload", self.max_payload, 64, 65535)
         _check_int("link_timeout", self.link_timeout, 16, 1 << 32)
         _check_int("baud", self.baud, 1200, 50_000_000)
+        _check_int("counter_bits", self.counter_bits, 16, 48)
+        if not isinstance(self.layer_log, bool):
+            raise ConfigError(f"AcceleratorConfig.layer_log = {self.layer_log!r} must be "
+                              "true or false")
         if self.post_bits > 63:
             raise ConfigError(
                 f"requant product needs {self.post_bits} bits (accumulator {self.acc_bits} + "
@@ -243,6 +263,13 @@ class AcceleratorConfig:
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, **kw)
 
+    def canonical_json(self) -> str:
+        """The form :attr:`digest` hashes: :meth:`to_json` without the optional
+        fields (:data:`OPTIONAL_FIELDS`) that hold their defaults."""
+        d = {k: v for k, v in self.to_dict().items()
+             if k not in OPTIONAL_FIELDS or v != OPTIONAL_FIELDS[k]}
+        return json.dumps(d, sort_keys=True)
+
     @classmethod
     def from_dict(cls, data: dict, *, source: str = "config") -> "AcceleratorConfig":
         if not isinstance(data, dict):
@@ -252,7 +279,7 @@ class AcceleratorConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; "
                               f"accepted: {', '.join(sorted(names))}")
-        missing = sorted(names - set(data))
+        missing = sorted(names - set(data) - set(OPTIONAL_FIELDS))
         if missing:
             raise ConfigError(f"{source}: missing field(s) {', '.join(missing)}")
         try:
@@ -282,8 +309,9 @@ class AcceleratorConfig:
 
     @property
     def digest(self) -> bytes:
-        """SHA-256 of the canonical JSON form: the identity of a build."""
-        return hashlib.sha256(self.to_json().encode()).digest()
+        """SHA-256 of the canonical JSON form (:meth:`canonical_json`): the identity
+        of a build."""
+        return hashlib.sha256(self.canonical_json().encode()).digest()
 
     @property
     def hash_hex(self) -> str:

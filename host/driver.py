@@ -244,15 +244,21 @@ class Driver:
         """
         n = n_layers if n_layers is not None else self._image().n_layers
         words = len(LOG_COUNTERS)
-        limit = self._config().max_layers if self.config is not None else n
+        config = self.config
+        if config is not None and not config.layer_log:
+            raise DriverError(f"the device's config ({config.hash_hex[:16]}) has no layer log "
+                              "(layer_log = false); compile without --no-layer-log to have one")
+        limit = config.max_layers if config is not None else n
         if not 0 < n <= limit:
             raise DriverError(f"layer log has entries for 1..{limit} layers, asked for {n}")
         raw = self.read(REGION_LOG, 0, n * words * 8)
         values = struct.unpack(f"<{n * words}Q", raw)
+        # Counters wrap at 2**counter_bits: a layer's share is a difference modulo that.
+        wrap = (1 << config.counter_bits) - 1 if config is not None else (1 << 64) - 1
         out, prev = [], dict.fromkeys(LOG_COUNTERS, 0)
         for i in range(n):
             snap = dict(zip(LOG_COUNTERS, values[i * words:(i + 1) * words]))
-            entry = {k: snap[k] - prev[k] for k in LOG_COUNTERS}
+            entry = {k: (snap[k] - prev[k]) & wrap for k in LOG_COUNTERS}
             entry["end"] = snap["cycles"]
             out.append(entry)
             prev = snap

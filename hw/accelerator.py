@@ -34,10 +34,11 @@ engine's error bits and the layer index, and the generation unit and engine
 are reset (activation memories keep their contents). ``ABORT`` does the same
 from the host.
 
-**Counters** (:data:`host.protocol.COUNTERS`): the run counters restart at
-RUN; the link counters count since reset. When a layer ends, the run counters
-named in :data:`host.protocol.LOG_COUNTERS` are written to that layer's entry
-of the layer log (``REGION_LOG``), the cycle after the layer's end.
+**Counters** (:data:`host.protocol.COUNTERS`, ``counter_bits`` wide, wrapping):
+the run counters restart at RUN; the link counters count since reset. When a
+layer ends, the run counters named in :data:`host.protocol.LOG_COUNTERS` are
+written to that layer's entry of the layer log (``REGION_LOG``), the cycle after
+the layer's end; a config without ``layer_log`` has no such region.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from host.protocol import (COUNTERS, LOG_COUNTERS, REGION_LOG, ERR_ADDRESS, ERR_
 from .engine import ConvEngine, channel_layout
 from .generation import GenerationUnit
 from .interfaces import layer_record_layout
-from .link import COUNTER_BITS, HostLink
+from .link import HostLink
 from .memory import BlockMemory
 
 __all__ = ["Accelerator", "ERR_ABORTED"]
@@ -212,11 +213,13 @@ class Accelerator(wiring.Component):
         consts_wp, consts_rd_eng = consts.write_port(), consts.read_port()
         prog_rd_host, bases_rd_host, consts_rd_host = prog_rd_eng, bases_rd_gen, consts_rd_eng
         ident_rd = ident.read_port()
-        # Per-layer log: the run counters as they stood when each layer ended, one
-        # small memory per counter so that a layer's entry is written in one cycle.
+        # Per-layer log (if the config keeps one): the run counters as they stood when
+        # each layer ended, one small memory per counter so that a layer's entry is
+        # written in one cycle.
+        counter_bits = cfg.counter_bits
         log_wps, log_rds = [], []
-        for name in LOG_COUNTERS:
-            mem = Memory(shape=COUNTER_BITS, depth=cfg.max_layers, init=[])
+        for name in LOG_COUNTERS if cfg.layer_log else ():
+            mem = Memory(shape=counter_bits, depth=cfg.max_layers, init=[])
             m.submodules[f"log_{name}"] = mem
             log_wps.append(mem.write_port())
             log_rds.append(mem.read_port())
@@ -228,7 +231,7 @@ class Accelerator(wiring.Component):
         n_layers = Signal(range(cfg.max_layers + 1))
         start = Signal()
         m.d.comb += [self.running.eq(running), self.error.eq(state == STATE_ERROR)]
-        ctr = {name: Signal(COUNTER_BITS, name=f"ctr_{name}") for name in COUNTERS}
+        ctr = {name: Signal(counter_bits, name=f"ctr_{name}") for name in COUNTERS}
 
         # Generation sequencer: conv records -> descriptor + code bytes.
         g_st = Signal(_Seq)
@@ -574,7 +577,7 @@ class Accelerator(wiring.Component):
         cidx = Signal(range(len(COUNTERS)))
         cap_ident, cap_bases = Signal(8), Signal(8)
         cap_prog, cap_consts = Signal(8 * RB), Signal(8 * CB)
-        cap_counter, cap_log = Signal(COUNTER_BITS), Signal(COUNTER_BITS)
+        cap_counter, cap_log = Signal(counter_bits), Signal(counter_bits)
         # The block RAM outputs land in plain registers every cycle (no enable, no
         # select in front), which HOLD copies; the base store and the constants have
         # such registers of their own (hw.memory).
@@ -600,7 +603,7 @@ class Accelerator(wiring.Component):
         s_more = Signal()
         status_word = Cat(state, Const(0, 8 - len(state)), status_err,
                           e_idx, Const(0, 16 - len(e_idx)))
-        counter_word = Signal(COUNTER_BITS)
+        counter_word = Signal(counter_bits)
         payload = link.i_payload
         s_byte = Signal(8)      # the byte offered, selected a cycle ahead
         m.d.comb += payload.payload.eq(s_byte)
@@ -647,9 +650,9 @@ class Accelerator(wiring.Component):
                         with m.Else():
                             m.d.sync += ex.eq(_Ex.IDLE)
                     with m.Case(_Rd.CAPTURE):
-                        m.d.sync += [cap_counter.eq(counter_word),
-                                     cap_log.eq(Array(rp.data for rp in log_rds)[log_word]),
-                                     s_phase.eq(_Rd.WAIT)]
+                        m.d.sync += [cap_counter.eq(counter_word), s_phase.eq(_Rd.WAIT)]
+                        if log_rds:
+                            m.d.sync += cap_log.eq(Array(rp.data for rp in log_rds)[log_word])
                     with m.Case(_Rd.WAIT):
                         # (The identity and program ports read again from CAPTURE on:
                         # their words are taken here.)
@@ -680,11 +683,12 @@ class Accelerator(wiring.Component):
                     with m.Case(SRC_STATUS):
                         m.d.comb += s_data.eq(status_word.word_select(sel_q[:2], 8))
                     with m.Case(SRC_COUNTERS):
-                        m.d.comb += s_data.eq(Cat(cap_counter, Const(0, 64 - COUNTER_BITS))
+                        m.d.comb += s_data.eq(Cat(cap_counter, Const(0, 64 - counter_bits))
                                               .word_select(sel_q[:3], 8))
-                    with m.Case(SRC_LOG):
-                        m.d.comb += s_data.eq(Cat(cap_log, Const(0, 64 - COUNTER_BITS))
-                                              .word_select(s_sel_byte[:3], 8))
+                    if log_rds:
+                        with m.Case(SRC_LOG):
+                            m.d.comb += s_data.eq(Cat(cap_log, Const(0, 64 - counter_bits))
+                                                  .word_select(s_sel_byte[:3], 8))
             with m.Switch(cidx):
                 for i, name in enumerate(COUNTERS):
                     with m.Case(i):
@@ -758,9 +762,11 @@ class Accelerator(wiring.Component):
 
     def _region_sizes(self) -> dict:
         cfg = self.config
-        return {REGION_PROGRAM: cfg.max_layers * self.record_bytes, REGION_BASES: cfg.base_store_bytes,
-                REGION_CONSTS: cfg.const_depth * self.const_bytes,
-                REGION_LOG: cfg.max_layers * len(LOG_COUNTERS) * 8}
+        sizes = {REGION_PROGRAM: cfg.max_layers * self.record_bytes,
+                 REGION_BASES: cfg.base_store_bytes, REGION_CONSTS: cfg.const_depth * self.const_bytes}
+        if cfg.layer_log:
+            sizes[REGION_LOG] = cfg.max_layers * len(LOG_COUNTERS) * 8
+        return sizes
 
     def _precheck(self, m, cfg, addr, n, end, achan, apix, args, pre):
         """Registered argument checks for CHECK: RUN's layer count, LOAD_ACT/READ_ACT's

@@ -83,9 +83,8 @@ from .postproc import PoolAccumulator, Requantizer
 from .systolic import PE_MULTIPLIERS, SystolicArray, lut_multiply
 
 __all__ = ["ConvEngine", "channel_layout", "host_command_layout", "post_lanes", "check_layer",
-           "ERR_DESCRIPTOR", "ERR_WEIGHTS", "COUNTER_BITS", "bank_depth"]
+           "ERR_DESCRIPTOR", "ERR_WEIGHTS", "bank_depth"]
 
-COUNTER_BITS = 48
 ERR_DESCRIPTOR = 1
 ERR_WEIGHTS = 2
 
@@ -190,7 +189,7 @@ class ConvEngine(wiring.Component):
             "gi": range(max(2, groups_r)),
         }))
         self.pool = PoolAccumulator(config)
-        counter = unsigned(COUNTER_BITS)
+        counter = unsigned(config.counter_bits)
         super().__init__({
             "i_desc": In(stream.Signature(descriptor_layout(config))),
             "i_weights": In(weight_stream_signature(config)),

@@ -30,9 +30,6 @@ from host.protocol import (CRC_BYTES, ERR_CRC, ERR_LENGTH, ERR_TIMEOUT, OP_ERROR
 
 __all__ = ["HostLink", "header_layout"]
 
-COUNTER_BITS = 48
-
-
 def _any(view, *members):
     return Cat(*(view == mbr for mbr in members)).any()
 
@@ -92,7 +89,7 @@ class HostLink(wiring.Component):
     def __init__(self, config: AcceleratorConfig):
         self.config = config
         self.depth = config.max_payload
-        cnt = unsigned(COUNTER_BITS)
+        cnt = unsigned(config.counter_bits)
         super().__init__({
             "i_rx": In(stream.Signature(8)),
             "o_tx": Out(stream.Signature(8)),

@@ -80,6 +80,10 @@ def cmd_compile(args) -> int:
 
     data = load_model_file(args.model)
     overrides = {"gen_lanes": args.gen_lanes} if args.gen_lanes is not None else {}
+    if args.counter_bits is not None:
+        overrides["counter_bits"] = args.counter_bits
+    if args.no_layer_log:
+        overrides["layer_log"] = False
     net = data["network"]
     calib = None
     if args.form != "generate":
@@ -438,6 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cols", type=int, default=8)
     c.add_argument("--gen-lanes", type=int, default=None,
                    help="generation-unit multipliers (default: one per PE, at most 256)")
+    c.add_argument("--counter-bits", type=int, default=None,
+                   help="width of the run and link counters, 16..48 (default 48); narrower "
+                        "counters wrap sooner and save logic on small devices")
+    c.add_argument("--no-layer-log", action="store_true",
+                   help="build without the per-layer counter log (saves its block RAMs)")
     c.add_argument("--form", choices=("auto", "generate", "factorized"), default="auto",
                    help="execution form of layers with level 2: generate W2 then convolve, the "
                         "factorized form (conv with W1, then 1x1 with V), or per layer whichever "

@@ -21,7 +21,7 @@ from gen.golden import golden_forward
 from gen.integer import bitlen, conv2d_int, int_range, pool_multiplier, w2_shift
 from gen.network import LayerSpec, QuantizedNetwork
 from gen.program import read_program
-from host.driver import DeviceError, Driver
+from host.driver import DeviceError, Driver, DriverError
 from host.image import build_image
 from host.protocol import (ERR_ADDRESS, ERR_ARGUMENT, ERR_CRC, ERR_LENGTH, ERR_OPCODE,
                            ERR_STATE, ERR_TIMEOUT, OP_ERROR, OP_IDENTIFY, OP_LOAD_ACT, OP_READ, OP_RUN,
@@ -89,8 +89,8 @@ def _golden_layer(net, layer, bufs):
     return golden_layer(net, layer, bufs[layer.src], bufs[layer.res] if layer.res is not None else None)
 
 
-def _build(**overrides):
-    result = compile_network(random_network(seed=1), rows=4, cols=4, gen_lanes=4,
+def _build(rows=4, cols=4, gen_lanes=4, **overrides):
+    result = compile_network(random_network(seed=1), rows=rows, cols=cols, gen_lanes=gen_lanes,
                              link_timeout=LINK_TIMEOUT, **overrides)
     return result.config, read_program(result.program, config=result.config)
 
@@ -217,6 +217,35 @@ def test_board_icarus_bit_exact(build):
             drv = Driver(tr, timeout=60)
             drv.load_program(config, program)
             _check_images(drv, program, 1, seed=13)
+
+
+@pytest.mark.skipif(not simulator_available("verilator"), reason="Verilator not installed")
+def test_board_narrow_counters_without_layer_log():
+    """A small-device build: 2 x 2 array, 16-bit counters, no layer log."""
+    bits = 16
+    config, program = _build(rows=2, cols=2, gen_lanes=2, counter_bits=bits, layer_log=False)
+    assert config.counter_bits == bits and not config.layer_log
+    with SimulatedBoard(config, "verilator", fast_build=True) as board:
+        with SerialTransport(board.url) as tr:
+            drv = Driver(tr, timeout=30)
+            assert drv.identify().config_digest == config.digest
+            image = drv.load_program(config, program)
+            _check_images(drv, program, 2, seed=14)
+            c = drv.counters()
+            net = program.network()
+            wrap = (1 << bits) - 1
+            assert all(v <= wrap for v in c.values()), c
+            # The counters count what the host knows exactly, modulo their width.
+            assert c["macs"] == sum(layer.macs for layer in net.layers) & wrap
+            assert c["code_bytes"] == len(image.bases) & wrap
+            assert c["bytes_in"] == tr.bytes_sent & wrap
+            assert 0 < c["engine_busy"] <= c["cycles"]
+            # No log: its region is refused like any unknown one, and the driver says why.
+            _expect_error(drv, encode_frame(OP_READ, struct.pack("<BIH", REGION_LOG, 0, 8)),
+                          ERR_ADDRESS)
+            with pytest.raises(DriverError, match="no layer log.*layer_log = false"):
+                drv.layer_log()
+            _check_images(drv, program, 1, seed=15)
 
 
 def test_device_image_fits_the_derived_config(build, streamed_build):

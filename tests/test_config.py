@@ -1,8 +1,9 @@
+import hashlib
 import json
 
 import pytest
 
-from gen.config import AcceleratorConfig, ConfigError, clog2
+from gen.config import OPTIONAL_FIELDS, AcceleratorConfig, ConfigError, clog2
 
 
 def test_defaults_valid_and_derived_widths():
@@ -52,3 +53,31 @@ def test_from_dict_unknown_and_missing(tmp_path):
     p.write_text(json.dumps({**AcceleratorConfig().to_dict(), "qu": 12}))
     with pytest.raises(ConfigError, match="qu = 12"):
         AcceleratorConfig.load(p)
+
+
+def test_optional_fields_keep_older_configs_and_their_digest(tmp_path):
+    c = AcceleratorConfig(rows=4)
+    older = {k: v for k, v in c.to_dict().items() if k not in OPTIONAL_FIELDS}
+    # A config written before the optional fields existed loads, and keeps its identity:
+    # the digest of the form it was hashed in then.
+    p = tmp_path / "old.json"
+    p.write_text(json.dumps(older))
+    loaded = AcceleratorConfig.load(p)
+    assert loaded == c
+    assert loaded.digest == hashlib.sha256(json.dumps(older, sort_keys=True).encode()).digest()
+    # A field away from its default is part of the identity.
+    for name, value in (("counter_bits", 24), ("layer_log", False)):
+        other = AcceleratorConfig(rows=4, **{name: value})
+        assert other.digest != c.digest
+        assert f'"{name}"' in other.canonical_json() and f'"{name}"' not in c.canonical_json()
+        assert AcceleratorConfig.from_json(other.to_json()).digest == other.digest
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("counter_bits", 8, "counter_bits = 8 is out of range; accepted: 16..48"),
+    ("counter_bits", 64, "counter_bits = 64"),
+    ("layer_log", "yes", "layer_log = 'yes' must be true or false"),
+])
+def test_optional_fields_validated(field, value, needle):
+    with pytest.raises(ConfigError, match=needle):
+        AcceleratorConfig(**{field: value})
