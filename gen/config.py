@@ -32,7 +32,7 @@ DECODE_FORMS = ("signed", "odd")
 KERNEL_SIZES = (1, 3, 5, 7)
 # Fields added after the first configs were written: a config file may leave them
 # out (they take these values), and the canonical form omits them at these values.
-OPTIONAL_FIELDS = {"counter_bits": 48, "layer_log": True}
+OPTIONAL_FIELDS = {"counter_bits": 48, "layer_log": True, "compact": False}
 
 
 class ConfigError(ValueError):
@@ -120,7 +120,13 @@ class AcceleratorConfig:
         Keep the per-layer log of the counters (``REGION_LOG``). Without it, reads
         of that region are refused and the log's block RAMs are saved.
 
-    ``counter_bits`` and ``layer_log`` may be left out of a config file; a field
+    compact:
+        Build for a small device (the iCE40 UP5K of the iCEBreaker): trade a few
+        cycles per layer for logic. The program memory is a byte-wide block RAM
+        whose records the sequencers read a byte at a time, instead of a record-wide
+        memory (logic cells on an iCE40).
+
+    ``counter_bits``, ``layer_log`` and ``compact`` may be left out of a config file; a field
     at its default is left out of the canonical form (:attr:`digest`), so that
     configs written before these fields existed keep their identity.
     """
@@ -153,6 +159,7 @@ class AcceleratorConfig:
     baud: int = 3_000_000
     counter_bits: int = 48
     layer_log: bool = True
+    compact: bool = False
     schema: int = field(default=CONFIG_SCHEMA_VERSION)
 
     def __post_init__(self):
@@ -185,9 +192,10 @@ class AcceleratorConfig:
         _check_int("link_timeout", self.link_timeout, 16, 1 << 32)
         _check_int("baud", self.baud, 1200, 50_000_000)
         _check_int("counter_bits", self.counter_bits, 16, 48)
-        if not isinstance(self.layer_log, bool):
-            raise ConfigError(f"AcceleratorConfig.layer_log = {self.layer_log!r} must be "
-                              "true or false")
+        for name in ("layer_log", "compact"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"AcceleratorConfig.{name} = {getattr(self, name)!r} must be "
+                                  "true or false")
         if self.post_bits > 63:
             raise ConfigError(
                 f"requant product needs {self.post_bits} bits (accumulator {self.acc_bits} + "

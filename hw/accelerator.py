@@ -197,7 +197,12 @@ class Accelerator(wiring.Component):
                      wfifo.r_en.eq(eng.i_weights.ready)]
 
         rec_layout = layer_record_layout(cfg)
-        m.submodules.prog = prog = Memory(shape=8 * RB, depth=cfg.max_layers, init=[])
+        # The program memory: a record per word, or with ``compact`` a byte per word (one
+        # block RAM per read port; a record-wide memory is logic cells on an iCE40).
+        compact = cfg.compact
+        prog_w, prog_lg, prog_nb = (8, 0, 1) if compact else (8 * RB, rb_log, RB)
+        m.submodules.prog = prog = Memory(shape=prog_w, depth=cfg.max_layers * RB // prog_nb,
+                                          init=[])
         # The base store and the constants: registered reads, the base store in slices
         # one block RAM deep (hw.memory).
         m.submodules.bases = bases = BlockMemory(8, 1, cfg.base_store_bytes, name="bases")
@@ -209,6 +214,11 @@ class Accelerator(wiring.Component):
         # uses them): every extra read port would be another copy of the memory.
         prog_wp, prog_rd_gen, prog_rd_eng = (
             prog.write_port(granularity=8), prog.read_port(), prog.read_port())
+        if compact:
+            # Each sequencer reads its record a byte at a time in FETCH, byte k into
+            # bits 8k.. of the record register (the cycle after its address).
+            g_k = Signal(range(RB + 1), name="g_k")
+            e_k = Signal(range(RB + 1), name="e_k")
         bases_wp, bases_rd_gen = bases.write_port(), bases.read_port()
         consts_wp, consts_rd_eng = consts.write_port(), consts.read_port()
         prog_rd_host, bases_rd_host, consts_rd_host = prog_rd_eng, bases_rd_gen, consts_rd_eng
@@ -282,15 +292,22 @@ class Accelerator(wiring.Component):
             m.d.comb += [gen.i_codes.valid.eq(base_q.r_rdy), gen.i_codes.payload.eq(base_q.r_data),
                          base_q.r_en.eq(gen.i_codes.ready)]
         codes_left = (base_q.level != 0) | (stream_q.level != 0)
-        m.d.comb += [prog_rd_gen.addr.eq(g_idx), gen.i_desc.payload.eq(g_rec.desc)]
+        m.d.comb += [prog_rd_gen.addr.eq(Cat(g_k[:rb_log], g_idx) if compact else g_idx),
+                     gen.i_desc.payload.eq(g_rec.desc)]
         with m.If(gen.i_codes.valid & gen.i_codes.ready):
             m.d.sync += ctr["code_bytes"].eq(ctr["code_bytes"] + 1)
         with m.Switch(g_st):
             with m.Case(_Seq.FETCH):
-                m.d.sync += g_st.eq(_Seq.DESC)
+                if compact:
+                    self._fetch_bytes(m, g_k, g_rec, prog_rd_gen.data, g_st, RB)
+                else:
+                    m.d.sync += g_st.eq(_Seq.DESC)
             with m.Case(_Seq.DESC):
-                fetched = data.View(rec_layout, prog_rd_gen.data[:rec_layout.size])
-                m.d.sync += g_rec.eq(fetched)
+                if compact:
+                    fetched = g_rec
+                else:
+                    fetched = data.View(rec_layout, prog_rd_gen.data[:rec_layout.size])
+                    m.d.sync += g_rec.eq(fetched)
                 with m.If(fetched.desc.op):  # a pool has no weights
                     m.d.sync += g_st.eq(_Seq.NEXT)
                 with m.Else():
@@ -325,15 +342,21 @@ class Accelerator(wiring.Component):
         m.d.comb += [cfifo.w_data.eq(Value.cast(consts_rd_eng.data)[:const_w]),
                      eng.i_chan.payload.eq(cfifo.r_data), eng.i_chan.valid.eq(cfifo.r_rdy),
                      cfifo.r_en.eq(eng.i_chan.ready),
-                     prog_rd_eng.addr.eq(e_idx), eng.i_desc.payload.eq(e_rec.desc)]
+                     prog_rd_eng.addr.eq(Cat(e_k[:rb_log], e_idx) if compact else e_idx),
+                     eng.i_desc.payload.eq(e_rec.desc)]
         engine_fault = Signal()
         log_we = Signal()
         log_idx = Signal.like(e_idx)
         with m.Switch(e_st):
             with m.Case(_Seq.FETCH):
-                m.d.sync += e_st.eq(_Seq.DESC)
+                if compact:
+                    self._fetch_bytes(m, e_k, e_rec, prog_rd_eng.data, e_st, RB)
+                else:
+                    m.d.sync += e_st.eq(_Seq.DESC)
             with m.Case(_Seq.DESC):
-                m.d.sync += [e_rec.eq(prog_rd_eng.data), e_st.eq(_Seq.WAIT)]
+                if not compact:
+                    m.d.sync += e_rec.eq(prog_rd_eng.data)
+                m.d.sync += e_st.eq(_Seq.WAIT)
             with m.Case(_Seq.WAIT):
                 m.d.comb += eng.i_desc.valid.eq(1)
                 with m.If(eng.i_desc.ready):
@@ -561,7 +584,7 @@ class Accelerator(wiring.Component):
         # data input in the same cycle); the response follows after the last one.
         # A second register stage holds each memory's decoded byte enables, so that the
         # region select and the byte-lane decode do not share a cycle with the write.
-        for wp, reg, lg, nb in ((bases_wp, REGION_BASES, 0, 1), (prog_wp, REGION_PROGRAM, rb_log, RB),
+        for wp, reg, lg, nb in ((bases_wp, REGION_BASES, 0, 1), (prog_wp, REGION_PROGRAM, prog_lg, prog_nb),
                                 (consts_wp, REGION_CONSTS, cb_log, CB)):
             lanes = (1 << wq_pos[:lg]) if lg else 1
             m.d.sync += [wp.addr.eq(wq_pos >> lg), wp.data.eq(Cat(*([wq_data] * nb))),
@@ -576,12 +599,12 @@ class Accelerator(wiring.Component):
         sel_q = Signal(8)
         cidx = Signal(range(len(COUNTERS)))
         cap_ident, cap_bases = Signal(8), Signal(8)
-        cap_prog, cap_consts = Signal(8 * RB), Signal(8 * CB)
+        cap_prog, cap_consts = Signal(prog_w), Signal(8 * CB)
         cap_counter, cap_log = Signal(counter_bits), Signal(counter_bits)
         # The block RAM outputs land in plain registers every cycle (no enable, no
         # select in front), which HOLD copies; the base store and the constants have
         # such registers of their own (hw.memory).
-        raw_ident, raw_prog = Signal(8), Signal(8 * RB)
+        raw_ident, raw_prog = Signal(8), Signal(prog_w)
         raw_bases, raw_consts = bases_rd_host.data, Value.cast(consts_rd_host.data)
         m.d.sync += [raw_ident.eq(ident_rd.data), raw_prog.eq(prog_rd_host.data)]
         # A log entry is LOG_COUNTERS words of 8 bytes: byte address = (layer, word, byte).
@@ -598,7 +621,7 @@ class Accelerator(wiring.Component):
         for rp in log_rds:
             m.d.comb += rp.addr.eq(s_pos >> log_shift)
         with m.If(prog_host):
-            m.d.comb += prog_rd_host.addr.eq(s_pos >> rb_log)
+            m.d.comb += prog_rd_host.addr.eq(s_pos >> prog_lg)
         s_data = Signal(8)
         s_more = Signal()
         status_word = Cat(state, Const(0, 8 - len(state)), status_err,
@@ -673,8 +696,8 @@ class Accelerator(wiring.Component):
                     with m.Case(SRC_BASES):
                         m.d.comb += s_data.eq(cap_bases)
                     with m.Case(SRC_PROG):
-                        m.d.comb += s_data.eq(cap_prog.word_select(s_sel_byte[:max(1, rb_log)], 8)
-                                              if rb_log else cap_prog)
+                        m.d.comb += s_data.eq(cap_prog.word_select(s_sel_byte[:max(1, prog_lg)], 8)
+                                              if prog_lg else cap_prog)
                     with m.Case(SRC_CONSTS):
                         m.d.comb += s_data.eq(cap_consts.word_select(s_sel_byte[:max(1, cb_log)], 8)
                                               if cb_log else cap_consts)
@@ -738,6 +761,11 @@ class Accelerator(wiring.Component):
 
         with m.If(g_st == _Seq.IDLE):
             m.d.sync += s_left.eq(0)
+        if compact:
+            # A fetch always starts at byte 0 (also after an abort stopped one).
+            for k, st in ((g_k, g_st), (e_k, e_st)):
+                with m.If(st != _Seq.FETCH):
+                    m.d.sync += k.eq(0)
         # A run starts from a register a cycle after the RUN check: the check's decode
         # and the sequencers' state (spread over the controller) never share a cycle.
         start_q = Signal()
@@ -759,6 +787,20 @@ class Accelerator(wiring.Component):
             with m.If(running):
                 m.d.sync += [state.eq(STATE_ERROR), status_err.eq(ERR_ABORTED)]
         return m
+
+    @staticmethod
+    def _fetch_bytes(m, k, rec, rdata, st, n_bytes):
+        """One cycle of a byte-wide record fetch (``compact``): the read port addresses
+        byte ``k`` of the record; byte ``k - 1``, read at the previous cycle, lands in
+        the record register. DESC follows the last byte."""
+        raw = Value.cast(rec)
+        m.d.sync += k.eq(k + 1)
+        for i in range(n_bytes):
+            if 8 * i < len(raw):
+                with m.If(k == i + 1):
+                    m.d.sync += raw[8 * i:min(8 * i + 8, len(raw))].eq(rdata)
+        with m.If(k == n_bytes):
+            m.d.sync += st.eq(_Seq.DESC)
 
     def _region_sizes(self) -> dict:
         cfg = self.config

@@ -25,7 +25,7 @@ from host.driver import DeviceError, Driver, DriverError
 from host.image import build_image
 from host.protocol import (ERR_ADDRESS, ERR_ARGUMENT, ERR_CRC, ERR_LENGTH, ERR_OPCODE,
                            ERR_STATE, ERR_TIMEOUT, OP_ERROR, OP_IDENTIFY, OP_LOAD_ACT, OP_READ, OP_RUN,
-                           OP_STATUS, OP_WRITE, REGION_BASES, REGION_LOG, REGION_STREAM, LOG_COUNTERS, SYNC, FrameDecoder,
+                           OP_STATUS, OP_WRITE, REGION_BASES, REGION_LOG, REGION_PROGRAM, REGION_STREAM, LOG_COUNTERS, SYNC, FrameDecoder,
                            encode_frame)
 from host.transport import SerialTransport
 from sim.board import SimulatedBoard
@@ -220,16 +220,21 @@ def test_board_icarus_bit_exact(build):
 
 
 @pytest.mark.skipif(not simulator_available("verilator"), reason="Verilator not installed")
-def test_board_narrow_counters_without_layer_log():
-    """A small-device build: 2 x 2 array, 16-bit counters, no layer log."""
+def test_board_compact_narrow_counters_without_layer_log():
+    """A small-device build: 2 x 2 array, 16-bit counters, no layer log, compact."""
     bits = 16
-    config, program = _build(rows=2, cols=2, gen_lanes=2, counter_bits=bits, layer_log=False)
-    assert config.counter_bits == bits and not config.layer_log
+    config, program = _build(rows=2, cols=2, gen_lanes=2, counter_bits=bits, layer_log=False,
+                             compact=True)
+    assert config.counter_bits == bits and not config.layer_log and config.compact
     with SimulatedBoard(config, "verilator", fast_build=True) as board:
         with SerialTransport(board.url) as tr:
             drv = Driver(tr, timeout=30)
             assert drv.identify().config_digest == config.digest
             image = drv.load_program(config, program)
+            # The byte-wide program memory reads back what was written, at any offset.
+            rb = drv.identify().record_bytes
+            assert drv.read(REGION_PROGRAM, 0, len(image.records)) == image.records
+            assert drv.read(REGION_PROGRAM, rb + 3, 5) == image.records[rb + 3:rb + 8]
             _check_images(drv, program, 2, seed=14)
             c = drv.counters()
             net = program.network()
