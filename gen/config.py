@@ -205,6 +205,13 @@ class AcceleratorConfig:
     # Derived widths -----------------------------------------------------
 
     @property
+    def requant_lanes(self) -> int:
+        """Channels the requantizer takes per cycle: ``gcd(rows, cols)``, so lane groups
+        tile both a channel tile of ``cols`` outputs and a bank row of ``rows``
+        channels; one with ``compact``."""
+        return 1 if self.compact else math.gcd(self.rows, self.cols)
+
+    @property
     def b_value_bits(self) -> int:
         return code_value_bits(self.qb, self.decode)
 

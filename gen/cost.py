@@ -9,7 +9,8 @@ and ``P = ho*wo`` output pixels:
 * **engine**: the array takes one vector per cycle, each tile streams all ``P``
   pixels past its weights (and needs ``rows`` cycles to load them), so a tile
   costs ``te = max(P, rows)``; after the last tile the accumulators of the last
-  output-channel tile are requantized, ``P * cols / gcd(rows, cols)`` cycles;
+  output-channel tile are requantized, ``P * cols / lanes`` cycles (the config's
+  ``requant_lanes``);
 * **generation**: loading the layer's codes takes, per tensor, one cycle per
   code but at least ``BYTE_CYCLES`` cycles per packed byte (the code-byte
   stream delivers a byte a cycle), level 1
@@ -31,7 +32,6 @@ activation buffers, ``act_bytes`` bytes an element.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 from .config import AcceleratorConfig, lane_plan
@@ -55,6 +55,16 @@ SEQ_FIXED = 4
 # Weight tiles the generation unit can finish ahead of the engine: two work tiles,
 # the output tile, the four-vector weight FIFO and the engine's staging tile.
 LOOKAHEAD_TILES = 4
+
+
+def _seq_cycles(config: AcceleratorConfig) -> int:
+    """A sequencer's cycles from one record to the next: with ``compact`` it reads the
+    record a byte a cycle."""
+    if not config.compact:
+        return SEQ_FIXED
+    from host.protocol import record_bytes
+
+    return SEQ_FIXED + record_bytes(config)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -102,7 +112,7 @@ def _layer_parts(net: QuantizedNetwork, layer: LayerSpec, config: AcceleratorCon
     kk = layer.k * layer.k
     tiles = _cdiv(layer.co, C) * _cdiv(layer.ci, R) * kk
     te = max(p, R)
-    tail = p * C // math.gcd(R, C) + ENGINE_FIXED
+    tail = p * C // config.requant_lanes + ENGINE_FIXED
     plan = lane_plan(config)
     groups, p1 = plan["Pc"] * plan["Pr"], plan["P1"]
     load = sum(max(t.numel(), BYTE_CYCLES * ((t.numel() * bits + 7) // 8))
@@ -118,11 +128,12 @@ def _layer_parts(net: QuantizedNetwork, layer: LayerSpec, config: AcceleratorCon
 def layer_costs(net: QuantizedNetwork, config: AcceleratorConfig) -> list[LayerCost]:
     """Predicted cost of every layer of ``net`` run as one program on ``config``."""
     out = []
+    seq = _seq_cycles(config)
     eng_end = 0          # the engine finished the previous layer
-    gen_free = SEQ_FIXED  # the generation unit can take the next conv layer's codes
+    gen_free = seq       # the generation unit can take the next conv layer's codes
     for layer in net.layers:
         c = _layer_parts(net, layer, config)
-        start = eng_end + SEQ_FIXED
+        start = eng_end + seq
         if layer.op == "pool":
             end = start + c["compute"]
             exposed = 0
@@ -135,12 +146,12 @@ def layer_costs(net: QuantizedNetwork, config: AcceleratorConfig) -> list[LayerC
             # The last tile is generated when it is due, at most LOOKAHEAD_TILES tiles
             # ahead of the engine.
             last_gen = first + (c["tiles"] - 1) * c["tg"]
-            gen_free = max(last_gen, end - c["tail"] - LOOKAHEAD_TILES * rate) + SEQ_FIXED
+            gen_free = max(last_gen, end - c["tail"] - LOOKAHEAD_TILES * rate) + seq
         out.append(LayerCost(
             name=layer.name, op=layer.op, macs=layer.macs, tiles=c["tiles"],
             compute=c["compute"], gen_load=c["load"], gen_level1=c["l1"],
             gen_tiles=c["tiles"] * c["tg"], generation=c["gen"], cycles=end - eng_end,
-            preloaded=SEQ_FIXED + c["busy"],
+            preloaded=seq + c["busy"],
             exposed=exposed, weight_bytes=c["weight_bytes"], act_bytes=c["act_bytes"]))
         eng_end = end
     return out

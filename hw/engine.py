@@ -26,8 +26,9 @@ Dataflow (weight-stationary, see :mod:`hw.systolic`)::
   RAM is mapped without its output register and is slow to its output), and
   the feeder hands vectors over through a two-entry skid buffer, so that the
   issue decision does not reach the feeder's loop logic in the same cycle.
-* **Post-processing.** ``gcd(rows, cols)`` requant lanes per cycle; lane
-  channels are consecutive so their write-back banks never collide. The
+* **Post-processing.** ``gcd(rows, cols)`` requant lanes per cycle (one with
+  ``compact``); lane channels are consecutive so their write-back banks never
+  collide. The
   residual operand is read from its buffer in the same banked layout; if it
   shares the source buffer, the residual read wins the port and the feeder
   waits one cycle.
@@ -68,7 +69,6 @@ not where the layer's shape puts it).
 
 from __future__ import annotations
 
-import math
 
 from amaranth.hdl import Array, Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
@@ -90,9 +90,8 @@ ERR_WEIGHTS = 2
 
 
 def post_lanes(config: AcceleratorConfig) -> int:
-    """Requant lanes: ``gcd(rows, cols)``, so lane groups tile both a channel tile of
-    ``cols`` outputs and a bank row of ``rows`` channels."""
-    return math.gcd(config.rows, config.cols)
+    """Requant lanes (:attr:`gen.config.AcceleratorConfig.requant_lanes`)."""
+    return config.requant_lanes
 
 
 def _max_channels(config: AcceleratorConfig) -> int:
