@@ -84,6 +84,8 @@ def cmd_compile(args) -> int:
         overrides["counter_bits"] = args.counter_bits
     if args.no_layer_log:
         overrides["layer_log"] = False
+    if args.compact:
+        overrides["compact"] = True
     net = data["network"]
     calib = None
     if args.form != "generate":
@@ -447,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "counters wrap sooner and save logic on small devices")
     c.add_argument("--no-layer-log", action="store_true",
                    help="build without the per-layer counter log (saves its block RAMs)")
+    c.add_argument("--compact", action="store_true",
+                   help="build for a small device such as the iCEBreaker's UP5K: less logic, "
+                        "a few more cycles per layer")
     c.add_argument("--form", choices=("auto", "generate", "factorized"), default="auto",
                    help="execution form of layers with level 2: generate W2 then convolve, the "
                         "factorized form (conv with W1, then 1x1 with V), or per layer whichever "
