@@ -50,7 +50,9 @@ class Requantizer(wiring.Component):
         Layer constants, held stable from one cycle before the first input until
         the last result.
     o_valid, o_lanes, o_y, o_tag:
-        The results :attr:`latency` cycles later.
+        The results :attr:`latency` cycles later: 7, or 4 with ``compact`` (the
+        products, their sum and the shift each take one stage fewer registers,
+        for a slower clock).
     busy:
         High while any input is in flight.
 
@@ -60,12 +62,11 @@ class Requantizer(wiring.Component):
         If ``lanes`` is not a positive integer.
     """
 
-    latency = 7
-
     def __init__(self, config: AcceleratorConfig, lanes: int, tag_shape=unsigned(1)):
         if not isinstance(lanes, int) or lanes < 1:
             raise ValueError(f"Requantizer lanes must be a positive integer, got {lanes!r}")
         self.config = config
+        self.latency = 4 if config.compact else 7
         self.lanes = lanes
         self.tag_shape = Shape.cast(tag_shape) if not isinstance(tag_shape, data.Layout) else tag_shape
         super().__init__({
@@ -91,7 +92,6 @@ class Requantizer(wiring.Component):
         cfg = self.config
         L = self.lanes
         m = Module()
-        lo, hi = -(1 << (cfg.a_bits - 1)), (1 << (cfg.a_bits - 1)) - 1
 
         valid = [Signal(name=f"valid_{i}") for i in range(self.latency)]
         lanes = [Signal(L, name=f"lanes_{i}") for i in range(self.latency)]
@@ -107,6 +107,10 @@ class Requantizer(wiring.Component):
         rnd = Signal(cfg.post_bits + 1)
         m.d.sync += rnd.eq((Const(1, cfg.post_bits + 2) << self.shift) >> 1)
 
+        if cfg.compact:
+            for g in range(L):
+                self._compact_lane(m, g, rnd, platform)
+            return m
         # Every stage ends in a register: inputs (they come from block RAM), partial
         # products, products, product + bias + rounding constant, + residual product,
         # shift, clamp.
@@ -144,16 +148,42 @@ class Requantizer(wiring.Component):
             m.d.sync += rounded.eq(total + rprod)
             shifted = Signal(signed(cfg.post_bits + 3), name=f"shifted_{g}")
             m.d.sync += shifted.eq(rounded >> self.shift)
-            # Clamp and ReLU from the bits: the value fits a_bits when every bit from
-            # a_bits - 1 up equals the sign. ReLU only picks the negative side's result,
-            # so the layer's flag (one register for all lanes) is the last gate.
-            sign = shifted[-1]
-            top = shifted[cfg.a_bits - 1:-1]
-            low = shifted[:cfg.a_bits]
-            pos = Mux(top.any(), hi, low)
-            neg = Mux(self.relu, 0, Mux(top.all(), low, lo))
-            m.d.sync += self.o_y[g].eq(Mux(sign, neg, pos))
+            m.d.sync += self.o_y[g].eq(self._clamp(shifted))
         return m
+
+    def _clamp(self, shifted):
+        """Clamp and ReLU from the bits: the value fits a_bits when every bit from
+        a_bits - 1 up equals the sign. ReLU only picks the negative side's result, so
+        the layer's flag (one register for all lanes) is the last gate."""
+        a_bits = self.config.a_bits
+        lo, hi = -(1 << (a_bits - 1)), (1 << (a_bits - 1)) - 1
+        sign = shifted[-1]
+        top = shifted[a_bits - 1:-1]
+        low = shifted[:a_bits]
+        pos = Mux(top.any(), hi, low)
+        neg = Mux(self.relu, 0, Mux(top.all(), low, lo))
+        return Mux(sign, neg, pos)
+
+    def _compact_lane(self, m, g, rnd, platform):
+        """One lane in four stages: operands, products (with the bias and the rounding
+        constant summed beside them), their sum, shift and clamp. The product is split
+        for multipliers of 16 x 16 bits (the iCE40 SB_MAC16)."""
+        cfg = self.config
+        acc, mult = self.i_acc[g], self.i_mult[g]
+        res = Mux(self.has_res, self.i_res[g], 0)
+        lo_bits = min(cfg.acc_bits, 15)
+        acc_hi = acc[lo_bits:].as_signed() if cfg.acc_bits > lo_bits else Const(0, signed(1))
+        acc_lo = acc[:lo_bits] if cfg.acc_bits > lo_bits else acc
+        p_lo = registered_multiply(m, acc_lo, mult, f"prod_lo_{g}", platform)
+        p_hi = registered_multiply(m, acc_hi, mult, f"prod_hi_{g}", platform)
+        rprod = registered_multiply(m, res, self.m_res, f"rprod_{g}", platform)
+        wide = signed(cfg.post_bits + 3)
+        bias0 = Signal(signed(cfg.bias_bits), name=f"bias0_{g}")
+        bias1 = Signal(wide, name=f"bias1_{g}")
+        m.d.sync += [bias0.eq(self.i_bias[g]), bias1.eq(bias0 + rnd)]
+        rounded = Signal(wide, name=f"rounded_{g}")
+        m.d.sync += rounded.eq((p_hi << lo_bits) + p_lo + bias1 + rprod)
+        m.d.sync += self.o_y[g].eq(self._clamp(rounded >> self.shift))
 
 
 class PoolAccumulator(wiring.Component):

@@ -230,9 +230,12 @@ def test_check_layer_names_the_offending_field():
 # Requantization
 # ---------------------------------------------------------------------------------------
 
-def test_requantizer_matches_integer_contract():
+@pytest.mark.parametrize("compact", [False, True])
+def test_requantizer_matches_integer_contract(compact):
+    # (acc_bits 18: the product is split in two, for 18- and for 16-bit multipliers)
     cfg = AcceleratorConfig(rows=4, cols=4, a_bits=6, w_bits=5, m_bits=10, max_ci=8, max_co=8,
-                            max_k=3, max_h=4, max_w=4, act_depth=128)
+                            max_k=3, max_h=4, max_w=4, act_depth=128, compact=compact)
+    assert cfg.acc_bits == 18
     lanes, rng = 3, random.Random(11)
     dut = Requantizer(cfg, lanes, unsigned(8))
 
