@@ -10,7 +10,7 @@ ROWS    ?= 8
 COLS    ?= 8
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test train compile rtl synth soak formal bench venv iverilog clean
+.PHONY: demo test train compile compile-icebreaker rtl synth soak formal bench venv iverilog clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -69,8 +69,10 @@ bench: $(BUILD)/digits.pt
 formal: $(SYNTH_STAMP)
 	MLG_LONG=1 $(PY) -m hw.formal
 
-# Bitstream and report of the digits build:
+# Bitstream and report:
 #   make synth BOARD=ulx3s-85f|icebreaker [FREQ=MHz] [MARGIN=PCT] [SEED=N[,N...]] [PNR_TIMEOUT=MIN]
+# The ULX3S gets the digits build; the iCEBreaker a compact build of a small digits
+# model (8 and 16 channels) on a 2 x 2 array with one generation lane.
 BOARD   ?= ulx3s-85f
 # On the ULX3S, place and route works towards a clock 10 % above the request and up to
 # four placement seeds are tried, as many at a time as there are CPUs; the first that
@@ -79,9 +81,22 @@ ifeq ($(BOARD),ulx3s-85f)
 MARGIN      ?= 10
 SEED        ?= 1,2,3,4
 PNR_TIMEOUT ?= 40
+SYNTH_BUILD := $(BUILD)/digits
+SYNTH_DEP   := compile
+else
+SYNTH_BUILD := $(BUILD)/icebreaker
+SYNTH_DEP   := compile-icebreaker
 endif
-synth: compile $(SYNTH_STAMP)
-	$(MLG) synth $(BUILD)/digits --board $(BOARD) $(if $(FREQ),--freq $(FREQ)) $(if $(MARGIN),--margin $(MARGIN)) $(if $(SEED),--seed $(SEED)) $(if $(PNR_TIMEOUT),--pnr-timeout $(PNR_TIMEOUT))
+
+$(BUILD)/small.pt: | $(STAMP)
+	$(MLG) train --widths 8,16 --out $@
+
+compile-icebreaker: $(BUILD)/small.pt
+	$(MLG) compile $(BUILD)/small.pt --out $(BUILD)/icebreaker --rows 2 --cols 2 --gen-lanes 1 \
+	  --counter-bits 24 --no-layer-log --compact
+
+synth: $(SYNTH_DEP) $(SYNTH_STAMP)
+	$(MLG) synth $(SYNTH_BUILD) --board $(BOARD) $(if $(FREQ),--freq $(FREQ)) $(if $(MARGIN),--margin $(MARGIN)) $(if $(SEED),--seed $(SEED)) $(if $(PNR_TIMEOUT),--pnr-timeout $(PNR_TIMEOUT))
 
 test: $(SYNTH_STAMP) iverilog
 	$(PY) -m pytest -q -n 2 tests
