@@ -188,13 +188,17 @@ class Accelerator(wiring.Component):
         wiring.connect(m, wiring.flipped(self.i_rx), link.i_rx)
         wiring.connect(m, link.o_tx, wiring.flipped(self.o_tx))
         # Weight vectors cross from the generation unit to the engine through a short
-        # FIFO, so that neither side's handshake logic reaches into the other's.
-        m.submodules.weight_fifo = wfifo = in_unit(
-            SyncFIFOBuffered(width=len(eng.i_weights.payload.as_value()), depth=4))
-        m.d.comb += [wfifo.w_data.eq(gen.o_weights.payload), wfifo.w_en.eq(gen.o_weights.valid),
-                     gen.o_weights.ready.eq(wfifo.w_rdy),
-                     eng.i_weights.payload.eq(wfifo.r_data), eng.i_weights.valid.eq(wfifo.r_rdy),
-                     wfifo.r_en.eq(eng.i_weights.ready)]
+        # FIFO, so that neither side's handshake logic reaches into the other's (with
+        # ``compact``, for a slower clock, directly).
+        if cfg.compact:
+            wiring.connect(m, gen.o_weights, eng.i_weights)
+        else:
+            m.submodules.weight_fifo = wfifo = in_unit(
+                SyncFIFOBuffered(width=len(eng.i_weights.payload.as_value()), depth=4))
+            m.d.comb += [wfifo.w_data.eq(gen.o_weights.payload), wfifo.w_en.eq(gen.o_weights.valid),
+                         gen.o_weights.ready.eq(wfifo.w_rdy),
+                         eng.i_weights.payload.eq(wfifo.r_data), eng.i_weights.valid.eq(wfifo.r_rdy),
+                         wfifo.r_en.eq(eng.i_weights.ready)]
 
         rec_layout = layer_record_layout(cfg)
         # The program memory: a record per word, or with ``compact`` a byte per word (one
@@ -334,15 +338,21 @@ class Accelerator(wiring.Component):
         n_out = Mux(e_rec.desc.op, e_rec.desc.ci, e_rec.desc.co)
         # The constants cross a two-word FIFO: the block RAM's output (slow out of the
         # block) lands in registers here, not in the engine's constant memories across
-        # the die.
+        # the die (with ``compact``, for a slower clock, the stream feeds the engine).
         const_w = channel_layout(cfg).size
-        m.submodules.const_fifo = cfifo = in_unit(SyncFIFOBuffered(width=const_w, depth=2))
-        _stream_words(m, consts_rd_eng, e_rec.const_addr, n_out, e_go,
-                      cfifo.w_en, cfifo.w_rdy, h_consts_load | unit_rst, s_pos >> cb_log, "const")
-        m.d.comb += [cfifo.w_data.eq(Value.cast(consts_rd_eng.data)[:const_w]),
-                     eng.i_chan.payload.eq(cfifo.r_data), eng.i_chan.valid.eq(cfifo.r_rdy),
-                     cfifo.r_en.eq(eng.i_chan.ready),
-                     prog_rd_eng.addr.eq(Cat(e_k[:rb_log], e_idx) if compact else e_idx),
+        const_data = Value.cast(consts_rd_eng.data)[:const_w]
+        if cfg.compact:
+            _stream_words(m, consts_rd_eng, e_rec.const_addr, n_out, e_go, eng.i_chan.valid,
+                          eng.i_chan.ready, h_consts_load | unit_rst, s_pos >> cb_log, "const")
+            m.d.comb += eng.i_chan.payload.eq(const_data)
+        else:
+            m.submodules.const_fifo = cfifo = in_unit(SyncFIFOBuffered(width=const_w, depth=2))
+            _stream_words(m, consts_rd_eng, e_rec.const_addr, n_out, e_go, cfifo.w_en,
+                          cfifo.w_rdy, h_consts_load | unit_rst, s_pos >> cb_log, "const")
+            m.d.comb += [cfifo.w_data.eq(const_data),
+                         eng.i_chan.payload.eq(cfifo.r_data), eng.i_chan.valid.eq(cfifo.r_rdy),
+                         cfifo.r_en.eq(eng.i_chan.ready)]
+        m.d.comb += [prog_rd_eng.addr.eq(Cat(e_k[:rb_log], e_idx) if compact else e_idx),
                      eng.i_desc.payload.eq(e_rec.desc)]
         engine_fault = Signal()
         log_we = Signal()
