@@ -142,6 +142,23 @@ def test_compile_rejects_array_out_of_range(quick_model, tmp_path, capsys):
     assert "rows = 1" in capsys.readouterr().err
 
 
+def test_compile_small_device_options(quick_model, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["compile", str(quick_model), "--out", str(out), "--rows", "2", "--cols", "2",
+                 "--counter-bits", "24", "--no-layer-log", "--compact"]) == 0
+    cfg = AcceleratorConfig.load(out / "config.json")
+    assert (cfg.counter_bits, cfg.layer_log, cfg.compact) == (24, False, True)
+    # The program carries the digest of that config: a default build is another one.
+    load_program(out / "program.bin", config=cfg)
+    plain = tmp_path / "p"
+    assert main(["compile", str(quick_model), "--out", str(plain), "--rows", "2", "--cols", "2"]) == 0
+    assert AcceleratorConfig.load(plain / "config.json").digest != cfg.digest
+    capsys.readouterr()
+    assert main(["compile", str(quick_model), "--out", str(tmp_path / "x"),
+                 "--counter-bits", "8"]) == 2
+    assert "counter_bits = 8 is out of range; accepted: 16..48" in capsys.readouterr().err
+
+
 def test_sim_and_run_refuse_a_corrupt_or_missing_build(quick_model, tmp_path, capsys):
     build = tmp_path / "b"
     assert main(["compile", str(quick_model), "--out", str(build)]) == 0
