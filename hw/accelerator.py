@@ -209,7 +209,10 @@ class Accelerator(wiring.Component):
                                           init=[])
         # The base store and the constants: registered reads, the base store in slices
         # one block RAM deep (hw.memory).
-        m.submodules.bases = bases = BlockMemory(8, 1, cfg.base_store_bytes, name="bases")
+        # (compact: in single-port RAM, which the UP5K has 4 x 32 KiB of; the base store
+        # is written only while no run reads it.)
+        m.submodules.bases = bases = BlockMemory(8, 1, cfg.base_store_bytes, name="bases",
+                                                 single_port=cfg.compact)
         m.submodules.consts = consts = BlockMemory(8, CB, cfg.const_depth, granular=True,
                                                    name="consts")
         m.submodules.ident = ident = Memory(shape=8, depth=len(identity_bytes(cfg)),

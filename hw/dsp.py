@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from amaranth.hdl import ClockSignal, Const, Instance, Module, Signal, Value, signed
 
-__all__ = ["registered_multiply", "is_ecp5"]
+__all__ = ["registered_multiply", "is_ecp5", "is_ice40"]
 
 DSP_WIDTH = 18
 
@@ -21,6 +21,11 @@ DSP_WIDTH = 18
 def is_ecp5(platform) -> bool:
     """Whether ``platform`` targets the ECP5 family."""
     return platform is not None and getattr(platform, "family", None) == "ecp5"
+
+
+def is_ice40(platform) -> bool:
+    """Whether ``platform`` targets the iCE40 family (Amaranth's SiliconBlue platforms)."""
+    return platform is not None and getattr(platform, "family", None) == "iCE40"
 
 
 def registered_multiply(m: Module, a, b, name: str, platform=None) -> Signal:

@@ -263,8 +263,10 @@ class GenerationUnit(wiring.Component):
                                                  granular=True, name="u_mem")
         m.submodules.v_mem = v_mem = BlockMemory(unsigned(cfg.qv), C, depth["V"],
                                                  granular=True, name="v_mem")
+        # (compact: in single-port RAM; W1 is written by the load and level 1, and read
+        # only after them.)
         m.submodules.w1_mem = w1_mem = BlockMemory(signed(w1w), R, depth["W1"], granular=True,
-                                                   name="w1_mem")
+                                                   single_port=cfg.compact, name="w1_mem")
         b_port, b_rd = b_mem.write_port(), b_mem.read_port()
         u_port, u_rd = u_mem.write_port(), u_mem.read_port()
         v_port, v_rd = v_mem.write_port(), v_mem.read_port()

@@ -20,15 +20,26 @@ was high. That is an ``amaranth.lib.memory`` non-transparent read port followed 
 register, which is what simulation and other platforms get. Write ports write
 ``data`` at ``addr`` where ``en`` is high; ``en`` has one bit per element when the
 memory is built with ``granular=True``.
+
+A memory built with ``single_port=True`` has one address for its write port and its
+one read port, for users that never read and write in the same cycle: on an iCE40
+platform it is made of the UP5K's single-port RAMs (``SB_SPRAM256KA``, 16384 x 16;
+an element of a granular memory gets RAMs of its own), which hold much more than its
+block RAMs. A write cycle leaves the read port's first stage undefined, as the RAM
+does (its output is undefined after a write); elsewhere the memory says so by
+loading it with all ones, so that a read that overlaps a write shows up in
+simulation.
 """
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, ClockSignal, Const, Elaboratable, Instance, Module, Shape, Signal, Value
+from amaranth.hdl import Cat, ClockSignal, Const, Elaboratable, Instance, Module, Mux, Shape, Signal, Value
 from amaranth.lib import data
 from amaranth.lib.memory import Memory
 
-from .dsp import is_ecp5
+from .dsp import is_ecp5, is_ice40
+
+SPRAM_WIDTH, SPRAM_DEPTH = 16, 16384
 
 __all__ = ["BlockMemory", "slice_bits", "ECP5_MODES"]
 
@@ -77,11 +88,15 @@ class BlockMemory(Elaboratable):
     """
 
     def __init__(self, elem, count: int, depth: int, *, granular: bool = False,
-                 name: str = "mem"):
+                 single_port: bool = False, name: str = "mem"):
         self.elem = Shape.cast(elem)
         self.count = count
         self.depth = depth
         self.granular = granular
+        self.single_port = single_port
+        if single_port and depth > SPRAM_DEPTH:
+            raise ValueError(f"{name}: a single-port memory holds at most {SPRAM_DEPTH} words, "
+                             f"not {depth}")
         if count > 1:
             self.shape = data.ArrayLayout(elem, count)
         else:
@@ -97,6 +112,7 @@ class BlockMemory(Elaboratable):
         return self._wr
 
     def read_port(self) -> _ReadPort:
+        assert not (self.single_port and self._rds), "a single-port memory has one read port"
         p = _ReadPort(self.shape, self.depth, f"{self.name}_r{len(self._rds)}")
         self._rds.append(p)
         return p
@@ -115,6 +131,9 @@ class BlockMemory(Elaboratable):
         wr = self._wr
         assert wr is not None, f"{self.name}: no write port"
         wdata = Value.cast(wr.data)
+        if self.single_port:
+            self._single_port(m, wr, wdata, platform)
+            return m
         mode = ecp5_mode(self.depth)
         if is_ecp5(platform) and mode is not None:
             self._ecp5(m, wr, wdata, mode)
@@ -130,6 +149,43 @@ class BlockMemory(Elaboratable):
                 with m.If(p.out_en):
                     m.d.sync += Value.cast(p.data)[lo:hi].eq(rp.data)
         return m
+
+    def _single_port(self, m, wr, wdata, platform):
+        p = self._rds[0] if self._rds else _ReadPort(self.shape, self.depth, f"{self.name}_r0")
+        writing = wr.en.any()
+        addr = Signal.like(wr.addr, name=f"{self.name}_a")
+        m.d.comb += addr.eq(Mux(writing, wr.addr, p.addr))
+        rdata = Value.cast(p.data)
+        if not is_ice40(platform):
+            mem = Memory(shape=len(wdata), depth=self.depth, init=[])
+            m.submodules.mem = mem
+            en_bits = len(wr.en)
+            wp = mem.write_port(granularity=len(wdata) // en_bits if en_bits > 1 else None)
+            rp = mem.read_port(transparent_for=())
+            raw = Signal(len(wdata), name=f"{self.name}_q")
+            m.d.comb += [wp.addr.eq(addr), wp.data.eq(wdata), wp.en.eq(wr.en),
+                         rp.addr.eq(addr), rp.en.eq(p.en & ~writing)]
+            # The first stage after a write: all ones (undefined on the RAM).
+            poisoned = Signal(name=f"{self.name}_poison")
+            m.d.sync += poisoned.eq(writing | (poisoned & ~p.en))
+            m.d.comb += raw.eq(Mux(poisoned, ~Const(0, len(wdata)), rp.data))
+            with m.If(p.out_en):
+                m.d.sync += rdata.eq(raw)
+            return
+        # SB_SPRAM256KA: 16-bit words, a write mask per nibble; slices of 16 bits (per
+        # element of a granular memory).
+        for i, (e, lo, hi) in enumerate(self._slices(SPRAM_WIDTH)):
+            out = Signal(SPRAM_WIDTH, name=f"{self.name}_do{i}")
+            din = Signal(SPRAM_WIDTH, name=f"{self.name}_di{i}")
+            a14 = Signal(14, name=f"{self.name}_a{i}")
+            m.d.comb += [din.eq(wdata[lo:hi]), a14.eq(addr)]
+            m.submodules[f"spram{i}"] = Instance(
+                "SB_SPRAM256KA",
+                i_ADDRESS=a14, i_DATAIN=din, i_MASKWREN=Const(0xF, 4), i_WREN=wr.en[e],
+                i_CHIPSELECT=p.en | writing, i_CLOCK=ClockSignal(), i_STANDBY=Const(0),
+                i_SLEEP=Const(0), i_POWEROFF=Const(1), o_DATAOUT=out)
+            with m.If(p.out_en):
+                m.d.sync += rdata[lo:hi].eq(out[:hi - lo])
 
     def _ecp5(self, m, wr, wdata, mode):
         shift = _ECP5_ADDR_SHIFT[mode]

