@@ -21,6 +21,10 @@ register, which is what simulation and other platforms get. Write ports write
 ``data`` at ``addr`` where ``en`` is high; ``en`` has one bit per element when the
 memory is built with ``granular=True``.
 
+On an iCE40 platform a granular memory is one memory with a write mask per element:
+the blocks' 256 x 16 mode masks every bit, so the elements share blocks instead of
+each filling, in part, blocks of its own.
+
 A memory built with ``single_port=True`` has one address for its write port and its
 one read port, for users that never read and write in the same cycle: on an iCE40
 platform it is made of the UP5K's single-port RAMs (``SB_SPRAM256KA``, 16384 x 16;
@@ -138,6 +142,11 @@ class BlockMemory(Elaboratable):
         if is_ecp5(platform) and mode is not None:
             self._ecp5(m, wr, wdata, mode)
             return m
+        if is_ice40(platform) and self.granular and self.count > 1:
+            # iCE40 block RAMs have a write mask per bit (256 x 16): one memory with the
+            # elements' write enables fills blocks that per-element slices half use.
+            self._masked(m, wr, wdata)
+            return m
         for i, (e, lo, hi) in enumerate(self._slices(slice_bits(self.depth))):
             mem = Memory(shape=hi - lo, depth=self.depth, init=[])
             m.submodules[f"s{i}"] = mem
@@ -149,6 +158,17 @@ class BlockMemory(Elaboratable):
                 with m.If(p.out_en):
                     m.d.sync += Value.cast(p.data)[lo:hi].eq(rp.data)
         return m
+
+    def _masked(self, m, wr, wdata):
+        mem = Memory(shape=len(wdata), depth=self.depth, init=[])
+        m.submodules.mem = mem
+        wp = mem.write_port(granularity=self.elem.width)
+        m.d.comb += [wp.addr.eq(wr.addr), wp.en.eq(wr.en), wp.data.eq(wdata)]
+        for p in self._rds:
+            rp = mem.read_port(transparent_for=())
+            m.d.comb += [rp.addr.eq(p.addr), rp.en.eq(p.en)]
+            with m.If(p.out_en):
+                m.d.sync += Value.cast(p.data).eq(rp.data)
 
     def _single_port(self, m, wr, wdata, platform):
         p = self._rds[0] if self._rds else _ReadPort(self.shape, self.depth, f"{self.name}_r0")

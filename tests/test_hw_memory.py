@@ -97,17 +97,52 @@ def _wrapped(elem, count, depth, granular, platform, name, single_port=False):
 
 
 @pytest.mark.skipif(shutil.which("iverilog") is None, reason="Icarus Verilog not installed")
-@pytest.mark.parametrize("elem,count,depth,granular", [
-    (signed(12), 3, 2592, True), (8, 1, 8192, False), (signed(9), 4, 64, False),
-    (5, 2, 700, True), (1, 1, 16384, False), (8, 2, 2048, False)])
-def test_ecp5_block_rams_read_and_write_as_the_generic_memory(tmp_path, elem, count, depth, granular):
-    """The DP16KD instances (simulated by a behavioural model of the block written from
-    Lattice's memory guide, tests/models/dp16kd.v) against the generic memory."""
+@pytest.mark.parametrize("board,elem,count,depth,granular", [
+    ("ulx3s-85f", signed(12), 3, 2592, True), ("ulx3s-85f", 8, 1, 8192, False),
+    ("ulx3s-85f", signed(9), 4, 64, False), ("ulx3s-85f", 5, 2, 700, True),
+    ("ulx3s-85f", 1, 1, 16384, False), ("ulx3s-85f", 8, 2, 2048, False),
+    ("icebreaker", 8, 8, 128, True), ("icebreaker", signed(6), 2, 256, True)])
+def _wrapped(elem, count, depth, granular, platform, name, single_port=False):
+    """Verilog of a BlockMemory with one write and one read port, flat top-level ports."""
+    from amaranth.back import verilog
+
+    m = Module()
+    m.submodules.mem = mem = BlockMemory(elem, count, depth, granular=granular,
+                                         single_port=single_port)
+    w, r = mem.write_port(), mem.read_port()
+    width = Shape.cast(elem).width * count
+    ports = {"waddr": Signal(range(depth), name="waddr"), "wdata": Signal(width, name="wdata"),
+             "wen": Signal(len(w.en), name="wen"), "raddr": Signal(range(depth), name="raddr"),
+             "ren": Signal(name="ren"), "oen": Signal(name="oen"), "rdata": Signal(width, name="rdata")}
+    flat = (lambda v: v.as_value()) if count > 1 else (lambda v: v)
+    m.d.comb += [w.addr.eq(ports["waddr"]), flat(w.data).eq(ports["wdata"]), w.en.eq(ports["wen"]),
+                 r.addr.eq(ports["raddr"]), r.en.eq(ports["ren"]), r.out_en.eq(ports["oen"]),
+                 ports["rdata"].eq(flat(r.data))]
+    return verilog.convert(m, name=name, ports=list(ports.values()), platform=platform,
+                           emit_src=False), ports
+
+
+@pytest.mark.skipif(shutil.which("iverilog") is None, reason="Icarus Verilog not installed")
+@pytest.mark.parametrize("board,elem,count,depth,granular", [
+    ("ulx3s-85f", signed(12), 3, 2592, True), ("ulx3s-85f", 8, 1, 8192, False),
+    ("ulx3s-85f", signed(9), 4, 64, False), ("ulx3s-85f", 5, 2, 700, True),
+    ("ulx3s-85f", 1, 1, 16384, False), ("ulx3s-85f", 8, 2, 2048, False),
+    ("icebreaker", 8, 8, 128, True), ("icebreaker", signed(6), 2, 256, True)])
+def test_vendor_block_rams_read_and_write_as_the_generic_memory(tmp_path, board, elem, count, depth,
+                                                                granular):
+    """On ECP5 the DP16KD instances (simulated by a behavioural model of the block written
+    from Lattice's memory guide, tests/models/dp16kd.v), on iCE40 a granular memory's one
+    masked memory, against the generic memory (per-element slices)."""
     from hw.board import board_platform
 
-    ecp5, ports = _wrapped(elem, count, depth, granular, board_platform("ulx3s-85f"), "ecp5_mem")
+    vendor, ports = _wrapped(elem, count, depth, granular, board_platform(board), "ecp5_mem")
     generic, _ = _wrapped(elem, count, depth, granular, None, "generic_mem")
-    assert "DP16KD" in ecp5 and "DP16KD" not in generic
+    if board == "ulx3s-85f":
+        assert "DP16KD" in vendor and "DP16KD" not in generic
+    else:
+        # One memory of the whole word, against one per element.
+        arrays = [re.findall(r"reg \[\d+:0\] \S+ \[", text) for text in (vendor, generic)]
+        assert (len(arrays[0]), len(arrays[1])) == (1, count)
     rng = random.Random(depth * count)
     # Addresses that differ in one bit, lowest and highest, so that a misplaced
     # address pin aliases two of them.
@@ -155,7 +190,7 @@ module tb;
     end
 endmodule
 """
-    (tmp_path / "ecp5.v").write_text(ecp5)
+    (tmp_path / "ecp5.v").write_text(vendor)
     (tmp_path / "generic.v").write_text(generic)
     (tmp_path / "tb.v").write_text(tb)
     model = Path(__file__).parent / "models" / "dp16kd.v"
