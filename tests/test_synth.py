@@ -123,7 +123,18 @@ def test_a_configuration_too_large_for_the_board_gets_the_utilisation_table(tmp_
     assert dsp and int(dsp.group(1)) >= 16
     # The table nextpnr printed, with every resource, not a stack trace.
     assert re.search(r"ICESTORM_LC:\s+\d+/\s*5280", msg) and "SB_IO" in msg
+    # What the build could still give up.
+    assert "try a smaller array (--rows, --cols), fewer generation lanes (--gen-lanes), --compact" in msg
     assert "Traceback" not in msg
+
+
+def test_fit_hints_name_only_what_a_build_still_has():
+    from hw.synth import fit_hints
+
+    lean = AcceleratorConfig(**{**SMOKE.to_dict(), "rows": 2, "cols": 2, "gen_lanes": 1,
+                                "compact": True, "layer_log": False, "counter_bits": 16})
+    assert fit_hints(lean) == ["a smaller model (smaller layer maxima)"]
+    assert fit_hints(AcceleratorConfig(**{**lean.to_dict(), "layer_log": True}))[0] == "--no-layer-log"
 
 
 def test_utilisation_table_names_the_resources_over_capacity():
