@@ -173,6 +173,10 @@ def fit_hints(config: AcceleratorConfig) -> list[str]:
     return hints + ["a smaller model (smaller layer maxima)"]
 
 
+def _either(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} or {items[-1]}"
+
+
 def tighten_clocks(text: str, scale: float) -> str:
     """Every clock frequency of an LPF (ECP5) or PCF (iCE40) file times ``scale``.
 
@@ -416,7 +420,7 @@ def synthesize(config: AcceleratorConfig, board: str, freq_mhz: float, out_dir,
         if over:
             raise SynthError(f"the {config.rows}x{config.cols} configuration does not fit the "
                              f"{b.device} of {board} ({'; '.join(over)}); try "
-                             f"{', '.join(fit_hints(config))}. nextpnr's "
+                             f"{_either(fit_hints(config))}. nextpnr's "
                              f"utilisation:\n{table}") from None
         raise e
     if b.family == "ecp5":
