@@ -119,12 +119,13 @@ class AcceleratorConfig:
     layer_log:
         Keep the per-layer log of the counters (``REGION_LOG``). Without it, reads
         of that region are refused and the log's block RAMs are saved.
-
     compact:
         Build for a small device (the iCE40 UP5K of the iCEBreaker): trade a few
-        cycles per layer for logic. The program memory is a byte-wide block RAM
-        whose records the sequencers read a byte at a time, instead of a record-wide
-        memory (logic cells on an iCE40).
+        cycles per layer for logic. The program memory is byte-wide, its records
+        read a byte a cycle (a record-wide memory is logic cells on an iCE40); one
+        requant lane of four stages; no FIFOs between the generation unit, the
+        constant store and the engine; the W1 buffer and the base store in
+        single-port RAM (``hw.memory``).
 
     ``counter_bits``, ``layer_log`` and ``compact`` may be left out of a config file; a field
     at its default is left out of the canonical form (:attr:`digest`), so that

@@ -187,10 +187,11 @@ class Accelerator(wiring.Component):
         gen, eng = self.gen, self.engine
         wiring.connect(m, wiring.flipped(self.i_rx), link.i_rx)
         wiring.connect(m, link.o_tx, wiring.flipped(self.o_tx))
+        compact = cfg.compact
         # Weight vectors cross from the generation unit to the engine through a short
         # FIFO, so that neither side's handshake logic reaches into the other's (with
         # ``compact``, for a slower clock, directly).
-        if cfg.compact:
+        if compact:
             wiring.connect(m, gen.o_weights, eng.i_weights)
         else:
             m.submodules.weight_fifo = wfifo = in_unit(
@@ -203,7 +204,6 @@ class Accelerator(wiring.Component):
         rec_layout = layer_record_layout(cfg)
         # The program memory: a record per word, or with ``compact`` a byte per word (one
         # block RAM per read port; a record-wide memory is logic cells on an iCE40).
-        compact = cfg.compact
         prog_w, prog_lg, prog_nb = (8, 0, 1) if compact else (8 * RB, rb_log, RB)
         m.submodules.prog = prog = Memory(shape=prog_w, depth=cfg.max_layers * RB // prog_nb,
                                           init=[])
@@ -212,7 +212,7 @@ class Accelerator(wiring.Component):
         # (compact: in single-port RAM, which the UP5K has 4 x 32 KiB of; the base store
         # is written only while no run reads it.)
         m.submodules.bases = bases = BlockMemory(8, 1, cfg.base_store_bytes, name="bases",
-                                                 single_port=cfg.compact)
+                                                 single_port=compact)
         m.submodules.consts = consts = BlockMemory(8, CB, cfg.const_depth, granular=True,
                                                    name="consts")
         m.submodules.ident = ident = Memory(shape=8, depth=len(identity_bytes(cfg)),
@@ -344,7 +344,7 @@ class Accelerator(wiring.Component):
         # the die (with ``compact``, for a slower clock, the stream feeds the engine).
         const_w = channel_layout(cfg).size
         const_data = Value.cast(consts_rd_eng.data)[:const_w]
-        if cfg.compact:
+        if compact:
             _stream_words(m, consts_rd_eng, e_rec.const_addr, n_out, e_go, eng.i_chan.valid,
                           eng.i_chan.ready, h_consts_load | unit_rst, s_pos >> cb_log, "const")
             m.d.comb += eng.i_chan.payload.eq(const_data)

@@ -82,16 +82,11 @@ from .memory import BlockMemory
 from .postproc import PoolAccumulator, Requantizer
 from .systolic import PE_MULTIPLIERS, SystolicArray, lut_multiply
 
-__all__ = ["ConvEngine", "channel_layout", "host_command_layout", "post_lanes", "check_layer",
+__all__ = ["ConvEngine", "channel_layout", "host_command_layout", "check_layer",
            "ERR_DESCRIPTOR", "ERR_WEIGHTS", "bank_depth"]
 
 ERR_DESCRIPTOR = 1
 ERR_WEIGHTS = 2
-
-
-def post_lanes(config: AcceleratorConfig) -> int:
-    """Requant lanes (:attr:`gen.config.AcceleratorConfig.requant_lanes`)."""
-    return config.requant_lanes
 
 
 def _max_channels(config: AcceleratorConfig) -> int:
@@ -178,7 +173,7 @@ class ConvEngine(wiring.Component):
             raise ValueError(f"pe_mult {pe_mult!r} unsupported; accepted: {', '.join(PE_MULTIPLIERS)}")
         self.config = config
         self.pe_mult = pe_mult
-        self.lanes = post_lanes(config)
+        self.lanes = config.requant_lanes
         self.bank_depth = bank_depth(config)
         self.feeder = WindowFeeder(config)
         self.array = SystolicArray(config, pe_mult=pe_mult)

