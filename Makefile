@@ -93,7 +93,7 @@ $(BUILD)/small.pt: | $(STAMP)
 
 compile-icebreaker: $(BUILD)/small.pt
 	$(MLG) compile $(BUILD)/small.pt --out $(BUILD)/icebreaker --rows 2 --cols 2 --gen-lanes 1 \
-	  --counter-bits 24 --no-layer-log --compact
+	  --counter-bits 24 --no-layer-log --compact --trim
 
 synth: $(SYNTH_DEP) $(SYNTH_STAMP)
 	$(MLG) synth $(SYNTH_BUILD) --board $(BOARD) $(if $(FREQ),--freq $(FREQ)) $(if $(MARGIN),--margin $(MARGIN)) $(if $(SEED),--seed $(SEED)) $(if $(PNR_TIMEOUT),--pnr-timeout $(PNR_TIMEOUT))

@@ -82,11 +82,14 @@ def place_codes(net: QuantizedNetwork, base_store_bytes: int) -> list[bool]:
 
 
 def derive_config(net: QuantizedNetwork, rows: int = 8, cols: int = 8, *,
-                  base_store_budget: int = BASE_STORE_BUDGET, **overrides) -> AcceleratorConfig:
+                  base_store_budget: int = BASE_STORE_BUDGET, trim: bool = False,
+                  **overrides) -> AcceleratorConfig:
     """The smallest config that runs ``net`` on an ``rows x cols`` array.
 
     The base store holds every layer's codes if they fit ``base_store_budget``
-    bytes, else the budget (see :func:`place_codes`).
+    bytes, else the budget (see :func:`place_codes`). With ``trim``, the config
+    leaves out the layer features (level 2, the residual add, pooling) that no
+    layer of ``net`` uses.
     """
     conv = net.conv_layers()
     acts = [net.input_shape[0] * net.input_shape[1] * net.input_shape[2]]
@@ -116,6 +119,10 @@ def derive_config(net: QuantizedNetwork, rows: int = 8, cols: int = 8, *,
         # The frame buffer holds a whole input image and its LOAD_ACT header.
         max_payload=min(65535, _pow2(max(256, in_bytes + 7))),
     )
+    if trim:
+        fields.update(level2=any(l.has_l2 for l in conv),
+                      residual=any(l.res is not None for l in net.layers),
+                      pool=any(l.op == "pool" for l in net.layers))
     fields.update(overrides)
     try:
         return AcceleratorConfig(**fields)

@@ -32,7 +32,8 @@ DECODE_FORMS = ("signed", "odd")
 KERNEL_SIZES = (1, 3, 5, 7)
 # Fields added after the first configs were written: a config file may leave them
 # out (they take these values), and the canonical form omits them at these values.
-OPTIONAL_FIELDS = {"counter_bits": 48, "layer_log": True, "compact": False}
+OPTIONAL_FIELDS = {"counter_bits": 48, "layer_log": True, "compact": False, "level2": True,
+                   "residual": True, "pool": True}
 
 
 class ConfigError(ValueError):
@@ -126,10 +127,17 @@ class AcceleratorConfig:
         requant lane of four stages; no FIFOs between the generation unit, the
         constant store and the engine; the W1 buffer and the base store in
         single-port RAM (``hw.memory``).
+    level2, residual, pool:
+        The layer features the hardware supports: level-2 generation (``V`` codes,
+        ``W2 = V x W1``), the residual add, pooling layers. A build without one
+        leaves out its logic, and its engine refuses a layer that needs it
+        (``ERR_DESCRIPTOR``); ``mlg compile --trim`` leaves out what the model does
+        not use.
 
-    ``counter_bits``, ``layer_log`` and ``compact`` may be left out of a config file; a field
-    at its default is left out of the canonical form (:attr:`digest`), so that
-    configs written before these fields existed keep their identity.
+    ``counter_bits``, ``layer_log``, ``compact``, ``level2``, ``residual`` and ``pool``
+    may be left out of a config file; a field at its default is left out of the
+    canonical form (:attr:`digest`), so that configs written before these fields
+    existed keep their identity.
     """
 
     rows: int = 8
@@ -161,6 +169,9 @@ class AcceleratorConfig:
     counter_bits: int = 48
     layer_log: bool = True
     compact: bool = False
+    level2: bool = True
+    residual: bool = True
+    pool: bool = True
     schema: int = field(default=CONFIG_SCHEMA_VERSION)
 
     def __post_init__(self):
@@ -193,7 +204,7 @@ class AcceleratorConfig:
         _check_int("link_timeout", self.link_timeout, 16, 1 << 32)
         _check_int("baud", self.baud, 1200, 50_000_000)
         _check_int("counter_bits", self.counter_bits, 16, 48)
-        for name in ("layer_log", "compact"):
+        for name in ("layer_log", "compact", "level2", "residual", "pool"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"AcceleratorConfig.{name} = {getattr(self, name)!r} must be "
                                   "true or false")
@@ -202,6 +213,12 @@ class AcceleratorConfig:
                 f"requant product needs {self.post_bits} bits (accumulator {self.acc_bits} + "
                 f"multiplier {self.m_bits} + 1); at most 63 are supported: lower m_bits, "
                 "a_bits, w_bits or max_ci")
+
+    def lacks(self, *, op: str, has_l2: bool, has_res: bool) -> list[str]:
+        """The layer features (``level2``, ``residual``, ``pool``) that a layer of kind
+        ``op`` with these levels needs and this config leaves out."""
+        need = {"level2": has_l2, "residual": has_res, "pool": op == "pool"}
+        return [name for name, needed in need.items() if needed and not getattr(self, name)]
 
     # Derived widths -----------------------------------------------------
 

@@ -310,6 +310,9 @@ class _Writer:
         chk = self.check_int
         if layer.op not in OP_CODES:
             self.fail(layer, "op", f"{layer.op!r} unsupported; accepted: conv, pool")
+        for name in cfg.lacks(op=layer.op, has_l2=layer.has_l2, has_res=layer.res is not None):
+            self.fail(layer, _FEATURE_FIELDS[name], f"needs {name}, which the accelerator config "
+                      f"leaves out ({name} = false); compile the config from this network")
         ci = chk(layer, "ci", layer.ci, 1, min(U16, cfg.max_ci), "config max_ci")
         co = chk(layer, "co", layer.co, 1, min(U16, cfg.max_co), "config max_co")
         h = chk(layer, "h", layer.h, 1, min(U16, cfg.max_h), "config max_h")
@@ -442,14 +445,20 @@ def save_program(path, net: QuantizedNetwork, config: AcceleratorConfig) -> byte
 # Reading
 
 
+# The layer field that asks for each optional layer feature (AcceleratorConfig.lacks).
+_FEATURE_FIELDS = {"level2": "v", "residual": "res", "pool": "op"}
+
+
 def _bad_field(source: str, i: int, fld: str, value, accepted: str):
     raise ProgramError(f"{source}: layer {i} descriptor field {fld} = {value} out of range; "
                        f"accepted {accepted}")
 
 
 def _check_descriptor(source: str, i: int, raw: tuple, nbuf: int, limits: dict, max_k: int,
-                      w_shift_max: int, shift_max: int, widths: dict) -> dict:
-    """Range-check one descriptor; returns its fields plus the tensors it implies.
+                      w_shift_max: int, shift_max: int, widths: dict,
+                      features: AcceleratorConfig | None = None) -> dict:
+    """Range-check one descriptor (and, with ``features``, that the config has the
+    layer features it needs); returns its fields plus the tensors it implies.
 
     ``tensors`` maps each of B, U, V, mult, bias to ``(shape, bits, signed)``
     or None (absent); the bias width is None here (fixed later).
@@ -469,6 +478,12 @@ def _check_descriptor(source: str, i: int, raw: tuple, nbuf: int, limits: dict, 
         _bad_field(source, i, "flags", f"{flags:#04x}",
                    f"bits 0..5, with bits 4..5 below {len(DENSE_BITS)}")
     has_l1, has_l2, has_res = bool(flags & FLAG_L1), bool(flags & FLAG_L2), bool(flags & FLAG_RES)
+    if features is not None:
+        for name in features.lacks(op=op, has_l2=has_l2, has_res=has_res):
+            fld, value = ("op", f["op"]) if name == "pool" else ("flags", f"{flags:#04x}")
+            raise ProgramError(f"{source}: layer {i} descriptor field {fld} = {value} needs "
+                               f"{name}, which the accelerator config leaves out "
+                               f"({name} = false)")
     rng("ci", 1, limits["max_ci"])
     rng("co", 1, limits["max_co"])
     rng("h", 1, limits["max_h"])
@@ -660,7 +675,7 @@ def read_program(data: bytes, *, source: str = "program",
     widths = {"qb": qb, "qu": qu, "qv": qv, "qd": qd, "m_bits": m_bits}
     descs = [_check_descriptor(source, i,
                                DESCRIPTOR.unpack_from(data, table_off + i * DESCRIPTOR_SIZE),
-                               nbuf, limits, max_k, w_shift_max, shift_max, widths)
+                               nbuf, limits, max_k, w_shift_max, shift_max, widths, config)
              for i in range(n_layers)]
     bias_bits = _bias_width(source, descs, data_bits, bias_bits)
 

@@ -49,10 +49,11 @@ commands and descriptors are accepted while idle, on alternate cycles. Every
 same cycle's ``valid``.
 
 Descriptor fields ``has_l1``, ``has_l2``, ``bi``, ``bo`` and ``w_shift`` belong to
-the generation unit and are ignored here, as are ``k``, ``stride``, ``pad`` and
+the generation unit and are ignored here (but for ``has_l2`` without ``level2``), as are ``k``, ``stride``, ``pad`` and
 ``co`` of a pool. The engine rejects what it can check cheaply (kernel size,
 stride, padding, channel and map limits, buffer numbers, a destination that is
-also the source or the residual); :func:`check_layer` also checks that the
+also the source or the residual, a layer feature the config leaves out:
+``pool``, ``residual`` or ``level2``); :func:`check_layer` also checks that the
 tensors fit a buffer, which the hardware does not.
 
 After a layer, ``done`` pulses and ``cycles``, ``mac_cycles`` (cycles a vector
@@ -122,6 +123,9 @@ def check_layer(config: AcceleratorConfig, *, op: str, ci: int, co: int, h: int,
 
     if op not in ("conv", "pool"):
         bad("op", op, "conv, pool")
+    for name in config.lacks(op=op, has_l2=False, has_res=res is not None):
+        bad("op" if name == "pool" else "res", op if name == "pool" else res,
+            f"a layer without {name} ({name} = false in the config)")
     for field, value, hi in (("ci", ci, config.max_ci), ("h", h, config.max_h), ("w", w, config.max_w)):
         if not 1 <= value <= hi:
             bad(field, value, f"1..{hi}")
@@ -312,6 +316,15 @@ class ConvEngine(wiring.Component):
                    & (d.src < NB) & (d.dst < NB) & (d.src != d.dst)
                    & (~d.has_res | ((d.res < NB) & (d.res != d.dst)))
                    & (is_pool | conv_ok))
+        # Layer features the config leaves out: the descriptor's fields for them are
+        # taken as zero (their logic is then constant), and a descriptor that sets one
+        # is refused.
+        lacks = [(name, fld) for name, fld in (("pool", "op"), ("residual", "has_res"),
+                                                 ("level2", "has_l2"))
+                 if not getattr(cfg, name)]
+        if lacks:
+            lacking = Signal()
+            desc_ok = desc_ok & ~lacking
 
         feed_start = Signal()
         m.d.sync += feed_start.eq(0)
@@ -683,6 +696,10 @@ class ConvEngine(wiring.Component):
                 hp = self.i_host.payload
                 with m.If(turn):
                     m.d.sync += desc.eq(self.i_desc.payload)
+                    if lacks:
+                        fields = [getattr(self.i_desc.payload, fld) for _, fld in lacks]
+                        m.d.sync += [lacking.eq(Cat(*fields).any()),
+                                     *(getattr(desc, fld).eq(0) for _, fld in lacks)]
                 with m.Else():
                     m.d.sync += [h_write.eq(hp.write), h_buf.eq(hp.buf),
                                  h_pixels.eq(hp.pixels), h_pix_last.eq(hp.pixels - 1),

@@ -395,19 +395,22 @@ class GenerationUnit(wiring.Component):
             return [x.eq(0) for x in (c0, c1, c2, ln, lb, la)]
 
         d = self.i_desc.payload
+        # (A config without level 2 takes every layer as one without: its level-2 logic
+        # is then constant, and the engine refuses such a layer.)
+        d_l2 = d.has_l2 if cfg.level2 else Const(0)
         m.d.comb += self.i_desc.ready.eq(state == _State.IDLE)
         with m.If(self.i_desc.valid & self.i_desc.ready):
             ws_a = Mux(d.w_shift > acc_w + 1, acc_w + 1, d.w_shift)
             ws_b = Mux(d.w_shift > w1w + 1, w1w + 1, d.w_shift)
             m.d.sync += [
                 ci.eq(d.ci), co.eq(d.co), k.eq(d.k), bi.eq(d.bi),
-                bo.eq(Mux(d.has_l2, d.bo, d.co)),
-                has_l1.eq(d.has_l1), has_l2.eq(d.has_l2), dense_sel.eq(d.dense_bits),
+                bo.eq(Mux(d_l2, d.bo, d.co)),
+                has_l1.eq(d.has_l1), has_l2.eq(d_l2), dense_sel.eq(d.dense_bits),
                 ws_acc.eq(ws_a), ws_byp.eq(ws_b),
                 half_acc.eq(round_half(ws_a, acc_w + 1)),
                 half_byp.eq(round_half(ws_b, w1w + 1)),
                 stride.eq(0), bikk.eq(0), setup_ci.eq(0), setup_j.eq(0), setup_co.eq(0),
-                bi_m1.eq(d.bi - 1), bo_m1.eq(Mux(d.has_l2, d.bo, d.co) - 1),
+                bi_m1.eq(d.bi - 1), bo_m1.eq(Mux(d_l2, d.bo, d.co) - 1),
                 state.eq(_State.SETUP),
             ]
 

@@ -129,7 +129,8 @@ class Requantizer(wiring.Component):
             wide = signed(cfg.post_bits + 3)
             bias1 = Signal(wide, name=f"bias1_{g}")
             lo_bits, p_lo, p_hi = self._split_product(m, acc, mult, g, 17, platform)
-            rprod1 = registered_multiply(m, res, self.m_res, f"rprod1_{g}", platform)
+            rprod1 = (registered_multiply(m, res, self.m_res, f"rprod1_{g}", platform)
+                      if cfg.residual else Const(0))
             # The rounding constant joins the bias early (it is a layer constant), so
             # that every later stage adds two values: product + bias, then + residual
             # product, both from registers (the DSP outputs land in registers first).
@@ -180,7 +181,8 @@ class Requantizer(wiring.Component):
         acc, mult = self.i_acc[g], self.i_mult[g]
         res = Mux(self.has_res, self.i_res[g], 0)
         lo_bits, p_lo, p_hi = self._split_product(m, acc, mult, g, 15, platform)
-        rprod = registered_multiply(m, res, self.m_res, f"rprod_{g}", platform)
+        rprod = (registered_multiply(m, res, self.m_res, f"rprod_{g}", platform)
+                 if cfg.residual else Const(0))
         wide = signed(cfg.post_bits + 3)
         bias0 = Signal(signed(cfg.bias_bits), name=f"bias0_{g}")
         bias1 = Signal(wide, name=f"bias1_{g}")

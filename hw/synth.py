@@ -176,6 +176,8 @@ def fit_hints(config: AcceleratorConfig) -> list[str]:
         hints.append("--no-layer-log")
     if config.counter_bits > 16:
         hints.append("narrower counters (--counter-bits)")
+    if config.level2 or config.residual or config.pool:
+        hints.append("the layer features the model does not use (--trim)")
     return hints + ["a smaller model (smaller layer maxima)"]
 
 

@@ -86,6 +86,8 @@ def cmd_compile(args) -> int:
         overrides["layer_log"] = False
     if args.compact:
         overrides["compact"] = True
+    if args.trim:
+        overrides["trim"] = True
     net = data["network"]
     calib = None
     if args.form != "generate":
@@ -452,6 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--compact", action="store_true",
                    help="build for a small device such as the iCEBreaker's UP5K: less logic, "
                         "a few more cycles per layer")
+    c.add_argument("--trim", action="store_true",
+                   help="leave out the hardware of layer features the model does not use "
+                        "(level-2 generation, the residual add, pooling); the build then "
+                        "refuses programs that need them")
     c.add_argument("--form", choices=("auto", "generate", "factorized"), default="auto",
                    help="execution form of layers with level 2: generate W2 then convolve, the "
                         "factorized form (conv with W1, then 1x1 with V), or per layer whichever "

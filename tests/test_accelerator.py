@@ -38,8 +38,9 @@ def _codes(gen, shape, bits):
     return torch.randint(0, 1 << bits, shape, generator=gen, dtype=torch.int64)
 
 
-def random_network(seed: int = 0) -> QuantizedNetwork:
-    """Random integer network with calibrated shifts (outputs neither all 0 nor saturated)."""
+def random_network(seed: int = 0, plain: bool = False) -> QuantizedNetwork:
+    """Random integer network with calibrated shifts (outputs neither all 0 nor saturated):
+    every layer kind, or with ``plain`` conv layers without level 2 or a residual."""
     g = torch.Generator().manual_seed(seed)
     net = QuantizedNetwork(arch="test", input_shape=(2, 8, 8), input_scale=1.0, num_classes=5,
                            a_bits=8, w_bits=8, m_bits=16, qb=3, qu=6, qv=3, qd=7, decode="odd")
@@ -51,6 +52,13 @@ def random_network(seed: int = 0) -> QuantizedNetwork:
         ("pool", 8, 8, 1, 1, 0, 0, 0, False, False, 4, 5, None, False),
         ("classifier", 8, 5, 1, 1, 0, 0, 5, False, False, 5, 6, None, False),
     ]
+    if plain:
+        specs = [
+            ("dense", 2, 6, 3, 1, 1, 0, 6, False, False, 0, 1, None, True),
+            ("l1_s2", 6, 8, 3, 2, 1, 2, 8, True, False, 1, 2, None, True),
+            ("l1_only", 8, 8, 3, 1, 1, 2, 8, True, False, 2, 0, None, True),
+            ("classifier", 8, 5, 1, 1, 0, 0, 5, False, False, 0, 1, None, False),
+        ]
     bufs = {0: torch.randint(-100, 100, (1, 2, 8, 8), generator=g)}
     h = 8
     for name, ci, co, k, s, p, bi, bo, l1, l2, src, dst, res, relu in specs:
@@ -89,9 +97,9 @@ def _golden_layer(net, layer, bufs):
     return golden_layer(net, layer, bufs[layer.src], bufs[layer.res] if layer.res is not None else None)
 
 
-def _build(rows=4, cols=4, gen_lanes=4, **overrides):
-    result = compile_network(random_network(seed=1), rows=rows, cols=cols, gen_lanes=gen_lanes,
-                             link_timeout=LINK_TIMEOUT, **overrides)
+def _build(rows=4, cols=4, gen_lanes=4, plain=False, **overrides):
+    result = compile_network(random_network(seed=1, plain=plain), rows=rows, cols=cols,
+                             gen_lanes=gen_lanes, link_timeout=LINK_TIMEOUT, **overrides)
     return result.config, read_program(result.program, config=result.config)
 
 
@@ -251,6 +259,20 @@ def test_board_compact_narrow_counters_without_layer_log():
             with pytest.raises(DriverError, match="no layer log.*layer_log = false"):
                 drv.layer_log()
             _check_images(drv, program, 1, seed=15)
+
+
+def test_board_trimmed_compact_build_runs_a_network_without_those_features():
+    """``--trim`` on a network with neither level 2, residuals nor pooling: the build
+    leaves all three out and still runs it bit for bit."""
+    config, program = _build(rows=2, cols=2, gen_lanes=1, plain=True, counter_bits=16,
+                             layer_log=False, compact=True, trim=True)
+    assert (config.level2, config.residual, config.pool) == (False, False, False)
+    with SimulatedBoard(config, "verilator", fast_build=True) as board:
+        with SerialTransport(board.url) as tr:
+            drv = Driver(tr, timeout=30)
+            assert drv.identify().config_digest == config.digest
+            drv.load_program(config, program)
+            _check_images(drv, program, 3, seed=16)
 
 
 def test_device_image_fits_the_derived_config(build, streamed_build):

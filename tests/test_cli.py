@@ -145,11 +145,15 @@ def test_compile_rejects_array_out_of_range(quick_model, tmp_path, capsys):
 def test_compile_small_device_options(quick_model, tmp_path, capsys):
     out = tmp_path / "s"
     assert main(["compile", str(quick_model), "--out", str(out), "--rows", "2", "--cols", "2",
-                 "--counter-bits", "24", "--no-layer-log", "--compact"]) == 0
+                 "--counter-bits", "24", "--no-layer-log", "--compact", "--trim"]) == 0
     cfg = AcceleratorConfig.load(out / "config.json")
     assert (cfg.counter_bits, cfg.layer_log, cfg.compact) == (24, False, True)
     # The program carries the digest of that config: a default build is another one.
-    load_program(out / "program.bin", config=cfg)
+    net = load_program(out / "program.bin", config=cfg).network()
+    # --trim: exactly the layer features the model uses (this one has no level 2).
+    assert (cfg.level2, cfg.residual, cfg.pool) == (
+        any(layer.has_l2 for layer in net.layers), any(layer.res is not None for layer in net.layers),
+        any(layer.op == "pool" for layer in net.layers)) == (False, True, True)
     plain = tmp_path / "p"
     assert main(["compile", str(quick_model), "--out", str(plain), "--rows", "2", "--cols", "2"]) == 0
     assert AcceleratorConfig.load(plain / "config.json").digest != cfg.digest

@@ -66,7 +66,8 @@ def test_optional_fields_keep_older_configs_and_their_digest(tmp_path):
     assert loaded == c
     assert loaded.digest == hashlib.sha256(json.dumps(older, sort_keys=True).encode()).digest()
     # A field away from its default is part of the identity.
-    for name, value in (("counter_bits", 24), ("layer_log", False)):
+    for name, value in (("counter_bits", 24), ("layer_log", False), ("compact", True),
+                        ("level2", False), ("residual", False), ("pool", False)):
         other = AcceleratorConfig(rows=4, **{name: value})
         assert other.digest != c.digest
         assert f'"{name}"' in other.canonical_json() and f'"{name}"' not in c.canonical_json()
@@ -77,7 +78,17 @@ def test_optional_fields_keep_older_configs_and_their_digest(tmp_path):
     ("counter_bits", 8, "counter_bits = 8 is out of range; accepted: 16..48"),
     ("counter_bits", 64, "counter_bits = 64"),
     ("layer_log", "yes", "layer_log = 'yes' must be true or false"),
+    ("pool", 0, "pool = 0 must be true or false"),
 ])
 def test_optional_fields_validated(field, value, needle):
     with pytest.raises(ConfigError, match=needle):
         AcceleratorConfig(**{field: value})
+
+
+def test_lacks_names_the_features_a_layer_needs_and_the_config_leaves_out():
+    full = AcceleratorConfig()
+    assert full.lacks(op="pool", has_l2=True, has_res=True) == []
+    bare = AcceleratorConfig(level2=False, residual=False, pool=False)
+    assert bare.lacks(op="conv", has_l2=False, has_res=False) == []
+    assert bare.lacks(op="conv", has_l2=True, has_res=True) == ["level2", "residual"]
+    assert bare.lacks(op="pool", has_l2=False, has_res=False) == ["pool"]

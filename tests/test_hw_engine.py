@@ -289,7 +289,7 @@ SMALL_CFG = AcceleratorConfig(rows=2, cols=3, a_bits=5, w_bits=4, m_bits=9, max_
                               max_k=5, max_h=5, max_w=5, act_depth=125, act_buffers=3)
 
 
-def _amaranth_engine_run(cfg, cases_with_load, bad_descriptor, pe_mult):
+def _amaranth_engine_run(cfg, cases_with_load, bad_descriptors, pe_mult):
     dut = ConvEngine(cfg, pe_mult=pe_mult)
     out = []
 
@@ -342,10 +342,12 @@ def _amaranth_engine_run(cfg, cases_with_load, bad_descriptor, pe_mult):
             out.append(torch.tensor(vals).reshape(co, ho, wo))
             while ctx.get(dut.busy):
                 await ctx.tick()
-        await put(ctx, dut.i_desc, bad_descriptor)
-        while not ctx.get(dut.done):
+        for bad in bad_descriptors:
+            await put(ctx, dut.i_desc, bad)
+            while not ctx.get(dut.done):
+                await ctx.tick()
+            out.append(ctx.get(dut.error))
             await ctx.tick()
-        out.append(ctx.get(dut.error))
 
     simulate(dut, tb)
     return out
@@ -367,10 +369,37 @@ def test_engine_small_layers_in_amaranth_simulator(pe_mult):
     ]}
     cases = list(bench.plan_cases(cfg, plan))
     bad = bench.pack(bench.descriptor_layout(cfg), {"k": 2, "ci": 1, "co": 1, "h": 1, "w": 1, "dst": 1})
-    results = _amaranth_engine_run(cfg, cases, bad, pe_mult)
+    results = _amaranth_engine_run(cfg, cases, [bad], pe_mult)
     for (case, _), got in zip(cases, results):
         assert torch.equal(got, case.expected), case.spec
     assert results[-1] == ERR_DESCRIPTOR
+
+
+def test_engine_without_layer_features_runs_plain_layers_and_refuses_the_others():
+    """A config without pooling, residual add and level 2: plain conv layers run as
+    the golden model says, and a descriptor that needs a missing feature is refused."""
+    cfg = AcceleratorConfig(**{**SMALL_CFG.to_dict(), "pool": False, "residual": False,
+                               "level2": False})
+    plan = {"seed": 9, "items": [
+        {"chain": [dict(op="conv", ci=3, co=4, h=4, w=5, k=3, stride=1, pad=1, relu=True, src=0,
+                        dst=1, res=None),
+                   dict(op="conv", co=3, k=1, stride=2, pad=0, relu=False, res=None)]},
+        {"layer": dict(op="conv", ci=5, co=4, h=5, w=4, k=5, stride=1, pad=2, relu=True, src=2,
+                       dst=0, res=None)},
+    ]}
+    cases = list(bench.plan_cases(cfg, plan))
+    layout = bench.descriptor_layout(cfg)
+    plain = {"k": 1, "stride": 1, "ci": 1, "co": 1, "h": 1, "w": 1, "src": 0, "dst": 1}
+    bad = [bench.pack(layout, {**plain, **extra})
+           for extra in ({"op": 1}, {"has_res": 1, "res": 2}, {"has_l2": 1, "bo": 1})]
+    results = _amaranth_engine_run(cfg, cases, bad, "infer")
+    for (case, _), got in zip(cases, results):
+        assert torch.equal(got, case.expected), case.spec
+    assert results[len(cases):] == [ERR_DESCRIPTOR] * 3
+    with pytest.raises(ValueError, match="op = 'pool' unsupported; accepted: a layer without pool"):
+        check_layer(cfg, op="pool", ci=2, co=2, h=2, w=2)
+    with pytest.raises(ValueError, match="res = 2 unsupported; accepted: a layer without residual"):
+        check_layer(cfg, op="conv", ci=2, co=2, h=2, w=2, src=0, dst=1, res=2)
 
 
 # ---------------------------------------------------------------------------------------

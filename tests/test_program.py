@@ -466,6 +466,34 @@ def test_write_config_mismatch():
         write_program(make_net(CFG, []), CFG)
 
 
+@pytest.mark.parametrize("feature,layer,needle", [
+    ("level2", "level2", "layer 'level2', field v: needs level2"),
+    ("residual", "level2", "layer 'level2', field res: needs residual"),
+    ("pool", "pool", "layer 'pool', field op: needs pool"),
+])
+def test_write_refuses_a_layer_feature_the_config_leaves_out(feature, layer, needle):
+    lean = AcceleratorConfig(**{feature: False})
+    with pytest.raises(ProgramError) as e:
+        write_program(all_kinds_net(lean), lean)
+    assert needle in str(e.value) and f"({feature} = false)" in str(e.value)
+
+
+@pytest.mark.parametrize("feature,needle", [
+    ("level2", "layer 2 descriptor field flags = 0x0c needs level2"),
+    ("residual", "layer 2 descriptor field flags = 0x0c needs residual"),
+    ("pool", "layer 4 descriptor field op = 1 needs pool"),
+])
+def test_read_refuses_a_layer_feature_the_config_leaves_out(prog_bytes, feature, needle):
+    # A program that claims the lean config (its digest) but has every layer kind.
+    lean = AcceleratorConfig(**{feature: False})
+    data = fix_crc(prog_bytes[:8] + lean.digest + prog_bytes[8 + len(lean.digest):])
+    read_program(data)  # well formed on its own
+    with pytest.raises(ProgramError) as e:
+        read_program(data, source="p.bin", config=lean)
+    assert str(e.value).startswith("p.bin: ") and needle in str(e.value)
+    assert f"which the accelerator config leaves out ({feature} = false)" in str(e.value)
+
+
 # ---------------------------------------------------------------------------
 # Fuzzing: whatever the bytes, the reader returns a checked program or raises
 # ProgramError naming the problem; nothing else escapes it.

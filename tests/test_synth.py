@@ -139,9 +139,13 @@ def test_fit_hints_name_only_what_a_build_still_has():
     from hw.synth import fit_hints
 
     lean = AcceleratorConfig(**{**SMOKE.to_dict(), "rows": 2, "cols": 2, "gen_lanes": 1,
-                                "compact": True, "layer_log": False, "counter_bits": 16})
+                                "compact": True, "layer_log": False, "counter_bits": 16,
+                                "level2": False, "residual": False, "pool": False})
     assert fit_hints(lean) == ["a smaller model (smaller layer maxima)"]
     assert fit_hints(AcceleratorConfig(**{**lean.to_dict(), "layer_log": True}))[0] == "--no-layer-log"
+    # Any layer feature still built: the model may not use it.
+    assert fit_hints(AcceleratorConfig(**{**lean.to_dict(), "residual": True})) == [
+        "the layer features the model does not use (--trim)", "a smaller model (smaller layer maxima)"]
 
 
 def test_utilisation_table_names_the_resources_over_capacity():
