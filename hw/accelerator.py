@@ -38,7 +38,10 @@ from the host.
 the run counters restart at RUN; the link counters count since reset. When a
 layer ends, the run counters named in :data:`host.protocol.LOG_COUNTERS` are
 written to that layer's entry of the layer log (``REGION_LOG``), the cycle after
-the layer's end; a config without ``layer_log`` has no such region.
+the layer's end; a config without ``layer_log`` has no such region. The engine's
+counts (:data:`ENGINE_COUNTS`) join the run counters when each layer ends, or,
+without ``layer_log``, as they happen (then also the part of a layer that a fault
+or an abort stops).
 """
 
 from __future__ import annotations
@@ -64,6 +67,9 @@ from .link import HostLink
 from .memory import BlockMemory
 
 __all__ = ["Accelerator", "ERR_ABORTED"]
+
+# The run counters that add up the engine's counts of each layer.
+ENGINE_COUNTS = ("mac_cycles", "macs", "stall_weights", "stall_output")
 
 # Status error code of a run stopped by ABORT; engine errors use bits 0..1
 # (hw.engine.ERR_DESCRIPTOR, hw.engine.ERR_WEIGHTS).
@@ -377,8 +383,9 @@ class Accelerator(wiring.Component):
                     m.d.sync += e_st.eq(_Seq.DATA)
             with m.Case(_Seq.DATA):
                 with m.If(eng.done):
-                    for name in ("mac_cycles", "macs", "stall_weights", "stall_output"):
-                        m.d.sync += ctr[name].eq(ctr[name] + getattr(eng, name))
+                    if cfg.layer_log:
+                        for name in ENGINE_COUNTS:
+                            m.d.sync += ctr[name].eq(ctr[name] + getattr(eng, name))
                     with m.If(eng.error != 0):
                         m.d.sync += [state.eq(STATE_ERROR), status_err.eq(eng.error),
                                      e_st.eq(_Seq.IDLE), g_st.eq(_Seq.IDLE), running.eq(0)]
@@ -396,6 +403,11 @@ class Accelerator(wiring.Component):
         for name, wp in zip(LOG_COUNTERS, log_wps):
             m.d.comb += [wp.addr.eq(log_idx), wp.en.eq(log_we), wp.data.eq(ctr[name])]
 
+        if not cfg.layer_log:
+            # (No log needs a layer's counts: the engine's events are counted as they come,
+            # also those of a layer that an abort or a fault stops.)
+            for name in ENGINE_COUNTS:
+                m.d.sync += ctr[name].eq(ctr[name] + getattr(eng, f"ev_{name}"))
         with m.If(running):
             m.d.sync += ctr["cycles"].eq(ctr["cycles"] + 1)
             with m.If(eng.busy):

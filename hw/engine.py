@@ -62,7 +62,9 @@ entered the array), ``stall_weights`` (a vector waited for its PE weights),
 the residual port) and ``macs`` (multiply-accumulates: rows of real input
 channels times columns of real output channels per vector, padding taps
 included as in ``LayerSpec.macs``; for a pool, one addition per channel and
-pixel) hold the layer's counts.
+pixel) hold the layer's counts. A config without ``layer_log`` also has
+``ev_mac_cycles``, ``ev_stall_weights``, ``ev_stall_output`` and ``ev_macs``:
+what each of those counts adds in the current cycle.
 ``error`` holds :data:`ERR_DESCRIPTOR` (the descriptor was rejected and the
 layer skipped) and :data:`ERR_WEIGHTS` (a weight vector's ``last`` flag was
 not where the layer's shape puts it).
@@ -203,6 +205,11 @@ class ConvEngine(wiring.Component):
             "stall_weights": Out(counter),
             "stall_output": Out(counter),
             "macs": Out(counter),
+            # Without a layer log nothing needs a layer's counts: the events themselves,
+            # for counters that add them as they come (hw.accelerator).
+            **({} if config.layer_log else {
+                "ev_mac_cycles": Out(1), "ev_stall_weights": Out(1), "ev_stall_output": Out(1),
+                "ev_macs": Out(range(config.rows * config.cols + 1))}),
         })
 
     def elaborate(self, platform):
@@ -525,6 +532,11 @@ class ConvEngine(wiring.Component):
         m.d.sync += macs_inc.eq(Mux(s2_valid, lut_multiply(s2.rows_v, s2.cols_v), 0))
         with m.If(in_layer):
             m.d.sync += self.macs.eq(self.macs + macs_inc)
+        if not cfg.layer_log:
+            m.d.comb += [self.ev_mac_cycles.eq(in_layer & ev_mac),
+                         self.ev_stall_weights.eq(in_layer & ev_stall_w),
+                         self.ev_stall_output.eq(in_layer & ev_stall_o),
+                         self.ev_macs.eq(Mux(in_layer, macs_inc, 0))]
 
         # ---- accumulate: read two cycles ahead, registered data, two-deep forwarding ---
         meta_layout = data.StructLayout({"valid": 1, "pix": feed_layout(cfg)["pix"].shape,
