@@ -267,7 +267,17 @@ class Accelerator(wiring.Component):
         # (Registers: PREP sets the load flags, ADDR loads the stream address from the
         # byte address s_pos.)
         h_bases_load, h_consts_load = Signal(), Signal()
-        s_pos = Signal(40)
+        # Byte addresses, transfer lengths and pixel counts: with ``compact`` as wide as
+        # the largest region, transfer and map need (``aw``, ``ew``, ``pw`` bits), what
+        # lies beyond being refused from its high bits alone, an OR instead of a carry
+        # chain (every address and sum below is checked against those bounds first).
+        if compact:
+            aw = max(self._region_sizes().values()).bit_length()
+            pw = (cfg.max_h * cfg.max_w).bit_length()
+            ew = (max(cfg.max_ci, cfg.max_co) * cfg.max_h * cfg.max_w).bit_length()
+        else:
+            aw, pw, ew = 40, 32, 40
+        s_pos = Signal(aw)
         m.d.sync += [h_bases_load.eq(0), h_consts_load.eq(0)]
         # The code stream starts the cycle after the unit takes the descriptor, from a
         # register: the unit's ready (its state) then stays inside the unit.
@@ -447,8 +457,8 @@ class Accelerator(wiring.Component):
         # Activation transfer checks, summed channel by channel (no multipliers for a
         # check that runs once per transfer): elements, and entries per bank.
         rem = Signal(17)
-        elems = Signal(40)
-        need = Signal(40)
+        elems = Signal(ew)
+        need = Signal(ew)
         lane = Signal(range(cfg.rows))
         ab_log = AB.bit_length() - 1
         # Their size checks, registered from the sums every cycle (read in TILES_END).
@@ -472,7 +482,9 @@ class Accelerator(wiring.Component):
             Signal(name="pre_addr0"), Signal(name="pre_count0"), Signal(name="pre_abuf_bad"))
         # A request on the stream region, from a register (its data path and CHECK).
         to_stream = pre["stream"] = Signal(name="pre_stream")
-        pre_end = Signal(41)
+        pre_end = Signal(aw + 1)
+        # (compact) The address or the length has bits beyond the largest region.
+        pre_wide = Signal(name="pre_wide") if compact else None
 
         def refuse(code):
             m.d.sync += [err.eq(code), ex.eq(_Ex.ERROR)]
@@ -535,9 +547,15 @@ class Accelerator(wiring.Component):
                              pre["abuf_bad"].eq(abuf >= cfg.act_buffers)]
                 m.d.sync += [flag.eq(region == reg) for reg, flag in pre["region"].items()]
             with m.Case(_Ex.PRE2):
-                m.d.sync += [pre_end.eq(addr + pre_n), ex.eq(_Ex.PRE3)]
+                if compact:
+                    m.d.sync += [pre_end.eq(addr[:aw] + pre_n[:aw]),
+                                 pre_wide.eq(addr[aw:].any() | pre_n[aw:].any())]
+                else:
+                    m.d.sync += pre_end.eq(addr + pre_n)
+                m.d.sync += ex.eq(_Ex.PRE3)
             with m.Case(_Ex.PRE3):
-                self._precheck(m, cfg, addr, pre_n, pre_end, achan, apix, args, pre)
+                self._precheck(m, cfg, addr, pre_n, pre_end, achan, apix, args, pre, pre_wide,
+                               aw, pw)
                 m.d.sync += ex.eq(_Ex.CHECK)
             with m.Case(_Ex.CHECK):
                 self._check(m, cfg, op, count, achan, running, refuse, respond, ex, start,
@@ -546,10 +564,10 @@ class Accelerator(wiring.Component):
                              SRC_LOG))
             with m.Case(_Ex.TILES):
                 with m.If(rem != 0):
-                    m.d.sync += [rem.eq(rem - 1), elems.eq(elems + apix),
+                    m.d.sync += [rem.eq(rem - 1), elems.eq(elems + apix[:pw]),
                                  lane.eq(Mux(lane == cfg.rows - 1, 0, lane + 1))]
                     with m.If(lane == 0):
-                        m.d.sync += need.eq(need + apix)
+                        m.d.sync += need.eq(need + apix[:pw])
                 with m.Else():
                     m.d.sync += ex.eq(_Ex.TILES_END)
             with m.Case(_Ex.TILES_END):
@@ -579,7 +597,7 @@ class Accelerator(wiring.Component):
         w_byte = Signal(17)
         w_pending = Signal()
         wq_en = Signal()
-        wq_pos = Signal(len(addr) + 1)
+        wq_pos = Signal(aw if compact else len(addr) + 1)
         wq_data = Signal(8)
         m.d.sync += wq_en.eq(0)
         # A streamed byte waits for room in the FIFO; the frame buffer read then holds.
@@ -835,23 +853,31 @@ class Accelerator(wiring.Component):
             sizes[REGION_LOG] = cfg.max_layers * len(LOG_COUNTERS) * 8
         return sizes
 
-    def _precheck(self, m, cfg, addr, n, end, achan, apix, args, pre):
+    def _precheck(self, m, cfg, addr, n, end, achan, apix, args, pre, wide, aw, pw):
         """Registered argument checks for CHECK: RUN's layer count, LOAD_ACT/READ_ACT's
         shape, and per memory region whether the transfer of ``n`` bytes (a WRITE's
         data, a READ's count) from ``addr`` to ``end`` is in range (and, for a WRITE,
-        whole words)."""
+        whole words). With ``wide`` (compact), ``end`` holds the low ``aw`` bits' sum
+        and ``wide`` whether ``addr`` or ``n`` has higher bits; pixel counts past ``pw``
+        bits are refused the same way."""
         words = {REGION_PROGRAM: self.record_bytes, REGION_BASES: 1, REGION_CONSTS: self.const_bytes,
                  REGION_LOG: 1}
+        if wide is not None:
+            addr, n, apix_ok = addr[:aw], n[:aw], ~apix[pw:].any()
+            apix = apix[:pw]
         for reg, size in self._region_sizes().items():
             wb = words[reg]
             aligned = ((addr & (wb - 1)) == 0) & ((n & (wb - 1)) == 0)
             in_range = (addr < size) & (n <= size) & (end <= size)
+            if wide is not None:
+                in_range = ~wide & in_range
             m.d.sync += pre["mem_ok"][reg].eq(in_range & (~pre["op"][OP_WRITE] | aligned))
         layers = args[:16]
         m.d.sync += pre["run_ok"].eq((layers != 0) & (layers <= cfg.max_layers))
         max_ch = max(cfg.max_ci, cfg.max_co)
-        m.d.sync += pre["act_ok"].eq((achan != 0) & (achan <= max_ch) & (apix != 0)
-                                     & (apix <= cfg.max_h * cfg.max_w))
+        act_ok = ((achan != 0) & (achan <= max_ch) & (apix != 0)
+                  & (apix <= cfg.max_h * cfg.max_w))
+        m.d.sync += pre["act_ok"].eq(act_ok if wide is None else act_ok & apix_ok)
 
     def _check(self, m, cfg, op, count, achan, running, refuse, respond, ex, start, abort,
                n_layers, args, sums, pre, srcs):

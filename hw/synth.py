@@ -176,8 +176,11 @@ def fit_hints(config: AcceleratorConfig) -> list[str]:
         hints.append("--no-layer-log")
     if config.counter_bits > 16:
         hints.append("narrower counters (--counter-bits)")
-    if config.level2 or config.residual or config.pool:
-        hints.append("the layer features the model does not use (--trim)")
+    features = [what for what, kept in (("level-2", config.level2), ("residual", config.residual),
+                                        ("pool", config.pool)) if kept]
+    if features:
+        hints.append(f"a model without {' or '.join(features)} layers (--trim then leaves "
+                     "their logic out)")
     return hints + ["a smaller model (smaller layer maxima)"]
 
 

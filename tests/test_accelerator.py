@@ -24,7 +24,7 @@ from gen.program import read_program
 from host.driver import DeviceError, Driver, DriverError
 from host.image import build_image
 from host.protocol import (ERR_ADDRESS, ERR_ARGUMENT, ERR_CRC, ERR_LENGTH, ERR_OPCODE,
-                           ERR_STATE, ERR_TIMEOUT, OP_ERROR, OP_IDENTIFY, OP_LOAD_ACT, OP_READ, OP_RUN,
+                           ERR_STATE, ERR_TIMEOUT, OP_ERROR, OP_IDENTIFY, OP_LOAD_ACT, OP_READ, OP_READ_ACT, OP_RUN,
                            OP_STATUS, OP_WRITE, REGION_BASES, REGION_LOG, REGION_PROGRAM, REGION_STREAM, LOG_COUNTERS, SYNC, FrameDecoder,
                            encode_frame)
 from host.transport import SerialTransport
@@ -243,6 +243,20 @@ def test_board_compact_narrow_counters_without_layer_log():
             rb = drv.identify().record_bytes
             assert drv.read(REGION_PROGRAM, 0, len(image.records)) == image.records
             assert drv.read(REGION_PROGRAM, rb + 3, 5) == image.records[rb + 3:rb + 8]
+            # Its address arithmetic is as wide as the largest region: an address, count or
+            # pixel count whose low bits are in range is refused for its high bits.
+            top = 1 << max(config.base_store_bytes, config.const_depth * drv.identify().const_bytes,
+                           config.max_layers * rb).bit_length()
+            for region, addr, count in ((REGION_BASES, top, 1), (REGION_BASES, 1 << 31, 1),
+                                        (REGION_PROGRAM, top + rb, 1), (REGION_BASES, 0, top + 1)):
+                _expect_error(drv, encode_frame(OP_READ, struct.pack("<BIH", region, addr, count)),
+                              ERR_ADDRESS)
+            _expect_error(drv, encode_frame(OP_WRITE, struct.pack("<BI", REGION_BASES, top) + b"\x00"),
+                          ERR_ADDRESS)
+            pix = 1 << (config.max_h * config.max_w).bit_length()
+            for pixels in (pix + 1, (1 << 31) + 1):
+                _expect_error(drv, encode_frame(OP_READ_ACT, struct.pack("<BHI", 0, 1, pixels)),
+                              ERR_ARGUMENT)
             _check_images(drv, program, 2, seed=14)
             c = drv.counters()
             net = program.network()

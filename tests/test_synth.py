@@ -144,8 +144,9 @@ def test_fit_hints_name_only_what_a_build_still_has():
     assert fit_hints(lean) == ["a smaller model (smaller layer maxima)"]
     assert fit_hints(AcceleratorConfig(**{**lean.to_dict(), "layer_log": True}))[0] == "--no-layer-log"
     # Any layer feature still built: the model may not use it.
-    assert fit_hints(AcceleratorConfig(**{**lean.to_dict(), "residual": True})) == [
-        "the layer features the model does not use (--trim)", "a smaller model (smaller layer maxima)"]
+    assert fit_hints(AcceleratorConfig(**{**lean.to_dict(), "residual": True, "pool": True})) == [
+        "a model without residual or pool layers (--trim then leaves their logic out)",
+        "a smaller model (smaller layer maxima)"]
 
 
 def test_utilisation_table_names_the_resources_over_capacity():
