@@ -277,6 +277,12 @@ class Accelerator(wiring.Component):
             ew = (max(cfg.max_ci, cfg.max_co) * cfg.max_h * cfg.max_w).bit_length()
         else:
             aw, pw, ew = 40, 32, 40
+        # (And the frame's lengths and the response's byte counts, ``fw`` and ``rw`` bits:
+        # the link refuses a frame longer than max_payload, and a response is at most a
+        # region, an activation tensor or a fixed record.)
+        max_resp = max(*self._region_sizes().values(), len(identity_bytes(cfg)),
+                       8 * len(COUNTERS), max(cfg.max_ci, cfg.max_co) * cfg.max_h * cfg.max_w * AB)
+        fw, rw = (cfg.max_payload.bit_length(), max_resp.bit_length()) if compact else (17, 17)
         s_pos = Signal(aw)
         m.d.sync += [h_bases_load.eq(0), h_consts_load.eq(0)]
         # The code stream starts the cycle after the unit takes the descriptor, from a
@@ -430,7 +436,7 @@ class Accelerator(wiring.Component):
         # ---- executor ------------------------------------------------------------------
         ex = Signal(_Ex)
         op = Signal(8)
-        length = Signal(16)
+        length = Signal(min(16, fw))
         args = Signal(7 * 8)
         n_args = Signal(range(8))
         arg_i = Signal(range(9))
@@ -447,16 +453,16 @@ class Accelerator(wiring.Component):
         with m.If(arg_place):
             m.d.sync += args.word_select(arg_at, 8).eq(arg_byte)
         abuf, achan, apix = args[:8], args[8:24], args[24:56]
-        data_len = Signal(17)
+        data_len = Signal(fw)
         resp_op = Signal(8)
-        resp_len = Signal(16)
+        resp_len = Signal(min(16, rw))
         # Payload source of a streamed response (STREAM state).
         src_sel = Signal(range(9))
         (SRC_IDENT, SRC_PROG, SRC_BASES, SRC_CONSTS, SRC_STATUS, SRC_COUNTERS, SRC_ACT,
          SRC_ERROR, SRC_LOG) = range(9)
         # Activation transfer checks, summed channel by channel (no multipliers for a
         # check that runs once per transfer): elements, and entries per bank.
-        rem = Signal(17)
+        rem = Signal(range(max(cfg.max_ci, cfg.max_co) + 1)) if compact else Signal(17)
         elems = Signal(ew)
         need = Signal(ew)
         lane = Signal(range(cfg.rows))
@@ -594,7 +600,7 @@ class Accelerator(wiring.Component):
                     m.d.sync += ex.eq(Mux(resp_len == 0, _Ex.IDLE, _Ex.STREAM))
 
         # WRITE: payload bytes after the 5 argument bytes, assembled into words.
-        w_byte = Signal(17)
+        w_byte = Signal(fw)
         w_pending = Signal()
         wq_en = Signal()
         wq_pos = Signal(aw if compact else len(addr) + 1)
@@ -636,13 +642,16 @@ class Accelerator(wiring.Component):
             m.d.sync += [w_byte.eq(0), w_pending.eq(0), link_rd.eq(5)]
 
         # Streamed responses: identity, memory reads, status, counters, activations.
-        s_idx = Signal(17)
+        s_idx = Signal(rw)
         s_phase = Signal(_Rd)
         s_sel_byte = Signal(8)
         sel_q = Signal(8)
         cidx = Signal(range(len(COUNTERS)))
         cap_ident, cap_bases = Signal(8), Signal(8)
-        cap_prog, cap_consts = Signal(prog_w), Signal(8 * CB)
+        # (compact: the constants' byte is selected as it is captured, into 8 bits.)
+        cap_prog, cap_consts = Signal(prog_w), Signal(8 if compact else 8 * CB)
+        consts_byte = (lambda word: word.word_select(s_sel_byte[:max(1, cb_log)], 8)
+                       if cb_log else word)
         cap_counter, cap_log = Signal(counter_bits), Signal(counter_bits)
         # The block RAM outputs land in plain registers every cycle (no enable, no
         # select in front), which HOLD copies; the base store and the constants have
@@ -725,7 +734,8 @@ class Accelerator(wiring.Component):
                         m.d.sync += [cap_ident.eq(raw_ident), cap_prog.eq(raw_prog),
                                      s_phase.eq(_Rd.HOLD)]
                     with m.Case(_Rd.HOLD):
-                        m.d.sync += [cap_bases.eq(raw_bases), cap_consts.eq(raw_consts),
+                        m.d.sync += [cap_bases.eq(raw_bases),
+                                     cap_consts.eq(consts_byte(raw_consts) if compact else raw_consts),
                                      s_phase.eq(_Rd.SELECT)]
                     with m.Case(_Rd.SELECT):
                         m.d.sync += [s_byte.eq(s_data), s_phase.eq(_Rd.OFFER)]
@@ -742,8 +752,7 @@ class Accelerator(wiring.Component):
                         m.d.comb += s_data.eq(cap_prog.word_select(s_sel_byte[:max(1, prog_lg)], 8)
                                               if prog_lg else cap_prog)
                     with m.Case(SRC_CONSTS):
-                        m.d.comb += s_data.eq(cap_consts.word_select(s_sel_byte[:max(1, cb_log)], 8)
-                                              if cb_log else cap_consts)
+                        m.d.comb += s_data.eq(cap_consts if compact else consts_byte(cap_consts))
                     with m.Case(SRC_ERROR):
                         m.d.comb += s_data.eq(Mux(sel_q == 0, err, op))
                     with m.Case(SRC_STATUS):
@@ -766,7 +775,7 @@ class Accelerator(wiring.Component):
         hc = eng.i_host.payload
         m.d.comb += [hc.write.eq(pre["op"][OP_LOAD_ACT]), hc.buf.eq(abuf), hc.channels.eq(achan),
                      hc.pixels.eq(apix)]
-        l_idx = Signal(17)
+        l_idx = Signal(fw)
         l_pending = Signal()
         l_byte = Signal(range(max(2, AB)))
         l_word = Signal(8 * AB)

@@ -25,7 +25,7 @@ from host.driver import DeviceError, Driver, DriverError
 from host.image import build_image
 from host.protocol import (ERR_ADDRESS, ERR_ARGUMENT, ERR_CRC, ERR_LENGTH, ERR_OPCODE,
                            ERR_STATE, ERR_TIMEOUT, OP_ERROR, OP_IDENTIFY, OP_LOAD_ACT, OP_READ, OP_READ_ACT, OP_RUN,
-                           OP_STATUS, OP_WRITE, REGION_BASES, REGION_LOG, REGION_PROGRAM, REGION_STREAM, LOG_COUNTERS, SYNC, FrameDecoder,
+                           OP_STATUS, OP_WRITE, REGION_BASES, REGION_CONSTS, REGION_LOG, REGION_PROGRAM, REGION_STREAM, LOG_COUNTERS, SYNC, FrameDecoder,
                            encode_frame)
 from host.transport import SerialTransport
 from sim.board import SimulatedBoard
@@ -243,6 +243,10 @@ def test_board_compact_narrow_counters_without_layer_log():
             rb = drv.identify().record_bytes
             assert drv.read(REGION_PROGRAM, 0, len(image.records)) == image.records
             assert drv.read(REGION_PROGRAM, rb + 3, 5) == image.records[rb + 3:rb + 8]
+            cb = drv.identify().const_bytes
+            assert drv.read(REGION_CONSTS, cb + 3, 7) == image.consts[cb + 3:cb + 10]
+            _expect_error(drv, encode_frame(OP_LOAD_ACT, struct.pack("<BHI", 0, 2, 4) + b"\x00" * 7),
+                          ERR_LENGTH)
             # Its address arithmetic is as wide as the largest region: an address, count or
             # pixel count whose low bits are in range is refused for its high bits.
             top = 1 << max(config.base_store_bytes, config.const_depth * drv.identify().const_bytes,
