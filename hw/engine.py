@@ -384,8 +384,10 @@ class ConvEngine(wiring.Component):
         chan_fire = self.i_chan.valid & self.i_chan.ready
         # The constant writes leave from registers (the memories sit across the die); the
         # post reader checks the channel count a cycle late, so it never reads ahead.
+        # (compact, for a slower clock: straight from the stream.)
+        const_wr = m.d.comb if cfg.compact else m.d.sync
         for g in range(G):
-            m.d.sync += [const_wp[g].en.eq(chan_fire & (c_lane == g)), const_wp[g].addr.eq(c_addr),
+            const_wr += [const_wp[g].en.eq(chan_fire & (c_lane == g)), const_wp[g].addr.eq(c_addr),
                          const_wp[g].data.eq(self.i_chan.payload)]
         with m.If(chan_fire):
             m.d.sync += [chan_cnt.eq(chan_cnt + 1), chan_open.eq(chan_cnt != n_out_m1)]

@@ -652,14 +652,19 @@ class GenerationUnit(wiring.Component):
         for lr in range(Lr):
             for lc in range(Lc):
                 l = lr * Lc + lc
-                a2 = pick(m, sr.pc, [v_val[p * Lc + lc] if p * Lc + lc < C else 0
-                                     for p in range(Pc)], signed(a_w))
-                b2 = pick(m, sr.pr, [w1_rval[p * Lr + lr] if p * Lr + lr < R else 0
-                                     for p in range(Pr)], signed(w1w))
+                if cfg.level2:
+                    a2 = pick(m, sr.pc, [v_val[p * Lc + lc] if p * Lc + lc < C else 0
+                                         for p in range(Pc)], signed(a_w))
+                    b2 = pick(m, sr.pr, [w1_rval[p * Lr + lr] if p * Lr + lr < R else 0
+                                         for p in range(Pr)], signed(w1w))
+                else:
+                    # (Without level 2 the lanes' results only count for level 1.)
+                    a2, b2 = Const(0, signed(a_w)), Const(0, signed(w1w))
                 if l < L1L:
                     a1 = pick(m, sr.pc, [u_val[p * L1L + l] if p * L1L + l < R else 0
                                          for p in range(P1)], signed(a_w))
-                    a_next, b_next = Mux(sr.l1, a1, a2), Mux(sr.l1, b_val, b2)
+                    a_next, b_next = ((Mux(sr.l1, a1, a2), Mux(sr.l1, b_val, b2)) if cfg.level2
+                                      else (a1, b_val))
                 else:
                     a_next, b_next = a2, b2
                 # Operands registered at stage 1a and again at stage 2 (inside the DSP
