@@ -126,7 +126,8 @@ class AcceleratorConfig:
         read a byte a cycle (a record-wide memory is logic cells on an iCE40); one
         requant lane of four stages; no FIFOs between the generation unit, the
         constant store and the engine; the W1 buffer and the base store in
-        single-port RAM (``hw.memory``).
+        single-port RAM (``hw.memory``); the executor's address, length and pixel
+        arithmetic only as wide as the largest region, frame and map need.
     level2, residual, pool:
         The layer features the hardware supports: level-2 generation (``V`` codes,
         ``W2 = V x W1``), the residual add, pooling layers. A build without one
