@@ -49,8 +49,8 @@ commands and descriptors are accepted while idle, on alternate cycles. Every
 same cycle's ``valid``.
 
 Descriptor fields ``has_l1``, ``has_l2``, ``bi``, ``bo`` and ``w_shift`` belong to
-the generation unit and are ignored here (but for ``has_l2`` without ``level2``), as are ``k``, ``stride``, ``pad`` and
-``co`` of a pool. The engine rejects what it can check cheaply (kernel size,
+the generation unit and are ignored here (but for ``has_l2`` without ``level2``),
+as are ``k``, ``stride``, ``pad`` and ``co`` of a pool. The engine rejects what it can check cheaply (kernel size,
 stride, padding, channel and map limits, buffer numbers, a destination that is
 also the source or the residual, a layer feature the config leaves out:
 ``pool``, ``residual`` or ``level2``); :func:`check_layer` also checks that the
