@@ -17,6 +17,13 @@ and ``P = ho*wo`` output pixels:
   ``bo * ceil(ci/rows) * k*k * bi * P1`` cycles, and each weight tile
   ``tg = Pc * Pr * bo`` cycles with level 2 (``gen.config.lane_plan``), else
   ``cols`` (one W1 word per cycle);
+* **serial generation** (``compact`` builds without level 2, ``hw.serialgen``):
+  no level-1 pass; a weight vector takes ``cols * n`` cycles (``n = bi`` with
+  level 1, else 1), but a vector's slot in the unit's ``SERIAL_OUT_VECTORS``
+  output FIFO frees ``SERIAL_PIPE`` cycles after its last weight leaves the
+  issue stage, so ``tg = rows * max(cols * n, ceil((cols * n + SERIAL_PIPE) /
+  SERIAL_OUT_VECTORS))``; a layer's load also takes ``max(ci, bi)`` cycles of
+  setup;
 * **overlap**: the generation unit starts a layer's codes once the previous
   layer's last tile is generated and runs at most a few tiles ahead of the
   engine; the engine takes a tile every ``max(te, tg)`` cycles once the first
@@ -37,8 +44,9 @@ from dataclasses import asdict, dataclass
 from .config import AcceleratorConfig, lane_plan
 from .network import LayerSpec, QuantizedNetwork
 
-__all__ = ["LayerCost", "layer_costs", "network_cost", "ENGINE_FIXED", "GEN_FIXED",
-           "LOOKAHEAD_TILES", "SEQ_FIXED", "BYTE_CYCLES"]
+__all__ = ["LayerCost", "layer_costs", "network_cost", "serial_generation", "ENGINE_FIXED",
+           "GEN_FIXED", "LOOKAHEAD_TILES", "SEQ_FIXED", "BYTE_CYCLES", "SERIAL_OUT_VECTORS",
+           "SERIAL_PIPE", "SERIAL_LOOKAHEAD_TILES"]
 
 # Cycles per code byte of the stream from the base store (or the stream FIFO) into
 # the generation unit, measured on the RTL.
@@ -55,6 +63,16 @@ SEQ_FIXED = 4
 # Weight tiles the generation unit can finish ahead of the engine: two work tiles,
 # the output tile, the four-vector weight FIFO and the engine's staging tile.
 LOOKAHEAD_TILES = 4
+# The serial generation unit (hw.serialgen: its OUT_VECTORS, and PIPE_STAGES + 1 from
+# a weight's issue to its vector's place in the FIFO); it runs about a tile ahead.
+SERIAL_OUT_VECTORS = 2
+SERIAL_PIPE = 6
+SERIAL_LOOKAHEAD_TILES = 1
+
+
+def serial_generation(config: AcceleratorConfig) -> bool:
+    """Whether ``config`` builds the serial generation unit (``hw.serialgen``)."""
+    return config.compact and not config.level2
 
 
 def _seq_cycles(config: AcceleratorConfig) -> int:
@@ -117,8 +135,14 @@ def _layer_parts(net: QuantizedNetwork, layer: LayerSpec, config: AcceleratorCon
     groups, p1 = plan["Pc"] * plan["Pr"], plan["P1"]
     load = sum(max(t.numel(), BYTE_CYCLES * ((t.numel() * bits + 7) // 8))
                for _, t, bits in layer.code_tensors(net)) + GEN_FIXED
-    l1 = layer.bo * _cdiv(layer.ci, R) * kk * layer.bi * p1 if layer.has_l1 else 0
-    tg = groups * layer.bo if layer.has_l2 else C
+    if serial_generation(config):
+        n = C * (layer.bi if layer.has_l1 else 1)
+        load += max(layer.ci, layer.bi if layer.has_l1 else 0)
+        l1 = 0
+        tg = R * max(n, _cdiv(n + SERIAL_PIPE, SERIAL_OUT_VECTORS))
+    else:
+        l1 = layer.bo * _cdiv(layer.ci, R) * kk * layer.bi * p1 if layer.has_l1 else 0
+        tg = groups * layer.bo if layer.has_l2 else C
     return dict(tiles=tiles, te=te, tg=tg, tail=tail, compute=tiles * te + tail,
                 busy=tiles * p + tail, load=load,
                 l1=l1, gen=load + l1 + tiles * tg,
@@ -146,7 +170,8 @@ def layer_costs(net: QuantizedNetwork, config: AcceleratorConfig) -> list[LayerC
             # The last tile is generated when it is due, at most LOOKAHEAD_TILES tiles
             # ahead of the engine.
             last_gen = first + (c["tiles"] - 1) * c["tg"]
-            gen_free = max(last_gen, end - c["tail"] - LOOKAHEAD_TILES * rate) + seq
+            ahead = SERIAL_LOOKAHEAD_TILES if serial_generation(config) else LOOKAHEAD_TILES
+            gen_free = max(last_gen, end - c["tail"] - ahead * rate) + seq
         out.append(LayerCost(
             name=layer.name, op=layer.op, macs=layer.macs, tiles=c["tiles"],
             compute=c["compute"], gen_load=c["load"], gen_level1=c["l1"],

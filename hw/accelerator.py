@@ -61,7 +61,7 @@ from host.protocol import (COUNTERS, LOG_COUNTERS, REGION_LOG, ERR_ADDRESS, ERR_
                            STATE_RUNNING, act_bytes, const_bytes, identity_bytes, record_bytes)
 
 from .engine import ConvEngine, channel_layout
-from .generation import GenerationUnit
+from .serialgen import generation_unit
 from .interfaces import layer_record_layout
 from .link import HostLink
 from .memory import BlockMemory
@@ -155,7 +155,7 @@ class Accelerator(wiring.Component):
     def __init__(self, config: AcceleratorConfig):
         self.config = config
         self.link = HostLink(config)
-        self.gen = GenerationUnit(config)
+        self.gen = generation_unit(config)
         self.engine = ConvEngine(config)
         self.record_bytes = record_bytes(config)
         self.const_bytes = const_bytes(config)

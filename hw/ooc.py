@@ -44,8 +44,8 @@ def _engine(c):
 
 
 def _generation(c):
-    from .generation import GenerationUnit
-    return GenerationUnit(c)
+    from .serialgen import generation_unit
+    return generation_unit(c)
 
 
 def _link(c):

@@ -11,6 +11,7 @@ simulation, with idle cycles on its inputs and backpressure on its output.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import os
@@ -21,14 +22,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from amaranth.hdl import Module, UnusedElaboratable, signed
+from amaranth.hdl import Const, Module, UnusedElaboratable, signed
 from amaranth.lib import wiring
 from amaranth.lib.wiring import Out
 from amaranth.sim import Simulator
 
+from gen import cost
 from gen.config import AcceleratorConfig, code_value_bits
 from gen.integer import decode_codes, round_w2
+from hw import serialgen
 from hw.generation import GenerationUnit, WeightRounder, lane_plan
+from hw.interfaces import descriptor_layout, weight_vectors
+from hw.serialgen import SerialGenerationUnit, generation_unit
 from hw.unpacker import CodeDecoder, CodeUnpacker, decode_code
 from sim.runner import SIMULATORS, run_bench, simulator_available
 
@@ -261,6 +266,106 @@ def test_generation_unit_rejects_non_config():
     _raises(TypeError, "dict", lambda: GenerationUnit({"rows": 8}))
 
 
+def _run_pysim(dut, entries, seed, idle=0.3, backpressure=0.3):
+    """Drive ``entries`` (descriptor, code bytes) through ``dut``; the vectors it emits."""
+    stream = b"".join(bytes.fromhex(e["bytes"]) for e in entries)
+    n = sum(len(e["expected"]) for e in entries)
+    got = []
+
+    async def descs(ctx):
+        for e in entries:
+            ctx.set(dut.i_desc.payload.as_value(), e["desc"])
+            ctx.set(dut.i_desc.valid, 1)
+            await ctx.tick().until(dut.i_desc.ready)
+            ctx.set(dut.i_desc.valid, 0)
+
+    async def codes(ctx):
+        await _put_words(ctx, dut.i_codes, stream, random.Random(seed), idle)
+
+    async def weights(ctx):
+        r = random.Random(seed + 1)
+        for _ in range(n):
+            while r.random() < backpressure:
+                await ctx.tick()
+            ctx.set(dut.o_weights.ready, 1)
+            w, last = await ctx.tick().sample(dut.o_weights.payload.w,
+                                              dut.o_weights.payload.last).until(dut.o_weights.valid)
+            ctx.set(dut.o_weights.ready, 0)
+            got.append(([int(x) for x in w], int(last)))
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(descs, background=True)
+    sim.add_testbench(codes, background=True)
+    sim.add_testbench(weights)
+    sim.run()
+    return got
+
+
+def _dense_bits_layer(cfg, rng, dense_bits):
+    """A dense layer whose codes have the width ``dense_bits`` selects (1: qb, 2: qv), as
+    the program file marks a dense layer stored at a basis or coefficient width."""
+    bits = {1: cfg.qb, 2: cfg.qv}[dense_bits]
+    ci, co, k = rng.randint(1, cfg.max_ci), rng.randint(1, cfg.max_co), 3
+    codes = torch.tensor([rng.randrange(1 << bits) for _ in range(co * ci * k * k)])
+    w = decode_codes(codes, bits, cfg.decode).reshape(co, ci, k * k)
+    shift = rng.randint(0, 3)
+    pe = round_w2(w, shift, cfg.w_bits).reshape(co, ci, k, k)
+    fields = {"ci": ci, "co": co, "k": k, "bi": 0, "bo": co, "w_shift": shift,
+              "has_l1": 0, "has_l2": 0, "dense_bits": dense_bits}
+    return {"desc": Const.cast(descriptor_layout(cfg).const(fields)).value,
+            "bytes": bench.pack_codes(codes.tolist(), bits).hex(),
+            "expected": weight_vectors(cfg, pe)}
+
+
+SERIAL_CONFIGS = [
+    AcceleratorConfig(rows=3, cols=4, max_ci=7, max_co=9, max_k=3, max_bi=2, max_bo=4, gen_lanes=1,
+                      qb=3, qu=4, qv=2, qd=5, w_bits=6, compact=True, level2=False),
+    AcceleratorConfig(rows=2, cols=2, max_ci=5, max_co=6, max_k=3, max_bi=3, max_bo=1, gen_lanes=1,
+                      qb=2, qu=6, qv=3, qd=8, w_bits=8, decode="signed", compact=True,
+                      level2=False),
+    AcceleratorConfig(rows=2, cols=3, max_ci=5, max_co=6, max_k=5, max_bi=2, max_bo=1, gen_lanes=1,
+                      qb=1, qu=7, qv=4, qd=3, w_bits=4, compact=True, level2=False),
+]
+
+
+@pytest.mark.parametrize("index", range(len(SERIAL_CONFIGS)))
+@pytest.mark.parametrize("align", [True, False])
+def test_serial_generation_unit_pysim(index, align):
+    """The serial unit (compact, no level 2) against the golden weight vectors: level-1
+    and dense layers of random shapes and shifts, dense layers stored at every code
+    width, with idle input and backpressure."""
+    cfg = SERIAL_CONFIGS[index]
+    rng = random.Random(SEED + index)
+    layers = [bench.random_layer(cfg, rng, mode) for mode in ("l1", "dense", "l1", "dense")]
+    layers += [bench.random_layer(cfg, rng, rng.choice(bench.modes_of(cfg))) for _ in range(4)]
+    entries = [bench.job_layer(cfg, layer, section_align=align) for layer in layers]
+    entries[2:2] = [_dense_bits_layer(cfg, rng, 1), _dense_bits_layer(cfg, rng, 2)]
+    expected = [(vec, int(i == len(e["expected"]) - 1))
+                for e in entries for i, vec in enumerate(e["expected"])]
+    dut = generation_unit(cfg, section_align=align)
+    assert isinstance(dut, SerialGenerationUnit)
+    assert _run_pysim(dut, entries, SEED + index) == expected
+    # Full rate in and out: the vectors come out the same.
+    dut = generation_unit(cfg, section_align=align)
+    assert _run_pysim(dut, entries, SEED, idle=0.0, backpressure=0.0) == expected
+
+
+def test_generation_unit_choice():
+    """Compact builds without level 2 get the serial unit; the others the lane unit, and
+    the serial unit refuses a config with level 2."""
+    base = SERIAL_CONFIGS[0]
+    assert isinstance(generation_unit(base), SerialGenerationUnit)
+    for change in ({"compact": False}, {"level2": True}):
+        assert type(generation_unit(dataclasses.replace(base, **change))) is GenerationUnit
+    _raises(ValueError, "level2 must be false",
+            lambda: SerialGenerationUnit(dataclasses.replace(base, level2=True)))
+    _raises(TypeError, "dict", lambda: SerialGenerationUnit({"rows": 8}))
+    # The cost model's figures of the serial unit are the unit's own.
+    assert (cost.SERIAL_OUT_VECTORS, cost.SERIAL_PIPE) == (serialgen.OUT_VECTORS,
+                                                           serialgen.PIPE_STAGES + 1)
+
+
 # cocotb benches ----------------------------------------------------------------------
 
 class GenerationBank(wiring.Component):
@@ -268,7 +373,7 @@ class GenerationBank(wiring.Component):
     simulator build serves several elaboration configs."""
 
     def __init__(self, units):
-        self.units = [GenerationUnit(cfg, section_align=align) for cfg, align in units]
+        self.units = [generation_unit(cfg, section_align=align) for cfg, align in units]
         super().__init__({f"u{i}": Out(u.signature) for i, u in enumerate(self.units)})
 
     def elaborate(self, platform):
@@ -324,8 +429,9 @@ def _job(configs, layers_per_unit: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     units = []
     for i, (cfg, align) in enumerate(configs):
-        # Every mode first, then random ones.
-        modes = list(bench.MODES) + [None] * max(0, layers_per_unit - len(bench.MODES))
+        # Every mode the unit has first, then random ones.
+        have = bench.modes_of(cfg)
+        modes = list(have) + [rng.choice(have) for _ in range(layers_per_unit - len(have))]
         layers = [bench.random_layer(cfg, rng, mode) for mode in modes]
         units.append({
             "config": cfg, "prefix": f"u{i}__",
@@ -336,9 +442,18 @@ def _job(configs, layers_per_unit: int, seed: int) -> list[dict]:
     return units
 
 
+def _serial_configs() -> list[tuple[AcceleratorConfig, bool]]:
+    """Serial units (compact, no level 2): the pysim configs and the iCEBreaker's widths."""
+    return [(cfg, i != 1) for i, cfg in enumerate(SERIAL_CONFIGS)] + [
+        (AcceleratorConfig(rows=2, cols=2, gen_lanes=1, qb=3, qu=6, qv=3, qd=7, max_ci=16,
+                           max_co=16, max_k=3, max_bi=2, max_bo=1, compact=True, level2=False),
+         True)]
+
+
 BENCH_SETS = {
     "widths": (_width_configs, 10),
     "default": (_default_configs, 8),
+    "serial": (_serial_configs, 8),
 }
 
 

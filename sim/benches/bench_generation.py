@@ -148,9 +148,15 @@ def make_layer(config: AcceleratorConfig, *, ci, co, k, mode, bi=0, bo=0, rng=No
     return layer
 
 
+def modes_of(config: AcceleratorConfig) -> tuple[str, ...]:
+    """The layer modes a config's generation unit takes: without level 2, those without."""
+    return MODES if config.level2 else tuple(m for m in MODES if m in ("l1", "dense"))
+
+
 def random_layer(config: AcceleratorConfig, rng: random.Random, mode: str | None = None) -> dict:
-    """A random layer within the config maxima (any mode, shape, shift policy)."""
-    mode = mode or rng.choice(MODES)
+    """A random layer within the config maxima (any mode the config has, shape, shift
+    policy)."""
+    mode = mode or rng.choice(modes_of(config))
     k = rng.choice([s for s in KERNEL_SIZES if s <= config.max_k])
     return make_layer(config, ci=rng.randint(1, config.max_ci), co=rng.randint(1, config.max_co),
                       k=k, mode=mode, bi=rng.randint(1, config.max_bi), bo=rng.randint(1, config.max_bo),
