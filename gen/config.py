@@ -127,7 +127,9 @@ class AcceleratorConfig:
         requant lane of four stages; no FIFOs between the generation unit, the
         constant store and the engine; the W1 buffer and the base store in
         single-port RAM (``hw.memory``); the executor's address, length and pixel
-        arithmetic only as wide as the largest region, frame and map need.
+        arithmetic only as wide as the largest region, frame and map need. Without
+        ``level2`` the generation unit is the serial one (``hw.serialgen``): one
+        weight at a time, with no W1 buffer.
     level2, residual, pool:
         The layer features the hardware supports: level-2 generation (``V`` codes,
         ``W2 = V x W1``), the residual add, pooling layers. A build without one

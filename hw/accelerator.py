@@ -60,11 +60,12 @@ from host.protocol import (COUNTERS, LOG_COUNTERS, REGION_LOG, ERR_ADDRESS, ERR_
                            REGION_PROGRAM, REGION_STREAM, RESPONSE, STATE_DONE, STATE_ERROR,
                            STATE_RUNNING, act_bytes, const_bytes, identity_bytes, record_bytes)
 
+from .counters import CounterBank, counter_bank
 from .engine import ConvEngine, channel_layout
-from .serialgen import generation_unit
 from .interfaces import layer_record_layout
-from .link import HostLink
+from .link import LINK_COUNTERS, HostLink
 from .memory import BlockMemory
+from .serialgen import generation_unit
 
 __all__ = ["Accelerator", "ERR_ABORTED"]
 
@@ -254,7 +255,12 @@ class Accelerator(wiring.Component):
         n_layers = Signal(range(cfg.max_layers + 1))
         start = Signal()
         m.d.comb += [self.running.eq(running), self.error.eq(state == STATE_ERROR)]
-        ctr = {name: Signal(counter_bits, name=f"ctr_{name}") for name in COUNTERS}
+        # The counters: registers, or (compact, no layer log) a block RAM bank that the
+        # events feed (hw.counters).
+        banked = counter_bank(cfg)
+        ctr = {} if banked else {name: Signal(counter_bits, name=f"ctr_{name}")
+                                 for name in COUNTERS}
+        ev = {}
 
         # Generation sequencer: conv records -> descriptor + code bytes.
         g_st = Signal(_Seq)
@@ -323,8 +329,11 @@ class Accelerator(wiring.Component):
         codes_left = (base_q.level != 0) | (stream_q.level != 0)
         m.d.comb += [prog_rd_gen.addr.eq(Cat(g_k[:rb_log], g_idx) if compact else g_idx),
                      gen.i_desc.payload.eq(g_rec.desc)]
-        with m.If(gen.i_codes.valid & gen.i_codes.ready):
-            m.d.sync += ctr["code_bytes"].eq(ctr["code_bytes"] + 1)
+        if banked:
+            ev["code_bytes"] = gen.i_codes.valid & gen.i_codes.ready
+        else:
+            with m.If(gen.i_codes.valid & gen.i_codes.ready):
+                m.d.sync += ctr["code_bytes"].eq(ctr["code_bytes"] + 1)
         with m.Switch(g_st):
             with m.Case(_Seq.FETCH):
                 if compact:
@@ -419,19 +428,27 @@ class Accelerator(wiring.Component):
         for name, wp in zip(LOG_COUNTERS, log_wps):
             m.d.comb += [wp.addr.eq(log_idx), wp.en.eq(log_we), wp.data.eq(ctr[name])]
 
-        if not cfg.layer_log:
-            # (No log needs a layer's counts: the engine's events are counted as they come,
-            # also those of a layer that an abort or a fault stops.)
-            for name in ENGINE_COUNTS:
-                m.d.sync += ctr[name].eq(ctr[name] + getattr(eng, f"ev_{name}"))
-        with m.If(running):
-            m.d.sync += ctr["cycles"].eq(ctr["cycles"] + 1)
-            with m.If(eng.busy):
-                m.d.sync += ctr["engine_busy"].eq(ctr["engine_busy"] + 1)
-            with m.If(~gen.idle):
-                m.d.sync += ctr["gen_busy"].eq(ctr["gen_busy"] + 1)
-        m.d.comb += [ctr["bytes_in"].eq(link.bytes_in), ctr["bytes_out"].eq(link.bytes_out),
-                     ctr["frames"].eq(link.frames), ctr["frame_errors"].eq(link.frame_errors)]
+        if banked:
+            ev.update({name: getattr(eng, f"ev_{name}") for name in ENGINE_COUNTS})
+            ev.update({"cycles": running, "engine_busy": running & eng.busy,
+                       "gen_busy": running & ~gen.idle})
+            ev.update({name: getattr(link, f"ev_{name}") for name in LINK_COUNTERS})
+            m.submodules.counters = bank = CounterBank(
+                [cfg.rows * cfg.cols if name == "macs" else 1 for name in COUNTERS], counter_bits)
+            m.d.comb += [bank.inc[i].eq(ev[name]) for i, name in enumerate(COUNTERS)]
+        else:
+            if not cfg.layer_log:
+                # (No log needs a layer's counts: the engine's events are counted as they
+                # come, also those of a layer that an abort or a fault stops.)
+                for name in ENGINE_COUNTS:
+                    m.d.sync += ctr[name].eq(ctr[name] + getattr(eng, f"ev_{name}"))
+            with m.If(running):
+                m.d.sync += ctr["cycles"].eq(ctr["cycles"] + 1)
+                with m.If(eng.busy):
+                    m.d.sync += ctr["engine_busy"].eq(ctr["engine_busy"] + 1)
+                with m.If(~gen.idle):
+                    m.d.sync += ctr["gen_busy"].eq(ctr["gen_busy"] + 1)
+            m.d.comb += [ctr[name].eq(getattr(link, name)) for name in LINK_COUNTERS]
 
         # ---- executor ------------------------------------------------------------------
         ex = Signal(_Ex)
@@ -725,7 +742,17 @@ class Accelerator(wiring.Component):
                         with m.Else():
                             m.d.sync += ex.eq(_Ex.IDLE)
                     with m.Case(_Rd.CAPTURE):
-                        m.d.sync += [cap_counter.eq(counter_word), s_phase.eq(_Rd.WAIT)]
+                        if banked:
+                            # A counter is captured once, for its first byte, when the bank
+                            # flushes it (a wait of up to one pass over the bank).
+                            first = (src_sel == SRC_COUNTERS) & (sel_q[:3] == 0)
+                            m.d.comb += bank.rd_index.eq(cidx)
+                            with m.If(first & bank.rd_valid):
+                                m.d.sync += cap_counter.eq(bank.rd_data)
+                            with m.If(~first | bank.rd_valid):
+                                m.d.sync += s_phase.eq(_Rd.WAIT)
+                        else:
+                            m.d.sync += [cap_counter.eq(counter_word), s_phase.eq(_Rd.WAIT)]
                         if log_rds:
                             m.d.sync += cap_log.eq(Array(rp.data for rp in log_rds)[log_word])
                     with m.Case(_Rd.WAIT):
@@ -764,10 +791,11 @@ class Accelerator(wiring.Component):
                         with m.Case(SRC_LOG):
                             m.d.comb += s_data.eq(Cat(cap_log, Const(0, 64 - counter_bits))
                                                   .word_select(s_sel_byte[:3], 8))
-            with m.Switch(cidx):
-                for i, name in enumerate(COUNTERS):
-                    with m.Case(i):
-                        m.d.comb += counter_word.eq(ctr[name])
+            if not banked:
+                with m.Switch(cidx):
+                    for i, name in enumerate(COUNTERS):
+                        with m.Case(i):
+                            m.d.comb += counter_word.eq(ctr[name])
         with m.If(ex == _Ex.RESPOND):
             m.d.sync += [s_idx.eq(0), s_phase.eq(_Rd.PREP), act_byte.eq(0)]
 
@@ -825,9 +853,13 @@ class Accelerator(wiring.Component):
         with m.If(start_q):
             m.d.sync += [running.eq(1), state.eq(STATE_RUNNING), status_err.eq(0),
                          g_idx.eq(0), e_idx.eq(0), g_st.eq(_Seq.FETCH), e_st.eq(_Seq.FETCH)]
-            for name in ("cycles", "engine_busy", "gen_busy", "mac_cycles", "macs",
-                         "stall_weights", "stall_output", "code_bytes"):
-                m.d.sync += ctr[name].eq(0)
+            run_counters = ("cycles", "engine_busy", "gen_busy", "mac_cycles", "macs",
+                            "stall_weights", "stall_output", "code_bytes")
+            if banked:
+                m.d.comb += bank.clear.eq(sum(1 << COUNTERS.index(name) for name in run_counters))
+            else:
+                for name in run_counters:
+                    m.d.sync += ctr[name].eq(0)
         # The unit reset leaves from a register, so that its wide net is not timed
         # behind the executor's decode logic. The units and the FIFOs are reset one
         # cycle after an abort or a fault, while both sequencers are idle, and one

@@ -28,7 +28,12 @@ from amaranth.lib.wiring import In, Out
 from gen.config import AcceleratorConfig
 from host.protocol import (CRC_BYTES, ERR_CRC, ERR_LENGTH, ERR_TIMEOUT, OP_ERROR, SYNC)
 
-__all__ = ["HostLink", "header_layout"]
+from .counters import counter_bank
+
+__all__ = ["HostLink", "header_layout", "LINK_COUNTERS"]
+
+# The link's counters, in the order of host.protocol.COUNTERS.
+LINK_COUNTERS = ("bytes_in", "bytes_out", "frames", "frame_errors")
 
 def _any(view, *members):
     return Cat(*(view == mbr for mbr in members)).any()
@@ -83,13 +88,19 @@ class HostLink(wiring.Component):
     i_resp, i_payload: the executor's response.
     bytes_in, bytes_out, frames, frame_errors: counters since reset (``frames``
     counts requests handed to the executor, ``frame_errors`` the ones the link
-    refused).
+    refused). Where the accelerator keeps its counters in a
+    :class:`hw.counters.CounterBank`, the link has instead ``ev_bytes_in``,
+    ``ev_bytes_out``, ``ev_frames`` and ``ev_frame_errors``: each high in a cycle
+    in which its counter would count.
     """
 
     def __init__(self, config: AcceleratorConfig):
         self.config = config
         self.depth = config.max_payload
+        self.events = counter_bank(config)
         cnt = unsigned(config.counter_bits)
+        counts = ({f"ev_{name}": Out(1) for name in LINK_COUNTERS} if self.events else
+                  {name: Out(cnt) for name in LINK_COUNTERS})
         super().__init__({
             "i_rx": In(stream.Signature(8)),
             "o_tx": Out(stream.Signature(8)),
@@ -98,10 +109,7 @@ class HostLink(wiring.Component):
             "buf_data": Out(8),
             "i_resp": In(stream.Signature(header_layout())),
             "i_payload": In(stream.Signature(8)),
-            "bytes_in": Out(cnt),
-            "bytes_out": Out(cnt),
-            "frames": Out(cnt),
-            "frame_errors": Out(cnt),
+            **counts,
         })
 
     def elaborate(self, platform):
@@ -137,8 +145,11 @@ class HostLink(wiring.Component):
             return [rx.eq(st), rx_takes.eq(int(st in RX_TAKES)), rx_inside.eq(int(st in RX_INSIDE))]
 
         m.d.comb += self.i_rx.ready.eq(rx_takes)
-        with m.If(fire):
-            m.d.sync += self.bytes_in.eq(self.bytes_in + 1)
+        if self.events:
+            m.d.comb += self.ev_bytes_in.eq(fire)
+        else:
+            with m.If(fire):
+                m.d.sync += self.bytes_in.eq(self.bytes_in + 1)
         m.d.comb += [rx_crc.data.eq(byte),
                      rx_crc.valid.eq(fire & (rx != _Rx.HUNT)),
                      rx_crc.start.eq(fire & (rx == _Rx.HUNT))]
@@ -163,8 +174,11 @@ class HostLink(wiring.Component):
         # conditions then enable two registers, not a 48-bit counter.
         refused = Signal()
         m.d.sync += refused.eq(0)
-        with m.If(refused):
-            m.d.sync += self.frame_errors.eq(self.frame_errors + 1)
+        if self.events:
+            m.d.comb += self.ev_frame_errors.eq(refused)
+        else:
+            with m.If(refused):
+                m.d.sync += self.frame_errors.eq(self.frame_errors + 1)
 
         def refuse(code):
             m.d.sync += [err_code.eq(code), *goto(_Rx.ERROR), refused.eq(1)]
@@ -209,7 +223,11 @@ class HostLink(wiring.Component):
                 m.d.sync += goto(_Rx.CHECK)
             with m.Case(_Rx.CHECK):
                 with m.If(crc_match):
-                    m.d.sync += [*goto(_Rx.EXEC), self.frames.eq(self.frames + 1)]
+                    m.d.sync += goto(_Rx.EXEC)
+                    if self.events:
+                        m.d.comb += self.ev_frames.eq(1)
+                    else:
+                        m.d.sync += self.frames.eq(self.frames + 1)
                 with m.Else():
                     refuse(ERR_CRC)
         with m.If(mid_frame & timed_out & ~fire):
@@ -231,8 +249,11 @@ class HostLink(wiring.Component):
         t_own = Signal()     # the link's own error frame (payload err_code, op)
         out = self.o_tx
         tx_fire = out.valid & out.ready
-        with m.If(tx_fire):
-            m.d.sync += self.bytes_out.eq(self.bytes_out + 1)
+        if self.events:
+            m.d.comb += self.ev_bytes_out.eq(tx_fire)
+        else:
+            with m.If(tx_fire):
+                m.d.sync += self.bytes_out.eq(self.bytes_out + 1)
         m.d.comb += [tx_crc.start.eq(tx == _Tx.SYNC), tx_crc.data.eq(out.payload),
                      tx_crc.valid.eq(tx_fire & ~_any(tx, _Tx.SYNC, _Tx.CRC_HI, _Tx.CRC_LO))]
 
