@@ -473,10 +473,11 @@ class Accelerator(wiring.Component):
         data_len = Signal(fw)
         resp_op = Signal(8)
         resp_len = Signal(min(16, rw))
-        # Payload source of a streamed response (STREAM state).
-        src_sel = Signal(range(9))
+        # Payload source of a streamed response (STREAM state); with ``compact`` also
+        # SRC_NONE, a response without payload.
+        src_sel = Signal(range(10 if compact else 9))
         (SRC_IDENT, SRC_PROG, SRC_BASES, SRC_CONSTS, SRC_STATUS, SRC_COUNTERS, SRC_ACT,
-         SRC_ERROR, SRC_LOG) = range(9)
+         SRC_ERROR, SRC_LOG, SRC_NONE) = range(10)
         # Activation transfer checks, summed channel by channel (no multipliers for a
         # check that runs once per transfer): elements, and entries per bank.
         rem = Signal(range(max(cfg.max_ci, cfg.max_co) + 1)) if compact else Signal(17)
@@ -512,7 +513,24 @@ class Accelerator(wiring.Component):
         def refuse(code):
             m.d.sync += [err.eq(code), ex.eq(_Ex.ERROR)]
 
+        if compact:
+            # The response's opcode and length follow from its source and the request's
+            # registers (which hold until the next request): no registers of their own.
+            m.d.comb += resp_op.eq(Mux(src_sel == SRC_ERROR, OP_ERROR, op | RESPONSE))
+            lengths = {SRC_IDENT: len(identity_bytes(cfg)), SRC_STATUS: 4,
+                       SRC_COUNTERS: 8 * len(COUNTERS), SRC_ERROR: 2, SRC_PROG: count,
+                       SRC_BASES: count, SRC_CONSTS: count, SRC_ACT: elems << ab_log,
+                       **({SRC_LOG: count} if cfg.layer_log else {})}
+            with m.Switch(src_sel):
+                for sel, n in lengths.items():
+                    with m.Case(sel):
+                        m.d.comb += resp_len.eq(n)
+
         def respond(rop, rlen, sel=None):
+            if compact:
+                # (rop and rlen are those that src_sel gives, see above.)
+                m.d.sync += [src_sel.eq(SRC_NONE if sel is None else sel), ex.eq(_Ex.RESPOND)]
+                return
             m.d.sync += [resp_op.eq(rop), resp_len.eq(rlen), ex.eq(_Ex.RESPOND)]
             if sel is not None:
                 m.d.sync += src_sel.eq(sel)
@@ -527,7 +545,11 @@ class Accelerator(wiring.Component):
                 with m.If(link.o_req.valid):
                     rq = link.o_req.payload
                     m.d.sync += [flag.eq(rq.op == code) for code, flag in pre["op"].items()]
-                    m.d.sync += [op.eq(rq.op), length.eq(rq.len), arg_i.eq(0), args.eq(0),
+                    if not compact:
+                        # (compact: no check reads an argument byte its request does
+                        # not carry; the length check makes sure they all arrived.)
+                        m.d.sync += args.eq(0)
+                    m.d.sync += [op.eq(rq.op), length.eq(rq.len), arg_i.eq(0),
                                  link_rd.eq(0), arg_pending.eq(0), ex.eq(_Ex.ARGS)]
                     m.d.sync += n_args.eq(0)
                     with m.Switch(rq.op):
@@ -665,8 +687,7 @@ class Accelerator(wiring.Component):
         sel_q = Signal(8)
         cidx = Signal(range(len(COUNTERS)))
         cap_ident, cap_bases = Signal(8), Signal(8)
-        # (compact: the constants' byte is selected as it is captured, into 8 bits.)
-        cap_prog, cap_consts = Signal(prog_w), Signal(8 if compact else 8 * CB)
+        cap_prog, cap_consts = Signal(prog_w), Signal(8 * CB)
         consts_byte = (lambda word: word.word_select(s_sel_byte[:max(1, cb_log)], 8)
                        if cb_log else word)
         cap_counter, cap_log = Signal(counter_bits), Signal(counter_bits)
@@ -675,7 +696,8 @@ class Accelerator(wiring.Component):
         # such registers of their own (hw.memory).
         raw_ident, raw_prog = Signal(8), Signal(prog_w)
         raw_bases, raw_consts = bases_rd_host.data, Value.cast(consts_rd_host.data)
-        m.d.sync += [raw_ident.eq(ident_rd.data), raw_prog.eq(prog_rd_host.data)]
+        if not compact:
+            m.d.sync += [raw_ident.eq(ident_rd.data), raw_prog.eq(prog_rd_host.data)]
         # A log entry is LOG_COUNTERS words of 8 bytes: byte address = (layer, word, byte).
         log_shift = 3 + (len(LOG_COUNTERS) - 1).bit_length()
         log_word = Signal(range(len(LOG_COUNTERS)))
@@ -758,28 +780,34 @@ class Accelerator(wiring.Component):
                     with m.Case(_Rd.WAIT):
                         # (The identity and program ports read again from CAPTURE on:
                         # their words are taken here.)
-                        m.d.sync += [cap_ident.eq(raw_ident), cap_prog.eq(raw_prog),
-                                     s_phase.eq(_Rd.HOLD)]
+                        m.d.sync += s_phase.eq(_Rd.HOLD)
+                        if not compact:
+                            m.d.sync += [cap_ident.eq(raw_ident), cap_prog.eq(raw_prog)]
                     with m.Case(_Rd.HOLD):
-                        m.d.sync += [cap_bases.eq(raw_bases),
-                                     cap_consts.eq(consts_byte(raw_consts) if compact else raw_consts),
-                                     s_phase.eq(_Rd.SELECT)]
+                        m.d.sync += s_phase.eq(_Rd.SELECT)
+                        if not compact:
+                            m.d.sync += [cap_bases.eq(raw_bases), cap_consts.eq(raw_consts)]
                     with m.Case(_Rd.SELECT):
                         m.d.sync += [s_byte.eq(s_data), s_phase.eq(_Rd.OFFER)]
                     with m.Case(_Rd.OFFER):
                         m.d.comb += payload.valid.eq(1)
                         with m.If(payload.ready):
                             m.d.sync += [s_idx.eq(s_idx + 1), s_phase.eq(_Rd.PREP)]
+                if compact:
+                    # (compact, for a slower clock: SELECT takes the memories' bytes from
+                    # their read ports, which hold them from HOLD on.)
+                    memory_bytes = {SRC_IDENT: ident_rd.data, SRC_BASES: raw_bases,
+                                    SRC_PROG: prog_rd_host.data,
+                                    SRC_CONSTS: consts_byte(raw_consts)}
+                else:
+                    memory_bytes = {SRC_IDENT: cap_ident, SRC_BASES: cap_bases,
+                                    SRC_PROG: (cap_prog.word_select(s_sel_byte[:max(1, prog_lg)], 8)
+                                               if prog_lg else cap_prog),
+                                    SRC_CONSTS: consts_byte(cap_consts)}
                 with m.Switch(src_sel):
-                    with m.Case(SRC_IDENT):
-                        m.d.comb += s_data.eq(cap_ident)
-                    with m.Case(SRC_BASES):
-                        m.d.comb += s_data.eq(cap_bases)
-                    with m.Case(SRC_PROG):
-                        m.d.comb += s_data.eq(cap_prog.word_select(s_sel_byte[:max(1, prog_lg)], 8)
-                                              if prog_lg else cap_prog)
-                    with m.Case(SRC_CONSTS):
-                        m.d.comb += s_data.eq(cap_consts if compact else consts_byte(cap_consts))
+                    for sel, byte in memory_bytes.items():
+                        with m.Case(sel):
+                            m.d.comb += s_data.eq(byte)
                     with m.Case(SRC_ERROR):
                         m.d.comb += s_data.eq(Mux(sel_q == 0, err, op))
                     with m.Case(SRC_STATUS):
