@@ -8,7 +8,9 @@ and ``P = ho*wo`` output pixels:
 
 * **engine**: the array takes one vector per cycle, each tile streams all ``P``
   pixels past its weights (and needs ``rows`` cycles to load them), so a tile
-  costs ``te = max(P, rows)``; after the last tile the accumulators of the last
+  costs ``te = max(P, rows)`` (with ``compact``, ``max(P, rows, ACC_GAP)``: no
+  accumulator forwarding, so a pixel comes back no sooner than ``ACC_GAP``
+  cycles); after the last tile the accumulators of the last
   output-channel tile are requantized, ``P * cols / lanes`` cycles (the config's
   ``requant_lanes``);
 * **generation**: loading the layer's codes takes, per tensor, one cycle per
@@ -46,7 +48,7 @@ from .network import LayerSpec, QuantizedNetwork
 
 __all__ = ["LayerCost", "layer_costs", "network_cost", "serial_generation", "ENGINE_FIXED",
            "GEN_FIXED", "LOOKAHEAD_TILES", "SEQ_FIXED", "BYTE_CYCLES", "SERIAL_OUT_VECTORS",
-           "SERIAL_PIPE", "SERIAL_LOOKAHEAD_TILES"]
+           "SERIAL_PIPE", "SERIAL_LOOKAHEAD_TILES", "ACC_GAP"]
 
 # Cycles per code byte of the stream from the base store (or the stream FIFO) into
 # the generation unit, measured on the RTL.
@@ -68,6 +70,9 @@ LOOKAHEAD_TILES = 4
 SERIAL_OUT_VECTORS = 2
 SERIAL_PIPE = 6
 SERIAL_LOOKAHEAD_TILES = 1
+# With ``compact``: the engine's least distance between two vectors of one pixel
+# (hw.engine.ACC_GAP).
+ACC_GAP = 5
 
 
 def serial_generation(config: AcceleratorConfig) -> bool:
@@ -129,7 +134,7 @@ def _layer_parts(net: QuantizedNetwork, layer: LayerSpec, config: AcceleratorCon
                     gen=0, weight_bytes=0, act_bytes=acts)
     kk = layer.k * layer.k
     tiles = _cdiv(layer.co, C) * _cdiv(layer.ci, R) * kk
-    te = max(p, R)
+    te = max(p, R, ACC_GAP if config.compact else 0)
     tail = p * C // config.requant_lanes + ENGINE_FIXED
     plan = lane_plan(config)
     groups, p1 = plan["Pc"] * plan["Pr"], plan["P1"]

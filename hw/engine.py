@@ -90,6 +90,12 @@ __all__ = ["ConvEngine", "channel_layout", "host_command_layout", "check_layer",
 
 ERR_DESCRIPTOR = 1
 ERR_WEIGHTS = 2
+# (compact) Cycles from a vector's issue to the first issue at which another vector may
+# read the accumulator word it writes: its read leaves three stages before the
+# accumulate stage, the sum is written the stage after, and a block RAM read must take
+# its address after the write (hw.memory). Without compact the last four sums are
+# forwarded instead.
+ACC_GAP = 5
 
 
 def _max_channels(config: AcceleratorConfig) -> int:
@@ -473,6 +479,16 @@ class ConvEngine(wiring.Component):
                      ~vec.cotile_first | ~Mux(vec.half, half_busy[1], half_busy[0]))
         res_block = res_read_q & res_is_src
         go = in_layer & w_ok & acc_ok & ~res_block
+        if cfg.compact:
+            # (compact) No forwarding into the accumulators: a vector reads its
+            # accumulator word only once every vector before it has written it back. The
+            # vectors of a tile take its pixels in order, each once, so a pixel comes back
+            # no sooner than p_out cycles later; after each tile, ACC_GAP - p_out idle
+            # cycles (on maps of fewer than ACC_GAP pixels) make up the rest.
+            gap = Signal(range(ACC_GAP))
+            with m.If(gap != 0):
+                m.d.sync += gap.eq(gap - 1)
+            go = go & (gap == 0)
         issue = vec_valid & go
         m.d.comb += feeder.o_vec.ready.eq(in_layer & ~skid_valid)
         feed = feeder.o_vec.valid & feeder.o_vec.ready
@@ -499,6 +515,9 @@ class ConvEngine(wiring.Component):
                          self.mac_cycles.eq(self.mac_cycles + ev_mac)]
         with m.If(xfer_now):
             m.d.sync += [loaded.bit_select(xp, 1).eq(1), xp.eq(~xp)]
+        if cfg.compact:
+            with m.If(issue & ~vec.pool & vec.tile_last & (p_out < ACC_GAP)):
+                m.d.sync += gap.eq(ACC_GAP - p_out)
         with m.If(issue & ~vec.pool & vec.tile_last):
             # Issued at T, this vector enters the array at T + 2 and reads PE[r][cols-1] at
             # T + r + cols + 2; a transfer at X writes row r at the end of X + r. The bank
@@ -549,7 +568,8 @@ class ConvEngine(wiring.Component):
                      line[0].half.eq(s2.half)]
         L = array.latency
         assert L >= 3, "the accumulator read leaves three stages before the array's output"
-        for i in range(1, L + 4):
+        # (compact: without forwarding, the line ends at the write stage.)
+        for i in range(1, L + 2 if cfg.compact else L + 4):
             nxt = Signal(meta_layout, name=f"meta_{i}")
             m.d.sync += nxt.eq(line[-1])
             line.append(nxt)
@@ -563,14 +583,18 @@ class ConvEngine(wiring.Component):
         # adders), and a sum is written a cycle after it is computed (from registers, to
         # the blocks across the die), so the read misses the sums of the four vectors
         # before it: forward those instead, the most recent first.
-        hit1, hit2, hit3, hit4 = Signal(), Signal(), Signal(), Signal()
-        m.d.sync += [hit1.eq(same(line[L - 1], line[L])), hit2.eq(same(line[L - 1], line[L + 1])),
-                     hit3.eq(same(line[L - 1], line[L + 2])), hit4.eq(same(line[L - 1], line[L + 3]))]
-        sum1 = Signal(data.ArrayLayout(signed(cfg.acc_bits), C))
-        sum2 = Signal.like(sum1)
-        sum3 = Signal.like(sum1)
-        sum4 = Signal.like(sum1)
-        m.d.sync += [sum2.eq(sum1), sum3.eq(sum2), sum4.eq(sum3)]
+        # (compact: no forwarding, see ACC_GAP.)
+        if not cfg.compact:
+            hit1, hit2, hit3, hit4 = Signal(), Signal(), Signal(), Signal()
+            m.d.sync += [hit1.eq(same(line[L - 1], line[L])),
+                         hit2.eq(same(line[L - 1], line[L + 1])),
+                         hit3.eq(same(line[L - 1], line[L + 2])),
+                         hit4.eq(same(line[L - 1], line[L + 3]))]
+            sum1 = Signal(data.ArrayLayout(signed(cfg.acc_bits), C))
+            sum2 = Signal.like(sum1)
+            sum3 = Signal.like(sum1)
+            sum4 = Signal.like(sum1)
+            m.d.sync += [sum2.eq(sum1), sum3.eq(sum2), sum4.eq(sum3)]
         wr = line[L + 1]
         acc_raw = [acc_rp[h].data for h in range(2)]
         acc_q = Signal(data.ArrayLayout(signed(cfg.acc_bits), C), name="acc_q")
@@ -585,13 +609,19 @@ class ConvEngine(wiring.Component):
                 acc_wp[h].en.eq(wr.valid & (wr.half == h)),
             ]
         for c in range(C):
-            old = Mux(hit1, sum1[c], Mux(hit2, sum2[c], Mux(hit3, sum3[c],
-                                                            Mux(hit4, sum4[c], acc_q[c]))))
+            if cfg.compact:
+                old = acc_q[c]
+            else:
+                old = Mux(hit1, sum1[c], Mux(hit2, sum2[c], Mux(hit3, sum3[c],
+                                                                Mux(hit4, sum4[c], acc_q[c]))))
             total = Signal(signed(cfg.acc_bits), name=f"acc_sum_{c}")
             m.d.comb += total.eq(Mux(acc.first, 0, old) + array.o_sum[c])
             # One register per half for the write data (each half is many blocks).
-            m.d.sync += [sum1[c].eq(total), acc_wp[0].data[c].eq(total),
-                         acc_wp[1].data[c].eq(total)]
+            if cfg.compact:
+                m.d.sync += [acc_wp[0].data[c].eq(total), acc_wp[1].data[c].eq(total)]
+            else:
+                m.d.sync += [sum1[c].eq(total), acc_wp[0].data[c].eq(total),
+                             acc_wp[1].data[c].eq(total)]
         with m.If(wr.valid & wr.last):
             m.d.sync += half_full.bit_select(wr.half, 1).eq(1)
 

@@ -14,6 +14,7 @@ randomized regression: every config on both simulators, many more layers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -26,8 +27,10 @@ import torch
 from amaranth.hdl import Module, Signal, signed, unsigned
 from amaranth.sim import Simulator
 
+from gen import cost
 from gen.config import AcceleratorConfig
 from gen.integer import requant
+from hw import engine as engine_module
 from hw.engine import ERR_DESCRIPTOR, ConvEngine, check_layer
 from hw.feeder import WindowFeeder, bank_depth, feed_reference
 from hw.postproc import Requantizer
@@ -353,9 +356,13 @@ def _amaranth_engine_run(cfg, cases_with_load, bad_descriptors, pe_mult):
     return out
 
 
-@pytest.mark.parametrize("pe_mult", ["infer", "lut"])
-def test_engine_small_layers_in_amaranth_simulator(pe_mult):
-    cfg = SMALL_CFG
+def test_cost_model_knows_the_compact_accumulator_gap():
+    assert cost.ACC_GAP == engine_module.ACC_GAP
+
+
+@pytest.mark.parametrize("pe_mult,compact", [("infer", False), ("lut", False), ("infer", True)])
+def test_engine_small_layers_in_amaranth_simulator(pe_mult, compact):
+    cfg = dataclasses.replace(SMALL_CFG, compact=compact)
     plan = {"seed": 5, "items": [
         {"chain": [dict(op="conv", ci=3, co=3, h=4, w=5, k=3, stride=1, pad=1, relu=True, src=0, dst=1,
                         res=None),
@@ -416,6 +423,10 @@ BENCH_CONFIGS = {
     # cols > rows, lanes = gcd = 1
     "3x5": AcceleratorConfig(rows=3, cols=5, a_bits=6, w_bits=5, m_bits=12, max_ci=9, max_co=11,
                              max_k=7, max_h=8, max_w=8, act_depth=600, act_buffers=3),
+    # a small-device build: one requant lane of four stages, no accumulator forwarding
+    "2x3c": AcceleratorConfig(rows=2, cols=3, a_bits=8, w_bits=8, m_bits=16, max_ci=12, max_co=12,
+                              max_k=5, max_h=8, max_w=8, act_depth=400, act_buffers=3,
+                              compact=True),
 }
 
 
@@ -497,6 +508,7 @@ BENCH_RUNS = [
     ("verilator", "4x4", dict(random_layers=250, max_macs=40_000)),
     ("verilator", "6x4", dict(random_layers=250, max_macs=30_000)),
     ("icarus", "3x5", dict(random_layers=16, max_macs=2_000, scale=0.8)),
+    ("verilator", "2x3c", dict(random_layers=150, max_macs=20_000)),
 ]
 # MLG_LONG=1: every config on both simulators, many more random layers. Each design is
 # built by one test only, so parallel workers never share a build directory.
