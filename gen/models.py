@@ -77,34 +77,68 @@ class _MLGModel(nn.Module):
 
 class DigitsNet(_MLGModel):
     """Small residual MLG CNN for the 8x8 digits: 3x3 stem, a stride-2 3x3 conv,
-    one residual block of two 3x3 convs, global average pooling, a classifier."""
+    one residual block of two 3x3 convs, global average pooling, a classifier.
+
+    With ``plain``, a network with neither residual adds nor pooling, for the
+    smallest builds (``mlg compile --trim`` then leaves that logic out): the
+    block's second conv has stride 2, and the classifier is a 3 x 3 conv of
+    stride 2 (with batch norm for its bias) that sees the whole 2 x 2 map of the
+    8 x 8 digits and leaves one pixel."""
 
     arch = "digits"
 
     def __init__(self, settings: MLGSettings, quant: bool = True, widths=(16, 32),
-                 in_channels: int = 1, size: int = 8, num_classes: int = 10):
+                 in_channels: int = 1, size: int = 8, num_classes: int = 10,
+                 plain: bool = False):
         super().__init__()
         s, a = settings, settings.a_bits
         c1, c2 = widths
         self.settings, self.size, self.in_channels = s, size, in_channels
-        self.num_classes, self.widths = num_classes, tuple(widths)
+        self.num_classes, self.widths, self.plain = num_classes, tuple(widths), bool(plain)
+        if plain and self._sizes()[-1] != 1:
+            raise ValueError(f"a plain digits network needs an input of at most 8 x 8 pixels "
+                             f"(three stride-2 convs to a 1 x 1 map), not {size} x {size}")
         self.aq_in = ActQuant(a, scale=1.0 / ((1 << (a - 1)) - 1))
         self.conv1, self.bn1, self.aq1 = mlg_conv(in_channels, c1, 3, 1, s, quant), nn.BatchNorm2d(c1), ActQuant(a)
         self.conv2, self.bn2, self.aq2 = mlg_conv(c1, c2, 3, 2, s, quant), nn.BatchNorm2d(c2), ActQuant(a)
         self.conv3, self.bn3, self.aq3 = mlg_conv(c2, c2, 3, 1, s, quant), nn.BatchNorm2d(c2), ActQuant(a)
-        self.conv4, self.bn4, self.aq4 = mlg_conv(c2, c2, 3, 1, s, quant), nn.BatchNorm2d(c2), ActQuant(a)
-        self.linear = MLGLinear(c2, num_classes, bias=True, settings=s, quant=quant)
+        self.conv4, self.bn4, self.aq4 = (mlg_conv(c2, c2, 3, 2 if plain else 1, s, quant),
+                                          nn.BatchNorm2d(c2), ActQuant(a))
+        if plain:
+            self.cls, self.bn_cls = mlg_conv(c2, num_classes, 3, 2, s, quant), nn.BatchNorm2d(num_classes)
+        else:
+            self.linear = MLGLinear(c2, num_classes, bias=True, settings=s, quant=quant)
         self.aq_out = ActQuant(a)
+
+    def _sizes(self) -> list[int]:
+        """The map size at the input of conv1, conv2, conv3, conv4, the classifier, and
+        after the classifier (plain)."""
+        half = lambda n: (n + 1) // 2  # noqa: E731 (3x3, pad 1, stride 2)
+        n, h2 = self.size, half(self.size)
+        return [n, n, h2, h2, half(h2), half(half(h2))] if self.plain else [n, n, h2, h2, 1, 1]
 
     def forward(self, x):
         x = self.aq_in(x)
         a1 = self.aq1(F.relu(self.bn1(self.conv1(x))))
         a2 = self.aq2(F.relu(self.bn2(self.conv2(a1))))
         a3 = self.aq3(F.relu(self.bn3(self.conv3(a2))))
+        if self.plain:
+            a4 = self.aq4(F.relu(self.bn4(self.conv4(a3))))
+            return self.aq_out(self.bn_cls(self.cls(a4))).flatten(1)
         a4 = self.aq4(F.relu(self.bn4(self.conv4(a3)) + a2))
         return self.aq_out(self.linear(_pool_q(a4, self.aq4)))
 
     def program(self) -> list[Op]:
+        if self.plain:
+            n1, n2, n3, n4, n5, _ = self._sizes()
+            return [
+                Op("conv1", "conv", 0, 1, self.aq_in, self.aq1, n1, n1, self.conv1, self.bn1, True),
+                Op("conv2", "conv", 1, 2, self.aq1, self.aq2, n2, n2, self.conv2, self.bn2, True),
+                Op("conv3", "conv", 2, 3, self.aq2, self.aq3, n3, n3, self.conv3, self.bn3, True),
+                Op("conv4", "conv", 3, 4, self.aq3, self.aq4, n4, n4, self.conv4, self.bn4, True),
+                Op("cls", "conv", 4, 5, self.aq4, self.aq_out, n5, n5, self.cls, self.bn_cls,
+                   False),
+            ]
         n, h2 = self.size, (self.size + 1) // 2
         return [
             Op("conv1", "conv", 0, 1, self.aq_in, self.aq1, n, n, self.conv1, self.bn1, True),

@@ -38,6 +38,7 @@ class TrainOptions:
     seed: int = 0
     test_fraction: float = 0.2
     widths: tuple[int, int] = (24, 48)
+    plain: bool = False      # no residual add, no pooling (DigitsNet's ``plain``)
     progress: bool = True
 
 
@@ -120,11 +121,11 @@ def train_digits(settings: MLGSettings, opt: TrainOptions, out_path=None, log=pr
     xtr, ytr, xte, yte = load_digits_split(opt.test_fraction, opt.seed)
     metrics: dict = {"train_images": len(ytr), "test_images": len(yte)}
 
-    student = DigitsNet(settings, quant=True, widths=opt.widths)
+    student = DigitsNet(settings, quant=True, widths=opt.widths, plain=opt.plain)
     teacher = None
     if opt.distill and opt.teacher_epochs > 0:
         dense = MLGSettings(**{**settings.to_dict(), "bi": 0, "bo": 0})
-        teacher = DigitsNet(dense, quant=False, widths=opt.widths)
+        teacher = DigitsNet(dense, quant=False, widths=opt.widths, plain=opt.plain)
         teacher.set_act_quant(False)
         _fit(teacher, xtr, ytr, opt.teacher_epochs, opt, "teacher", g=g)
         metrics["teacher_acc"] = evaluate_float(teacher, xte, yte)
@@ -144,6 +145,7 @@ def train_digits(settings: MLGSettings, opt: TrainOptions, out_path=None, log=pr
     metrics["golden_acc"] = float((golden_predict(net, xte) == yte).float().mean())
     metrics["train_seconds"] = round(time.perf_counter() - t0, 2)
     if out_path is not None:
-        save_model_file(out_path, arch="digits", mlg={**settings.to_dict(), "widths": list(opt.widths)},
+        save_model_file(out_path, arch="digits", mlg={**settings.to_dict(), "widths": list(opt.widths),
+                                                     **({"plain": True} if opt.plain else {})},
                         network=net, state_dict=student.state_dict(), metrics=metrics)
     return metrics

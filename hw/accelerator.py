@@ -305,28 +305,43 @@ class Accelerator(wiring.Component):
         # two-entry register FIFO, whose data inputs have no select in front of them;
         # the unit takes from the FIFO of the record's source. The sequencer leaves a
         # record only once its FIFO is empty, so bytes never cross between records.
-        m.submodules.base_q = base_q = in_unit(SyncFIFO(width=8, depth=2))
-        # (Streamed bytes arrive at the host link's pace: a FIFO that takes one every
-        # other cycle, but keeps its items in registers, is enough.)
-        m.submodules.stream_q = stream_q = in_unit(SyncFIFOBuffered(width=8, depth=2))
-        m.d.comb += [base_q.w_en.eq(b_valid), base_q.w_data.eq(bases_rd_gen.data),
-                     b_ready.eq(base_q.w_rdy),
-                     stream_q.w_en.eq(g_rec.streamed & code_fifo.r_rdy & (s_left != 0)),
-                     stream_q.w_data.eq(code_fifo.r_data),
-                     code_fifo.r_en.eq(g_rec.streamed & stream_q.w_rdy & (s_left != 0))]
+        # (compact, for a slower clock: both sources feed the unit directly, see below.)
+        if not compact:
+            m.submodules.base_q = base_q = in_unit(SyncFIFO(width=8, depth=2))
+            # (Streamed bytes arrive at the host link's pace: a FIFO that takes one every
+            # other cycle, but keeps its items in registers, is enough.)
+            m.submodules.stream_q = stream_q = in_unit(SyncFIFOBuffered(width=8, depth=2))
+            m.d.comb += [base_q.w_en.eq(b_valid), base_q.w_data.eq(bases_rd_gen.data),
+                         b_ready.eq(base_q.w_rdy),
+                         stream_q.w_en.eq(g_rec.streamed & code_fifo.r_rdy & (s_left != 0)),
+                         stream_q.w_data.eq(code_fifo.r_data),
+                         code_fifo.r_en.eq(g_rec.streamed & stream_q.w_rdy & (s_left != 0))]
         with m.If(code_fifo.r_rdy & code_fifo.r_en):
             m.d.sync += s_left.eq(s_left - 1)
         # The unit reset (abort, fault, start) also ends both code sources' transfers:
         # nothing left over from a stopped run reaches the FIFOs after their reset.
         with m.If(unit_rst):
             m.d.sync += s_left.eq(0)
-        with m.If(g_rec.streamed):
-            m.d.comb += [gen.i_codes.valid.eq(stream_q.r_rdy), gen.i_codes.payload.eq(stream_q.r_data),
-                         stream_q.r_en.eq(gen.i_codes.ready)]
-        with m.Else():
-            m.d.comb += [gen.i_codes.valid.eq(base_q.r_rdy), gen.i_codes.payload.eq(base_q.r_data),
-                         base_q.r_en.eq(gen.i_codes.ready)]
-        codes_left = (base_q.level != 0) | (stream_q.level != 0)
+        if compact:
+            stream_more = s_left != 0
+            with m.If(g_rec.streamed):
+                m.d.comb += [gen.i_codes.valid.eq(code_fifo.r_rdy & stream_more),
+                             gen.i_codes.payload.eq(code_fifo.r_data),
+                             code_fifo.r_en.eq(gen.i_codes.ready & stream_more)]
+            with m.Else():
+                m.d.comb += [gen.i_codes.valid.eq(b_valid), gen.i_codes.payload.eq(bases_rd_gen.data),
+                             b_ready.eq(gen.i_codes.ready)]
+            codes_left = Const(0)
+        else:
+            with m.If(g_rec.streamed):
+                m.d.comb += [gen.i_codes.valid.eq(stream_q.r_rdy),
+                             gen.i_codes.payload.eq(stream_q.r_data),
+                             stream_q.r_en.eq(gen.i_codes.ready)]
+            with m.Else():
+                m.d.comb += [gen.i_codes.valid.eq(base_q.r_rdy),
+                             gen.i_codes.payload.eq(base_q.r_data),
+                             base_q.r_en.eq(gen.i_codes.ready)]
+            codes_left = (base_q.level != 0) | (stream_q.level != 0)
         m.d.comb += [prog_rd_gen.addr.eq(Cat(g_k[:rb_log], g_idx) if compact else g_idx),
                      gen.i_desc.payload.eq(g_rec.desc)]
         if banked:

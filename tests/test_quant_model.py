@@ -10,9 +10,9 @@ from gen.lower import UnsupportedLayerError, lower_model, preflight
 from gen.models import DigitsNet
 
 
-def _model(settings, seed=0, steps=3):
+def _model(settings, seed=0, steps=3, plain=False):
     torch.manual_seed(seed)
-    m = DigitsNet(settings, widths=(8, 16))
+    m = DigitsNet(settings, widths=(8, 16), plain=plain)
     opt = torch.optim.SGD(m.parameters(), lr=0.01)
     m.train()
     for _ in range(steps):  # non-trivial BatchNorm statistics and activation ranges
@@ -60,10 +60,10 @@ def _float_op(op, x, res):
     return op.out_q(y)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_golden_times_scale_matches_fake_quant_model(seed):
+@pytest.mark.parametrize("seed,plain", [(0, False), (1, False), (2, False), (3, True)])
+def test_golden_times_scale_matches_fake_quant_model(seed, plain):
     s = MLGSettings(bi=2, bo=6, qd=7)
-    m = _model(s, seed=seed, steps=5)
+    m = _model(s, seed=seed, steps=5, plain=plain)
     net = lower_model(m)
     x = torch.rand(64, 1, 8, 8)
     bufs = golden_forward(net, quantize_input(net, x), keep=True)
@@ -89,6 +89,9 @@ def test_golden_times_scale_matches_fake_quant_model(seed):
             checked += 1
         logits = m(x)
     assert checked == 5
+    # plain: no residual add, no pool, a 1 x 1 map out of the classifier
+    assert plain == all(op.op == "conv" and op.res is None for op in m.program())
+    assert net.layers[-1].ho * net.layers[-1].wo == 1
     out = golden_forward(net, quantize_input(net, x))
     agree = (out.argmax(1) == logits.argmax(1)).double().mean()
     assert float(agree) >= 0.9
@@ -119,3 +122,8 @@ def test_settings_validation_names_field():
         MLGSettings(qb=1, decode="signed").validate()
     with pytest.raises(ValueError, match="w_bits = 1"):
         MLGSettings(w_bits=1).validate()
+
+
+def test_plain_digits_network_needs_a_small_input():
+    with pytest.raises(ValueError, match="at most 8 x 8 pixels.*not 16 x 16"):
+        DigitsNet(MLGSettings(), widths=(8, 16), plain=True, size=16)
