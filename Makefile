@@ -84,16 +84,21 @@ PNR_TIMEOUT ?= 40
 SYNTH_BUILD := $(BUILD)/digits
 SYNTH_DEP   := compile
 else
-SYNTH_BUILD := $(BUILD)/icebreaker
+SYNTH_BUILD := $(BUILD)/icebreaker$(if $(PLAIN),-plain)
 SYNTH_DEP   := compile-icebreaker
 endif
 
 $(BUILD)/small.pt: | $(STAMP)
 	$(MLG) train --widths 8,16 --out $@
 
-compile-icebreaker: $(BUILD)/small.pt
-	$(MLG) compile $(BUILD)/small.pt --out $(BUILD)/icebreaker --rows 2 --cols 2 --gen-lanes 1 \
-	  --counter-bits 24 --no-layer-log --compact --trim
+# PLAIN=1: the small model without residual add or pooling (mlg train --plain).
+$(BUILD)/small-plain.pt: | $(STAMP)
+	$(MLG) train --widths 8,16 --plain --out $@
+
+ICE_MODEL := $(BUILD)/small$(if $(PLAIN),-plain).pt
+compile-icebreaker: $(ICE_MODEL)
+	$(MLG) compile $(ICE_MODEL) --out $(BUILD)/icebreaker$(if $(PLAIN),-plain) --rows 2 --cols 2 \
+	  --gen-lanes 1 --counter-bits 24 --no-layer-log --compact --trim
 
 synth: $(SYNTH_DEP) $(SYNTH_STAMP)
 	$(MLG) synth $(SYNTH_BUILD) --board $(BOARD) $(if $(FREQ),--freq $(FREQ)) $(if $(MARGIN),--margin $(MARGIN)) $(if $(SEED),--seed $(SEED)) $(if $(PNR_TIMEOUT),--pnr-timeout $(PNR_TIMEOUT))
