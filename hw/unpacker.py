@@ -113,6 +113,10 @@ class CodeUnpacker(wiring.Component):
         Width of an input word, a multiple of 8.
     max_code_bits:
         Widest code, 1..8.
+    one_shifter:
+        Work out the next buffer with one shifter, whose amount the handshakes
+        select, instead of one per way bits can leave with the handshakes selecting
+        among the results (fewer logic cells, a longer path: for slower clocks).
 
     Members
     -------
@@ -123,13 +127,15 @@ class CodeUnpacker(wiring.Component):
     align: In(1)
     """
 
-    def __init__(self, word_bits: int = 8, max_code_bits: int = MAX_CODE_BITS):
+    def __init__(self, word_bits: int = 8, max_code_bits: int = MAX_CODE_BITS, *,
+                 one_shifter: bool = False):
         if word_bits < 8 or word_bits % 8:
             raise ValueError(f"word_bits {word_bits} must be a positive multiple of 8")
         if not 1 <= max_code_bits <= MAX_CODE_BITS:
             raise ValueError(f"max_code_bits {max_code_bits} out of range; accepted 1..{MAX_CODE_BITS}")
         self.word_bits = word_bits
         self.max_code_bits = max_code_bits
+        self.one_shifter = bool(one_shifter)
         super().__init__({
             "i_stream": In(stream.Signature(unsigned(word_bits))),
             "o_stream": Out(stream.Signature(unsigned(max_code_bits))),
@@ -185,6 +191,14 @@ class CodeUnpacker(wiring.Component):
             return [buf.eq(merged >> drop), count.eq(nxt), room.eq(nxt <= cap - W),
                     *[ge[w].eq(nxt >= w) for w in range(Q + 1)]]
 
+        if self.one_shifter:
+            drop = Signal(range(max(Q, 7) + 1))   # a code, or the rest of a byte
+            with m.If(self.o_stream.valid & self.o_stream.ready):
+                m.d.comb += drop.eq(self.width)
+            with m.Elif(self.align):
+                m.d.comb += drop.eq(count[:3])
+            m.d.sync += leave(drop, "one")
+            return m
         with m.If(self.o_stream.valid & self.o_stream.ready):
             m.d.sync += leave(self.width, "code")
         with m.Elif(self.align):
