@@ -80,7 +80,7 @@ from hw.dsp import registered_multiply
 from hw.memory import BlockMemory
 from hw.unpacker import CodeUnpacker, decode_code
 
-__all__ = ["GenerationUnit", "WeightRounder", "round_half", "shift_saturate", "saturate",
+__all__ = ["GenerationUnit", "generation_members", "WeightRounder", "round_half", "shift_saturate", "saturate",
            "lane_plan"]
 
 
@@ -173,6 +173,18 @@ class _WritePortRegs:
         self.data = Signal.like(port.data, name=f"{name}_data")
 
 
+def generation_members(config: AcceleratorConfig) -> dict:
+    """The ports of a generation unit of ``config`` (this one and ``hw.serialgen``'s)."""
+    if not isinstance(config, AcceleratorConfig):
+        raise TypeError(f"config must be an AcceleratorConfig, got {type(config).__name__}")
+    return {
+        "i_desc": In(stream.Signature(descriptor_layout(config))),
+        "i_codes": In(stream.Signature(unsigned(8))),
+        "o_weights": Out(weight_stream_signature(config)),
+        "idle": Out(1),
+    }
+
+
 class GenerationUnit(wiring.Component):
     """Generates a layer's PE weights from its packed MLG codes (see the module doc).
 
@@ -200,17 +212,11 @@ class GenerationUnit(wiring.Component):
     """
 
     def __init__(self, config: AcceleratorConfig, *, section_align: bool = True):
-        if not isinstance(config, AcceleratorConfig):
-            raise TypeError(f"config must be an AcceleratorConfig, got {type(config).__name__}")
+        members = generation_members(config)
         self.config = config
         self.section_align = bool(section_align)
         self.plan = lane_plan(config)
-        super().__init__({
-            "i_desc": In(stream.Signature(descriptor_layout(config))),
-            "i_codes": In(stream.Signature(unsigned(8))),
-            "o_weights": Out(weight_stream_signature(config)),
-            "idle": Out(1),
-        })
+        super().__init__(members)
 
     # Sizes derived from the config ------------------------------------------
 

@@ -40,13 +40,12 @@ from __future__ import annotations
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
-from amaranth.lib.wiring import In, Out
 
 from gen.config import KERNEL_SIZES, AcceleratorConfig
 from gen.cost import serial_generation
 from hw.dsp import registered_multiply
-from hw.generation import GenerationUnit, WeightRounder
-from hw.interfaces import descriptor_layout, weight_stream_signature
+from hw.generation import GenerationUnit, WeightRounder, generation_members
+from hw.interfaces import descriptor_layout
 from hw.memory import BlockMemory
 from hw.unpacker import CodeUnpacker, decode_code
 
@@ -84,19 +83,13 @@ class SerialGenerationUnit(wiring.Component):
     """
 
     def __init__(self, config: AcceleratorConfig, *, section_align: bool = True):
-        if not isinstance(config, AcceleratorConfig):
-            raise TypeError(f"config must be an AcceleratorConfig, got {type(config).__name__}")
+        members = generation_members(config)
         if config.level2:
             raise ValueError("SerialGenerationUnit: config.level2 must be false (the unit "
                              "has no level 2); use hw.generation.GenerationUnit")
         self.config = config
         self.section_align = bool(section_align)
-        super().__init__({
-            "i_desc": In(stream.Signature(descriptor_layout(config))),
-            "i_codes": In(stream.Signature(unsigned(8))),
-            "o_weights": Out(weight_stream_signature(config)),
-            "idle": Out(1),
-        })
+        super().__init__(members)
 
     @property
     def memory_depths(self) -> dict[str, int]:
