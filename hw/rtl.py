@@ -17,9 +17,9 @@ from gen.config import AcceleratorConfig, ConfigError
 
 __all__ = ["BLOCKS", "elaborate", "write_rtl", "main"]
 
-# (verilog module name, python module, component class)
+# (verilog module name, python module, component class or factory)
 BLOCKS = [
-    ("mlg_generation_unit", "hw.generation", "GenerationUnit"),
+    ("mlg_generation_unit", "hw.serialgen", "generation_unit"),   # the one the config builds
     ("mlg_conv_engine", "hw.engine", "ConvEngine"),
     ("mlg_accelerator", "hw.accelerator", "Accelerator"),
 ]
