@@ -41,7 +41,9 @@ written to that layer's entry of the layer log (``REGION_LOG``), the cycle after
 the layer's end; a config without ``layer_log`` has no such region. The engine's
 counts (:data:`ENGINE_COUNTS`) join the run counters when each layer ends, or,
 without ``layer_log``, as they happen (then also the part of a layer that a fault
-or an abort stops).
+or an abort stops). A ``compact`` build without ``layer_log`` keeps all the
+counters in a :class:`hw.counters.CounterBank` (one block RAM) that the events of
+the engine, the generation unit and the link feed.
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ Dataflow (weight-stationary, see :mod:`hw.systolic`)::
   ``max(rows, cols)`` pixels (``rows``: one weight vector arrives per cycle).
 * **Accumulators.** Two halves of ``max_h * max_w`` words of ``cols``
   accumulators. An output-channel tile accumulates into one half, one word per
-  cycle (the read leaves two cycles early and its data is registered; the two
-  most recent sums are forwarded), while the other half is requantized and
+  cycle (the read leaves two cycles early and its data is registered; the
+  most recent sums are forwarded, or with ``compact`` a pixel's vectors are kept
+  ``ACC_GAP`` cycles apart), while the other half is requantized and
   written back: the post-processing of a tile is hidden behind the compute of
   the next.
 * **Timing.** Every block RAM output goes straight into a register (ECP5 block
