@@ -95,7 +95,7 @@ class DigitsNet(_MLGModel):
         c1, c2 = widths
         self.settings, self.size, self.in_channels = s, size, in_channels
         self.num_classes, self.widths, self.plain = num_classes, tuple(widths), bool(plain)
-        if plain and self._sizes()[-1] != 1:
+        if plain and self._plain_sizes()[-1] != 1:
             raise ValueError(f"a plain digits network needs an input of at most 8 x 8 pixels "
                              f"(three stride-2 convs to a 1 x 1 map), not {size} x {size}")
         self.aq_in = ActQuant(a, scale=1.0 / ((1 << (a - 1)) - 1))
@@ -110,12 +110,12 @@ class DigitsNet(_MLGModel):
             self.linear = MLGLinear(c2, num_classes, bias=True, settings=s, quant=quant)
         self.aq_out = ActQuant(a)
 
-    def _sizes(self) -> list[int]:
-        """The map size at the input of conv1, conv2, conv3, conv4, the classifier, and
-        after the classifier (plain)."""
+    def _plain_sizes(self) -> list[int]:
+        """(plain) The map size at the input of conv1, conv2, conv3, conv4 and the
+        classifier, and after the classifier."""
         half = lambda n: (n + 1) // 2  # noqa: E731 (3x3, pad 1, stride 2)
         n, h2 = self.size, half(self.size)
-        return [n, n, h2, h2, half(h2), half(half(h2))] if self.plain else [n, n, h2, h2, 1, 1]
+        return [n, n, h2, h2, half(h2), half(half(h2))]
 
     def forward(self, x):
         x = self.aq_in(x)
@@ -130,7 +130,7 @@ class DigitsNet(_MLGModel):
 
     def program(self) -> list[Op]:
         if self.plain:
-            n1, n2, n3, n4, n5, _ = self._sizes()
+            n1, n2, n3, n4, n5, _ = self._plain_sizes()
             return [
                 Op("conv1", "conv", 0, 1, self.aq_in, self.aq1, n1, n1, self.conv1, self.bn1, True),
                 Op("conv2", "conv", 1, 2, self.aq1, self.aq2, n2, n2, self.conv2, self.bn2, True),

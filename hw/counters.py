@@ -23,7 +23,7 @@ layer log every counter must be copied in the same cycle, which a memory cannot 
 
 from __future__ import annotations
 
-from amaranth.hdl import Array, Cat, Elaboratable, Module, Mux, Signal
+from amaranth.hdl import Array, Elaboratable, Module, Mux, Signal
 from amaranth.lib.memory import Memory
 
 from gen.config import AcceleratorConfig

@@ -37,8 +37,8 @@ when the output FIFO has room for it and every vector already in flight.
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
-from amaranth.lib import data, enum, stream, wiring
+from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, enum, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 
 from gen.config import KERNEL_SIZES, AcceleratorConfig
@@ -133,7 +133,6 @@ class SerialGenerationUnit(wiring.Component):
         inner = Signal(range(inner_max + 1))            # bi (level 1) or k*k (dense)
         s_o = Signal(range(cfg.max_ci * inner_max + 1))  # U/dense words per o: ci * inner
         bikk = Signal(range(cfg.max_bi * kk_max + 1))    # B words per o: bi * k*k
-        dense = ~has_l1
 
         state = Signal(_State)
         pend = Signal(_State)        # where ALIGN goes next

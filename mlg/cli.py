@@ -423,8 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--widths", type=_widths, default=(24, 48),
                    help="channels of the two stages, e.g. 8,16 (default 24,48)")
     t.add_argument("--plain", action="store_true",
-                   help="no residual add and no pooling: the block's convs have stride 2 "
-                        "down to a 1 x 1 map (for the smallest builds, with mlg compile --trim)")
+                   help="no residual add and no pooling: stride-2 convs down to a 2 x 2 map "
+                        "and a 3 x 3 stride-2 conv as classifier (for the smallest builds, "
+                        "with mlg compile --trim)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_train)
