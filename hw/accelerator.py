@@ -224,8 +224,10 @@ class Accelerator(wiring.Component):
                                                  single_port=compact)
         m.submodules.consts = consts = BlockMemory(8, CB, cfg.const_depth, granular=True,
                                                    name="consts")
+        # (compact: in a block RAM, of which small devices have more to spare than logic.)
         m.submodules.ident = ident = Memory(shape=8, depth=len(identity_bytes(cfg)),
-                                            init=list(identity_bytes(cfg)))
+                                            init=list(identity_bytes(cfg)),
+                                            attrs={"ram_style": "block"} if compact else None)
         # Host read-back shares the sequencers' read ports (it is refused while a run
         # uses them): every extra read port would be another copy of the memory.
         prog_wp, prog_rd_gen, prog_rd_eng = (

@@ -61,7 +61,10 @@ def registered_multiply(m: Module, a, b, name: str, platform=None) -> Signal:
             p_GSR="DISABLED", p_RESETMODE="SYNC", **ports)
         m.d.comb += prod.eq(p36[:width])
         return prod
-    a_d = Signal(a.shape(), name=f"{name}_a")
-    b_d = Signal(b.shape(), name=f"{name}_b")
+    rl = is_ice40(platform)
+    a_d = Signal(a.shape(), name=f"{name}_a", reset_less=rl)
+    b_d = Signal(b.shape(), name=f"{name}_b", reset_less=rl)
+    if rl:
+        prod = Signal(prod.shape(), name=name, reset_less=True)
     m.d.sync += [a_d.eq(a), b_d.eq(b), prod.eq(a_d * b_d)]
     return prod

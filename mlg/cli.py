@@ -35,7 +35,8 @@ def cmd_train(args) -> int:
     from gen.train import TrainOptions, train_digits
 
     settings = MLGSettings(bi=args.bi, bo=args.bo, qb=args.qb, qu=args.qu, qv=args.qv, qd=args.qd,
-                           decode=args.decode, w_bits=args.w_bits, a_bits=args.a_bits)
+                           decode=args.decode, w_bits=args.w_bits, a_bits=args.a_bits,
+                           m_bits=args.m_bits)
     opt = TrainOptions(epochs=args.epochs, teacher_epochs=args.teacher_epochs, seed=args.seed,
                        widths=args.widths, plain=args.plain,
                        distill=not args.no_distill, progress=not args.json and sys.stderr.isatty())
@@ -420,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--decode", choices=("odd", "signed"), default="odd")
     t.add_argument("--w-bits", type=int, default=8, help="processing-element weight width")
     t.add_argument("--a-bits", type=int, default=8, help="activation width")
+    t.add_argument("--m-bits", type=int, default=16,
+                   help="signed width of the per-channel requant multipliers (2..24)")
     t.add_argument("--widths", type=_widths, default=(24, 48),
                    help="channels of the two stages, e.g. 8,16 (default 24,48)")
     t.add_argument("--plain", action="store_true",
