@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from amaranth.hdl import ClockSignal, Const, Instance, Module, Signal, Value, signed
 
-__all__ = ["registered_multiply", "is_ecp5", "is_ice40"]
+__all__ = ["registered_multiply", "registered_multiply_add", "is_ecp5", "is_ice40"]
 
 DSP_WIDTH = 18
 
@@ -68,3 +68,23 @@ def registered_multiply(m: Module, a, b, name: str, platform=None) -> Signal:
         prod = Signal(prod.shape(), name=name, reset_less=True)
     m.d.sync += [a_d.eq(a), b_d.eq(b), prod.eq(a_d * b_d)]
     return prod
+
+
+def registered_multiply_add(m: Module, a, b, c, name: str, platform=None) -> Signal:
+    """``a * b + c`` two cycles later: ``a``, ``b`` and ``c`` sampled at the first edge,
+    the sum at the second (signed if any operand is, with the exact width).
+
+    Written as one multiply-add between registers without reset, which Yosys maps to
+    an iCE40 SB_MAC16 whole: its operand registers, its adder (``c`` on the C and D
+    inputs) and its output register, when the sum fits the block's 32 bits.
+    """
+    a, b, c = Value.cast(a), Value.cast(b), Value.cast(c)
+    is_signed = any(x.shape().signed for x in (a, b, c))
+    width = max(len(a) + len(b), len(c) + (0 if c.shape().signed or not is_signed else 1)) + 1
+    rl = is_ice40(platform)
+    a_d = Signal(a.shape(), name=f"{name}_a", reset_less=rl)
+    b_d = Signal(b.shape(), name=f"{name}_b", reset_less=rl)
+    c_d = Signal(c.shape(), name=f"{name}_c", reset_less=rl)
+    out = Signal(signed(width) if is_signed else width, name=name, reset_less=rl)
+    m.d.sync += [a_d.eq(a), b_d.eq(b), c_d.eq(c), out.eq(a_d * b_d + c_d)]
+    return out

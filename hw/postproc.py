@@ -24,7 +24,7 @@ from amaranth.lib.wiring import In, Out
 
 from gen.config import AcceleratorConfig
 
-from .dsp import registered_multiply
+from .dsp import registered_multiply, registered_multiply_add
 
 __all__ = ["Requantizer", "PoolAccumulator"]
 
@@ -180,15 +180,20 @@ class Requantizer(wiring.Component):
         cfg = self.config
         acc, mult = self.i_acc[g], self.i_mult[g]
         res = Mux(self.has_res, self.i_res[g], 0)
-        lo_bits, p_lo, p_hi = self._split_product(m, acc, mult, g, 15, platform)
+        # The low product takes the bias and the rounding constant in its multiplier's
+        # adder: acc_lo * M + (bias + rnd) in one block.
+        lo_bits = min(cfg.acc_bits, 15)
+        acc_hi = acc[lo_bits:].as_signed() if cfg.acc_bits > lo_bits else Const(0, signed(1))
+        acc_lo = acc[:lo_bits] if cfg.acc_bits > lo_bits else acc
+        # (rnd is at most 2^(shift_max - 1) < 2^(post_bits - 2): the sum fits bias_bits + 1.)
+        bias_rnd = (self.i_bias[g] + rnd[:cfg.post_bits - 1])[:cfg.bias_bits + 1].as_signed()
+        t_lo = registered_multiply_add(m, acc_lo, mult, bias_rnd, f"prod_lo_{g}", platform)
+        p_hi = registered_multiply(m, acc_hi, mult, f"prod_hi_{g}", platform)
         rprod = (registered_multiply(m, res, self.m_res, f"rprod_{g}", platform)
                  if cfg.residual else Const(0))
         wide = signed(cfg.post_bits + 3)
-        bias0 = Signal(signed(cfg.bias_bits), name=f"bias0_{g}")
-        bias1 = Signal(wide, name=f"bias1_{g}")
-        m.d.sync += [bias0.eq(self.i_bias[g]), bias1.eq(bias0 + rnd)]
         rounded = Signal(wide, name=f"rounded_{g}")
-        m.d.sync += rounded.eq((p_hi << lo_bits) + p_lo + bias1 + rprod)
+        m.d.sync += rounded.eq((p_hi << lo_bits) + t_lo + rprod)
         m.d.sync += self.o_y[g].eq(self._clamp(rounded >> self.shift))
 
 

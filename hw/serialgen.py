@@ -117,7 +117,7 @@ class SerialGenerationUnit(wiring.Component):
         b_wp, b_rp = b_mem.write_port(), b_mem.read_port()
         u_wp, u_rp = u_mem.write_port(), u_mem.read_port()
 
-        m.submodules.unpacker = unpacker = CodeUnpacker(8, code_bits, one_shifter=cfg.compact)
+        m.submodules.unpacker = unpacker = CodeUnpacker(8, code_bits, byte_window=cfg.compact)
         wiring.connect(m, wiring.flipped(self.i_codes), unpacker.i_stream)
         code = unpacker.o_stream
 

@@ -113,10 +113,12 @@ class CodeUnpacker(wiring.Component):
         Width of an input word, a multiple of 8.
     max_code_bits:
         Widest code, 1..8.
-    one_shifter:
-        Work out the next buffer with one shifter, whose amount the handshakes
-        select, instead of one per way bits can leave with the handshakes selecting
-        among the results (fewer logic cells, a longer path: for slower clocks).
+    byte_window:
+        (8-bit words only) Keep whole bytes in a window of three and the bits used
+        of the first in an offset: a code is read through one narrow shifter by the
+        offset, and bytes enter and leave the window whole. Fewer logic cells than
+        the bit buffer, whose every bit can shift by any amount, and a longer path
+        through the handshakes: for slower clocks.
 
     Members
     -------
@@ -128,14 +130,16 @@ class CodeUnpacker(wiring.Component):
     """
 
     def __init__(self, word_bits: int = 8, max_code_bits: int = MAX_CODE_BITS, *,
-                 one_shifter: bool = False):
+                 byte_window: bool = False):
         if word_bits < 8 or word_bits % 8:
             raise ValueError(f"word_bits {word_bits} must be a positive multiple of 8")
         if not 1 <= max_code_bits <= MAX_CODE_BITS:
             raise ValueError(f"max_code_bits {max_code_bits} out of range; accepted 1..{MAX_CODE_BITS}")
         self.word_bits = word_bits
         self.max_code_bits = max_code_bits
-        self.one_shifter = bool(one_shifter)
+        if byte_window and word_bits != 8:
+            raise ValueError(f"byte_window needs word_bits 8, not {word_bits}")
+        self.byte_window = bool(byte_window)
         super().__init__({
             "i_stream": In(stream.Signature(unsigned(word_bits))),
             "o_stream": Out(stream.Signature(unsigned(max_code_bits))),
@@ -144,6 +148,8 @@ class CodeUnpacker(wiring.Component):
         })
 
     def elaborate(self, platform):
+        if self.byte_window:
+            return self._elaborate_window()
         m = Module()
         W, Q = self.word_bits, self.max_code_bits
         # A word is taken while at most 2*Q bits are buffered, so at least Q
@@ -191,18 +197,47 @@ class CodeUnpacker(wiring.Component):
             return [buf.eq(merged >> drop), count.eq(nxt), room.eq(nxt <= cap - W),
                     *[ge[w].eq(nxt >= w) for w in range(Q + 1)]]
 
-        if self.one_shifter:
-            drop = Signal(range(max(Q, 7) + 1))   # a code, or the rest of a byte
-            with m.If(self.o_stream.valid & self.o_stream.ready):
-                m.d.comb += drop.eq(self.width)
-            with m.Elif(self.align):
-                m.d.comb += drop.eq(count[:3])
-            m.d.sync += leave(drop, "one")
-            return m
         with m.If(self.o_stream.valid & self.o_stream.ready):
             m.d.sync += leave(self.width, "code")
         with m.Elif(self.align):
             m.d.sync += leave(count[:3], "align")
         with m.Else():
             m.d.sync += leave(0, "keep")
+        return m
+
+    def _elaborate_window(self):
+        m = Module()
+        Q = self.max_code_bits
+        win = Signal(24)            # bytes 0..n_bytes-1 hold stream bytes, byte 0 first
+        n_bytes = Signal(range(4))
+        off = Signal(3)             # bits of byte 0 already used
+        avail = Signal(range(25))
+        m.d.comb += avail.eq((n_bytes << 3) - off)
+        mask = Signal(Q)
+        with m.Switch(self.width):
+            for w in range(Q + 1):
+                with m.Case(w):
+                    m.d.comb += mask.eq((1 << w) - 1)
+            with m.Default():
+                m.d.comb += mask.eq((1 << Q) - 1)
+        m.d.comb += [
+            self.o_stream.valid.eq((self.width != 0) & (self.width <= avail) & ~self.align),
+            self.o_stream.payload.eq((win[:Q + 7] >> off)[:Q] & mask),
+            self.i_stream.ready.eq(n_bytes != 3),
+        ]
+        # Bits leaving: a code, or on align the rest of byte 0; at most one whole byte.
+        drop = Signal(4)
+        with m.If(self.o_stream.valid & self.o_stream.ready):
+            m.d.comb += drop.eq(self.width)
+        with m.Elif(self.align & (off != 0)):
+            m.d.comb += drop.eq(8 - off)
+        used = Signal(4)
+        m.d.comb += used.eq(off + drop)
+        kept = Signal(24)
+        left = Signal(range(4))
+        m.d.comb += [kept.eq(Mux(used[3], win >> 8, win)), left.eq(n_bytes - used[3])]
+        m.d.sync += [off.eq(used[:3]), win.eq(kept), n_bytes.eq(left)]
+        with m.If(self.i_stream.valid & self.i_stream.ready):
+            m.d.sync += [win.word_select(left[:2], 8).eq(self.i_stream.payload),
+                         n_bytes.eq(left + 1)]
         return m

@@ -8,7 +8,7 @@ from amaranth.hdl import Module, Signal, signed, unsigned
 from amaranth.sim import Simulator
 
 from hw.board import board_platform
-from hw.dsp import registered_multiply
+from hw.dsp import registered_multiply, registered_multiply_add
 
 
 @pytest.mark.parametrize("sa,sb", [(signed(8), signed(8)), (unsigned(17), signed(16)),
@@ -32,6 +32,38 @@ def test_product_two_cycles_after_the_operands(sa, sb):
             ctx.set(a, va)
             ctx.set(b, vb)
             history.append(va * vb)
+            await ctx.tick()
+            if len(history) >= 2:
+                assert ctx.get(p) == history[-2]
+
+    sim = Simulator(m)
+    sim.add_clock(1e-6)
+    sim.add_testbench(bench)
+    sim.run()
+
+
+@pytest.mark.parametrize("sa,sb,sc", [(unsigned(15), signed(10), signed(31)),
+                                      (signed(8), signed(8), unsigned(12)),
+                                      (unsigned(6), unsigned(5), unsigned(3))])
+def test_multiply_add_two_cycles_after_the_operands(sa, sb, sc):
+    m = Module()
+    a, b, c = Signal(sa), Signal(sb), Signal(sc)
+    p = registered_multiply_add(m, a, b, c, "p")
+    rng = random.Random(2)
+
+    def value(shape):
+        lo = -(1 << (shape.width - 1)) if shape.signed else 0
+        hi = (1 << (shape.width - 1)) - 1 if shape.signed else (1 << shape.width) - 1
+        return rng.choice([lo, hi, 0, rng.randint(lo, hi)])
+
+    async def bench(ctx):
+        history = []
+        for _ in range(300):
+            va, vb, vc = value(sa), value(sb), value(sc)
+            ctx.set(a, va)
+            ctx.set(b, vb)
+            ctx.set(c, vc)
+            history.append(va * vb + vc)
             await ctx.tick()
             if len(history) >= 2:
                 assert ctx.get(p) == history[-2]

@@ -61,12 +61,12 @@ async def _put_words(ctx, port, words, rng, idle):
         ctx.set(port.valid, 0)
 
 
-@pytest.mark.parametrize("word_bits,one_shifter", [(8, False), (16, False), (8, True)])
-def test_unpacker_every_width_straddling(word_bits, one_shifter):
+@pytest.mark.parametrize("word_bits,byte_window", [(8, False), (16, False), (8, True)])
+def test_unpacker_every_width_straddling(word_bits, byte_window):
     """Sections of every width 1..8 back to back (not byte aligned), some followed by
     an align; random idle input and random backpressure."""
     rng = random.Random(SEED + word_bits)
-    dut = CodeUnpacker(word_bits, one_shifter=one_shifter)
+    dut = CodeUnpacker(word_bits, byte_window=byte_window)
     sections = []
     for _ in range(2):
         for q in rng.sample(range(1, 9), 8):
@@ -109,11 +109,11 @@ def test_unpacker_every_width_straddling(word_bits, one_shifter):
     assert got == [c for _, codes, _ in sections for c in codes]
 
 
-@pytest.mark.parametrize("one_shifter", [False, True])
-def test_unpacker_full_rate(one_shifter):
+@pytest.mark.parametrize("byte_window", [False, True])
+def test_unpacker_full_rate(byte_window):
     """One code per cycle at every width with a steady input."""
     for q in range(1, 9):
-        dut = CodeUnpacker(8, one_shifter=one_shifter)
+        dut = CodeUnpacker(8, byte_window=byte_window)
         count = 64
         words = list(range(256)) * ((count * q) // 2048 + 1)
         cycles = []
