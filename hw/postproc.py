@@ -174,14 +174,14 @@ class Requantizer(wiring.Component):
         return lo_bits, p_lo, p_hi
 
     def _compact_lane(self, m, g, rnd, platform):
-        """One lane in four stages: operands, products (with the bias and the rounding
-        constant summed beside them), their sum, shift and clamp. The product is split
+        """One lane in four stages: operands, products (the low one with the bias and
+        the rounding constant added), their sum, shift and clamp. The product is split
         for multipliers of 16 x 16 bits (the iCE40 SB_MAC16)."""
         cfg = self.config
         acc, mult = self.i_acc[g], self.i_mult[g]
         res = Mux(self.has_res, self.i_res[g], 0)
-        # The low product takes the bias and the rounding constant in its multiplier's
-        # adder: acc_lo * M + (bias + rnd) in one block.
+        # The low product and the bias with the rounding constant are summed in the
+        # product's stage (acc_lo * M + (bias + rnd)): no bias pipeline registers.
         lo_bits = min(cfg.acc_bits, 15)
         acc_hi = acc[lo_bits:].as_signed() if cfg.acc_bits > lo_bits else Const(0, signed(1))
         acc_lo = acc[:lo_bits] if cfg.acc_bits > lo_bits else acc
