@@ -680,14 +680,16 @@ class ConvEngine(wiring.Component):
                               for j in range(groups_c)])[p2.j]
             pool_acc = Array([pool.o_sum[j * G + g] for j in range(groups_r)])[p2.j]
             # P3: the selected operands in registers by the requantizer's multipliers
-            # (the memories' read registers sit across the die from them).
-            m.d.sync += [
+            # (the memories' read registers sit across the die from them). (compact, for
+            # a slower clock: the requantizer's operand registers are those of P3.)
+            p3 = m.d.comb if cfg.compact else m.d.sync
+            p3 += [
                 rq.i_acc[g].eq(Mux(p2.pool, pool_acc, conv_acc)),
                 rq.i_mult[g].eq(const_q[g].mult),
                 rq.i_bias[g].eq(const_q[g].bias),
                 rq.i_res[g].eq(Array([res_q[gi * G + g] for gi in range(groups_r)])[p2.gi]),
             ]
-        m.d.sync += [rq.i_valid.eq(p2.valid), rq.i_lanes.eq(p2.lanes), rq.i_tag.eq(p2.tag)]
+        p3 += [rq.i_valid.eq(p2.valid), rq.i_lanes.eq(p2.lanes), rq.i_tag.eq(p2.tag)]
         # The layer's requant settings, from registers next to the requantizer: the
         # descriptor is fixed from the first check cycle, two cycles before the layer.
         m.d.sync += [rq.shift.eq(d.shift), rq.relu.eq(d.relu), rq.has_res.eq(d.has_res),
