@@ -89,7 +89,8 @@ def derive_config(net: QuantizedNetwork, rows: int = 8, cols: int = 8, *,
     The base store holds every layer's codes if they fit ``base_store_budget``
     bytes, else the budget (see :func:`place_codes`). With ``trim``, the config
     leaves out the layer features (level 2, the residual add, pooling) that no
-    layer of ``net`` uses.
+    layer of ``net`` uses, and code streaming if the base store holds every
+    layer's codes.
     """
     conv = net.conv_layers()
     acts = [net.input_shape[0] * net.input_shape[1] * net.input_shape[2]]
@@ -123,6 +124,9 @@ def derive_config(net: QuantizedNetwork, rows: int = 8, cols: int = 8, *,
         fields.update(level2=any(l.has_l2 for l in conv),
                       residual=any(l.res is not None for l in net.layers),
                       pool=any(l.op == "pool" for l in net.layers))
+    if trim:
+        # (and code streaming, when the base store holds every layer's codes)
+        fields["stream"] = not all(place_codes(net, fields["base_store_bytes"]))
     fields.update(overrides)
     try:
         return AcceleratorConfig(**fields)

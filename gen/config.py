@@ -33,7 +33,7 @@ KERNEL_SIZES = (1, 3, 5, 7)
 # Fields added after the first configs were written: a config file may leave them
 # out (they take these values), and the canonical form omits them at these values.
 OPTIONAL_FIELDS = {"counter_bits": 48, "layer_log": True, "compact": False, "level2": True,
-                   "residual": True, "pool": True}
+                   "residual": True, "pool": True, "stream": True}
 
 
 class ConfigError(ValueError):
@@ -136,6 +136,12 @@ class AcceleratorConfig:
         leaves out its logic, and its engine refuses a layer that needs it
         (``ERR_DESCRIPTOR``); ``mlg compile --trim`` leaves out what the model does
         not use.
+    stream:
+        Codes may be streamed from the host during a run (``REGION_STREAM``, for
+        layers whose codes the base store does not hold). A build without it has no
+        stream FIFO and refuses writes to that region; a program for it must keep
+        every layer's codes in the base store (``mlg compile --trim`` leaves it out
+        when they all fit).
 
     ``counter_bits``, ``layer_log``, ``compact``, ``level2``, ``residual`` and ``pool``
     may be left out of a config file; a field at its default is left out of the
@@ -175,6 +181,7 @@ class AcceleratorConfig:
     level2: bool = True
     residual: bool = True
     pool: bool = True
+    stream: bool = True
     schema: int = field(default=CONFIG_SCHEMA_VERSION)
 
     def __post_init__(self):
@@ -207,7 +214,7 @@ class AcceleratorConfig:
         _check_int("link_timeout", self.link_timeout, 16, 1 << 32)
         _check_int("baud", self.baud, 1200, 50_000_000)
         _check_int("counter_bits", self.counter_bits, 16, 48)
-        for name in ("layer_log", "compact", "level2", "residual", "pool"):
+        for name in ("layer_log", "compact", "level2", "residual", "pool", "stream"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"AcceleratorConfig.{name} = {getattr(self, name)!r} must be "
                                   "true or false")

@@ -93,6 +93,12 @@ def build_image(program: Program, config: AcceleratorConfig) -> DeviceImage:
         code_addr = len(bases) if resident else 0
         if resident:
             bases += codes
+        elif not config.stream:
+            raise ImageError(
+                f"layer {layer.name!r}: its {len(codes)} code bytes do not fit the base store "
+                f"after the layers before it ({config.base_store_bytes} bytes, config "
+                "base_store_bytes), and the accelerator config has no code streaming "
+                "(stream = false); compile the config from this network")
         else:
             streamed.append((index, codes))
         if len(bases) > config.base_store_bytes:

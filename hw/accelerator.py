@@ -79,6 +79,16 @@ ENGINE_COUNTS = ("mac_cycles", "macs", "stall_weights", "stall_output")
 ERR_ABORTED = 0x40
 
 
+class _NoFifo:
+    """The code FIFO's signals in a build without code streaming: never ready, empty."""
+
+    def __init__(self):
+        self.w_data, self.r_data = Signal(8, name="no_fifo_w_data"), Signal(8, name="no_fifo_r_data")
+        self.w_en, self.w_rdy = Signal(name="no_fifo_w_en"), Signal(name="no_fifo_w_rdy")
+        self.r_en, self.r_rdy = Signal(name="no_fifo_r_en"), Signal(name="no_fifo_r_rdy")
+        self.level = Const(0)
+
+
 class _Ex(enum.Enum, shape=4):
     IDLE = 0
     ARGS = 1
@@ -191,7 +201,13 @@ class Accelerator(wiring.Component):
         in_unit = DomainRenamer("unit")
         m.submodules.link = link = self.link
         m.submodules.gen = in_unit(self.gen)
-        m.submodules.code_fifo = code_fifo = in_unit(SyncFIFOBuffered(width=8, depth=self.stream_depth))
+        if cfg.stream:
+            m.submodules.code_fifo = code_fifo = in_unit(
+                SyncFIFOBuffered(width=8, depth=self.stream_depth))
+        else:
+            # (No code streaming: a FIFO that is never ready; what drives its inputs
+            # drives nothing.)
+            code_fifo = _NoFifo()
         m.submodules.engine = in_unit(self.engine)
         gen, eng = self.gen, self.engine
         wiring.connect(m, wiring.flipped(self.i_rx), link.i_rx)
@@ -299,11 +315,14 @@ class Accelerator(wiring.Component):
         # register: the unit's ready (its state) then stays inside the unit.
         g_go_q = Signal()
         m.d.sync += g_go_q.eq(g_go)
+        # (Without code streaming the record's flag is taken as zero; the host refuses
+        # to build a program that sets it for such a build, host.image.)
+        streamed = g_rec.streamed if cfg.stream else Const(0)
         g_more = _stream_words(m, bases_rd_gen, g_rec.code_addr, g_rec.code_len,
-                               g_go_q & ~g_rec.streamed, b_valid, b_ready,
+                               g_go_q & ~streamed, b_valid, b_ready,
                                h_bases_load | unit_rst, s_pos, "gcode")
         s_left = Signal.like(g_rec.code_len)
-        with m.If(g_go_q & g_rec.streamed):
+        with m.If(g_go_q & streamed):
             m.d.sync += s_left.eq(g_rec.code_len)
         # Each source of code bytes (both are block RAM outputs, slow) writes its own
         # two-entry register FIFO, whose data inputs have no select in front of them;
@@ -317,9 +336,9 @@ class Accelerator(wiring.Component):
             m.submodules.stream_q = stream_q = in_unit(SyncFIFOBuffered(width=8, depth=2))
             m.d.comb += [base_q.w_en.eq(b_valid), base_q.w_data.eq(bases_rd_gen.data),
                          b_ready.eq(base_q.w_rdy),
-                         stream_q.w_en.eq(g_rec.streamed & code_fifo.r_rdy & (s_left != 0)),
+                         stream_q.w_en.eq(streamed & code_fifo.r_rdy & (s_left != 0)),
                          stream_q.w_data.eq(code_fifo.r_data),
-                         code_fifo.r_en.eq(g_rec.streamed & stream_q.w_rdy & (s_left != 0))]
+                         code_fifo.r_en.eq(streamed & stream_q.w_rdy & (s_left != 0))]
         with m.If(code_fifo.r_rdy & code_fifo.r_en):
             m.d.sync += s_left.eq(s_left - 1)
         # The unit reset (abort, fault, start) also ends both code sources' transfers:
@@ -328,7 +347,7 @@ class Accelerator(wiring.Component):
             m.d.sync += s_left.eq(0)
         if compact:
             stream_more = s_left != 0
-            with m.If(g_rec.streamed):
+            with m.If(streamed):
                 m.d.comb += [gen.i_codes.valid.eq(code_fifo.r_rdy & stream_more),
                              gen.i_codes.payload.eq(code_fifo.r_data),
                              code_fifo.r_en.eq(gen.i_codes.ready & stream_more)]
@@ -337,7 +356,7 @@ class Accelerator(wiring.Component):
                              b_ready.eq(gen.i_codes.ready)]
             codes_left = Const(0)
         else:
-            with m.If(g_rec.streamed):
+            with m.If(streamed):
                 m.d.comb += [gen.i_codes.valid.eq(stream_q.r_rdy),
                              gen.i_codes.payload.eq(stream_q.r_data),
                              stream_q.r_en.eq(gen.i_codes.ready)]
@@ -606,7 +625,8 @@ class Accelerator(wiring.Component):
             # chains on 16..40-bit values).
             with m.Case(_Ex.PRE):
                 m.d.sync += [pre_n.eq(Mux(pre["op"][OP_WRITE], data_len, count)), ex.eq(_Ex.PRE2),
-                             to_stream.eq(region == REGION_STREAM), pre["addr0"].eq(addr == 0),
+                             to_stream.eq((region == REGION_STREAM) if cfg.stream else 0),
+                             pre["addr0"].eq(addr == 0),
                              pre["count0"].eq(count == 0),
                              pre["abuf_bad"].eq(abuf >= cfg.act_buffers)]
                 m.d.sync += [flag.eq(region == reg) for reg, flag in pre["region"].items()]

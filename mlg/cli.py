@@ -463,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "a few more cycles per layer")
     c.add_argument("--trim", action="store_true",
                    help="leave out the hardware of layer features the model does not use "
-                        "(level-2 generation, the residual add, pooling); the build then "
+                        "(level-2 generation, the residual add, pooling, and code streaming "
+                        "when the base store holds every layer's codes); the build then "
                         "refuses programs that need them")
     c.add_argument("--form", choices=("auto", "generate", "factorized"), default="auto",
                    help="execution form of layers with level 2: generate W2 then convolve, the "

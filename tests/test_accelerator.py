@@ -9,6 +9,7 @@ changes state, and the device still computes bit-exactly afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import struct
 import time
@@ -22,7 +23,7 @@ from gen.integer import bitlen, conv2d_int, int_range, pool_multiplier, w2_shift
 from gen.network import LayerSpec, QuantizedNetwork
 from gen.program import read_program
 from host.driver import DeviceError, Driver, DriverError
-from host.image import build_image
+from host.image import ImageError, build_image
 from host.protocol import (ERR_ADDRESS, ERR_ARGUMENT, ERR_CRC, ERR_LENGTH, ERR_OPCODE,
                            ERR_STATE, ERR_TIMEOUT, OP_ERROR, OP_IDENTIFY, OP_LOAD_ACT, OP_READ, OP_READ_ACT, OP_RUN,
                            OP_STATUS, OP_WRITE, REGION_BASES, REGION_CONSTS, REGION_LOG, REGION_PROGRAM, REGION_STREAM, LOG_COUNTERS, SYNC, FrameDecoder,
@@ -288,13 +289,27 @@ def test_board_trimmed_compact_build_runs_a_network_without_those_features(budge
                              layer_log=False, compact=True, trim=True,
                              **({"base_store_budget": budget} if budget else {}))
     assert (config.level2, config.residual, config.pool) == (False, False, False)
+    # Code streaming stays only where the base store does not hold every layer's codes.
+    assert config.stream == bool(budget)
     with SimulatedBoard(config, "verilator", fast_build=True) as board:
         with SerialTransport(board.url) as tr:
             drv = Driver(tr, timeout=30)
             assert drv.identify().config_digest == config.digest
             image = drv.load_program(config, program)
             assert bool(image.streamed) == bool(budget)
+            if not config.stream:
+                # No stream region: refused by address (with one, by state: no run).
+                _expect_error(drv, encode_frame(OP_WRITE, struct.pack("<BI", REGION_STREAM, 0)
+                                                + b"\x00"), ERR_ADDRESS)
             _check_images(drv, program, 3, seed=16)
+
+
+def test_device_image_without_code_streaming_needs_every_layer_resident(streamed_build):
+    config, program = streamed_build
+    config = dataclasses.replace(config, stream=False)
+    with pytest.raises(ImageError,
+                       match=r"layer '[^']+': its \d+ code bytes.*base store.*128 bytes.*stream = false"):
+        build_image(program, config)
 
 
 def test_device_image_fits_the_derived_config(build, streamed_build):
