@@ -71,8 +71,9 @@ formal: $(SYNTH_STAMP)
 
 # Bitstream and report:
 #   make synth BOARD=ulx3s-85f|icebreaker [FREQ=MHz] [MARGIN=PCT] [SEED=N[,N...]] [PNR_TIMEOUT=MIN]
-# The ULX3S gets the digits build; the iCEBreaker a compact build of a small digits
-# model (8 and 16 channels) on a 2 x 2 array with one generation lane.
+# The ULX3S gets the digits build; the iCEBreaker a compact build of a small plain digits
+# model (8 and 16 channels, no residual add, no pooling) on a 2 x 2 array with one
+# generation lane (RESIDUAL=1: of the small residual model, which does not fit it).
 BOARD   ?= ulx3s-85f
 # On the ULX3S, place and route works towards a clock 10 % above the request and up to
 # four placement seeds are tried, as many at a time as there are CPUs; the first that
@@ -84,7 +85,7 @@ PNR_TIMEOUT ?= 40
 SYNTH_BUILD := $(BUILD)/digits
 SYNTH_DEP   := compile
 else
-SYNTH_BUILD := $(BUILD)/icebreaker$(if $(PLAIN),-plain)
+SYNTH_BUILD := $(BUILD)/icebreaker$(if $(RESIDUAL),-residual)
 SYNTH_DEP   := compile-icebreaker
 endif
 
@@ -94,14 +95,14 @@ SMALL_BITS := --a-bits 6 --w-bits 6 --m-bits 10
 $(BUILD)/small.pt: | $(STAMP)
 	$(MLG) train --widths 8,16 $(SMALL_BITS) --out $@
 
-# PLAIN=1: the small model without residual add or pooling (mlg train --plain).
+# The small model without residual add or pooling (mlg train --plain).
 $(BUILD)/small-plain.pt: | $(STAMP)
 	$(MLG) train --widths 8,16 $(SMALL_BITS) --plain --out $@
 
-ICE_MODEL := $(BUILD)/small$(if $(PLAIN),-plain).pt
+ICE_MODEL := $(BUILD)/small$(if $(RESIDUAL),,-plain).pt
 compile-icebreaker: $(ICE_MODEL)
-	$(MLG) compile $(ICE_MODEL) --out $(BUILD)/icebreaker$(if $(PLAIN),-plain) --rows 2 --cols 2 \
-	  --gen-lanes 1 --counter-bits 24 --no-layer-log --compact --trim
+	$(MLG) compile $(ICE_MODEL) --out $(BUILD)/icebreaker$(if $(RESIDUAL),-residual) --rows 2 \
+	  --cols 2 --gen-lanes 1 --counter-bits 16 --no-layer-log --compact --trim
 
 synth: $(SYNTH_DEP) $(SYNTH_STAMP)
 	$(MLG) synth $(SYNTH_BUILD) --board $(BOARD) $(if $(FREQ),--freq $(FREQ)) $(if $(MARGIN),--margin $(MARGIN)) $(if $(SEED),--seed $(SEED)) $(if $(PNR_TIMEOUT),--pnr-timeout $(PNR_TIMEOUT))

@@ -675,7 +675,12 @@ class Accelerator(wiring.Component):
                 m.d.comb += [link.i_resp.valid.eq(1), link.i_resp.payload.op.eq(resp_op),
                              link.i_resp.payload.len.eq(resp_len)]
                 with m.If(link.i_resp.ready):
-                    m.d.sync += ex.eq(Mux(resp_len == 0, _Ex.IDLE, _Ex.STREAM))
+                    if compact:
+                        # (An empty response ends in STREAM's first step: the length,
+                        # decoded from the source, reaches no state decision here.)
+                        m.d.sync += ex.eq(_Ex.STREAM)
+                    else:
+                        m.d.sync += ex.eq(Mux(resp_len == 0, _Ex.IDLE, _Ex.STREAM))
 
         # WRITE: payload bytes after the 5 argument bytes, assembled into words.
         w_byte = Signal(fw)

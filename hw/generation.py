@@ -125,10 +125,15 @@ class WeightRounder(wiring.Component):
     shift_bits:
         Width of the ``shift`` input; shifts beyond ``in_bits + 1`` give the
         same result as ``in_bits + 1`` (0).
+    held_shift:
+        ``shift`` is a layer constant: the clamped shift and the rounding constant
+        are registered, so ``y`` follows a new ``shift`` one cycle later (and the
+        path from ``x`` to ``y`` has no decoder in front of the adder).
     """
 
-    def __init__(self, in_bits: int, w_bits: int, shift_bits: int):
+    def __init__(self, in_bits: int, w_bits: int, shift_bits: int, *, held_shift: bool = False):
         self.in_bits, self.w_bits = in_bits, w_bits
+        self.held_shift = held_shift
         super().__init__({
             "x": In(signed(in_bits)),
             "shift": In(unsigned(shift_bits)),
@@ -139,9 +144,12 @@ class WeightRounder(wiring.Component):
         m = Module()
         lim = self.in_bits + 1
         s = Signal(range(lim + 1))
-        m.d.comb += s.eq(Mux(self.shift > lim, lim, self.shift))
+        half = Signal(self.in_bits + 1)
+        dom = m.d.sync if self.held_shift else m.d.comb
+        dom += s.eq(Mux(self.shift > lim, lim, self.shift))
+        dom += half.eq(round_half(Mux(self.shift > lim, lim, self.shift), self.in_bits + 1))
         t = Signal(signed(self.in_bits + 2))
-        m.d.comb += t.eq(self.x + round_half(s, self.in_bits + 1))
+        m.d.comb += t.eq(self.x + half)
         m.d.comb += self.y.eq(shift_saturate(t, s, self.w_bits))
         return m
 

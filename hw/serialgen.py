@@ -136,12 +136,15 @@ class SerialGenerationUnit(wiring.Component):
 
         state = Signal(_State)
         pend = Signal(_State)        # where ALIGN goes next
+        # (The loader's last indices: its compares take them from registers.)
+        xb_last, xs_last, co_m1 = Signal.like(bikk), Signal.like(s_o), Signal.like(co)
 
         d = self.i_desc.payload
         m.d.comb += self.i_desc.ready.eq(state == _State.IDLE)
         n = Signal(range(max(cfg.max_ci, cfg.max_bi) + 1))
         with m.If(self.i_desc.valid & self.i_desc.ready):
-            m.d.sync += [ci.eq(d.ci), co.eq(d.co), bi.eq(d.bi), has_l1.eq(d.has_l1),
+            m.d.sync += [ci.eq(d.ci), co.eq(d.co), co_m1.eq(d.co - 1), bi.eq(d.bi),
+                         has_l1.eq(d.has_l1),
                          dense_sel.eq(d.dense_bits), w_shift.eq(d.w_shift),
                          s_o.eq(0), bikk.eq(0), n.eq(0), state.eq(_State.SETUP)]
             with m.Switch(d.k):
@@ -151,7 +154,8 @@ class SerialGenerationUnit(wiring.Component):
                             m.d.sync += kk.eq(size * size)
         m.d.comb += inner.eq(Mux(has_l1, bi, kk))
 
-        # SETUP: s_o = ci * inner and bikk = bi * kk by repeated addition.
+        # SETUP: s_o = ci * inner and bikk = bi * kk by repeated addition, then the
+        # loader's last indices.
         with m.If(state == _State.SETUP):
             m.d.sync += n.eq(n + 1)
             with m.If(n < ci):
@@ -159,14 +163,14 @@ class SerialGenerationUnit(wiring.Component):
             with m.If(n < bi):
                 m.d.sync += bikk.eq(bikk + kk)
             with m.If((n >= ci) & (n >= bi)):
-                m.d.sync += state.eq(_State.LOAD_B)
+                m.d.sync += [state.eq(_State.LOAD_B), xb_last.eq(bikk - 1), xs_last.eq(s_o - 1)]
 
         # Loader: a section is co runs of x codes, written at consecutive addresses.
         in_b, in_u = state == _State.LOAD_B, state == _State.LOAD_U
         lx = Signal(range(max(cfg.max_ci * inner_max, cfg.max_bi * kk_max) + 1))
         lo = Signal(range(cfg.max_co + 1))
         la = Signal(range(max(depth["B"], depth["U"]) + 1))
-        x_last = Mux(in_b & has_l1, bikk, s_o) - 1
+        x_last = Mux(in_b & has_l1, xb_last, xs_last)
         dense_w = Mux(dense_sel == 1, cfg.qb, Mux(dense_sel == 2, cfg.qv, cfg.qd))
         m.d.comb += [unpacker.width.eq(Mux(in_u, cfg.qu, Mux(has_l1, cfg.qb, dense_w))),
                      code.ready.eq(in_b | in_u),
@@ -179,7 +183,7 @@ class SerialGenerationUnit(wiring.Component):
                          la.eq(la + 1), lx.eq(lx + 1)]
             with m.If(lx == x_last):
                 m.d.sync += [lx.eq(0), lo.eq(lo + 1)]
-                with m.If(lo == co - 1):
+                with m.If(lo == co_m1):
                     nxt = Mux(in_b & has_l1, _State.LOAD_U, _State.ISSUE)
                     m.d.sync += [lo.eq(0), la.eq(0)]
                     if self.section_align:
@@ -303,7 +307,8 @@ class SerialGenerationUnit(wiring.Component):
             m.d.sync += acc.eq(Mux(t4.first, 0, acc) + prod)
 
         # Stage 5: round, mask, and into the vector (the last weight completes it).
-        m.submodules.rounder = rounder = WeightRounder(acc_w, cfg.w_bits, len(w_shift))
+        m.submodules.rounder = rounder = WeightRounder(acc_w, cfg.w_bits, len(w_shift),
+                                                    held_shift=True)
         m.d.comb += [rounder.x.eq(acc), rounder.shift.eq(w_shift)]
         w = Mux(t5.keep, rounder.y, 0)
         wb = cfg.w_bits
