@@ -221,9 +221,11 @@ class SerialGenerationUnit(wiring.Component):
         # Room for a new vector: FIFO entries free beyond those of the vectors in flight.
         fifo_w = C * cfg.w_bits + 1
         m.submodules.out_fifo = out_fifo = SyncFIFOBuffered(width=fifo_w, depth=OUT_VECTORS)
-        in_flight = Signal(range(OUT_VECTORS + 1))
+        # (claimed: vectors in flight plus those in the FIFO, kept as one count: a
+        # vector start adds one, a vector leaving the FIFO takes one away)
+        claimed = Signal(range(OUT_VECTORS + 2))
         vec_start = (j == 0) & (c == 0)
-        room = out_fifo.level + in_flight < OUT_VECTORS
+        room = claimed < OUT_VECTORS
         issue = Signal()
         m.d.comb += issue.eq((state == _State.ISSUE) & (~vec_start | room))
 
@@ -278,10 +280,8 @@ class SerialGenerationUnit(wiring.Component):
         t5 = tags[PIPE_STAGES]
         started = tags[0].valid & vec_start
         pushed = t5.valid & t5.vec_end
-        with m.If(started & ~pushed):
-            m.d.sync += in_flight.eq(in_flight + 1)
-        with m.If(pushed & ~started):
-            m.d.sync += in_flight.eq(in_flight - 1)
+        taken = out_fifo.r_rdy & out_fifo.r_en
+        m.d.sync += claimed.eq(claimed + started - taken)
 
         with m.If((state == _State.DRAIN) & ~Cat(t.valid for t in tags[1:]).any()):
             m.d.sync += state.eq(_State.IDLE)
