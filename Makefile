@@ -85,6 +85,8 @@ PNR_TIMEOUT ?= 40
 SYNTH_BUILD := $(BUILD)/digits
 SYNTH_DEP   := compile
 else
+# (Two placement seeds at a time; the first that meets the clock is kept.)
+SEED        ?= 1,2
 SYNTH_BUILD := $(BUILD)/icebreaker$(if $(RESIDUAL),-residual)
 SYNTH_DEP   := compile-icebreaker
 endif

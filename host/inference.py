@@ -82,6 +82,13 @@ def run_images(driver: Driver, config: AcceleratorConfig, program: Program, x: t
         "wall_seconds": run_s,
         "per_image": rows,
     }
+    # A run counter wraps at 2^counter_bits: the MACs of an image are known from the
+    # network, and a count that may have wrapped is not reported as a number.
+    wrap = 1 << config.counter_bits
+    if sum(layer.macs for layer in net.layers) >= wrap:
+        report["macs_per_image"] = None
+        report["counters_wrapped"] = [f"macs (an image has more than 2^{config.counter_bits}; "
+                                      "config counter_bits)"]
     if y is not None:
         preds = torch.tensor([r["pred"] for r in rows])
         report["rtl_acc"] = float((preds == y[:len(rows)]).float().mean())

@@ -211,8 +211,10 @@ class CodeUnpacker(wiring.Component):
         win = Signal(24)            # bytes 0..n_bytes-1 hold stream bytes, byte 0 first
         n_bytes = Signal(range(4))
         off = Signal(3)             # bits of byte 0 already used
-        avail = Signal(range(25))
-        m.d.comb += avail.eq((n_bytes << 3) - off)
+        avail = Signal(range(25))   # n_bytes * 8 - off, kept with them
+        # (The handshake compares the width with constants on the register.)
+        fits = Signal(Q + 1)
+        m.d.comb += [fits[w].eq(avail >= w) for w in range(1, Q + 1)]
         mask = Signal(Q)
         with m.Switch(self.width):
             for w in range(Q + 1):
@@ -221,7 +223,8 @@ class CodeUnpacker(wiring.Component):
             with m.Default():
                 m.d.comb += mask.eq((1 << Q) - 1)
         m.d.comb += [
-            self.o_stream.valid.eq((self.width != 0) & (self.width <= avail) & ~self.align),
+            # (a width of 0 selects fits[0], a constant 0: no code leaves)
+            self.o_stream.valid.eq(fits.bit_select(self.width, 1) & ~self.align),
             self.o_stream.payload.eq((win[:Q + 7] >> off)[:Q] & mask),
             self.i_stream.ready.eq(n_bytes != 3),
         ]
@@ -236,8 +239,11 @@ class CodeUnpacker(wiring.Component):
         kept = Signal(24)
         left = Signal(range(4))
         m.d.comb += [kept.eq(Mux(used[3], win >> 8, win)), left.eq(n_bytes - used[3])]
-        m.d.sync += [off.eq(used[:3]), win.eq(kept), n_bytes.eq(left)]
-        with m.If(self.i_stream.valid & self.i_stream.ready):
-            m.d.sync += [win.word_select(left[:2], 8).eq(self.i_stream.payload),
-                         n_bytes.eq(left + 1)]
+        take = self.i_stream.valid & self.i_stream.ready
+        n_next = Signal(range(4))
+        m.d.comb += n_next.eq(left + take)
+        m.d.sync += [off.eq(used[:3]), win.eq(kept), n_bytes.eq(n_next),
+                     avail.eq((n_next << 3) - used[:3])]
+        with m.If(take):
+            m.d.sync += win.word_select(left[:2], 8).eq(self.i_stream.payload)
         return m
