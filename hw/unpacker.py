@@ -164,13 +164,7 @@ class CodeUnpacker(wiring.Component):
         ge = Signal(Q + 1, init=1)
         room = Signal(init=1)
         # The payload mask is a table of the width (no shift and subtract).
-        mask = Signal(Q)
-        with m.Switch(self.width):
-            for w in range(Q + 1):
-                with m.Case(w):
-                    m.d.comb += mask.eq((1 << w) - 1)
-            with m.Default():
-                m.d.comb += mask.eq((1 << Q) - 1)
+        mask = self._width_mask(m)
         m.d.comb += [
             # (a width of 0 selects a constant 0: no code leaves)
             self.o_stream.valid.eq(Cat(Const(0, 1), ge[1:]).bit_select(self.width, 1)
@@ -205,6 +199,18 @@ class CodeUnpacker(wiring.Component):
             m.d.sync += leave(0, "keep")
         return m
 
+    def _width_mask(self, m):
+        """``width`` ones, from a table of the width."""
+        Q = self.max_code_bits
+        mask = Signal(Q, name="mask")
+        with m.Switch(self.width):
+            for w in range(Q + 1):
+                with m.Case(w):
+                    m.d.comb += mask.eq((1 << w) - 1)
+            with m.Default():
+                m.d.comb += mask.eq((1 << Q) - 1)
+        return mask
+
     def _elaborate_window(self):
         m = Module()
         Q = self.max_code_bits
@@ -215,13 +221,7 @@ class CodeUnpacker(wiring.Component):
         # (The handshake compares the width with constants on the register.)
         fits = Signal(Q + 1)
         m.d.comb += [fits[w].eq(avail >= w) for w in range(1, Q + 1)]
-        mask = Signal(Q)
-        with m.Switch(self.width):
-            for w in range(Q + 1):
-                with m.Case(w):
-                    m.d.comb += mask.eq((1 << w) - 1)
-            with m.Default():
-                m.d.comb += mask.eq((1 << Q) - 1)
+        mask = self._width_mask(m)
         m.d.comb += [
             # (a width of 0 selects fits[0], a constant 0: no code leaves)
             self.o_stream.valid.eq(fits.bit_select(self.width, 1) & ~self.align),

@@ -11,6 +11,13 @@ from hw.board import board_platform
 from hw.dsp import registered_multiply, registered_multiply_add
 
 
+def _operand(rng, shape):
+    """An extreme or a random value of ``shape``."""
+    lo = -(1 << (shape.width - 1)) if shape.signed else 0
+    hi = (1 << (shape.width - 1)) - 1 if shape.signed else (1 << shape.width) - 1
+    return rng.choice([lo, hi, 0, -1 if shape.signed else 1, rng.randint(lo, hi)])
+
+
 @pytest.mark.parametrize("sa,sb", [(signed(8), signed(8)), (unsigned(17), signed(16)),
                                    (signed(7), signed(13))])
 def test_product_two_cycles_after_the_operands(sa, sb):
@@ -21,9 +28,7 @@ def test_product_two_cycles_after_the_operands(sa, sb):
     rng = random.Random(1)
 
     def value(shape):
-        lo = -(1 << (shape.width - 1)) if shape.signed else 0
-        hi = (1 << (shape.width - 1)) - 1 if shape.signed else (1 << shape.width) - 1
-        return rng.choice([lo, hi, 0, -1 if shape.signed else 1, rng.randint(lo, hi)])
+        return _operand(rng, shape)
 
     async def bench(ctx):
         history = []
@@ -52,9 +57,7 @@ def test_multiply_add_two_cycles_after_the_operands(sa, sb, sc):
     rng = random.Random(2)
 
     def value(shape):
-        lo = -(1 << (shape.width - 1)) if shape.signed else 0
-        hi = (1 << (shape.width - 1)) - 1 if shape.signed else (1 << shape.width) - 1
-        return rng.choice([lo, hi, 0, rng.randint(lo, hi)])
+        return _operand(rng, shape)
 
     async def bench(ctx):
         history = []
