@@ -18,6 +18,28 @@ def _operand(rng, shape):
     return rng.choice([lo, hi, 0, -1 if shape.signed else 1, rng.randint(lo, hi)])
 
 
+def _check_two_cycles(m, inputs, out, want, seed, n):
+    """Random and extreme values on ``inputs`` every cycle; ``out`` equals ``want`` of
+    the values set two cycles before."""
+    rng = random.Random(seed)
+
+    async def bench(ctx):
+        history = []
+        for _ in range(n):
+            vals = [_operand(rng, sig.shape()) for sig in inputs]
+            for sig, v in zip(inputs, vals):
+                ctx.set(sig, v)
+            history.append(want(*vals))
+            await ctx.tick()
+            if len(history) >= 2:
+                assert ctx.get(out) == history[-2], vals
+
+    sim = Simulator(m)
+    sim.add_clock(1e-6)
+    sim.add_testbench(bench)
+    sim.run()
+
+
 @pytest.mark.parametrize("sa,sb", [(signed(8), signed(8)), (unsigned(17), signed(16)),
                                    (signed(7), signed(13))])
 def test_product_two_cycles_after_the_operands(sa, sb):
@@ -25,26 +47,7 @@ def test_product_two_cycles_after_the_operands(sa, sb):
     a, b = Signal(sa), Signal(sb)
     p = registered_multiply(m, a, b, "p")
     assert len(p) == sa.width + sb.width
-    rng = random.Random(1)
-
-    def value(shape):
-        return _operand(rng, shape)
-
-    async def bench(ctx):
-        history = []
-        for _ in range(200):
-            va, vb = value(sa), value(sb)
-            ctx.set(a, va)
-            ctx.set(b, vb)
-            history.append(va * vb)
-            await ctx.tick()
-            if len(history) >= 2:
-                assert ctx.get(p) == history[-2]
-
-    sim = Simulator(m)
-    sim.add_clock(1e-6)
-    sim.add_testbench(bench)
-    sim.run()
+    _check_two_cycles(m, [a, b], p, lambda va, vb: va * vb, 1, 200)
 
 
 @pytest.mark.parametrize("sa,sb,sc", [(unsigned(15), signed(10), signed(31)),
@@ -54,27 +57,7 @@ def test_multiply_add_two_cycles_after_the_operands(sa, sb, sc):
     m = Module()
     a, b, c = Signal(sa), Signal(sb), Signal(sc)
     p = registered_multiply_add(m, a, b, c, "p")
-    rng = random.Random(2)
-
-    def value(shape):
-        return _operand(rng, shape)
-
-    async def bench(ctx):
-        history = []
-        for _ in range(300):
-            va, vb, vc = value(sa), value(sb), value(sc)
-            ctx.set(a, va)
-            ctx.set(b, vb)
-            ctx.set(c, vc)
-            history.append(va * vb + vc)
-            await ctx.tick()
-            if len(history) >= 2:
-                assert ctx.get(p) == history[-2]
-
-    sim = Simulator(m)
-    sim.add_clock(1e-6)
-    sim.add_testbench(bench)
-    sim.run()
+    _check_two_cycles(m, [a, b, c], p, lambda va, vb, vc: va * vb + vc, 2, 300)
 
 
 def test_ecp5_platform_gets_a_registered_mult18x18d():
