@@ -123,10 +123,9 @@ def derive_config(net: QuantizedNetwork, rows: int = 8, cols: int = 8, *,
     if trim:
         fields.update(level2=any(l.has_l2 for l in conv),
                       residual=any(l.res is not None for l in net.layers),
-                      pool=any(l.op == "pool" for l in net.layers))
-    if trim:
-        # (and code streaming, when the base store holds every layer's codes)
-        fields["stream"] = not all(place_codes(net, fields["base_store_bytes"]))
+                      pool=any(l.op == "pool" for l in net.layers),
+                      # (code streaming, when the base store holds every layer's codes)
+                      stream=not all(place_codes(net, fields["base_store_bytes"])))
     fields.update(overrides)
     try:
         return AcceleratorConfig(**fields)

@@ -143,8 +143,8 @@ class AcceleratorConfig:
         every layer's codes in the base store (``mlg compile --trim`` leaves it out
         when they all fit).
 
-    ``counter_bits``, ``layer_log``, ``compact``, ``level2``, ``residual`` and ``pool``
-    may be left out of a config file; a field at its default is left out of the
+    ``counter_bits``, ``layer_log``, ``compact``, ``level2``, ``residual``, ``pool`` and
+    ``stream`` may be left out of a config file; a field at its default is left out of the
     canonical form (:attr:`digest`), so that configs written before these fields
     existed keep their identity.
     """

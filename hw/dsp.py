@@ -37,7 +37,8 @@ def registered_multiply(m: Module, a, b, name: str, platform=None) -> Signal:
     a, b = Value.cast(a), Value.cast(b)
     is_signed = a.shape().signed or b.shape().signed
     width = len(a) + len(b)
-    prod = Signal(signed(width) if is_signed else width, name=name)
+    rl = is_ice40(platform)
+    prod = Signal(signed(width) if is_signed else width, name=name, reset_less=rl)
     # Operands as 18-bit two's complement: an unsigned operand gains a zero sign bit.
     fits = all(len(x) + (0 if x.shape().signed else 1) <= DSP_WIDTH for x in (a, b))
     if is_ecp5(platform) and fits:
@@ -61,11 +62,8 @@ def registered_multiply(m: Module, a, b, name: str, platform=None) -> Signal:
             p_GSR="DISABLED", p_RESETMODE="SYNC", **ports)
         m.d.comb += prod.eq(p36[:width])
         return prod
-    rl = is_ice40(platform)
     a_d = Signal(a.shape(), name=f"{name}_a", reset_less=rl)
     b_d = Signal(b.shape(), name=f"{name}_b", reset_less=rl)
-    if rl:
-        prod = Signal(prod.shape(), name=name, reset_less=True)
     m.d.sync += [a_d.eq(a), b_d.eq(b), prod.eq(a_d * b_d)]
     return prod
 

@@ -146,8 +146,8 @@ class WeightRounder(wiring.Component):
         s = Signal(range(lim + 1))
         half = Signal(self.in_bits + 1)
         dom = m.d.sync if self.held_shift else m.d.comb
-        dom += s.eq(Mux(self.shift > lim, lim, self.shift))
-        dom += half.eq(round_half(Mux(self.shift > lim, lim, self.shift), self.in_bits + 1))
+        clamped = Mux(self.shift > lim, lim, self.shift)
+        dom += [s.eq(clamped), half.eq(round_half(clamped, self.in_bits + 1))]
         t = Signal(signed(self.in_bits + 2))
         m.d.comb += t.eq(self.x + half)
         m.d.comb += self.y.eq(shift_saturate(t, s, self.w_bits))

@@ -161,14 +161,21 @@ class Requantizer(wiring.Component):
         neg = Mux(self.relu, 0, Mux(top.all(), low, lo))
         return Mux(sign, neg, pos)
 
-    def _split_product(self, m, acc, mult, g, lo_max, platform):
-        """``acc * mult`` as two registered products, of the low ``lo_bits`` (at most
-        ``lo_max``, unsigned) and the high bits of ``acc``: ``(lo_bits, p_lo, p_hi)``,
-        the product being ``(p_hi << lo_bits) + p_lo``."""
+    def _split_acc(self, acc, lo_max):
+        """``(lo_bits, acc_lo, acc_hi)``: the low ``lo_bits`` (at most ``lo_max``,
+        unsigned, or all of ``acc`` if it fits) and the high bits of ``acc``, which is
+        ``(acc_hi << lo_bits) + acc_lo``."""
         acc_bits = self.config.acc_bits
         lo_bits = min(acc_bits, lo_max)
         acc_hi = acc[lo_bits:].as_signed() if acc_bits > lo_bits else Const(0, signed(1))
         acc_lo = acc[:lo_bits] if acc_bits > lo_bits else acc
+        return lo_bits, acc_lo, acc_hi
+
+    def _split_product(self, m, acc, mult, g, lo_max, platform):
+        """``acc * mult`` as two registered products, of the low and the high bits of
+        ``acc`` (:meth:`_split_acc`): ``(lo_bits, p_lo, p_hi)``, the product being
+        ``(p_hi << lo_bits) + p_lo``."""
+        lo_bits, acc_lo, acc_hi = self._split_acc(acc, lo_max)
         p_lo = registered_multiply(m, acc_lo, mult, f"prod_lo_{g}", platform)
         p_hi = registered_multiply(m, acc_hi, mult, f"prod_hi_{g}", platform)
         return lo_bits, p_lo, p_hi
@@ -182,10 +189,9 @@ class Requantizer(wiring.Component):
         res = Mux(self.has_res, self.i_res[g], 0)
         # The low product and the bias with the rounding constant are summed in the
         # product's stage (acc_lo * M + (bias + rnd)): no bias pipeline registers.
-        lo_bits = min(cfg.acc_bits, 15)
-        acc_hi = acc[lo_bits:].as_signed() if cfg.acc_bits > lo_bits else Const(0, signed(1))
-        acc_lo = acc[:lo_bits] if cfg.acc_bits > lo_bits else acc
-        # (rnd is at most 2^(shift_max - 1) < 2^(post_bits - 2): the sum fits bias_bits + 1.)
+        lo_bits, acc_lo, acc_hi = self._split_acc(acc, 15)
+        # (rnd is at most 2^(shift_max - 1) = 2^(bias_bits - 1), which its low
+        # post_bits - 1 bits hold: the sum fits bias_bits + 1 bits.)
         bias_rnd = (self.i_bias[g] + rnd[:cfg.post_bits - 1])[:cfg.bias_bits + 1].as_signed()
         t_lo = registered_multiply_add(m, acc_lo, mult, bias_rnd, f"prod_lo_{g}", platform)
         p_hi = registered_multiply(m, acc_hi, mult, f"prod_hi_{g}", platform)
