@@ -232,6 +232,27 @@ class AcceleratorConfig:
 
     # Derived widths -----------------------------------------------------
 
+    # Structural variants: which component the accelerator top builds --------
+
+    @property
+    def serial_generation(self) -> bool:
+        """Whether the generation unit is the serial one (``hw.serialgen``): ``compact``
+        builds without level 2 produce one weight a cycle through one multiplier."""
+        return self.compact and not self.level2
+
+    @property
+    def counter_bank(self) -> bool:
+        """Whether the run and link counters live in one block RAM
+        (``hw.counters.CounterBank``): ``compact`` builds without a layer log. With a
+        layer log every counter is copied in the same cycle, which a memory cannot do."""
+        return self.compact and not self.layer_log
+
+    @property
+    def compact_requantizer(self) -> bool:
+        """Whether the post-processing is the one-channel-a-cycle requantizer with the
+        short pipeline (``compact`` builds); otherwise ``requant_lanes`` channels a cycle."""
+        return self.compact
+
     @property
     def requant_lanes(self) -> int:
         """Channels the requantizer takes per cycle: ``gcd(rows, cols)``, so lane groups

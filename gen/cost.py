@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 from .config import AcceleratorConfig, lane_plan
 from .network import LayerSpec, QuantizedNetwork
 
-__all__ = ["LayerCost", "layer_costs", "network_cost", "serial_generation", "ENGINE_FIXED",
+__all__ = ["LayerCost", "layer_costs", "network_cost", "ENGINE_FIXED",
            "GEN_FIXED", "LOOKAHEAD_TILES", "SEQ_FIXED", "BYTE_CYCLES", "SERIAL_OUT_VECTORS",
            "SERIAL_PIPE", "SERIAL_LOOKAHEAD_TILES", "ACC_GAP"]
 
@@ -73,11 +73,6 @@ SERIAL_LOOKAHEAD_TILES = 1
 # With ``compact``: the engine's least distance between two vectors of one pixel
 # (hw.engine.ACC_GAP).
 ACC_GAP = 5
-
-
-def serial_generation(config: AcceleratorConfig) -> bool:
-    """Whether ``config`` builds the serial generation unit (``hw.serialgen``)."""
-    return config.compact and not config.level2
 
 
 def _seq_cycles(config: AcceleratorConfig) -> int:
@@ -140,7 +135,7 @@ def _layer_parts(net: QuantizedNetwork, layer: LayerSpec, config: AcceleratorCon
     groups, p1 = plan["Pc"] * plan["Pr"], plan["P1"]
     load = sum(max(t.numel(), BYTE_CYCLES * ((t.numel() * bits + 7) // 8))
                for _, t, bits in layer.code_tensors(net)) + GEN_FIXED
-    if serial_generation(config):
+    if config.serial_generation:
         n = C * (layer.bi if layer.has_l1 else 1)
         load += max(layer.ci, layer.bi if layer.has_l1 else 0)
         l1 = 0
@@ -175,7 +170,7 @@ def layer_costs(net: QuantizedNetwork, config: AcceleratorConfig) -> list[LayerC
             # The last tile is generated when it is due, at most LOOKAHEAD_TILES tiles
             # ahead of the engine.
             last_gen = first + (c["tiles"] - 1) * c["tg"]
-            ahead = SERIAL_LOOKAHEAD_TILES if serial_generation(config) else LOOKAHEAD_TILES
+            ahead = SERIAL_LOOKAHEAD_TILES if config.serial_generation else LOOKAHEAD_TILES
             gen_free = max(last_gen, end - c["tail"] - ahead * rate) + seq
         out.append(LayerCost(
             name=layer.name, op=layer.op, macs=layer.macs, tiles=c["tiles"],

@@ -62,7 +62,7 @@ from host.protocol import (COUNTERS, LOG_COUNTERS, REGION_LOG, ERR_ADDRESS, ERR_
                            REGION_PROGRAM, REGION_STREAM, RESPONSE, STATE_DONE, STATE_ERROR,
                            STATE_RUNNING, act_bytes, const_bytes, identity_bytes, record_bytes)
 
-from .counters import CounterBank, counter_bank
+from .counters import CounterBank
 from .engine import ConvEngine, channel_layout
 from .interfaces import layer_record_layout
 from .link import LINK_COUNTERS, HostLink
@@ -277,7 +277,7 @@ class Accelerator(wiring.Component):
         m.d.comb += [self.running.eq(running), self.error.eq(state == STATE_ERROR)]
         # The counters: registers, or (compact, no layer log) a block RAM bank that the
         # events feed (hw.counters).
-        banked = counter_bank(cfg)
+        banked = cfg.counter_bank
         ctr = {} if banked else {name: Signal(counter_bits, name=f"ctr_{name}")
                                  for name in COUNTERS}
         ev = {}

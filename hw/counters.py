@@ -17,7 +17,8 @@ Clearing: the counters set in :attr:`clear` read as zero from the next cycle on 
 count again from there (the stored value is dropped at their next flush). Every
 counter is cleared by the domain's reset.
 
-It is used by ``compact`` builds without a layer log (:func:`counter_bank`); with a
+It is used by ``compact`` builds without a layer log
+(``AcceleratorConfig.counter_bank``); with a
 layer log every counter must be copied in the same cycle, which a memory cannot do.
 """
 
@@ -26,14 +27,8 @@ from __future__ import annotations
 from amaranth.hdl import Array, Elaboratable, Module, Mux, Signal
 from amaranth.lib.memory import Memory
 
-from gen.config import AcceleratorConfig
 
-__all__ = ["CounterBank", "counter_bank"]
-
-
-def counter_bank(config: AcceleratorConfig) -> bool:
-    """Whether an accelerator of ``config`` keeps its counters in a :class:`CounterBank`."""
-    return config.compact and not config.layer_log
+__all__ = ["CounterBank"]
 
 
 class CounterBank(Elaboratable):

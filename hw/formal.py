@@ -452,8 +452,7 @@ def generation_stream(config: AcceleratorConfig = TINY) -> Harness:
         _streams(m, dut, ("o_weights",), ("i_desc", "i_codes"), "gen.")
         m.d.comb += assume(~dut.i_desc.valid | _desc_in_range(dut.i_desc.payload, config),
                            "gen.i_desc.in_range")
-    from gen.cost import serial_generation
-    return Harness("hw.serialgen.SerialGenerationUnit" if serial_generation(config)
+    return Harness("hw.serialgen.SerialGenerationUnit" if config.serial_generation
                    else "hw.generation.GenerationUnit", build)
 
 

@@ -28,7 +28,6 @@ from amaranth.lib.wiring import In, Out
 from gen.config import AcceleratorConfig
 from host.protocol import (CRC_BYTES, ERR_CRC, ERR_LENGTH, ERR_TIMEOUT, OP_ERROR, SYNC)
 
-from .counters import counter_bank
 
 __all__ = ["HostLink", "header_layout", "LINK_COUNTERS"]
 
@@ -97,7 +96,7 @@ class HostLink(wiring.Component):
     def __init__(self, config: AcceleratorConfig):
         self.config = config
         self.depth = config.max_payload
-        self.events = counter_bank(config)
+        self.events = config.counter_bank
         cnt = unsigned(config.counter_bits)
         counts = ({f"ev_{name}": Out(1) for name in LINK_COUNTERS} if self.events else
                   {name: Out(cnt) for name in LINK_COUNTERS})

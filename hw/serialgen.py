@@ -42,7 +42,6 @@ from amaranth.lib import data, enum, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 
 from gen.config import KERNEL_SIZES, AcceleratorConfig
-from gen.cost import serial_generation
 from hw.dsp import registered_multiply
 from hw.generation import GenerationUnit, WeightRounder, generation_members
 from hw.interfaces import descriptor_layout
@@ -70,7 +69,7 @@ class _State(enum.Enum, shape=3):
 def generation_unit(config: AcceleratorConfig, **kwargs):
     """The generation unit of an accelerator built for ``config``: the serial one in
     ``compact`` builds without level 2, else :class:`hw.generation.GenerationUnit`."""
-    if serial_generation(config):
+    if config.serial_generation:
         return SerialGenerationUnit(config, **kwargs)
     return GenerationUnit(config, **kwargs)
 
