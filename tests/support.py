@@ -1,0 +1,79 @@
+"""Shared helpers of the Amaranth-simulator unit tests: stream drivers and small configs.
+
+The drivers take the port of a ``amaranth.lib.stream`` interface as the DUT sees it
+(``valid``/``ready``/``payload``) and a ``random.Random`` for the gaps, so a test's
+idle and back-pressure patterns are reproducible from its seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+from amaranth.sim import Simulator
+
+__all__ = ["simulate", "put_stream", "take_stream", "TINY", "TINY_SERIAL", "TINY_COMPACT"]
+
+# The small configs of the formal checks (2 x 2 array, 3 x 3 maps, 4-bit data; the
+# serial generation unit) serve the unit tests too; a compact build of TINY.
+from hw.formal import TINY, TINY_SERIAL  # noqa: E402
+
+TINY_COMPACT = dataclasses.replace(TINY, compact=True, layer_log=False)
+
+
+def simulate(dut, *testbenches, background=(), period: float = 1e-8, vcd: str | None = None):
+    """Run ``testbenches`` (and ``background`` ones) on ``dut`` with one clock."""
+    sim = Simulator(dut)
+    sim.add_clock(period)
+    for tb in background:
+        sim.add_testbench(tb, background=True)
+    for tb in testbenches:
+        sim.add_testbench(tb)
+    if vcd:
+        with sim.write_vcd(vcd):
+            sim.run()
+    else:
+        sim.run()
+
+
+async def put_stream(ctx, port, items, rng: random.Random | None = None, *, idle: float = 0.0,
+                     max_gap: int = 0):
+    """Send ``items`` on the sink ``port`` one transfer each: before every item, a gap
+    of idle cycles drawn from ``rng`` (each cycle idle with probability ``idle``, then
+    up to ``max_gap`` more); ``valid`` stays high until the DUT takes the item."""
+    rng = rng or random.Random(0)
+    for item in items:
+        while idle and rng.random() < idle:
+            await ctx.tick()
+        for _ in range(rng.randint(0, max_gap) if max_gap else 0):
+            await ctx.tick()
+        ctx.set(port.payload, item)
+        ctx.set(port.valid, 1)
+        while True:
+            ready = ctx.get(port.ready)
+            await ctx.tick()
+            if ready:
+                break
+        ctx.set(port.valid, 0)
+
+
+async def take_stream(ctx, port, n: int, rng: random.Random | None = None, *,
+                      backpressure: float = 0.0, fields=None) -> list:
+    """Take ``n`` transfers from the source ``port``, holding ``ready`` low for a
+    random cycle with probability ``backpressure`` before each; returns the payloads
+    (as ints, or tuples of the named ``fields`` of a structured payload)."""
+    rng = rng or random.Random(0)
+    got = []
+    for _ in range(n):
+        while backpressure and rng.random() < backpressure:
+            await ctx.tick()
+        ctx.set(port.ready, 1)
+        if fields:
+            values = await ctx.tick().sample(*(getattr(port.payload, f) for f in fields)).until(
+                port.valid)
+            got.append(tuple(values))
+        else:
+            (value,) = await ctx.tick().sample(port.payload).until(port.valid)
+            got.append(value)
+        ctx.set(port.ready, 0)
+    return got
