@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gen.config import KERNEL_SIZES, AcceleratorConfig
-from gen.contract import channel_layout, descriptor_layout, layer_descriptor
+from gen.contract import channel_layout, descriptor_layout, layer_descriptor, widths_of
 from gen.golden import golden_layer
 from gen.integer import conv2d_int, encode_values, int_range, pool_multiplier
 from gen.network import LayerSpec, QuantizedNetwork
@@ -157,10 +157,9 @@ def _rand(gen: torch.Generator, shape, bits: int) -> torch.Tensor:
 
 def bench_network(config: AcceleratorConfig) -> QuantizedNetwork:
     """The network frame the golden model needs: dense layers with signed ``w_bits`` codes."""
+    widths = {**widths_of(config), "qd": config.w_bits, "decode": "signed"}
     return QuantizedNetwork(arch="bench", input_shape=(1, 1, 1), input_scale=1.0, num_classes=1,
-                            a_bits=config.a_bits, w_bits=config.w_bits, m_bits=config.m_bits,
-                            qb=config.qb, qu=config.qu, qv=config.qv, qd=config.w_bits,
-                            decode="signed")
+                            **widths)
 
 
 def make_case(config: AcceleratorConfig, spec: dict, rng: random.Random,
