@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import AcceleratorConfig, ConfigError
+from .contract import act_bytes, widths_of
 from .network import QuantizedNetwork
 from .program import write_program
 
@@ -96,11 +97,10 @@ def derive_config(net: QuantizedNetwork, rows: int = 8, cols: int = 8, *,
     acts = [net.input_shape[0] * net.input_shape[1] * net.input_shape[2]]
     acts += [l.co * l.ho * l.wo for l in net.layers]
     code_bytes = sum(l.aligned_code_bytes(net) for l in conv)
-    in_bytes = net.input_shape[0] * net.input_shape[1] * net.input_shape[2] * ((net.a_bits + 7) // 8)
+    in_bytes = net.input_shape[0] * net.input_shape[1] * net.input_shape[2] * act_bytes(net)
     bufs = 1 + max(max(l.src, l.dst, l.res or 0) for l in net.layers)
     fields = dict(
-        rows=rows, cols=cols, a_bits=net.a_bits, w_bits=net.w_bits, m_bits=net.m_bits,
-        qb=net.qb, qu=net.qu, qv=net.qv, qd=net.qd, decode=net.decode,
+        rows=rows, cols=cols, **widths_of(net),
         max_ci=max(l.ci for l in net.layers), max_co=max(l.co for l in net.layers),
         max_k=max(l.k for l in conv), max_h=max(l.h for l in net.layers),
         max_w=max(l.w for l in net.layers),

@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .contract import DECODE_FORMS, WIDTH_NAMES, width_fields, width_problem
+
 __all__ = [
     "AcceleratorConfig",
     "ConfigError",
@@ -28,7 +30,6 @@ __all__ = [
 ]
 
 CONFIG_SCHEMA_VERSION = 1
-DECODE_FORMS = ("signed", "odd")
 KERNEL_SIZES = (1, 3, 5, 7)
 # Fields added after the first configs were written: a config file may leave them
 # out (they take these values), and the canonical form omits them at these values.
@@ -69,6 +70,7 @@ def _check_int(name: str, value, lo: int, hi: int | None = None, *, choices=None
 
 
 @dataclass(frozen=True)
+@width_fields(after="cols")
 class AcceleratorConfig:
     """Elaboration parameters of one accelerator build.
 
@@ -79,19 +81,12 @@ class AcceleratorConfig:
     ----------
     rows, cols:
         Shape of the systolic array (processing elements), each >= 2.
-    a_bits:
-        Activation width (signed two's complement), 2..16.
-    w_bits:
-        Processing-element weight width: generated weights W2 are rounded to it.
-    m_bits:
-        Width of the signed per-channel requant multiplier.
-    qb, qu, qv:
-        Code widths of the basis B, the intra-kernel coefficients U and the
-        cross-kernel coefficients V, 1..8.
-    qd:
-        Code width of dense (non-generated) layers, 1..8.
-    decode:
-        How a code decodes to its integer value: ``"signed"`` or ``"odd"``.
+    a_bits, w_bits, m_bits, qb, qu, qv, qd, decode:
+        The widths of the integer network (:data:`gen.contract.WIDTHS` gives each
+        field's meaning, accepted range and default): activations, PE weights (W2
+        is rounded to ``w_bits``), the requant multiplier, the codes of the basis B,
+        the level-1 and level-2 coefficients U and V and of dense layers, and how a
+        code decodes to its value (``"signed"`` or ``"odd"``).
     max_ci, max_co, max_k, max_h, max_w, max_bi, max_bo:
         Maxima over the layers the build must run (input/output channels,
         kernel size, input feature map, bases).
@@ -151,14 +146,7 @@ class AcceleratorConfig:
 
     rows: int = 8
     cols: int = 8
-    a_bits: int = 8
-    w_bits: int = 8
-    m_bits: int = 16
-    qb: int = 3
-    qu: int = 6
-    qv: int = 3
-    qd: int = 8
-    decode: str = "odd"
+    # a_bits, w_bits, m_bits, qb, qu, qv, qd, decode: from gen.contract.WIDTHS
     max_ci: int = 64
     max_co: int = 64
     max_k: int = 3
@@ -188,15 +176,10 @@ class AcceleratorConfig:
         _check_int("schema", self.schema, 0, choices=(CONFIG_SCHEMA_VERSION,))
         _check_int("rows", self.rows, 2, 64)
         _check_int("cols", self.cols, 2, 64)
-        _check_int("a_bits", self.a_bits, 2, 16)
-        _check_int("w_bits", self.w_bits, 2, 16)
-        _check_int("m_bits", self.m_bits, 2, 24)
-        for name in ("qb", "qu", "qv", "qd"):
-            _check_int(name, getattr(self, name), 1, 8)
-        if self.decode not in DECODE_FORMS:
-            raise ConfigError(
-                f"AcceleratorConfig.decode = {self.decode!r} is not supported; accepted: "
-                + ", ".join(DECODE_FORMS))
+        for name in WIDTH_NAMES:
+            problem = width_problem(name, getattr(self, name))
+            if problem:
+                raise ConfigError(f"AcceleratorConfig.{problem}")
         _check_int("max_ci", self.max_ci, 1, 4096)
         _check_int("max_co", self.max_co, 1, 4096)
         _check_int("max_k", self.max_k, 0, choices=KERNEL_SIZES)

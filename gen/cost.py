@@ -44,6 +44,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .config import AcceleratorConfig, lane_plan
+from .contract import ACC_GAP, SERIAL_OUT_VECTORS, SERIAL_PIPE, act_bytes, record_bytes
 from .network import LayerSpec, QuantizedNetwork
 
 __all__ = ["LayerCost", "layer_costs", "network_cost", "ENGINE_FIXED",
@@ -65,14 +66,11 @@ SEQ_FIXED = 4
 # Weight tiles the generation unit can finish ahead of the engine: two work tiles,
 # the output tile, the four-vector weight FIFO and the engine's staging tile.
 LOOKAHEAD_TILES = 4
-# The serial generation unit (hw.serialgen: its OUT_VECTORS, and PIPE_STAGES + 1 from
-# a weight's issue to its vector's place in the FIFO); it runs about a tile ahead.
-SERIAL_OUT_VECTORS = 2
-SERIAL_PIPE = 6
+# The serial generation unit runs about a tile ahead (measured). Its output FIFO
+# (SERIAL_OUT_VECTORS) and pipeline (SERIAL_PIPE), and the compact engine's least
+# distance between two vectors of one pixel (ACC_GAP), are facts of the RTL that
+# gen.contract states.
 SERIAL_LOOKAHEAD_TILES = 1
-# With ``compact``: the engine's least distance between two vectors of one pixel
-# (hw.engine.ACC_GAP).
-ACC_GAP = 5
 
 
 def _seq_cycles(config: AcceleratorConfig) -> int:
@@ -80,8 +78,6 @@ def _seq_cycles(config: AcceleratorConfig) -> int:
     record a byte a cycle."""
     if not config.compact:
         return SEQ_FIXED
-    from host.protocol import record_bytes
-
     return SEQ_FIXED + record_bytes(config)
 
 
@@ -118,7 +114,7 @@ class LayerCost:
 
 def _layer_parts(net: QuantizedNetwork, layer: LayerSpec, config: AcceleratorConfig) -> dict:
     R, C = config.rows, config.cols
-    ab = (config.a_bits + 7) // 8
+    ab = act_bytes(config)
     p = layer.ho * layer.wo
     acts = (layer.ci * layer.h * layer.w + layer.out_channels * p
             + (layer.out_channels * p if layer.res is not None else 0)) * ab

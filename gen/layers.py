@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .contract import check_widths, width_fields
 from .integer import int_range
 
 __all__ = ["MLGSettings", "MLGConv2d", "MLGLinear", "ActQuant", "quantize_latent",
@@ -24,34 +25,24 @@ __all__ = ["MLGSettings", "MLGConv2d", "MLGLinear", "ActQuant", "quantize_latent
 
 
 @dataclass(frozen=True)
+@width_fields(after="bo")
 class MLGSettings:
-    """Model-wide MLG and quantization settings (saved in every model file)."""
+    """Model-wide MLG and quantization settings (saved in every model file): the bases
+    per layer ``bi`` and ``bo`` (0 leaves a level out) and the width fields of
+    :data:`gen.contract.WIDTHS` (``a_bits``, ``w_bits``, ``m_bits``, ``qb``, ``qu``,
+    ``qv``, ``qd``, ``decode``) with their defaults."""
 
     bi: int = 2
     bo: int = 8
-    qb: int = 3
-    qu: int = 6
-    qv: int = 3
-    qd: int = 8
-    decode: str = "odd"
-    w_bits: int = 8
-    a_bits: int = 8
-    m_bits: int = 16
 
     def validate(self, source: str = "settings") -> None:
-        for name in ("qb", "qu", "qv", "qd"):
-            q = getattr(self, name)
-            if not isinstance(q, int) or not 1 <= q <= 8:
-                raise ValueError(f"{source}: {name} = {q!r} out of range; accepted 1..8")
-            if self.decode == "signed" and q < 2:
-                raise ValueError(f"{source}: {name} = 1 has no symmetric signed level; "
-                                 "use 2..8 bits or decode 'odd'")
-        if self.decode not in ("signed", "odd"):
-            raise ValueError(f"{source}: decode = {self.decode!r}; accepted: signed, odd")
-        for name, lo, hi in (("w_bits", 2, 16), ("a_bits", 2, 16), ("m_bits", 2, 24)):
-            v = getattr(self, name)
-            if not isinstance(v, int) or not lo <= v <= hi:
-                raise ValueError(f"{source}: {name} = {v!r} out of range; accepted {lo}..{hi}")
+        check_widths(self, ValueError, f"{source}: ")
+        if self.decode == "signed":
+            # Training needs a code for +x as well as -x (gen.layers.quantize_latent).
+            for name in ("qb", "qu", "qv", "qd"):
+                if getattr(self, name) < 2:
+                    raise ValueError(f"{source}: {name} = 1 has no symmetric signed level; "
+                                     "use 2 bits or more, or decode 'odd'")
         for name in ("bi", "bo"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
@@ -87,7 +78,7 @@ def quantize_latent(x: torch.Tensor, bits: int, form: str, *, ste: bool = True):
         values = 2 * c - n
         codes = torch.round(t.detach()).to(torch.int64)
         return values, codes, (r / n)
-    qmax = (1 << (bits - 1)) - 1
+    qmax = int_range(bits)[1]
     t = w / r * qmax
     values = t + (torch.round(t) - t).detach() if ste else torch.round(t)
     codes = torch.round(t.detach()).to(torch.int64) & ((1 << bits) - 1)
@@ -128,7 +119,7 @@ class ActQuant(nn.Module):
     def scale(self) -> float:
         if float(self.fixed) > 0:
             return float(self.fixed)
-        return max(float(self.running_max), 1e-8) / ((1 << (self.bits - 1)) - 1)
+        return max(float(self.running_max), 1e-8) / int_range(self.bits)[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.training or self.calibrating) and float(self.fixed) == 0:

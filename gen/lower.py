@@ -21,7 +21,8 @@ import math
 import torch
 from torch import nn
 
-from .integer import pool_multiplier
+from .contract import widths_of
+from .integer import int_range, pool_multiplier
 from .layers import ActQuant, MLGConv2d, MLGLinear
 from .network import LayerSpec, QuantizedNetwork
 
@@ -61,7 +62,7 @@ def _fold_bn(bn: nn.BatchNorm2d | None, bias: torch.Tensor | None, co: int):
 def requant_constants(r: torch.Tensor, bias_f: torch.Tensor, r_res: float, m_bits: int,
                       name: str = "layer"):
     """Integer ``(M, bias, m_res, S)`` for real multipliers ``r`` (see module doc)."""
-    limit = (1 << (m_bits - 1)) - 1
+    limit = int_range(m_bits)[1]
     peak = max(float(r.abs().max()) if r.numel() else 0.0, abs(r_res))
     if not math.isfinite(peak):
         raise ValueError(f"{name}: requant multiplier is not finite ({peak})")
@@ -87,8 +88,7 @@ def lower_model(model: nn.Module) -> QuantizedNetwork:
     s = model.settings
     net = QuantizedNetwork(
         arch=model.arch, input_shape=(model.in_channels, model.size, model.size),
-        input_scale=model.aq_in.scale, num_classes=model.num_classes, a_bits=s.a_bits,
-        w_bits=s.w_bits, m_bits=s.m_bits, qb=s.qb, qu=s.qu, qv=s.qv, qd=s.qd, decode=s.decode)
+        input_scale=model.aq_in.scale, num_classes=model.num_classes, **widths_of(s))
     for op in model.program():
         s_in, s_out = op.in_q.scale, op.out_q.scale
         if op.op == "pool":

@@ -98,7 +98,7 @@ class DigitsNet(_MLGModel):
         if plain and self._plain_sizes()[-1] != 1:
             raise ValueError(f"a plain digits network needs an input of at most 8 x 8 pixels "
                              f"(three stride-2 convs to a 1 x 1 map), not {size} x {size}")
-        self.aq_in = ActQuant(a, scale=1.0 / ((1 << (a - 1)) - 1))
+        self.aq_in = ActQuant(a, scale=1.0 / int_range(a)[1])
         self.conv1, self.bn1, self.aq1 = mlg_conv(in_channels, c1, 3, 1, s, quant), nn.BatchNorm2d(c1), ActQuant(a)
         self.conv2, self.bn2, self.aq2 = mlg_conv(c1, c2, 3, 2, s, quant), nn.BatchNorm2d(c2), ActQuant(a)
         self.conv3, self.bn3, self.aq3 = mlg_conv(c2, c2, 3, 1, s, quant), nn.BatchNorm2d(c2), ActQuant(a)

@@ -22,15 +22,14 @@ from pathlib import Path
 
 import torch
 
-from .config import DECODE_FORMS, KERNEL_SIZES
+from .config import KERNEL_SIZES
+from .contract import DENSE_BITS, check_widths, width_fields
 from .integer import decode_codes, generate_w2, round_w2
 
 __all__ = ["LayerSpec", "QuantizedNetwork", "ModelFileError", "load_model_file",
-           "save_model_file", "MODEL_FORMAT", "MODEL_VERSION"]
+           "save_model_file", "MODEL_FORMAT", "MODEL_VERSION", "DENSE_BITS"]
 
 MODEL_FORMAT = "mlg-model"
-# Widths a dense layer's codes may take (LayerSpec.dense_bits), in descriptor order.
-DENSE_BITS = ("qd", "qb", "qv")
 MODEL_VERSION = 1
 
 
@@ -152,21 +151,16 @@ class LayerSpec:
 
 
 @dataclass
+@width_fields(after="num_classes", defaults=False)
 class QuantizedNetwork:
-    """A whole network in integers, with the settings that fix its widths."""
+    """A whole network in integers, with the settings that fix its widths: the width
+    fields of :data:`gen.contract.WIDTHS` (``a_bits`` .. ``decode``, after
+    ``num_classes``), checked by :meth:`validate`."""
 
     arch: str
     input_shape: tuple[int, int, int]
     input_scale: float
     num_classes: int
-    a_bits: int
-    w_bits: int
-    m_bits: int
-    qb: int
-    qu: int
-    qv: int
-    qd: int
-    decode: str
     layers: list[LayerSpec] = field(default_factory=list)
 
     @property
@@ -209,12 +203,7 @@ class QuantizedNetwork:
         def err(layer, msg):
             raise ModelFileError(f"{source}: layer {layer.name!r}: {msg}")
 
-        if self.decode not in DECODE_FORMS:
-            raise ModelFileError(f"{source}: decode {self.decode!r} not one of {DECODE_FORMS}")
-        for name in ("qb", "qu", "qv", "qd"):
-            q = getattr(self, name)
-            if not 1 <= q <= 8:
-                raise ModelFileError(f"{source}: {name} = {q} out of range; accepted 1..8")
+        check_widths(self, ModelFileError, f"{source}: ")
         written = {0}
         for layer in self.layers:
             if layer.op not in ("conv", "pool"):

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from .integer import int_range
+
 __all__ = ["PackingError", "pack_codes", "unpack_codes", "packed_size"]
 
 MAX_BITS = 64
@@ -42,7 +44,7 @@ def _check_bits(bits: Any) -> int:
 
 def _code_range(bits: int, signed: bool) -> tuple[int, int]:
     if signed:
-        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        return int_range(bits)
     return 0, (1 << bits) - 1
 
 

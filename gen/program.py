@@ -108,7 +108,9 @@ import numpy as np
 import torch
 
 from .config import DECODE_FORMS, KERNEL_SIZES, AcceleratorConfig
-from .network import DENSE_BITS, LayerSpec, QuantizedNetwork
+from .contract import DENSE_BITS, WIDTH_NAMES, check_widths, width_fields, widths_of
+from .integer import int_range
+from .network import LayerSpec, QuantizedNetwork
 from .packing import PackingError, pack_codes, unpack_codes
 
 __all__ = [
@@ -138,7 +140,7 @@ OP_NAMES = {v: k for k, v in OP_CODES.items()}
 DECODE_CODES = {form: i for i, form in enumerate(DECODE_FORMS)}  # signed 0, odd 1
 
 FLAG_RELU, FLAG_L1, FLAG_L2, FLAG_RES = 1, 2, 4, 8
-DENSE_SHIFT = 4       # flag bits 4..5: index into gen.network.DENSE_BITS
+DENSE_SHIFT = 4       # flag bits 4..5: index into gen.contract.DENSE_BITS
 TENSORS = ("B", "U", "V", "mult", "bias")
 
 U8, U16, U32 = 0xFF, 0xFFFF, 0xFFFFFFFF
@@ -165,10 +167,6 @@ class ProgramError(ValueError):
     """A program cannot be written (a value does not fit its field) or read."""
 
 
-def _signed_range(bits: int) -> tuple[int, int]:
-    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-
-
 def _hex8(digest: bytes) -> str:
     return digest.hex()[:8]
 
@@ -178,19 +176,14 @@ def _hex8(digest: bytes) -> str:
 
 
 @dataclass
+@width_fields(after="config_digest", defaults=False)
 class Program:
-    """A parsed layer program: header fields, the layers and the section sizes."""
+    """A parsed layer program: header fields (the width fields of
+    :data:`gen.contract.WIDTHS` after ``config_digest``), the layers and the section
+    sizes."""
 
     version: int
     config_digest: bytes
-    a_bits: int
-    w_bits: int
-    m_bits: int
-    qb: int
-    qu: int
-    qv: int
-    qd: int
-    decode: str
     input_shape: tuple[int, int, int]
     num_classes: int
     input_scale: float
@@ -204,6 +197,9 @@ class Program:
     data_bits: int = 0
     crc: int = 0
     info_bits: int = 0
+
+    def __post_init__(self):
+        check_widths(self, ProgramError, "program: ")
 
     @property
     def n_layers(self) -> int:
@@ -225,9 +221,7 @@ class Program:
         """
         return QuantizedNetwork(
             arch="program", input_shape=tuple(self.input_shape), input_scale=self.input_scale,
-            num_classes=self.num_classes, a_bits=self.a_bits, w_bits=self.w_bits,
-            m_bits=self.m_bits, qb=self.qb, qu=self.qu, qv=self.qv, qd=self.qd,
-            decode=self.decode, layers=list(self.layers))
+            num_classes=self.num_classes, **widths_of(self), layers=list(self.layers))
 
     def size_report(self) -> dict:
         """Byte counts of every part, and ``info_bits``: the bits of every packed tensor."""
@@ -284,7 +278,7 @@ class _Writer:
         if tuple(t.shape) != tuple(shape):
             self.fail(layer, fld, f"shape {tuple(t.shape)}, expected {tuple(shape)}")
         a = _tensor_np(t, f"cannot write program: layer {layer.name!r}, field {fld}")
-        lo, hi = _signed_range(bits) if signed else (0, (1 << bits) - 1)
+        lo, hi = int_range(bits) if signed else (0, (1 << bits) - 1)
         if a.size:
             amin, amax = int(a.min()), int(a.max())
             if amin < lo or amax > hi:
@@ -330,7 +324,7 @@ class _Writer:
             res = chk(layer, "res", layer.res, 0, nbuf - 1, "buffer ids < config act_buffers")
         w_shift = chk(layer, "w_shift", layer.w_shift, 0, cfg.w_shift_max, "config w_shift_max")
         shift = chk(layer, "shift", layer.shift, 0, cfg.shift_max, "config shift_max")
-        lo, hi = _signed_range(cfg.m_bits)
+        lo, hi = int_range(cfg.m_bits)
         m_res = chk(layer, "m_res", layer.m_res, lo, hi, f"{cfg.m_bits}-bit signed")
 
         flags = (FLAG_RELU if layer.relu else 0) | (FLAG_RES if layer.res is not None else 0)
@@ -398,7 +392,7 @@ def write_program(net: QuantizedNetwork, config: AcceleratorConfig) -> bytes:
         raise ProgramError(f"{pre}: the network has no layers")
     if len(net.layers) > U16:
         raise ProgramError(f"{pre}: {len(net.layers)} layers; at most {U16} fit the header")
-    for name in ("a_bits", "w_bits", "m_bits", "qb", "qu", "qv", "qd", "decode"):
+    for name in WIDTH_NAMES:
         have, want = getattr(net, name), getattr(config, name)
         if have != want:
             raise ProgramError(f"{pre}: network {name} = {have!r} but the accelerator config "
@@ -426,8 +420,8 @@ def write_program(net: QuantizedNetwork, config: AcceleratorConfig) -> bytes:
     data_off = table_off + len(table)
     header = HEADER.pack(
         PROGRAM_MAGIC, PROGRAM_VERSION, HEADER_SIZE, config.digest, len(net.layers),
-        net.a_bits, net.w_bits, net.m_bits, net.qb, net.qu, net.qv, net.qd,
-        DECODE_CODES[net.decode], c, h, w, int(net.num_classes),
+        *(DECODE_CODES[net.decode] if name == "decode" else getattr(net, name)
+          for name in WIDTH_NAMES), c, h, w, int(net.num_classes),
         float(net.input_scale), float(net.output_scale),
         table_off, len(table), data_off, len(data), data_bits)
     body = header + table + data
@@ -498,7 +492,7 @@ def _check_descriptor(source: str, i: int, raw: tuple, nbuf: int, limits: dict, 
     rng("w_shift", 0, w_shift_max)
     rng("shift", 0, shift_max)
     m_bits = widths["m_bits"]
-    m_lo, m_hi = _signed_range(m_bits)
+    m_lo, m_hi = int_range(m_bits)
     rng("m_res", m_lo, m_hi, f"{m_bits}-bit signed")
     ci, co, k = f["ci"], f["co"], f["k"]
     if op == "pool":
@@ -641,15 +635,16 @@ def read_program(data: bytes, *, source: str = "program",
                            f"config is {_hex8(config.digest)}")
 
     # Header fields.
-    a_bits, w_bits, m_bits, qb, qu, qv, qd, decode_id = hdr[_H_WIDTHS]
-    for fld, v, lo, hi in (("n_layers", n_layers, 1, U16), ("a_bits", a_bits, 2, 16),
-                           ("w_bits", w_bits, 2, 16), ("m_bits", m_bits, 2, 24),
-                           ("qb", qb, 1, 8), ("qu", qu, 1, 8), ("qv", qv, 1, 8),
-                           ("qd", qd, 1, 8), ("decode", decode_id, 0, len(DECODE_FORMS) - 1)):
-        if not lo <= v <= hi:
-            raise ProgramError(f"{source}: header field {fld} = {v} out of range; "
-                               f"accepted {lo}..{hi}")
-    decode = DECODE_FORMS[decode_id]
+    if not 1 <= n_layers <= U16:
+        raise ProgramError(f"{source}: header field n_layers = {n_layers} out of range; "
+                           f"accepted 1..{U16}")
+    widths = dict(zip(WIDTH_NAMES, hdr[_H_WIDTHS]))
+    decode_id = widths["decode"]
+    if not 0 <= decode_id < len(DECODE_FORMS):
+        raise ProgramError(f"{source}: header field decode = {decode_id} out of range; "
+                           f"accepted 0..{len(DECODE_FORMS) - 1}")
+    widths["decode"] = DECODE_FORMS[decode_id]
+    check_widths(widths, ProgramError, f"{source}: header field ")
     c, h, w, num_classes = hdr[_H_SHAPE]
     for fld, v in (("input C", c), ("input H", h), ("input W", w), ("num_classes", num_classes)):
         if v < 1:
@@ -657,8 +652,7 @@ def read_program(data: bytes, *, source: str = "program",
                                f"accepted 1..{U16}")
     input_scale, output_scale = hdr[_H_SCALES]
     if config is not None:
-        for fld, v in (("a_bits", a_bits), ("w_bits", w_bits), ("m_bits", m_bits),
-                       ("qb", qb), ("qu", qu), ("qv", qv), ("qd", qd), ("decode", decode)):
+        for fld, v in widths.items():
             if v != getattr(config, fld):
                 raise ProgramError(f"{source}: header field {fld} = {v!r} but the accelerator "
                                    f"config has {fld} = {getattr(config, fld)!r}")
@@ -672,7 +666,6 @@ def read_program(data: bytes, *, source: str = "program",
     max_k = config.max_k if config is not None else max(KERNEL_SIZES)
     w_shift_max = config.w_shift_max if config is not None else MAX_SHIFT_ANY
     shift_max = config.shift_max if config is not None else MAX_SHIFT_ANY
-    widths = {"qb": qb, "qu": qu, "qv": qv, "qd": qd, "m_bits": m_bits}
     descs = [_check_descriptor(source, i,
                                DESCRIPTOR.unpack_from(data, table_off + i * DESCRIPTOR_SIZE),
                                nbuf, limits, max_k, w_shift_max, shift_max, widths, config)
@@ -722,8 +715,7 @@ def read_program(data: bytes, *, source: str = "program",
     layers[-1].out_scale = output_scale
 
     return Program(
-        version=version, config_digest=digest, a_bits=a_bits, w_bits=w_bits, m_bits=m_bits,
-        qb=qb, qu=qu, qv=qv, qd=qd, decode=decode, input_shape=(c, h, w),
+        version=version, config_digest=digest, **widths, input_shape=(c, h, w),
         num_classes=num_classes, input_scale=input_scale, output_scale=output_scale,
         layers=layers, header_size=hsize, descriptor_offset=table_off,
         descriptor_size=table_size, data_offset=data_off, data_bytes=data_bytes,

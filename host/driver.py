@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from gen.config import AcceleratorConfig
+from gen.contract import ARG_BYTES, COUNTER_BYTES, REQUESTS, RUN_ERRORS, STATUS
+from gen.integer import int_range
 from gen.program import Program, load_program
 
 from .image import DeviceImage, build_image
@@ -196,12 +198,13 @@ class Driver:
         bytes (``REGION_STREAM`` takes every frame at address 0)."""
         ident = self._ident()
         word = {REGION_PROGRAM: ident.record_bytes, REGION_CONSTS: ident.const_bytes}.get(region, 1)
-        step = (ident.max_payload - 5) // word * word
+        step = (ident.max_payload - ARG_BYTES[OP_WRITE]) // word * word
         bar = self._bar(len(data), desc or f"write region {region}")
         for off in range(0, len(data), step):
             chunk = data[off:off + step]
             where = 0 if region == REGION_STREAM else addr + off
-            self.request(OP_WRITE, struct.pack("<BI", region, where) + chunk, timeout=timeout)
+            self.request(OP_WRITE, REQUESTS[OP_WRITE].pack_args(region, where) + chunk,
+                         timeout=timeout)
             if bar:
                 bar.update(len(chunk))
         if bar:
@@ -211,7 +214,7 @@ class Driver:
         out = bytearray()
         for off in range(0, count, 0xFFFF):
             n = min(0xFFFF, count - off)
-            out += self._sized(OP_READ, n, struct.pack("<BIH", region, addr + off, n))
+            out += self._sized(OP_READ, n, REQUESTS[OP_READ].pack_args(region, addr + off, n))
         return bytes(out)
 
     def load_program(self, config: AcceleratorConfig, program: Program | str) -> DeviceImage:
@@ -227,11 +230,12 @@ class Driver:
         return image
 
     def status(self) -> Status:
-        state, error, layer = struct.unpack("<BBH", self._sized(OP_STATUS, 4))
+        state, error, layer = STATUS.unpack(self._sized(OP_STATUS, STATUS.size))
         return Status(state, error, layer)
 
     def counters(self) -> dict[str, int]:
-        values = struct.unpack(f"<{len(COUNTERS)}Q", self._sized(OP_COUNTERS, 8 * len(COUNTERS)))
+        raw = self._sized(OP_COUNTERS, COUNTER_BYTES * len(COUNTERS))
+        values = struct.unpack(f"<{len(COUNTERS)}Q", raw)
         return dict(zip(COUNTERS, values))
 
     def layer_log(self, n_layers: int | None = None) -> list[dict[str, int]]:
@@ -251,7 +255,7 @@ class Driver:
         limit = config.max_layers if config is not None else n
         if not 0 < n <= limit:
             raise DriverError(f"layer log has entries for 1..{limit} layers, asked for {n}")
-        raw = self.read(REGION_LOG, 0, n * words * 8)
+        raw = self.read(REGION_LOG, 0, n * words * COUNTER_BYTES)
         values = struct.unpack(f"<{n * words}Q", raw)
         # Counters wrap at 2**counter_bits: a layer's share is a difference modulo that.
         wrap = (1 << config.counter_bits) - 1 if config is not None else (1 << 64) - 1
@@ -271,7 +275,7 @@ class Driver:
         """Run the loaded program (or its first ``n_layers``) and wait until it ends."""
         image = self._image()
         n = n_layers if n_layers is not None else image.n_layers
-        self.request(OP_RUN, struct.pack("<H", n))
+        self.request(OP_RUN, REQUESTS[OP_RUN].pack_args(n))
         deadline = time.monotonic() + timeout
         # Codes of the layers that are not resident follow RUN; each WRITE is answered
         # once the device has room for it, so this paces itself to the generation unit.
@@ -284,7 +288,9 @@ class Driver:
             if st.state == STATE_DONE:
                 return st
             if st.state == STATE_ERROR:
-                raise RunError(f"run stopped at layer {st.layer} with device error 0x{st.error:02x}")
+                why = ", ".join(name for bit, name in RUN_ERRORS.items() if st.error & bit)
+                raise RunError(f"run stopped at layer {st.layer} with device error 0x{st.error:02x}"
+                               + (f" ({why})" if why else ""))
             if st.state != STATE_RUNNING or time.monotonic() > deadline:
                 if st.state == STATE_RUNNING:
                     self.abort()
@@ -303,20 +309,20 @@ class Driver:
         c = x.shape[0]
         pixels = x[0].numel()
         bits = self._config().a_bits
-        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        lo, hi = int_range(bits)
         if x.numel() and (int(x.min()) < lo or int(x.max()) > hi):
             raise DriverError(f"activation values {int(x.min())}..{int(x.max())} do not fit "
                               f"{bits} bits (accepted {lo}..{hi})")
         body = b"".join(int(v).to_bytes(ident.act_bytes, "little", signed=True)
                         for v in x.reshape(-1).tolist())
-        if len(body) + 7 > ident.max_payload:
+        if len(body) + ARG_BYTES[OP_LOAD_ACT] > ident.max_payload:
             raise DriverError(f"tensor of {len(body)} bytes exceeds the device's frame payload "
                               f"({ident.max_payload} bytes, config max_payload)")
-        self.request(OP_LOAD_ACT, struct.pack("<BHI", buf, c, pixels) + body)
+        self.request(OP_LOAD_ACT, REQUESTS[OP_LOAD_ACT].pack_args(buf, c, pixels) + body)
 
     def read_activations(self, buf: int, channels: int, pixels: int) -> torch.Tensor:
         ident = self._ident()
-        raw = self.request(OP_READ_ACT, struct.pack("<BHI", buf, channels, pixels))
+        raw = self.request(OP_READ_ACT, REQUESTS[OP_READ_ACT].pack_args(buf, channels, pixels))
         ab = ident.act_bytes
         if len(raw) != channels * pixels * ab:
             raise DriverError(f"READ_ACT returned {len(raw)} bytes, expected {channels * pixels * ab}")

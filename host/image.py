@@ -2,10 +2,11 @@
 
 A program file (:mod:`gen.program`) keeps every tensor in one unaligned bit
 stream; the accelerator wants, per layer, a record in its program memory
-(:func:`hw.interfaces.layer_record_layout`), the layer's B, U and V sections
-in the base store (each packed on its own from a byte boundary, as
-:class:`hw.generation.GenerationUnit` loads them) and one word of requant
-constants per output channel (:func:`hw.engine.channel_layout`).
+(:func:`gen.contract.layer_record_layout`, its descriptor from
+:func:`gen.contract.descriptor_fields`), the layer's B, U and V sections in the
+base store (each packed on its own from a byte boundary, as the generation unit
+loads them) and one word of requant constants per output channel
+(:func:`gen.contract.channel_layout`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gen.compiler import place_codes
 from gen.config import AcceleratorConfig
-from gen.network import DENSE_BITS
+from gen.contract import channel_layout, descriptor_fields, layer_record_layout
 from gen.packing import pack_codes
 from gen.program import Program
 
@@ -48,21 +50,6 @@ class DeviceImage:
         return sum(len(b) for _, b in self.streamed)
 
 
-def descriptor_fields(layer) -> dict:
-    """Fields of :func:`hw.interfaces.descriptor_layout` for one ``LayerSpec``."""
-    pool = layer.op == "pool"
-    return {
-        "op": int(pool), "relu": int(bool(layer.relu)), "has_l1": int(layer.has_l1),
-        "has_l2": int(layer.has_l2), "has_res": int(layer.res is not None),
-        "dense_bits": DENSE_BITS.index(layer.dense_bits),
-        "k": layer.k, "stride": layer.stride, "pad": layer.pad, "ci": layer.ci,
-        "co": layer.ci if pool else layer.co, "h": layer.h, "w": layer.w,
-        "bi": layer.bi if layer.has_l1 else 0, "bo": layer.bo if layer.has_l2 else 0,
-        "src": layer.src, "dst": layer.dst, "res": layer.res or 0,
-        "w_shift": layer.w_shift, "shift": layer.shift, "m_res": layer.m_res,
-    }
-
-
 def _le(word: int, nbytes: int) -> bytes:
     return int(word).to_bytes(nbytes, "little")
 
@@ -72,11 +59,6 @@ def build_image(program: Program, config: AcceleratorConfig) -> DeviceImage:
 
     Raises :class:`ImageError` naming the layer and the memory that overflows.
     """
-    from hw.engine import channel_layout
-    from hw.interfaces import layer_record_layout
-
-    from gen.compiler import place_codes
-
     net = program.network()
     if len(net.layers) > config.max_layers:
         raise ImageError(f"program has {len(net.layers)} layers, the accelerator's program "

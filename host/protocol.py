@@ -1,7 +1,10 @@
 """The host link protocol: framed commands over a byte stream (UART or simulation).
 
-This module is the specification the device (:mod:`hw.link`) and the driver
-(:mod:`host.driver`) both implement; every constant below is used by both.
+This module is the specification the device (:mod:`hw.link`, :mod:`hw.accelerator`)
+and the driver (:mod:`host.driver`) both implement, and the host's half of it:
+frame encoding and decoding, the IDENTITY parser, struct packing. Its numbers (opcodes,
+argument sizes, regions, error and state codes, counters, word sizes) are defined in
+:mod:`gen.contract`, which both sides import; they are re-exported here.
 
 Frame
 -----
@@ -40,15 +43,16 @@ READ_ACT buffer u8, channels u16, pixels u32        channels * pixels * act_byte
 ABORT    (none)                                     (none)
 ======== ========================================== =======================================
 
+:data:`gen.contract.REQUESTS` holds this table's argument fields and sizes.
 All multi-byte fields are little endian except the CRC.
 
 Memory regions (``WRITE``/``READ``) are byte addressed; a word region is
 written in whole words (address and length multiples of its word size):
 
-* ``REGION_PROGRAM``: the layer records (:func:`hw.interfaces.layer_record_layout`),
+* ``REGION_PROGRAM``: the layer records (:func:`gen.contract.layer_record_layout`),
   ``record_bytes(config)`` each;
 * ``REGION_BASES``: the base store, packed codes (bytes);
-* ``REGION_CONSTS``: per-channel requant constants (:func:`hw.engine.channel_layout`),
+* ``REGION_CONSTS``: per-channel requant constants (:func:`gen.contract.channel_layout`),
   ``const_bytes(config)`` each;
 * ``REGION_LOG`` (read only): the layer log of the last run, one entry of
   ``len(LOG_COUNTERS)`` words of 8 bytes per layer: the run counters named in
@@ -76,6 +80,19 @@ import binascii
 import struct
 from dataclasses import dataclass
 
+from amaranth.hdl import Shape
+
+from gen.contract import (
+    ARG_BYTES, COUNTER_BYTES, FIXED_LENGTH, REQUESTS, RUN_ERRORS, STATUS, STATUS_BYTES, Request,
+    COUNTERS, CRC_BYTES, ERR_ADDRESS, ERR_ARGUMENT, ERR_BUSY, ERR_CRC, ERR_LENGTH, ERR_OPCODE,
+    ERR_STATE, ERR_TIMEOUT, ERRORS, HEADER_BYTES, IDENTITY, IDENTITY_BYTES, IDENTITY_MAGIC,
+    LOG_COUNTERS, N_COUNTERS, OP_ABORT, OP_COUNTERS, OP_ERROR, OP_IDENTIFY, OP_LOAD_ACT,
+    OP_NAMES, OP_READ, OP_READ_ACT, OP_RUN, OP_STATUS, OP_WRITE, PROTOCOL_VERSION,
+    REGION_BASES, REGION_CONSTS, REGION_LOG, REGION_NAMES, REGION_PROGRAM, REGION_STREAM,
+    RESPONSE, STATE_DONE, STATE_ERROR, STATE_IDLE, STATE_NAMES, STATE_RUNNING, SYNC,
+    act_bytes, const_bytes, identity_bytes, record_bytes)
+from gen.integer import int_range
+
 __all__ = [
     "SYNC", "PROTOCOL_VERSION", "IDENTITY_MAGIC", "OP_IDENTIFY", "OP_WRITE", "OP_READ",
     "OP_RUN", "OP_STATUS", "OP_COUNTERS", "OP_LOAD_ACT", "OP_READ_ACT", "OP_ABORT",
@@ -86,81 +103,9 @@ __all__ = [
     "STATE_ERROR", "STATE_NAMES", "COUNTERS", "N_COUNTERS", "HEADER_BYTES", "CRC_BYTES",
     "IDENTITY_BYTES", "crc16", "encode_frame", "Frame", "FrameDecoder", "ProtocolError",
     "Identity", "parse_identity", "identity_bytes", "act_bytes", "record_bytes",
-    "const_bytes", "pack_struct", "unpack_struct",
+    "const_bytes", "pack_struct", "unpack_struct", "Request", "REQUESTS", "ARG_BYTES",
+    "FIXED_LENGTH", "STATUS", "STATUS_BYTES", "COUNTER_BYTES", "RUN_ERRORS", "IDENTITY",
 ]
-
-SYNC = 0xA5
-PROTOCOL_VERSION = 1
-IDENTITY_MAGIC = b"MLGA"
-
-OP_IDENTIFY = 0x01
-OP_WRITE = 0x02
-OP_READ = 0x03
-OP_RUN = 0x04
-OP_STATUS = 0x05
-OP_COUNTERS = 0x06
-OP_LOAD_ACT = 0x07
-OP_READ_ACT = 0x08
-OP_ABORT = 0x09
-OP_ERROR = 0xFF
-RESPONSE = 0x80
-OP_NAMES = {OP_IDENTIFY: "IDENTIFY", OP_WRITE: "WRITE", OP_READ: "READ", OP_RUN: "RUN",
-            OP_STATUS: "STATUS", OP_COUNTERS: "COUNTERS", OP_LOAD_ACT: "LOAD_ACT",
-            OP_READ_ACT: "READ_ACT", OP_ABORT: "ABORT"}
-
-REGION_PROGRAM = 0
-REGION_BASES = 1
-REGION_CONSTS = 2
-REGION_STREAM = 3
-REGION_LOG = 4
-REGION_NAMES = {REGION_PROGRAM: "program", REGION_BASES: "bases", REGION_CONSTS: "consts",
-                REGION_STREAM: "stream", REGION_LOG: "log"}
-
-ERR_CRC = 1
-ERR_LENGTH = 2
-ERR_OPCODE = 3
-ERR_ADDRESS = 4
-ERR_BUSY = 5
-ERR_TIMEOUT = 6
-ERR_ARGUMENT = 7
-ERR_STATE = 8
-ERRORS = {ERR_CRC: "bad CRC", ERR_LENGTH: "bad length", ERR_OPCODE: "unknown opcode",
-          ERR_ADDRESS: "address out of range", ERR_BUSY: "device busy",
-          ERR_TIMEOUT: "frame timed out", ERR_ARGUMENT: "bad argument",
-          ERR_STATE: "no run is taking streamed codes"}
-
-STATE_IDLE = 0
-STATE_RUNNING = 1
-STATE_DONE = 2
-STATE_ERROR = 3
-STATE_NAMES = {STATE_IDLE: "idle", STATE_RUNNING: "running", STATE_DONE: "done",
-               STATE_ERROR: "error"}
-
-# Performance counters, in the order COUNTERS returns them.
-COUNTERS = (
-    "cycles",            # cycles of the last run, RUN to done
-    "engine_busy",       # cycles the conv engine was in a layer
-    "gen_busy",          # cycles the generation unit was not idle
-    "mac_cycles",        # cycles a vector entered the systolic array
-    "macs",              # multiply-accumulates (additions for a pool)
-    "stall_weights",     # array cycles lost waiting for generated weights
-    "stall_output",      # array cycles lost waiting for accumulators or the residual port
-    "code_bytes",        # packed code bytes streamed into the generation unit
-    "bytes_in",          # link bytes received since reset
-    "bytes_out",         # link bytes sent since reset
-    "frames",            # request frames executed since reset
-    "frame_errors",      # request frames refused since reset
-)
-N_COUNTERS = len(COUNTERS)
-# The run counters the layer log keeps for every layer (REGION_LOG).
-LOG_COUNTERS = COUNTERS[:8]   # a power of two: an entry is addressed by bit fields
-
-HEADER_BYTES = 4          # SYNC, OP, LEN
-CRC_BYTES = 2
-# IDENTITY: magic 4s, protocol u16, config digest 32s, max_payload u16, act_bytes u8,
-# record_bytes u8, const_bytes u8, act_buffers u8, rows u8, cols u8.
-_IDENTITY = struct.Struct("<4sH32sH6B")
-IDENTITY_BYTES = _IDENTITY.size
 
 
 class ProtocolError(Exception):
@@ -266,48 +211,14 @@ class Identity:
         return self.config_digest.hex()
 
 
-def identity_bytes(config) -> bytes:
-    """The IDENTITY payload of a device built for ``config``."""
-    return _IDENTITY.pack(IDENTITY_MAGIC, PROTOCOL_VERSION, config.digest, config.max_payload,
-                          act_bytes(config), record_bytes(config), const_bytes(config),
-                          config.act_buffers, config.rows, config.cols)
-
-
 def parse_identity(payload: bytes) -> Identity:
     if len(payload) != IDENTITY_BYTES:
         raise ProtocolError(f"IDENTITY payload of {len(payload)} bytes, expected {IDENTITY_BYTES}")
-    magic, proto, digest, max_payload, ab, rb, cb, nbuf, rows, cols = _IDENTITY.unpack(payload)
+    magic, proto, digest, max_payload, ab, rb, cb, nbuf, rows, cols = IDENTITY.unpack(payload)
     if magic != IDENTITY_MAGIC:
         raise ProtocolError(f"IDENTITY magic {magic!r}, expected {IDENTITY_MAGIC!r}: "
                             "not an MLG accelerator")
     return Identity(proto, digest, max_payload, ab, rb, cb, nbuf, rows, cols)
-
-
-# ---- sizes derived from the config ------------------------------------------------
-
-def act_bytes(config) -> int:
-    """Bytes of one activation on the link."""
-    return (config.a_bits + 7) // 8
-
-
-def _pow2_bytes(bits: int) -> int:
-    # Words of a power-of-two size keep byte addressing a shift and a mask on chip.
-    n = (bits + 7) // 8
-    return 1 << (n - 1).bit_length()
-
-
-def record_bytes(config) -> int:
-    """Bytes of one layer record in the program region (a power of two)."""
-    from hw.interfaces import layer_record_layout
-
-    return _pow2_bytes(layer_record_layout(config).size)
-
-
-def const_bytes(config) -> int:
-    """Bytes of one channel's requant constants in the constants region (a power of two)."""
-    from hw.engine import channel_layout
-
-    return _pow2_bytes(channel_layout(config).size)
 
 
 # ---- struct packing (Amaranth StructLayout bit order, LSB first) --------------------
@@ -343,14 +254,10 @@ def unpack_struct(layout, word: int) -> dict:
 
 
 def _width(shape) -> int:
-    from amaranth.hdl import Shape
-
     return Shape.cast(shape).width
 
 
 def _signed(shape) -> bool:
-    from amaranth.hdl import Shape
-
     try:
         return Shape.cast(shape).signed
     except TypeError:
@@ -358,7 +265,7 @@ def _signed(shape) -> bool:
 
 
 def _fit(name: str, v: int, width: int, signed: bool) -> int:
-    lo, hi = (-(1 << (width - 1)), (1 << (width - 1)) - 1) if signed else (0, (1 << width) - 1)
+    lo, hi = int_range(width) if signed else (0, (1 << width) - 1)
     if not lo <= v <= hi:
         raise ValueError(f"field {name} = {v} does not fit {width} bits "
                          f"{'signed' if signed else 'unsigned'} (accepted {lo}..{hi})")

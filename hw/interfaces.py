@@ -19,20 +19,13 @@ conv layer with ``Co`` outputs, ``Ci`` inputs and a ``k x k`` kernel the order i
 final vector of the layer. :func:`weight_vectors` is the reference of this
 order, computed from the golden model's PE weights; benches compare against it.
 
-Layer descriptor
-----------------
-:func:`descriptor_layout` holds the run-time fields of one layer as the program
-file stores them (``gen.program``); widths follow from the config maxima.
-
-Layer record
-------------
-:func:`layer_record_layout` is one entry of the accelerator's program memory:
-the descriptor plus where the layer's operands sit on chip, ``code_addr`` and
-``code_len`` (bytes of the base store holding its B, U and V sections, each
-packed on its own from a byte boundary) and ``const_addr`` (the first of its
-``co`` words in the constants memory, ``ci`` for a pool). With ``streamed``
-the ``code_len`` code bytes come from the host during the run instead
-(``host.protocol.REGION_STREAM``) and ``code_addr`` is unused. The host driver
+Layer descriptor and layer record
+---------------------------------
+:func:`descriptor_layout` (the run-time fields of one layer) and
+:func:`layer_record_layout` (one entry of the accelerator's program memory: the
+descriptor plus where the layer's codes and constants sit on chip) are part of the
+contract between compiler, host and RTL and are defined in :mod:`gen.contract`;
+they are re-exported here for the blocks that take a descriptor. The host driver
 builds the records from a program file (``host.image``).
 """
 
@@ -41,7 +34,8 @@ from __future__ import annotations
 from amaranth.hdl import signed, unsigned
 from amaranth.lib import data, stream
 
-from gen.config import AcceleratorConfig, clog2
+from gen.config import AcceleratorConfig
+from gen.contract import descriptor_layout, layer_record_layout
 
 __all__ = ["weight_beat_layout", "weight_stream_signature", "descriptor_layout",
            "layer_record_layout", "weight_vectors", "weight_vector_count"]
@@ -56,46 +50,6 @@ def weight_beat_layout(config: AcceleratorConfig) -> data.StructLayout:
 
 def weight_stream_signature(config: AcceleratorConfig) -> stream.Signature:
     return stream.Signature(weight_beat_layout(config))
-
-
-def descriptor_layout(config: AcceleratorConfig) -> data.StructLayout:
-    dim = lambda n: unsigned(max(1, (n).bit_length()))  # noqa: E731
-    return data.StructLayout({
-        "op": unsigned(1),            # 0 conv, 1 pool
-        "relu": unsigned(1),
-        "has_l1": unsigned(1),
-        "has_l2": unsigned(1),
-        "has_res": unsigned(1),
-        "dense_bits": unsigned(2),    # code width of a dense layer: 0 qd, 1 qb, 2 qv
-        "k": dim(config.max_k),
-        "stride": unsigned(2),
-        "pad": dim(config.max_k // 2),
-        "ci": dim(config.max_ci),
-        "co": dim(config.max_co),
-        "h": dim(config.max_h),
-        "w": dim(config.max_w),
-        "bi": dim(config.max_bi),
-        "bo": dim(config.max_bo),
-        "src": unsigned(max(1, clog2(config.act_buffers))),
-        "dst": unsigned(max(1, clog2(config.act_buffers))),
-        "res": unsigned(max(1, clog2(config.act_buffers))),
-        "w_shift": dim(config.w_shift_max),
-        "shift": dim(config.shift_max),
-        "m_res": signed(config.m_bits),
-    })
-
-
-def layer_record_layout(config: AcceleratorConfig) -> data.StructLayout:
-    return data.StructLayout({
-        "desc": descriptor_layout(config),
-        "code_addr": unsigned(max(1, (config.base_store_bytes - 1).bit_length())),
-        # A streamed layer's codes may exceed the base store: up to one code byte
-        # per weight of the largest layer.
-        "code_len": unsigned(max(config.base_store_bytes,
-                                 config.max_co * config.max_ci * config.max_k ** 2).bit_length()),
-        "const_addr": unsigned(max(1, (config.const_depth - 1).bit_length())),
-        "streamed": unsigned(1),
-    })
 
 
 def weight_vector_count(config: AcceleratorConfig, ci: int, co: int, k: int) -> int:

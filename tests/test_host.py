@@ -11,8 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gen.config import AcceleratorConfig
-from hw.engine import channel_layout
-from hw.interfaces import layer_record_layout
+from gen.contract import channel_layout, layer_record_layout
 from host.driver import DeviceError, Driver, DriverError, IdentityMismatch, LinkTimeout
 from host.image import build_image, descriptor_fields
 from host.protocol import (ERR_CRC, OP_ERROR, OP_IDENTIFY, OP_STATUS, RESPONSE, SYNC,

@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 import torch
 
 from gen.config import AcceleratorConfig
+from gen.contract import WIDTHS, widths_of
 from gen.golden import golden_forward
 from gen.integer import generate_w2, decode_codes, pool_multiplier, w2_shift
 from gen.network import LayerSpec, QuantizedNetwork
@@ -21,6 +22,7 @@ D_OFF = {"op": 0, "flags": 1, "k": 2, "stride": 3, "pad": 4, "src": 5, "dst": 6,
          "w_shift": 8, "shift": 9, "ci": 10, "co": 12, "h": 14, "w": 16, "bi": 18, "bo": 20,
          "m_res": 22, "off_B": 26, "off_U": 30, "off_V": 34, "off_mult": 38, "off_bias": 42}
 H_DATA_BITS = 90  # header offset of the data size in bits
+H_WIDTHS = 42     # header offset of the eight width bytes
 
 CFG = AcceleratorConfig()
 CFG_SIGNED = AcceleratorConfig(decode="signed", qb=2, qu=5, qv=4, qd=7, m_bits=12)
@@ -38,8 +40,7 @@ def randsigned(gen, shape, bits):
 def make_net(cfg, layers, shape=(3, 6, 6), classes=10):
     return QuantizedNetwork(
         arch="test", input_shape=shape, input_scale=0.0173, num_classes=classes,
-        a_bits=cfg.a_bits, w_bits=cfg.w_bits, m_bits=cfg.m_bits, qb=cfg.qb, qu=cfg.qu,
-        qv=cfg.qv, qd=cfg.qd, decode=cfg.decode, layers=layers)
+        **widths_of(cfg), layers=layers)
 
 
 def conv(gen, cfg, name, ci, co, h, w, k=3, l1=False, l2=False, bi=2, bo=4, **kw):
@@ -334,6 +335,21 @@ def test_unsupported_version(prog_bytes):
         read_program(data)
     with pytest.raises(ProgramError, match="version 7 unsupported; this reader accepts 1"):
         read_program(patch(prog_bytes, 4, "H", 7))
+
+
+@pytest.mark.parametrize("field", [f for f in WIDTHS if f.choices is None],
+                         ids=lambda f: f.name)
+def test_header_width_out_of_range(prog_bytes, field):
+    at = H_WIDTHS + [f.name for f in WIDTHS].index(field.name)
+    for value in (field.lo - 1, field.hi + 1):
+        with pytest.raises(ProgramError, match=rf"^program: header field {field.name} = {value} "
+                                               rf"is out of range; accepted: {field.lo}\.\.{field.hi}$"):
+            read_program(patch(prog_bytes, at, "B", value))
+
+
+def test_header_decode_out_of_range(prog_bytes):
+    with pytest.raises(ProgramError, match=r"header field decode = 2 out of range; accepted 0\.\.1"):
+        read_program(patch(prog_bytes, H_WIDTHS + len(WIDTHS) - 1, "B", 2))
 
 
 @pytest.mark.parametrize("layer,fld,fmt,value,config,needle", [

@@ -37,11 +37,12 @@ from dataclasses import dataclass, field
 import torch
 
 from gen.config import KERNEL_SIZES, AcceleratorConfig
+from gen.contract import channel_layout, descriptor_layout, layer_descriptor, widths_of
 from gen.golden import golden_layer
 from gen.integer import conv2d_int, encode_values, int_range, pool_multiplier
 from gen.network import LayerSpec, QuantizedNetwork
-from hw.engine import channel_layout, check_layer, host_command_layout
-from hw.interfaces import descriptor_layout, weight_beat_layout, weight_vectors
+from hw.engine import check_layer, host_command_layout
+from hw.interfaces import weight_beat_layout, weight_vectors
 from host.protocol import pack_struct
 
 # ---------------------------------------------------------------------------------------
@@ -156,10 +157,9 @@ def _rand(gen: torch.Generator, shape, bits: int) -> torch.Tensor:
 
 def bench_network(config: AcceleratorConfig) -> QuantizedNetwork:
     """The network frame the golden model needs: dense layers with signed ``w_bits`` codes."""
+    widths = {**widths_of(config), "qd": config.w_bits, "decode": "signed"}
     return QuantizedNetwork(arch="bench", input_shape=(1, 1, 1), input_scale=1.0, num_classes=1,
-                            a_bits=config.a_bits, w_bits=config.w_bits, m_bits=config.m_bits,
-                            qb=config.qb, qu=config.qu, qv=config.qv, qd=config.w_bits,
-                            decode="signed")
+                            **widths)
 
 
 def make_case(config: AcceleratorConfig, spec: dict, rng: random.Random,
@@ -228,14 +228,10 @@ def pack(layout, values: dict) -> int:
 
 
 def descriptor_word(config: AcceleratorConfig, case: LayerCase) -> int:
-    s = case.spec
-    return pack(descriptor_layout(config), {
-        "op": int(s["op"] == "pool"), "relu": int(bool(s["relu"])), "has_res": int(s["res"] is not None),
-        "k": s["k"], "stride": s["stride"], "pad": s["pad"], "ci": s["ci"],
-        "co": s["co"] if s["op"] == "conv" else s["ci"], "h": s["h"], "w": s["w"],
-        "src": s["src"], "dst": s["dst"], "res": s["res"] or 0, "shift": case.shift,
-        "m_res": case.m_res,
-    })
+    """The case's descriptor (a dense layer: its weights are the PE weights)."""
+    return pack(descriptor_layout(config),
+                layer_descriptor(**{f: case.spec[f] for f in LAYER_FIELDS}, shift=case.shift,
+                                 m_res=case.m_res))
 
 
 def weight_words(config: AcceleratorConfig, case: LayerCase) -> list[int]:

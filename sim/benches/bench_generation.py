@@ -32,8 +32,9 @@ import torch
 from amaranth.hdl import Const
 
 from gen.config import KERNEL_SIZES, AcceleratorConfig
+from gen.contract import descriptor_layout, layer_descriptor
 from gen.integer import decode_codes, generate_w2, round_w2, w2_shift
-from hw.interfaces import descriptor_layout, weight_beat_layout, weight_vectors
+from hw.interfaces import weight_beat_layout, weight_vectors
 
 MODES = ("both", "l1", "l2", "dense")
 
@@ -102,9 +103,8 @@ def expected_vectors(config: AcceleratorConfig, layer: dict) -> list[list[int]]:
 
 def descriptor_value(config: AcceleratorConfig, layer: dict) -> int:
     """The layer's descriptor as the integer driven on ``i_desc.payload``."""
-    fields = {name: int(layer[name]) for name in ("ci", "co", "k", "bi", "bo", "w_shift")}
-    fields["has_l1"] = int(layer["has_l1"])
-    fields["has_l2"] = int(layer["has_l2"])
+    fields = layer_descriptor(**{name: int(layer[name]) for name in
+                                 ("ci", "co", "k", "bi", "bo", "has_l1", "has_l2", "w_shift")})
     return Const.cast(descriptor_layout(config).const(fields)).value
 
 
