@@ -2,23 +2,19 @@
 
 ::
 
-    i_rx --HostLink--> Executor --+--> program memory (layer records)
-    o_tx <-----------------'  |   +--> base store (packed B/U/V codes)
-                              |   +--> constants (per-channel mult/bias)
-                              |   +--> code FIFO (streamed codes) ----------+
-                              |   +--> ConvEngine.i_host (activations)      |
-                              |   +--> start/abort -> controller            |
-                              +--- counters, layer log, status <------------|--+
-                                                                            |  |
-    controller:  GenerationSequencer: program, base store | code FIFO <-----+  |
-                     -> GenerationUnit.i_desc, i_codes                         |
-                 EngineSequencer: program, constants -> ConvEngine.i_desc,     |
-                     i_chan; done/error -> run state --------------------------+
-                 GenerationUnit.o_weights ----(weight FIFO)----> ConvEngine.i_weights
+    i_rx -> HostLink --o_req-------------> Executor --writes-> program memory, base store, constants
+    o_tx <- HostLink <-o_resp, o_payload--  | | | |
+                                            | | | +--o_codes--------> code FIFO (REGION_STREAM)
+                                            | | +----o_host, o_load-> ConvEngine.i_host, i_load
+                                            | +------start, abort---> GenerationSequencer, EngineSequencer
+                                            +<-------read-back------- memories, counters, layer log, status
 
-    counters:    CounterRegisters or CounterBank (``counter_bank``) <- events of the
-                 sequencers, the units and the link; LayerLog (``layer_log``) <- the
-                 run counters at each layer's end
+    GenerationSequencer: program + base store | code FIFO -> GenerationUnit.i_desc, i_codes
+    EngineSequencer:     program + constants -> ConvEngine.i_desc, i_chan; done -> run state
+    GenerationUnit.o_weights --(weight FIFO)--> ConvEngine.i_weights
+
+    events of the run, units, link -> CounterRegisters | CounterBank -> Executor
+    EngineSequencer.ended + run counters -> LayerLog -> Executor
 
 **Executor** (:class:`hw.executor.Executor`). Runs one verified request of
 :mod:`host.protocol` at a time and answers it; every argument is checked before

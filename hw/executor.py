@@ -115,7 +115,8 @@ class Executor(wiring.Component):
     bases_load, bases_addr, bases_data; consts_load, consts_addr, consts_data: the
         base store and constants read-back through the sequencers' ports.
     ctr_index, ctr_data, ctr_valid: the counters' read port (``hw.counters``).
-    log_layer, log_word, log_data: the layer log's read port (with ``layer_log``).
+    log_layer, log_word, log_data: the layer log's read port (``log_data`` is left at 0
+        in a config without ``layer_log``: no request reads it).
     running, status: In, the run's state; status is the STATUS word (state, error,
         layer). start, abort: Out, one-cycle pulses. n_layers: Out, RUN's count.
     o_codes: Out, streamed code bytes.
@@ -128,30 +129,33 @@ class Executor(wiring.Component):
         self.record_bytes, self.const_bytes = record_bytes(cfg), const_bytes(cfg)
         self.act_bytes = act_bytes(cfg)
         rb, cb = self.record_bytes, self.const_bytes
-        compact = cfg.compact
-        # The program memory: a record per word, or with ``compact`` a byte per word.
-        self.prog_width, self.prog_lanes = (8, 1) if compact else (8 * rb, rb)
-        prog_depth = cfg.max_layers * rb // self.prog_lanes
-        # Byte addresses, transfer lengths and pixel counts: with ``compact`` as wide as
-        # the largest region, transfer and map need (``aw``, ``ew``, ``pw`` bits), what
-        # lies beyond being refused from its high bits alone, an OR instead of a carry
-        # chain (every address and sum below is checked against those bounds first).
-        # (And the frame's lengths and the response's byte counts, ``fw`` and ``rw`` bits:
+        # The frame's lengths and the response's byte counts take ``fw`` and ``rw`` bits:
         # the link refuses a frame longer than max_payload, and a response is at most a
-        # region, an activation tensor or a fixed record.)
+        # region, an activation tensor or a fixed record.
         max_resp = max(*self.region_sizes().values(), len(identity_bytes(cfg)),
                        8 * len(COUNTERS),
                        max(cfg.max_ci, cfg.max_co) * cfg.max_h * cfg.max_w * self.act_bytes)
-        if compact:
+        if cfg.compact:
+            # The program memory a byte per word. Byte addresses, transfer lengths and
+            # pixel counts as wide as the largest region, transfer and map need (``aw``,
+            # ``ew``, ``pw`` bits), what lies beyond being refused from its high bits
+            # alone, an OR instead of a carry chain (every address and sum below is
+            # checked against those bounds first). Responses also without a payload
+            # source (SRC_NONE).
+            self.prog_width, self.prog_lanes = 8, 1
             self.aw = max(self.region_sizes().values()).bit_length()
             self.pw = (cfg.max_h * cfg.max_w).bit_length()
             self.ew = (max(cfg.max_ci, cfg.max_co) * cfg.max_h * cfg.max_w).bit_length()
             self.fw, self.rw = cfg.max_payload.bit_length(), max_resp.bit_length()
+            self.rem_shape = range(max(cfg.max_ci, cfg.max_co) + 1)
+            self.wq_bits, self.sources = self.aw, SRC_NONE + 1
         else:
+            # The program memory a record per word; 32- and 40-bit arithmetic.
+            self.prog_width, self.prog_lanes = 8 * rb, rb
             self.aw, self.pw, self.ew, self.fw, self.rw = 40, 32, 40, 17, 17
+            self.rem_shape, self.wq_bits, self.sources = 17, 33, SRC_NONE
+        prog_depth = cfg.max_layers * rb // self.prog_lanes
         self.bank_depth = bank_depth(cfg)
-        log = {"log_layer": Out(range(cfg.max_layers)), "log_word": Out(range(len(LOG_COUNTERS))),
-               "log_data": In(cfg.counter_bits)}
         super().__init__({
             "i_req": In(stream.Signature(header_layout())),
             "buf_addr": Out(range(cfg.max_payload)),
@@ -173,7 +177,9 @@ class Executor(wiring.Component):
             "ctr_index": Out(range(len(COUNTERS))),
             "ctr_data": In(cfg.counter_bits),
             "ctr_valid": In(1),
-            **(log if cfg.layer_log else {}),
+            "log_layer": Out(range(cfg.max_layers)),
+            "log_word": Out(range(len(LOG_COUNTERS))),
+            "log_data": In(cfg.counter_bits),
             "running": In(1),
             "status": In(32),
             "start": Out(1),
@@ -223,10 +229,10 @@ class Executor(wiring.Component):
         r.data_len = Signal(fw)
         r.resp_op = Signal(8)
         r.resp_len = Signal(min(16, self.rw))
-        r.src_sel = Signal(range(10 if compact else 9))
+        r.src_sel = Signal(range(self.sources))
         # Activation transfer checks, summed channel by channel (no multipliers for a
         # check that runs once per transfer): elements, and entries per bank.
-        r.rem = Signal(range(max(cfg.max_ci, cfg.max_co) + 1)) if compact else Signal(17)
+        r.rem = Signal(self.rem_shape)
         r.elems = Signal(self.ew)
         r.need = Signal(self.ew)
         r.lane = Signal(range(cfg.rows))
@@ -507,7 +513,7 @@ class Executor(wiring.Component):
         w_byte = Signal(self.fw)
         w_pending = Signal()
         wq_en = Signal()
-        wq_pos = Signal(self.aw if self.config.compact else len(r.addr) + 1)
+        wq_pos = Signal(self.wq_bits)
         wq_data = Signal(8)
         m.d.sync += wq_en.eq(0)
         # A streamed byte waits for room in the FIFO; the frame buffer read then holds.
@@ -586,8 +592,7 @@ class Executor(wiring.Component):
         m.d.sync += self.prog_host.eq((ex == _Ex.STREAM) & (src_sel == SRC_PROG))
         m.d.comb += [ident_rd.addr.eq(s_idx), self.prog_addr.eq(s_pos >> prog_lg),
                      self.bases_addr.eq(s_pos), self.consts_addr.eq(s_pos >> cb_log)]
-        if has_log:
-            m.d.comb += self.log_layer.eq(s_pos >> log_shift)
+        m.d.comb += self.log_layer.eq(s_pos >> log_shift)
         # (Registers: PREP sets the load flags, ADDR loads the stream address from the
         # byte address s_pos.)
         m.d.sync += [self.bases_load.eq(0), self.consts_load.eq(0)]
@@ -619,9 +624,8 @@ class Executor(wiring.Component):
                     with m.Case(_Rd.ADDR):
                         with m.If(s_more):
                             m.d.sync += [sel_q.eq(s_idx), s_sel_byte.eq(s_pos[:8]),
-                                         self.ctr_index.eq(s_idx >> 3), s_phase.eq(_Rd.CAPTURE)]
-                            if has_log:
-                                m.d.sync += self.log_word.eq(s_pos[3:log_shift])
+                                         self.ctr_index.eq(s_idx >> 3), self.log_word.eq(s_pos[3:log_shift]),
+                                         s_phase.eq(_Rd.CAPTURE)]
                         with m.Else():
                             m.d.sync += ex.eq(_Ex.IDLE)
                     with m.Case(_Rd.CAPTURE):
@@ -633,8 +637,7 @@ class Executor(wiring.Component):
                             m.d.sync += cap_counter.eq(self.ctr_data)
                         with m.If(~first | self.ctr_valid):
                             m.d.sync += s_phase.eq(_Rd.WAIT)
-                        if has_log:
-                            m.d.sync += cap_log.eq(self.log_data)
+                        m.d.sync += cap_log.eq(self.log_data)
                     with m.Case(_Rd.WAIT):
                         # (The identity and program ports read again from CAPTURE on:
                         # their words are taken here.)
