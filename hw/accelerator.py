@@ -46,7 +46,8 @@ counters in a :class:`hw.counters.CounterBank` (one block RAM).
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, ClockDomain, ClockSignal, Const, DomainRenamer, Module, Mux, ResetSignal, Signal
+from amaranth.hdl import (Cat, ClockDomain, ClockSignal, Const, DomainRenamer, Module, Mux,
+                          ResetSignal, Signal)
 from amaranth.lib import stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
@@ -173,7 +174,8 @@ class Accelerator(wiring.Component):
                 SyncFIFOBuffered(width=len(eng.i_weights.payload.as_value()), depth=4))
             m.d.comb += [wfifo.w_data.eq(gen.o_weights.payload), wfifo.w_en.eq(gen.o_weights.valid),
                          gen.o_weights.ready.eq(wfifo.w_rdy),
-                         eng.i_weights.payload.eq(wfifo.r_data), eng.i_weights.valid.eq(wfifo.r_rdy),
+                         eng.i_weights.payload.eq(wfifo.r_data),
+                         eng.i_weights.valid.eq(wfifo.r_rdy),
                          wfifo.r_en.eq(eng.i_weights.ready)]
 
         # Executor <-> engine host port, run state.
@@ -245,7 +247,8 @@ class Accelerator(wiring.Component):
         m.submodules.counters = ctr
         assert ctr.names == COUNTERS
         m.d.comb += [ctr.inc[name].eq(value) for name, value in events.items()]
-        m.d.comb += [ctr.clear.eq(Mux(start_q, sum(1 << COUNTERS.index(name) for name in RUN_COUNTERS), 0)),
+        restart = sum(1 << COUNTERS.index(name) for name in RUN_COUNTERS)
+        m.d.comb += [ctr.clear.eq(Mux(start_q, restart, 0)),
                      ctr.rd_index.eq(ex.ctr_index), ex.ctr_data.eq(ctr.rd_data),
                      ex.ctr_valid.eq(ctr.rd_valid)]
         if cfg.layer_log:

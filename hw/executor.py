@@ -36,15 +36,15 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, Value, signed
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import enum, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from gen.config import AcceleratorConfig
-from host.protocol import (COUNTERS, LOG_COUNTERS, REGION_LOG, ERR_ADDRESS, ERR_ARGUMENT, ERR_BUSY, ERR_STATE, ERR_LENGTH, ERR_OPCODE,
-                           OP_ABORT, OP_COUNTERS, OP_ERROR, OP_IDENTIFY, OP_LOAD_ACT, OP_READ,
-                           OP_READ_ACT, OP_RUN, OP_STATUS, OP_WRITE, REGION_BASES, REGION_CONSTS,
+from host.protocol import (COUNTERS, LOG_COUNTERS, REGION_LOG, ERR_ADDRESS, ERR_ARGUMENT, ERR_BUSY,
+                           ERR_STATE, ERR_LENGTH, ERR_OPCODE, OP_ABORT, OP_COUNTERS, OP_ERROR,
+                           OP_IDENTIFY, OP_LOAD_ACT, OP_READ, OP_READ_ACT, OP_RUN, OP_STATUS, OP_WRITE, REGION_BASES, REGION_CONSTS,
                            REGION_PROGRAM, REGION_STREAM, RESPONSE, act_bytes, const_bytes,
                            identity_bytes, record_bytes)
 
@@ -196,7 +196,8 @@ class Executor(wiring.Component):
         """Bytes of each memory region the config has."""
         cfg = self.config
         sizes = {REGION_PROGRAM: cfg.max_layers * self.record_bytes,
-                 REGION_BASES: cfg.base_store_bytes, REGION_CONSTS: cfg.const_depth * self.const_bytes}
+                 REGION_BASES: cfg.base_store_bytes,
+                 REGION_CONSTS: cfg.const_depth * self.const_bytes}
         if cfg.layer_log:
             sizes[REGION_LOG] = cfg.max_layers * len(LOG_COUNTERS) * 8
         return sizes
@@ -418,8 +419,8 @@ class Executor(wiring.Component):
         bits are refused the same way."""
         cfg, pre, wide = self.config, r.pre, r.pre_wide
         addr, n, end, apix = r.addr, r.pre_n, r.pre_end, r.apix
-        words = {REGION_PROGRAM: self.record_bytes, REGION_BASES: 1, REGION_CONSTS: self.const_bytes,
-                 REGION_LOG: 1}
+        words = {REGION_PROGRAM: self.record_bytes, REGION_BASES: 1,
+                 REGION_CONSTS: self.const_bytes, REGION_LOG: 1}
         if wide is not None:
             aw, pw = self.aw, self.pw
             addr, n, apix_ok = addr[:aw], n[:aw], ~apix[pw:].any()
@@ -624,7 +625,8 @@ class Executor(wiring.Component):
                     with m.Case(_Rd.ADDR):
                         with m.If(s_more):
                             m.d.sync += [sel_q.eq(s_idx), s_sel_byte.eq(s_pos[:8]),
-                                         self.ctr_index.eq(s_idx >> 3), self.log_word.eq(s_pos[3:log_shift]),
+                                         self.ctr_index.eq(s_idx >> 3),
+                                         self.log_word.eq(s_pos[3:log_shift]),
                                          s_phase.eq(_Rd.CAPTURE)]
                         with m.Else():
                             m.d.sync += ex.eq(_Ex.IDLE)

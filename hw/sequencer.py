@@ -237,7 +237,8 @@ class GenerationSequencer(wiring.Component):
         if self.config.compact:
             # (compact, for a slower clock: both sources feed the unit directly.)
             with m.If(streamed):
-                m.d.comb += [codes.valid.eq(fifo.valid & stream_more), codes.payload.eq(fifo.payload),
+                m.d.comb += [codes.valid.eq(fifo.valid & stream_more),
+                             codes.payload.eq(fifo.payload),
                              fifo.ready.eq(codes.ready & stream_more)]
             with m.Else():
                 m.d.comb += [codes.valid.eq(b_valid), codes.payload.eq(bases.data),
