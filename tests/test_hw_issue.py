@@ -172,7 +172,7 @@ def test_issue_stage_runs_a_pool_layer_without_weights():
 
 def test_issue_stage_spaces_the_vectors_of_a_pixel_by_the_issue_gap():
     # a 1 x 2 output map: without the gap, a pixel's vectors would come 2 cycles apart
-    layer = dict(ci=2, co=2, h=1, w=2, k=1)
+    layer = dict(ci=2, co=2, h=1, w=2, k=3, pad=1)
     seen, expected, _ = _run(TINY_COMPACT, layer, issue_gap=5)
     _check_vectors(TINY_COMPACT, seen, expected, src=0)
     last = {}
