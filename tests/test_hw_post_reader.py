@@ -22,13 +22,16 @@ from hw.post_reader import PostReader
 from hw.postproc import CompactRequantizer, Requantizer
 from tests.support import TINY, put_stream, simulate
 
+# (6-bit activations, 8-bit multipliers: room for results that are neither clamped nor
+# zero, so that every operand shows in them)
+BASE = dataclasses.replace(TINY, a_bits=6, m_bits=8)
 CONFIGS = {
     # rows > cols, two lanes: two lane groups per bank row (gi)
-    "4x2": dataclasses.replace(TINY, rows=4, cols=2, max_ci=6, max_co=6, act_depth=54, act_buffers=3),
+    "4x2": dataclasses.replace(BASE, rows=4, cols=2, max_ci=6, max_co=6, act_depth=54, act_buffers=3),
     # cols > rows, two lanes: two lane groups per output-channel tile (j)
-    "2x4": dataclasses.replace(TINY, rows=2, cols=4, max_ci=6, max_co=6, act_depth=54, act_buffers=3),
+    "2x4": dataclasses.replace(BASE, rows=2, cols=4, max_ci=6, max_co=6, act_depth=54, act_buffers=3),
     # one lane, the compact requantizer
-    "2x2c": dataclasses.replace(TINY, max_ci=5, max_co=5, act_depth=45, act_buffers=3, compact=True,
+    "2x2c": dataclasses.replace(BASE, max_ci=5, max_co=5, act_depth=45, act_buffers=3, compact=True,
                                 layer_log=False),
 }
 
@@ -38,13 +41,11 @@ def _run(cfg, *, pool, channels, pixels, relu, residual, seed):
     rng = random.Random(seed)
     dut = PostReader(cfg)
     assert isinstance(dut.requant, CompactRequantizer if cfg.compact else Requantizer)
-    alo, ahi = -(1 << (cfg.acc_bits - 2)), (1 << (cfg.acc_bits - 2)) - 1
-    acc = [[rng.randint(alo, ahi) for _ in range(pixels)] for _ in range(channels)]
-    mlo, mhi = -(1 << (cfg.m_bits - 1)), (1 << (cfg.m_bits - 1)) - 1
-    blo, bhi = -(1 << (cfg.bias_bits - 1)), (1 << (cfg.bias_bits - 1)) - 1
-    consts = [{"mult": rng.randint(mlo, mhi), "bias": rng.randint(blo, bhi)} for _ in range(channels)]
-    res = [[rng.randint(-8, 7) for _ in range(pixels)] for _ in range(channels)]
-    shift, m_res = rng.randint(0, cfg.shift_max), rng.randint(mlo, mhi)
+    # (results mostly within the 6 bits, each operand worth a few units of them)
+    acc = [[rng.randint(-300, 300) for _ in range(pixels)] for _ in range(channels)]
+    consts = [{"mult": rng.randint(-100, 100), "bias": rng.randint(-2000, 2000)} for _ in range(channels)]
+    res = [[rng.randint(-32, 31) for _ in range(pixels)] for _ in range(channels)]
+    shift, m_res = 10, rng.randint(-100, 100)
     src, dst, rbuf = 0, 2, 1
     desc = {"op": int(pool), "ci": channels, "co": 1 if pool else channels, "relu": relu,
             "has_res": residual, "res": rbuf, "src": src, "dst": dst, "shift": shift, "m_res": m_res}
@@ -68,7 +69,7 @@ def _run(cfg, *, pool, channels, pixels, relu, residual, seed):
             for b in range(NB):
                 for r in range(R):
                     hit = (en >> (b * R + r)) & 1
-                    ctx.set(dut.i_rd_data[b][r], banks.get((b, r, addr), 0) if hit else rng.randint(-8, 7))
+                    ctx.set(dut.i_rd_data[b][r], banks.get((b, r, addr), 0) if hit else rng.randint(-32, 31))
             wb = ctx.get(dut.wb_en)
             for i in range(NB * R):
                 if (wb >> i) & 1:
@@ -92,7 +93,9 @@ def _run(cfg, *, pool, channels, pixels, relu, residual, seed):
             ctx.set(dut.claim_half, half)
             await ctx.tick()
             ctx.set(dut.pool_claim if pool else dut.claim, 0)
-            await ctx.tick().repeat(rng.randint(1, 6))
+            # (a tile's first vector reaches the pool adder two cycles after its claim,
+            # its sum a cycle later; the accumulators take longer)
+            await ctx.tick().repeat(rng.randint(2, 6))
             if pool:
                 for r in range(R):
                     ctx.set(dut.i_pool_sum[r], acc[chans[r]][0] if r < len(chans) else 0)
