@@ -6,6 +6,22 @@ Dataflow (weight-stationary, see :mod:`hw.systolic`)::
         \\--> PoolAccumulator -------------------------------------^
     weight vectors --> staging tile --transfer wave--> PE bank 0/1
 
+The parts, each a component of its own, and what :class:`ConvEngine` wires
+between them::
+
+    i_host, i_load, o_read <-> EngineHostPort (hw.engine_port) <-> act banks
+    i_desc, i_weights --> IssueStage (hw.issue) <-> WindowFeeder (hw.feeder)
+                          IssueStage: stage/transfer, vectors --> SystolicArray (hw.systolic)
+                          IssueStage: vectors --> PoolAccumulator (hw.postproc)
+    act banks --> IssueStage
+    SystolicArray --> Accumulators (hw.accumulator) --> PostReader (hw.post_reader)
+    PoolAccumulator --> PostReader;  i_chan --> PostReader
+    PostReader --> Requantizer or CompactRequantizer (hw.postproc) --> PostReader --> act banks
+    PostReader --> IssueStage: which accumulator half / pool sums are free, residual reads
+
+The engine itself holds the activation banks and their port arbitration, and
+offers host commands and descriptors on alternate idle cycles.
+
 * **Activation memories.** ``act_buffers`` buffers, each split into ``rows``
   banks by channel (channel ``c`` in bank ``c mod rows`` at
   ``(c // rows) * H * W + pixel``), so one vector of ``rows`` input channels is
