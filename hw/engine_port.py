@@ -10,7 +10,7 @@ of a channel, then the next bank, and after the last bank the next group of
 
 from __future__ import annotations
 
-from amaranth.hdl import Module, Signal, signed, unsigned
+from amaranth.hdl import Array, Module, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
@@ -130,7 +130,10 @@ class EngineHostPort(wiring.Component):
         m.d.comb += [self.rd_en.eq(self.busy & ~write), self.rd_addr.eq(addr),
                      advance.eq(self.rd_en & more & rd_room)]
         m.d.sync += [rd_v1.eq(advance), rd_b1.eq(bank), rd_v2.eq(rd_v1), rd_b2.eq(rd_b1)]
-        m.d.comb += [rd_fifo.w_en.eq(rd_v2), rd_fifo.w_data.eq(self.i_rd_data[buf][rd_b2]),
+        # (Array selects, as elsewhere in the engine: a view's select by a signal leaves
+        # undefined words past act_buffers, which the ECP5 synthesis does not map.)
+        banks = Array([Array([self.i_rd_data[b][r] for r in range(R)]) for b in range(NB)])
+        m.d.comb += [rd_fifo.w_en.eq(rd_v2), rd_fifo.w_data.eq(banks[buf][rd_b2]),
                      self.o_read.valid.eq(rd_fifo.r_rdy), self.o_read.payload.eq(rd_fifo.r_data),
                      rd_fifo.r_en.eq(self.o_read.ready)]
 
