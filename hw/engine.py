@@ -6,6 +6,22 @@ Dataflow (weight-stationary, see :mod:`hw.systolic`)::
         \\--> PoolAccumulator -------------------------------------^
     weight vectors --> staging tile --transfer wave--> PE bank 0/1
 
+The parts, each a component of its own, and what :class:`ConvEngine` wires
+between them::
+
+    i_host, i_load, o_read <-> EngineHostPort (hw.engine_port) <-> act banks
+    i_desc, i_weights --> IssueStage (hw.issue) <-> WindowFeeder (hw.feeder)
+                          IssueStage: stage/transfer, vectors --> SystolicArray (hw.systolic)
+                          IssueStage: vectors --> PoolAccumulator (hw.postproc)
+    act banks --> IssueStage
+    SystolicArray --> Accumulators (hw.accumulator) --> PostReader (hw.post_reader)
+    PoolAccumulator --> PostReader;  i_chan --> PostReader
+    PostReader --> Requantizer or CompactRequantizer (hw.postproc) --> PostReader --> act banks
+    PostReader --> IssueStage: which accumulator half / pool sums are free, residual reads
+
+The engine itself holds the activation banks and their port arbitration, and
+offers host commands and descriptors on alternate idle cycles.
+
 * **Activation memories.** ``act_buffers`` buffers, each split into ``rows``
   banks by channel (channel ``c`` in bank ``c mod rows`` at
   ``(c // rows) * H * W + pixel``), so one vector of ``rows`` input channels is
@@ -74,23 +90,29 @@ not where the layer's shape puts it).
 from __future__ import annotations
 
 
-from amaranth.hdl import Array, Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
-from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from gen.config import KERNEL_SIZES, AcceleratorConfig, clog2
-from .feeder import WindowFeeder, bank_depth, feed_layout
+from .accumulator import Accumulators
+from .engine_port import EngineHostPort
+from .feeder import WindowFeeder, bank_depth
 from .interfaces import descriptor_layout, weight_stream_signature
 from .memory import BlockMemory
-from .postproc import PoolAccumulator, Requantizer
-from .systolic import PE_MULTIPLIERS, SystolicArray, lut_multiply
+from .issue import IssueStage
+from .post_reader import PostReader
+from .postproc import PoolAccumulator, requantizer_class
+from .systolic import PE_MULTIPLIERS, SystolicArray
 
 __all__ = ["ConvEngine", "channel_layout", "host_command_layout", "check_layer",
            "ERR_DESCRIPTOR", "ERR_WEIGHTS", "bank_depth"]
 
 ERR_DESCRIPTOR = 1
 ERR_WEIGHTS = 2
+# The issue stage's counts, as the engine's ports of the same names.
+_COUNTERS = ("cycles", "mac_cycles", "stall_weights", "stall_output", "macs",
+             "ev_mac_cycles", "ev_stall_weights", "ev_stall_output", "ev_macs")
 # (compact) Cycles from a vector's issue to the first issue at which another vector may
 # read the accumulator word it writes: its read leaves three stages before the
 # accumulate stage, the sum is written the stage after, and a block RAM read must take
@@ -188,14 +210,17 @@ class ConvEngine(wiring.Component):
         self.pe_mult = pe_mult
         self.lanes = config.requant_lanes
         self.bank_depth = bank_depth(config)
+        self.host = EngineHostPort(config)
         self.feeder = WindowFeeder(config)
         self.array = SystolicArray(config, pe_mult=pe_mult)
-        groups_r = config.rows // self.lanes
-        self.requant = Requantizer(config, self.lanes, data.StructLayout({
-            "addr": unsigned(max(1, (self.bank_depth - 1).bit_length())),
-            "gi": range(max(2, groups_r)),
-        }))
+        # Without compact the accumulators forward the sums still on their way into the
+        # block RAM; compact builds space a pixel's vectors ACC_GAP cycles apart instead.
+        self.acc = Accumulators(config, latency=self.array.latency,
+                                forward=not config.compact)
+        self.issue = IssueStage(config, issue_gap=self.acc.issue_gap)
         self.pool = PoolAccumulator(config)
+        self.post = PostReader(config, requantizer_class(config))
+        self.requant = self.post.requant
         counter = unsigned(config.counter_bits)
         super().__init__({
             "i_desc": In(stream.Signature(descriptor_layout(config))),
@@ -221,593 +246,89 @@ class ConvEngine(wiring.Component):
 
     def elaborate(self, platform):
         cfg = self.config
-        R, C, G, A = cfg.rows, cfg.cols, self.lanes, cfg.a_bits
-        NB = cfg.act_buffers
-        max_p = cfg.max_h * cfg.max_w
-        max_ch = _max_channels(cfg)
-        addr_shape = unsigned(max(1, (self.bank_depth - 1).bit_length()))
-        chan_shape = unsigned(max_ch.bit_length())
-        groups_r, groups_c = R // G, C // G
         m = Module()
-
+        m.submodules.host = host = self.host
+        m.submodules.issue = issue = self.issue
         m.submodules.feeder = feeder = self.feeder
         m.submodules.array = array = self.array
-        m.submodules.requant = rq = self.requant
+        m.submodules.acc = acc = self.acc
         m.submodules.pool = pool = self.pool
-        tag_layout = rq.tag_shape
+        m.submodules.post = post = self.post
 
-        # ---- memories ------------------------------------------------------------------
-        act_rp, act_wp = [], []
-        for b in range(NB):
-            rps, wps = [], []
-            for r in range(R):
-                mem = BlockMemory(signed(A), 1, self.bank_depth, name=f"act_{b}_{r}")
-                m.submodules[f"act_{b}_{r}"] = mem
-                wps.append(mem.write_port())
-                rps.append(mem.read_port())
-            act_rp.append(rps)
-            act_wp.append(wps)
-
-        # Accumulators, two halves: a half is either accumulated into (read-modify-write)
-        # or drained by the post reader, never both at once (the issue stage starts a
-        # co tile in a half only once the post reader has left it), so one read port
-        # per half serves both.
-        acc_rp, acc_wp = [], []
-        for h in range(2):
-            mem = BlockMemory(signed(cfg.acc_bits), C, max_p, name=f"acc_{h}")
-            m.submodules[f"acc_{h}"] = mem
-            wp = mem.write_port()
-            acc_wp.append(wp)
-            acc_rp.append(mem.read_port())
-
-        const_depth = -(-max_ch // G)
-        const_rp, const_wp = [], []
-        for g in range(G):
-            mem = BlockMemory(channel_layout(cfg), 1, const_depth, name=f"const_{g}")
-            m.submodules[f"const_{g}"] = mem
-            const_wp.append(mem.write_port())
-            const_rp.append(mem.read_port())
-
-        # ---- top-level state -----------------------------------------------------------
-        IDLE, HOST, CHECK, LAYER = range(4)
-        st = Signal(range(4))
+        # Host commands and descriptors are offered on alternate idle cycles, so that a
+        # ready never depends on the other stream's valid.
         turn = Signal()
-        desc = Signal(descriptor_layout(cfg))
-        d = desc
-        is_pool = d.op
-        n_out = Mux(is_pool, d.ci, d.co)
-        in_layer = Signal()
-        error = Signal(2)
-        m.d.comb += [self.error.eq(error), self.busy.eq(st != IDLE)]
-        m.d.sync += self.done.eq(0)
+        busy = host.busy | issue.busy
+        with m.If(~busy):
+            m.d.sync += turn.eq(~turn)
+        m.d.comb += [host.accept.eq(~busy & ~turn), issue.accept.eq(~busy & turn),
+                     self.busy.eq(busy)]
+        wiring.connect(m, wiring.flipped(self.i_host), host.i_host)
+        wiring.connect(m, wiring.flipped(self.i_load), host.i_load)
+        wiring.connect(m, wiring.flipped(self.o_read), host.o_read)
+        wiring.connect(m, wiring.flipped(self.i_desc), issue.i_desc)
+        wiring.connect(m, wiring.flipped(self.i_weights), issue.i_weights)
+        wiring.connect(m, wiring.flipped(self.i_chan), post.i_chan)
+        for name in ("done", "error", *_COUNTERS):
+            if name in self.signature.members:
+                m.d.comb += getattr(self, name).eq(getattr(issue, name))
 
-        # ---- host transfers ------------------------------------------------------------
-        h_write = Signal()
-        h_buf = Signal.like(self.i_host.payload.buf)
-        h_pixels = Signal.like(self.i_host.payload.pixels)
-        h_ch = Signal.like(self.i_host.payload.channels)
-        h_bank = Signal(range(R))
-        h_base = Signal(addr_shape)
-        h_pix = Signal(range(max_p + 1))
-        h_more = Signal()
-        h_addr = Signal(addr_shape)     # h_base + h_pix, kept up to date with them
-        # The last pixel and channel indices, so that the end tests are equalities.
-        h_pix_last = Signal.like(h_pixels)
-        h_ch_last = Signal.like(h_ch)
-        # Host reads: bank read into the bank's read register (hw.memory), then the bank
-        # select into a small FIFO. A read is issued only while the FIFO
-        # has room for it and the reads in flight, so the pipeline never stalls.
-        m.submodules.rd_fifo = rd_fifo = SyncFIFOBuffered(width=A, depth=4)
-        rd_v1, rd_v2 = Signal(), Signal()
-        rd_b1, rd_b2 = Signal(range(R)), Signal(range(R))
-        rd_room = Signal()
-        m.d.comb += rd_room.eq(rd_fifo.level + rd_v1 + rd_v2 < rd_fifo.depth)
-        h_last = (h_pix == h_pix_last) & (h_ch == h_ch_last)
-        host_rd = (st == HOST) & ~h_write
-        host_adv = Signal()
-        m.d.comb += host_adv.eq(host_rd & h_more & rd_room)
-        m.d.sync += [rd_v1.eq(host_adv), rd_b1.eq(h_bank), rd_v2.eq(rd_v1), rd_b2.eq(rd_b1)]
-        host_wr_fire = (st == HOST) & h_write & self.i_load.valid
+        # Issue stage -> feeder -> issue stage -> array / pool adder -> accumulators.
+        wiring.connect(m, feeder.o_vec, issue.i_vec)
+        m.d.comb += [feeder.start.eq(issue.o_feed_start), feeder.desc.eq(issue.desc),
+                     issue.i_pixels.eq(feeder.p)]
+        m.d.comb += [array.stage_en.eq(issue.stage_en), array.stage_row.eq(issue.stage_row),
+                     array.stage_w.eq(issue.stage_w), array.xfer.eq(issue.xfer),
+                     array.xfer_bank.eq(issue.xfer_bank)]
+        vec = issue.o_vec
+        m.d.comb += [array.i_act.eq(issue.o_act), array.i_sel.eq(vec.sel),
+                     array.i_valid.eq(issue.o_array_valid),
+                     pool.i_act.eq(issue.o_act), pool.i_valid.eq(issue.o_pool_valid),
+                     pool.i_first.eq(vec.pool_first), pool.i_last.eq(vec.pool_last),
+                     acc.i_valid.eq(issue.o_array_valid), acc.i_pix.eq(vec.pix),
+                     acc.i_first.eq(vec.first), acc.i_last.eq(vec.cotile_last),
+                     acc.i_half.eq(vec.half), acc.i_sum.eq(array.o_sum)]
 
-        def host_step():
-            with m.If(h_pix != h_pix_last):
-                m.d.sync += [h_pix.eq(h_pix + 1), h_addr.eq(h_addr + 1)]
-            with m.Else():
-                m.d.sync += [h_pix.eq(0), h_ch.eq(h_ch + 1)]
-                with m.If(h_bank == R - 1):
-                    m.d.sync += [h_bank.eq(0), h_base.eq(h_base + h_pixels),
-                                 h_addr.eq(h_base + h_pixels)]
-                with m.Else():
-                    m.d.sync += [h_bank.eq(h_bank + 1), h_addr.eq(h_base)]
+        # Accumulators and pool sums -> post reader (-> requantizer) -> activation banks.
+        m.d.comb += [post.start.eq(issue.start), post.in_layer.eq(issue.in_layer),
+                     post.desc.eq(issue.desc), post.i_pixels.eq(feeder.p),
+                     post.claim.eq(issue.claim), post.claim_half.eq(issue.claim_half),
+                     post.pool_claim.eq(issue.pool_claim),
+                     issue.half_busy.eq(post.half_busy), issue.pool_free.eq(post.pool_free),
+                     issue.res_read.eq(post.res_read), issue.layer_end.eq(post.done),
+                     post.i_full.eq(acc.o_full), post.i_full_half.eq(acc.o_full_half),
+                     post.i_pool_done.eq(pool.o_done), post.i_pool_sum.eq(pool.o_sum),
+                     acc.rd_en.eq(post.acc_rd_en), acc.rd_half.eq(post.acc_rd_half),
+                     acc.rd_addr.eq(post.acc_rd_addr), post.i_acc_data.eq(acc.o_rd_data)]
+        self._activation_banks(m)
+        return m
 
-        # ---- descriptor check ----------------------------------------------------------
-        conv_ok = (Cat(*[d.k == kk for kk in KERNEL_SIZES if kk <= cfg.max_k]).any()
-                   & ((d.stride == 1) | (d.stride == 2)) & (d.pad <= (d.k >> 1))
-                   & (d.co >= 1) & (d.co <= cfg.max_co)
-                   & (d.h + (d.pad << 1) >= d.k) & (d.w + (d.pad << 1) >= d.k))
-        desc_ok = ((d.ci >= 1) & (d.ci <= cfg.max_ci) & (d.h >= 1) & (d.h <= cfg.max_h)
-                   & (d.w >= 1) & (d.w <= cfg.max_w)
-                   & (d.src < NB) & (d.dst < NB) & (d.src != d.dst)
-                   & (~d.has_res | ((d.res < NB) & (d.res != d.dst)))
-                   & (is_pool | conv_ok))
-        # Layer features the config leaves out: the descriptor's fields for them are
-        # taken as zero (their logic is then constant), and a descriptor that sets one
-        # is refused.
-        lacks = [(name, fld) for name, fld in (("pool", "op"), ("residual", "has_res"),
-                                                 ("level2", "has_l2"))
-                 if not getattr(cfg, name)]
-        if lacks:
-            lacking = Signal()
-            desc_ok = desc_ok & ~lacking
-
-        feed_start = Signal()
-        m.d.sync += feed_start.eq(0)
-        m.d.comb += feeder.start.eq(feed_start)
-        desc_ok_r = Signal()
-        layer_reset = Signal()      # the first cycle of CHECK
-        m.d.sync += layer_reset.eq(0)
-        m.d.sync += desc_ok_r.eq(desc_ok)
-
-        # ---- layer state ---------------------------------------------------------------
-        wl_active = Signal()
-        stg_count = Signal(range(R + 1))
-        w_tap = Signal(range(cfg.max_k * cfg.max_k))
-        kk_m1 = Signal(range(cfg.max_k * cfg.max_k))
-        w_rows_left = Signal(chan_shape)
-        w_cols_left = Signal(chan_shape)
-        xp = Signal()
-        loaded = Signal(2)
-        drain = [Signal(range(C + 3), name=f"drain_{b}") for b in range(2)]
-
-        half_busy = Signal(2)
-        half_full = Signal(2)
-        pool_free = Signal()
-        pool_ready = Signal()
-
-        pr_active = Signal()
-        pr_done = Signal()
-        pr_base = Signal(range(max_ch + 2 * G + 1))
-        pr_cg = Signal(range(const_depth + 2))
-        pr_gi = Signal(range(max(2, groups_r)))
-        pr_cbhw = Signal(addr_shape)
-        pr_j = Signal(range(max(2, groups_r, groups_c)))
-        pr_p = Signal(range(max_p + 1))
-        pr_half = Signal()
-
-        chan_cnt = Signal(range(max_ch + 1))
-        chan_open = Signal()
-        n_out_m1 = Signal(range(max_ch + 1))
-        c_lane = Signal(range(max(2, G)))
-        c_addr = Signal(range(const_depth + 1))
-
-        m.d.comb += feeder.desc.eq(desc)
-
-        layer_end = Signal()
-
-        # ---- per-channel constants -----------------------------------------------------
-        # Ready is two registers ANDed: whether more constants are due is decided a
-        # cycle ahead against the registered channel count of the layer.
-        m.d.comb += self.i_chan.ready.eq(in_layer & chan_open)
-        chan_fire = self.i_chan.valid & self.i_chan.ready
-        # The constant writes leave from registers (the memories sit across the die); the
-        # post reader checks the channel count a cycle late, so it never reads ahead.
-        # (compact, for a slower clock: straight from the stream.)
-        const_wr = m.d.comb if cfg.compact else m.d.sync
-        for g in range(G):
-            const_wr += [const_wp[g].en.eq(chan_fire & (c_lane == g)), const_wp[g].addr.eq(c_addr),
-                         const_wp[g].data.eq(self.i_chan.payload)]
-        with m.If(chan_fire):
-            m.d.sync += [chan_cnt.eq(chan_cnt + 1), chan_open.eq(chan_cnt != n_out_m1)]
-            with m.If(c_lane == G - 1):
-                m.d.sync += [c_lane.eq(0), c_addr.eq(c_addr + 1)]
-            with m.Else():
-                m.d.sync += c_lane.eq(c_lane + 1)
-
-        # ---- weight loader: stream -> staging tile -> PE bank --------------------------
-        bank_free = [~loaded[b] & (drain[b] == 0) for b in range(2)]
-        xfer_now = Signal()
-        # stg_count reaches R only while a layer stages weights (CHECK clears it), so the
-        # transfer needs no in_layer term: that register fans out across the engine.
-        m.d.comb += xfer_now.eq((stg_count == R) & Mux(xp, bank_free[1], bank_free[0]))
-        w_ready = in_layer & wl_active & ((stg_count < R) | xfer_now)
-        m.d.comb += self.i_weights.ready.eq(w_ready)
-        w_fire = self.i_weights.valid & w_ready
-        w_row = Mux(xfer_now, 0, stg_count)
-        final_tile = (w_tap == kk_m1) & (w_rows_left <= R) & (w_cols_left <= C)
-        # The staging writes and the transfer reach the array one cycle after they are
-        # decided, from registers: the row decode and the weights fan out to all
-        # rows x cols PEs, the transfer to every bank. Both move by the same cycle, so
-        # their order is kept; the bank bookkeeping below stays on the decision cycle,
-        # which only makes it a cycle more cautious.
-        m.d.sync += [array.stage_en.eq(w_fire), array.stage_row.eq(w_row),
-                     array.stage_w.eq(self.i_weights.payload.w),
-                     array.xfer.eq(xfer_now), array.xfer_bank.eq(xp)]
-        m.d.sync += stg_count.eq(w_row + w_fire)
-        for b in range(2):
-            with m.If(drain[b] != 0):
-                m.d.sync += drain[b].eq(drain[b] - 1)
-        with m.If(w_fire):
-            with m.If(self.i_weights.payload.last != (final_tile & (w_row == R - 1))):
-                m.d.sync += error.eq(error | ERR_WEIGHTS)
-            with m.If(w_row == R - 1):
-                with m.If(w_tap != kk_m1):
-                    m.d.sync += w_tap.eq(w_tap + 1)
-                with m.Else():
-                    m.d.sync += w_tap.eq(0)
-                    with m.If(w_rows_left > R):
-                        m.d.sync += w_rows_left.eq(w_rows_left - R)
-                    with m.Else():
-                        m.d.sync += [w_rows_left.eq(d.ci), w_cols_left.eq(w_cols_left - C)]
-                        with m.If(w_cols_left <= C):
-                            m.d.sync += wl_active.eq(0)
-
-        # ---- post reader state used by the issue stage ---------------------------------
-        # The post reader's pixel count and its last index, from registers (fixed during
-        # a layer; the bubble after the post reader's reset covers the update).
-        p_out, p_last = Signal.like(feeder.p), Signal.like(feeder.p)
-        m.d.sync += [p_out.eq(Mux(is_pool, 1, feeder.p)), p_last.eq(Mux(is_pool, 1, feeder.p) - 1)]
-        tile_avail = Mux(is_pool, pool_ready, Mux(pr_half, half_full[1], half_full[0]))
-        # Whether a group's constants have arrived is checked on last cycle's values (off
-        # the critical path): chan_cnt only grows, and pr_base only moves when a group
-        # ends, after which one bubble lets the check catch up.
-        chan_ok = Signal()
-        group_moved = Signal()
-        res_is_src = Signal()
-        m.d.sync += chan_ok.eq((chan_cnt >= pr_base + G) | (chan_cnt == n_out))
-        pr_fire = Signal()
-        m.d.comb += pr_fire.eq(in_layer & pr_active & tile_avail & chan_ok & ~group_moved)
-        # The post reader's reads (accumulators, constants, residuals) leave a cycle after
-        # its decision, from registers: the decision logic then never reaches the
-        # activation banks' shared read address. A residual read in the source buffer
-        # holds the issue stage that cycle.
-        res_read_q = Signal()
-        m.d.sync += res_read_q.eq(pr_fire & d.has_res)
-
-        # ---- issue: a skid buffer after the feeder, then the bank read -----------------
-        # Two entries make the feeder's ready a register, so the issue decision never
-        # reaches the feeder's loop logic in the same cycle.
-        vec = Signal(feed_layout(cfg))
-        vec_valid = Signal()
-        skid = Signal(feed_layout(cfg))
-        skid_valid = Signal()
-        # A vector issues on a bank loaded in an earlier cycle: the transfer decision
-        # (staging count, drain counters) and the issue decision never share a cycle.
-        # Issued at X + 1 after a transfer decided at X (which writes row r at the end
-        # of X + 1 + r), a vector reads row r at X + r + 3 at the earliest. This costs
-        # cycles only where the array waits for weights.
-        w_ok = Mux(vec.pool, 1, Mux(vec.sel, loaded[1], loaded[0]))
-        acc_ok = Mux(vec.pool, ~vec.pool_first | pool_free,
-                     ~vec.cotile_first | ~Mux(vec.half, half_busy[1], half_busy[0]))
-        res_block = res_read_q & res_is_src
-        go = in_layer & w_ok & acc_ok & ~res_block
-        if cfg.compact:
-            # (compact) No forwarding into the accumulators: a vector reads its
-            # accumulator word only once every vector before it has written it back. The
-            # vectors of a tile take its pixels in order, each once, so a pixel comes back
-            # no sooner than p_out cycles later; after each tile, ACC_GAP - p_out idle
-            # cycles (on maps of fewer than ACC_GAP pixels) make up the rest.
-            gap = Signal(range(ACC_GAP))
-            with m.If(gap != 0):
-                m.d.sync += gap.eq(gap - 1)
-            go = go & (gap == 0)
-        issue = vec_valid & go
-        m.d.comb += feeder.o_vec.ready.eq(in_layer & ~skid_valid)
-        feed = feeder.o_vec.valid & feeder.o_vec.ready
-        with m.If(issue):
-            with m.If(skid_valid):
-                m.d.sync += [vec.eq(skid), skid_valid.eq(0)]
-            with m.Elif(feed):
-                m.d.sync += vec.eq(feeder.o_vec.payload)
-            with m.Else():
-                m.d.sync += vec_valid.eq(0)
-        with m.Elif(feed):
-            with m.If(vec_valid):
-                m.d.sync += [skid.eq(feeder.o_vec.payload), skid_valid.eq(1)]
-            with m.Else():
-                m.d.sync += [vec.eq(feeder.o_vec.payload), vec_valid.eq(1)]
-        # The counters add registered events: one cycle late, off the issue path.
-        ev_stall_w, ev_stall_o, ev_mac = Signal(), Signal(), Signal()
-        m.d.sync += [ev_stall_w.eq(in_layer & vec_valid & ~w_ok),
-                     ev_stall_o.eq(in_layer & vec_valid & w_ok & (~acc_ok | res_block)),
-                     ev_mac.eq(issue & ~vec.pool)]
-        with m.If(in_layer):
-            m.d.sync += [self.stall_weights.eq(self.stall_weights + ev_stall_w),
-                         self.stall_output.eq(self.stall_output + ev_stall_o),
-                         self.mac_cycles.eq(self.mac_cycles + ev_mac)]
-        with m.If(xfer_now):
-            m.d.sync += [loaded.bit_select(xp, 1).eq(1), xp.eq(~xp)]
-        if cfg.compact:
-            with m.If(issue & ~vec.pool & vec.tile_last & (p_out < ACC_GAP)):
-                m.d.sync += gap.eq(ACC_GAP - p_out)
-        with m.If(issue & ~vec.pool & vec.tile_last):
-            # Issued at T, this vector enters the array at T + 2 and reads PE[r][cols-1] at
-            # T + r + cols + 2; a transfer at X writes row r at the end of X + r. The bank
-            # may be refilled from X = T + 2 + cols: drain counts cols + 1 cycles.
-            m.d.sync += loaded.bit_select(vec.sel, 1).eq(0)
-            for b in range(2):
-                with m.If(vec.sel == b):
-                    m.d.sync += drain[b].eq(C + 1)
-        with m.If(issue & vec.cotile_first):
-            m.d.sync += half_busy.bit_select(vec.half, 1).eq(1)
-        with m.If(issue & vec.pool_first):
-            m.d.sync += pool_free.eq(0)
-
-        # ---- stages 1-2: bank data, registered, -> array / pool adder ------------------
-        s1 = Signal(feed_layout(cfg))
-        s1_valid = Signal()
-        s2 = Signal(feed_layout(cfg))
-        s2_valid = Signal()
-        m.d.sync += [s1.eq(vec), s1_valid.eq(issue), s2.eq(s1), s2_valid.eq(s1_valid)]
-        # The banks' registered read data (hw.memory); the buffer select follows them.
-        act_q = [[act_rp[b][r].data for r in range(R)] for b in range(NB)]
-        act = Signal(data.ArrayLayout(signed(A), R))
-        for r in range(R):
-            src_data = Array([act_q[b][r] for b in range(NB)])[d.src]
-            m.d.comb += act[r].eq(Mux(s2.mask[r], src_data, 0))
-        m.d.comb += [array.i_act.eq(act), array.i_sel.eq(s2.sel),
-                     array.i_valid.eq(s2_valid & ~s2.pool),
-                     pool.i_act.eq(act), pool.i_valid.eq(s2_valid & s2.pool),
-                     pool.i_first.eq(s2.pool_first), pool.i_last.eq(s2.pool_last)]
-        with m.If(pool.o_done):
-            m.d.sync += pool_ready.eq(1)
-        macs_inc = Signal(range(R * C + 1))
-        m.d.sync += macs_inc.eq(Mux(s2_valid, lut_multiply(s2.rows_v, s2.cols_v), 0))
-        with m.If(in_layer):
-            m.d.sync += self.macs.eq(self.macs + macs_inc)
-        if not cfg.layer_log:
-            m.d.comb += [self.ev_mac_cycles.eq(in_layer & ev_mac),
-                         self.ev_stall_weights.eq(in_layer & ev_stall_w),
-                         self.ev_stall_output.eq(in_layer & ev_stall_o),
-                         self.ev_macs.eq(Mux(in_layer, macs_inc, 0))]
-
-        # ---- accumulate: read two cycles ahead, registered data, two-deep forwarding ---
-        meta_layout = data.StructLayout({"valid": 1, "pix": feed_layout(cfg)["pix"].shape,
-                                         "first": 1, "last": 1, "half": 1})
-        line = [Signal(meta_layout, name="meta_0")]
-        m.d.comb += [line[0].valid.eq(s2_valid & ~s2.pool), line[0].pix.eq(s2.pix),
-                     line[0].first.eq(s2.first), line[0].last.eq(s2.cotile_last),
-                     line[0].half.eq(s2.half)]
-        L = array.latency
-        assert L >= 3, "the accumulator read leaves three stages before the array's output"
-        # (compact: without forwarding, the line ends at the write stage.)
-        for i in range(1, L + 2 if cfg.compact else L + 4):
-            nxt = Signal(meta_layout, name=f"meta_{i}")
-            m.d.sync += nxt.eq(line[-1])
-            line.append(nxt)
-        pre, acc = line[L - 3], line[L]
-
-        def same(a, b):
-            return a.valid & b.valid & (a.half == b.half) & (a.pix == b.pix)
-
-        # The read for the vector at the accumulate stage left three cycles earlier (the
-        # block RAM, its output register, then the half select into a register by the
-        # adders), and a sum is written a cycle after it is computed (from registers, to
-        # the blocks across the die), so the read misses the sums of the four vectors
-        # before it: forward those instead, the most recent first.
-        # (compact: no forwarding, see ACC_GAP.)
-        if not cfg.compact:
-            hit1, hit2, hit3, hit4 = Signal(), Signal(), Signal(), Signal()
-            m.d.sync += [hit1.eq(same(line[L - 1], line[L])),
-                         hit2.eq(same(line[L - 1], line[L + 1])),
-                         hit3.eq(same(line[L - 1], line[L + 2])),
-                         hit4.eq(same(line[L - 1], line[L + 3]))]
-            sum1 = Signal(data.ArrayLayout(signed(cfg.acc_bits), C))
-            sum2 = Signal.like(sum1)
-            sum3 = Signal.like(sum1)
-            sum4 = Signal.like(sum1)
-            m.d.sync += [sum2.eq(sum1), sum3.eq(sum2), sum4.eq(sum3)]
-        wr = line[L + 1]
-        acc_raw = [acc_rp[h].data for h in range(2)]
-        acc_q = Signal(data.ArrayLayout(signed(cfg.acc_bits), C), name="acc_q")
-        m.d.sync += acc_q.eq(Mux(line[L - 1].half, acc_raw[1], acc_raw[0]))
-        post_q = [acc_rp[h].data for h in range(2)]
-        pr_p_q = Signal.like(pr_p)
-        pr_cg_q = Signal.like(pr_cg)
-        m.d.sync += [pr_p_q.eq(pr_p), pr_cg_q.eq(pr_cg)]
-        for h in range(2):
-            m.d.comb += [
-                acc_wp[h].addr.eq(wr.pix),
-                acc_wp[h].en.eq(wr.valid & (wr.half == h)),
-            ]
-        for c in range(C):
-            if cfg.compact:
-                old = acc_q[c]
-            else:
-                old = Mux(hit1, sum1[c], Mux(hit2, sum2[c], Mux(hit3, sum3[c],
-                                                                Mux(hit4, sum4[c], acc_q[c]))))
-            total = Signal(signed(cfg.acc_bits), name=f"acc_sum_{c}")
-            m.d.comb += total.eq(Mux(acc.first, 0, old) + array.o_sum[c])
-            # One register per half for the write data (each half is many blocks).
-            if cfg.compact:
-                m.d.sync += [acc_wp[0].data[c].eq(total), acc_wp[1].data[c].eq(total)]
-            else:
-                m.d.sync += [sum1[c].eq(total), acc_wp[0].data[c].eq(total),
-                             acc_wp[1].data[c].eq(total)]
-        with m.If(wr.valid & wr.last):
-            m.d.sync += half_full.bit_select(wr.half, 1).eq(1)
-
-        # ---- post reader: groups of G channels, every pixel ----------------------------
-        groups_m1 = Mux(is_pool, groups_r - 1, groups_c - 1)
-        # The group-end decisions come from registers: pr_base and pr_j move only when a
-        # group ends (or a layer starts), and a bubble (group_moved) follows every move,
-        # so the registers have caught up before the post reader fires again.
-        last_group, j_last = Signal(), Signal()
-        m.d.sync += [last_group.eq(pr_base + G >= n_out), j_last.eq(pr_j == groups_m1)]
-        lane_en = Signal(G)
-        m.d.comb += [lane_en[g].eq(pr_base + g < n_out) for g in range(G)]
-        for g in range(G):
-            m.d.comb += const_rp[g].addr.eq(pr_cg_q)
-        m.d.sync += group_moved.eq(0)
-        with m.If(pr_fire):
-            with m.If(pr_p != p_last):
-                m.d.sync += pr_p.eq(pr_p + 1)
-            with m.Else():
-                m.d.sync += [pr_p.eq(0), pr_base.eq(pr_base + G), pr_cg.eq(pr_cg + 1),
-                             group_moved.eq(1)]
-                with m.If(pr_gi == groups_r - 1):
-                    m.d.sync += [pr_gi.eq(0), pr_cbhw.eq(pr_cbhw + p_out)]
-                with m.Else():
-                    m.d.sync += pr_gi.eq(pr_gi + 1)
-                with m.If(j_last | last_group):
-                    m.d.sync += pr_j.eq(0)
-                    with m.If(is_pool):
-                        m.d.sync += [pool_ready.eq(0), pool_free.eq(1)]
-                    with m.Else():
-                        m.d.sync += [half_full.bit_select(pr_half, 1).eq(0),
-                                     half_busy.bit_select(pr_half, 1).eq(0), pr_half.eq(~pr_half)]
-                with m.Else():
-                    m.d.sync += pr_j.eq(pr_j + 1)
-                with m.If(last_group):
-                    m.d.sync += [pr_active.eq(0), pr_done.eq(1)]
-
-        # P0: registered decision, block RAM addresses; P1: block RAM read; P2: the
-        # memories' read registers (accumulators in post_q, residuals in act_q,
-        # constants in const_q) and the lane select; P3: the requantizer's inputs.
-        post_layout = data.StructLayout({"valid": 1, "pool": 1, "half": 1, "j": pr_j.shape(),
-                                         "gi": pr_gi.shape(), "lanes": G, "tag": tag_layout})
-        p0, p1, p2 = Signal(post_layout), Signal(post_layout), Signal(post_layout)
-        # A half's read port: the post reader's address while it drains the half, else
-        # the read-modify-write's.
-        for h in range(2):
-            m.d.comb += acc_rp[h].addr.eq(Mux(p0.valid & ~p0.pool & (p0.half == h), pr_p_q, pre.pix))
-        m.d.sync += [p0.valid.eq(pr_fire), p0.pool.eq(is_pool), p0.half.eq(pr_half), p0.j.eq(pr_j),
-                     p0.gi.eq(pr_gi), p0.lanes.eq(lane_en), p0.tag.addr.eq(pr_cbhw + pr_p),
-                     p0.tag.gi.eq(pr_gi), p1.eq(p0), p2.eq(p1)]
-        const_q = [const_rp[g].data for g in range(G)]
-        res_q = [Array([act_q[b][r] for b in range(NB)])[d.res] for r in range(R)]
-        for g in range(G):
-            conv_acc = Array([Mux(p2.half, post_q[1][j * G + g], post_q[0][j * G + g])
-                              for j in range(groups_c)])[p2.j]
-            pool_acc = Array([pool.o_sum[j * G + g] for j in range(groups_r)])[p2.j]
-            # P3: the selected operands in registers by the requantizer's multipliers
-            # (the memories' read registers sit across the die from them). (compact, for
-            # a slower clock: the requantizer's operand registers are those of P3.)
-            p3 = m.d.comb if cfg.compact else m.d.sync
-            p3 += [
-                rq.i_acc[g].eq(Mux(p2.pool, pool_acc, conv_acc)),
-                rq.i_mult[g].eq(const_q[g].mult),
-                rq.i_bias[g].eq(const_q[g].bias),
-                rq.i_res[g].eq(Array([res_q[gi * G + g] for gi in range(groups_r)])[p2.gi]),
-            ]
-        p3 += [rq.i_valid.eq(p2.valid), rq.i_lanes.eq(p2.lanes), rq.i_tag.eq(p2.tag)]
-        # The layer's requant settings, from registers next to the requantizer: the
-        # descriptor is fixed from the first check cycle, two cycles before the layer.
-        m.d.sync += [rq.shift.eq(d.shift), rq.relu.eq(d.relu), rq.has_res.eq(d.has_res),
-                     rq.m_res.eq(d.m_res)]
-        m.d.comb += layer_end.eq(pr_done & ~p0.valid & ~p1.valid & ~p2.valid & ~rq.i_valid
-                                 & ~rq.busy)
-
-        # ---- activation memory ports ---------------------------------------------------
-        # A host write reaches its bank a cycle after it is taken, from registers (the
-        # element comes from the link's frame buffer, a block RAM output). Host writes
-        # and layer results never overlap: the engine is in HOST or in a layer.
-        h_addr_q = Signal.like(h_addr)
-        h_data_q = Signal.like(self.i_load.payload)
-        m.d.sync += [h_addr_q.eq(h_addr), h_data_q.eq(self.i_load.payload)]
+    def _activation_banks(self, m):
+        """``act_buffers`` buffers of ``rows`` banks, one read and one write port each.
+        Reads: a host read-back, else a residual read, else the issue stage's vector
+        (a residual read in the source buffer holds the issue stage). Writes: a host
+        load or a result; they never overlap (the engine is in a host command or in a
+        layer)."""
+        cfg = self.config
+        R, NB = cfg.rows, cfg.act_buffers
+        host, issue, post = self.host, self.issue, self.post
         for b in range(NB):
             for r in range(R):
-                rp, wp = act_rp[b][r], act_wp[b][r]
-                res_hit = Signal(name=f"res_hit_{b}_{r}")
-                m.d.sync += res_hit.eq(pr_fire & d.has_res & (d.res == b) & (pr_gi == r // G))
-                # (Host reads keep the bank reading: the address only moves when a read
-                # is issued, so the read register holds the same word meanwhile.)
-                with m.If(host_rd):
-                    m.d.comb += [rp.addr.eq(h_addr), rp.en.eq(1)]
-                with m.Elif(res_hit):
-                    m.d.comb += [rp.addr.eq(p0.tag.addr), rp.en.eq(1)]
+                mem = BlockMemory(signed(cfg.a_bits), 1, self.bank_depth, name=f"act_{b}_{r}")
+                m.submodules[f"act_{b}_{r}"] = mem
+                rp, wp = mem.read_port(), mem.write_port()
+                i = b * R + r
+                m.d.comb += rp.en.eq(1)
+                with m.If(host.rd_en):
+                    m.d.comb += rp.addr.eq(host.rd_addr)
+                with m.Elif(post.res_rd_en[i]):
+                    m.d.comb += rp.addr.eq(post.res_rd_addr)
                 with m.Else():
-                    m.d.comb += [rp.addr.eq(vec.addr), rp.en.eq(1)]
-                wb = rq.o_valid & rq.o_lanes[r % G] & (rq.o_tag.gi == r // G) & (d.dst == b)
-                hw_ = Signal(name=f"host_we_{b}_{r}")
-                m.d.sync += hw_.eq(host_wr_fire & (h_buf == b) & (h_bank == r))
+                    m.d.comb += rp.addr.eq(issue.rd_addr)
                 m.d.comb += [
-                    wp.en.eq(wb | hw_),
-                    wp.addr.eq(Mux(hw_, h_addr_q, rq.o_tag.addr)),
-                    wp.data.eq(Mux(hw_, h_data_q, rq.o_y[r % G])),
+                    host.i_rd_data[b][r].eq(rp.data), issue.i_rd_data[b][r].eq(rp.data),
+                    post.i_rd_data[b][r].eq(rp.data),
+                    wp.en.eq(post.wb_en[i] | host.wr_en[i]),
+                    wp.addr.eq(Mux(host.wr_en[i], host.wr_addr, post.wb_addr)),
+                    wp.data.eq(Mux(host.wr_en[i], host.wr_data, post.wb_data[r])),
                 ]
-        host_data = Array([Array([act_q[b][r] for r in range(R)]) for b in range(NB)])
-        m.d.comb += [rd_fifo.w_en.eq(rd_v2), rd_fifo.w_data.eq(host_data[h_buf][rd_b2]),
-                     self.o_read.valid.eq(rd_fifo.r_rdy), self.o_read.payload.eq(rd_fifo.r_data),
-                     rd_fifo.r_en.eq(self.o_read.ready)]
-
-        # ---- top-level FSM (last, so that its resets take precedence) -----------------
-        counters = [self.cycles, self.mac_cycles, self.stall_weights, self.stall_output, self.macs]
-        with m.Switch(st):
-            with m.Case(IDLE):
-                m.d.sync += turn.eq(~turn)
-                # Descriptors and host commands are offered on alternate cycles, so a
-                # ready never depends on the other stream's valid.
-                m.d.comb += [self.i_desc.ready.eq(turn), self.i_host.ready.eq(~turn)]
-                # The offered descriptor or command is captured whatever its valid, so
-                # that valid only moves the state (a small fanout) and not every field.
-                hp = self.i_host.payload
-                with m.If(turn):
-                    m.d.sync += desc.eq(self.i_desc.payload)
-                    if lacks:
-                        fields = [getattr(self.i_desc.payload, fld) for _, fld in lacks]
-                        m.d.sync += [lacking.eq(Cat(*fields).any()),
-                                     *(getattr(desc, fld).eq(0) for _, fld in lacks)]
-                with m.Else():
-                    m.d.sync += [h_write.eq(hp.write), h_buf.eq(hp.buf),
-                                 h_pixels.eq(hp.pixels), h_pix_last.eq(hp.pixels - 1),
-                                 h_ch_last.eq(hp.channels - 1), h_ch.eq(0), h_bank.eq(0), h_base.eq(0),
-                                 h_pix.eq(0), h_addr.eq(0), h_more.eq(1)]
-                with m.If(self.i_desc.valid & turn):
-                    m.d.sync += [st.eq(CHECK), layer_reset.eq(1)]
-                with m.If(self.i_host.valid & ~turn):
-                    with m.If((hp.channels != 0) & (hp.pixels != 0) & (hp.buf < NB)):
-                        m.d.sync += st.eq(HOST)
-            with m.Case(HOST):
-                with m.If(h_write):
-                    m.d.comb += self.i_load.ready.eq(1)
-                    with m.If(self.i_load.valid):
-                        host_step()
-                        with m.If(h_last):
-                            m.d.sync += st.eq(IDLE)
-                with m.Elif(host_adv):
-                    host_step()
-                    with m.If(h_last):
-                        m.d.sync += h_more.eq(0)
-                # Idle once every value read has been taken: a value just written into the
-                # FIFO is counted by its level a cycle before it shows on r_rdy.
-                with m.Elif(~h_more & ~rd_v1 & ~rd_v2 & (rd_fifo.level == 0)):
-                    m.d.sync += st.eq(IDLE)
-            with m.Case(CHECK):
-                m.d.sync += self.cycles.eq(self.cycles + 1)
-                # The first check cycle resets the layer state (below), the second acts
-                # on the registered descriptor check: its comparisons and the wide reset
-                # never share a cycle.
-                with m.If(~layer_reset):
-                    with m.If(desc_ok_r):
-                        m.d.sync += [st.eq(LAYER), in_layer.eq(1), feed_start.eq(1)]
-                    with m.Else():
-                        m.d.sync += [error.eq(error | ERR_DESCRIPTOR), self.done.eq(1),
-                                     st.eq(IDLE)]
-            with m.Case(LAYER):
-                m.d.sync += self.cycles.eq(self.cycles + 1)
-                with m.If(layer_end):
-                    m.d.sync += [self.done.eq(1), st.eq(IDLE), in_layer.eq(0)]
-        # The layer reset: the first check cycle, from a register of its own (st fans out
-        # to the state logic only), after the state machine so that it takes precedence.
-        with m.If(layer_reset):
-            # The counters restart (this cycle counts) and the error clears.
-            m.d.sync += [c.eq(0) for c in counters[1:]]
-            m.d.sync += [self.cycles.eq(1), error.eq(0)]
-            m.d.sync += [
-                wl_active.eq(~is_pool), stg_count.eq(0),
-                xp.eq(0),
-                loaded.eq(0), drain[0].eq(0), drain[1].eq(0), w_tap.eq(0),
-                w_rows_left.eq(d.ci), w_cols_left.eq(d.co),
-                half_busy.eq(0), half_full.eq(0), pool_free.eq(1), pool_ready.eq(0),
-                pr_active.eq(1), pr_done.eq(0), pr_base.eq(0), pr_cg.eq(0), pr_gi.eq(0),
-                pr_cbhw.eq(0), pr_j.eq(0), pr_p.eq(0), pr_half.eq(0), group_moved.eq(1),
-                chan_cnt.eq(0), chan_open.eq(1), n_out_m1.eq(n_out - 1),
-                c_lane.eq(0), c_addr.eq(0), vec_valid.eq(0),
-                skid_valid.eq(0), res_is_src.eq(d.has_res & (d.res == d.src)),
-            ]
-            with m.Switch(d.k):
-                for kk in KERNEL_SIZES:
-                    if kk <= cfg.max_k:
-                        with m.Case(kk):
-                            m.d.sync += kk_m1.eq(kk * kk - 1)
-        return m

@@ -1,7 +1,8 @@
 """Post-processing: requantization of accumulators and the global-average-pool sum.
 
-:class:`Requantizer` implements point 5 of :mod:`gen.integer` on ``lanes``
-channels per cycle::
+:class:`Requantizer` (full speed, 8 cycles) and :class:`CompactRequantizer`
+(compact builds, 4 cycles; :func:`requantizer_class` picks one from the config)
+implement point 5 of :mod:`gen.integer` on ``lanes`` channels per cycle::
 
     y = round_shift(acc * M[c] + bias[c] + res * m_res, shift)   # add 2^(s-1), >>> s
     y = max(y, 0) if relu
@@ -26,47 +27,20 @@ from gen.config import AcceleratorConfig
 
 from .dsp import registered_multiply, registered_multiply_add
 
-__all__ = ["Requantizer", "PoolAccumulator"]
+__all__ = ["Requantizer", "CompactRequantizer", "requantizer_class", "PoolAccumulator"]
 
 
-class Requantizer(wiring.Component):
-    """``lanes`` parallel requant pipelines with a fixed latency and no stalls.
+class _RequantizerBase(wiring.Component):
+    """What both requantizers share: the signature, the valid/lanes/tag pipeline, the
+    rounding constant, the split of the accumulator and the clamp. A subclass sets
+    :attr:`latency` and builds one lane in :meth:`_lane`."""
 
-    Parameters
-    ----------
-    config:
-        The :class:`~gen.config.AcceleratorConfig` (``a_bits``, ``m_bits``,
-        ``acc_bits``, ``bias_bits``, ``shift_max``).
-    lanes:
-        Channels processed per cycle, >= 1.
-    tag_shape:
-        Shape of a value carried alongside each input (e.g. its write address).
-
-    Ports
-    -----
-    i_valid, i_lanes, i_acc, i_mult, i_bias, i_res, i_tag:
-        One input per cycle; ``i_lanes`` marks the lanes holding real channels.
-    shift, relu, has_res, m_res:
-        Layer constants, held stable from one cycle before the first input until
-        the last result.
-    o_valid, o_lanes, o_y, o_tag:
-        The results :attr:`latency` cycles later: 7, or 4 with ``compact`` (the
-        products, their sum and the shift each take one stage fewer registers,
-        for a slower clock).
-    busy:
-        High while any input is in flight.
-
-    Raises
-    ------
-    ValueError
-        If ``lanes`` is not a positive integer.
-    """
+    latency: int
 
     def __init__(self, config: AcceleratorConfig, lanes: int, tag_shape=unsigned(1)):
         if not isinstance(lanes, int) or lanes < 1:
-            raise ValueError(f"Requantizer lanes must be a positive integer, got {lanes!r}")
+            raise ValueError(f"{type(self).__name__} lanes must be a positive integer, got {lanes!r}")
         self.config = config
-        self.latency = 4 if config.compact else 7
         self.lanes = lanes
         self.tag_shape = Shape.cast(tag_shape) if not isinstance(tag_shape, data.Layout) else tag_shape
         super().__init__({
@@ -90,11 +64,10 @@ class Requantizer(wiring.Component):
 
     def elaborate(self, platform):
         cfg = self.config
-        L = self.lanes
         m = Module()
 
         valid = [Signal(name=f"valid_{i}") for i in range(self.latency)]
-        lanes = [Signal(L, name=f"lanes_{i}") for i in range(self.latency)]
+        lanes = [Signal(self.lanes, name=f"lanes_{i}") for i in range(self.latency)]
         tags = [Signal(self.tag_shape, name=f"tag_{i}") for i in range(self.latency)]
         m.d.sync += [valid[0].eq(self.i_valid), lanes[0].eq(self.i_lanes), tags[0].eq(self.i_tag)]
         for i in range(1, self.latency):
@@ -106,47 +79,12 @@ class Requantizer(wiring.Component):
         # a layer constant, so registering it costs no cycle of any result.
         rnd = Signal(cfg.post_bits + 1)
         m.d.sync += rnd.eq((Const(1, cfg.post_bits + 2) << self.shift) >> 1)
-
-        if cfg.compact:
-            for g in range(L):
-                self._compact_lane(m, g, rnd, platform)
-            return m
-        # Every stage ends in a register: inputs (they come from block RAM), partial
-        # products, products, product + bias + rounding constant, + residual product,
-        # shift, clamp.
-        for g in range(L):
-            acc = Signal(signed(cfg.acc_bits), name=f"acc_{g}")
-            mult = Signal(signed(cfg.m_bits), name=f"mult_{g}")
-            bias0 = Signal(signed(cfg.bias_bits), name=f"bias0_{g}")
-            res = Signal(signed(cfg.a_bits), name=f"res_{g}")
-            # The residual lands in a fabric register before its product (its source
-            # is a buffer select far from the DSP blocks).
-            m.d.sync += [bias0.eq(self.i_bias[g]), res.eq(Mux(self.has_res, self.i_res[g], 0))]
-            m.d.comb += [acc.eq(self.i_acc[g]), mult.eq(self.i_mult[g])]
-            # acc * M as two products of at most 18 x 18 bits, one DSP block each, summed
-            # in the next stage: a wider product would chain DSPs and an adder in one cycle.
-            # Each product registers its operands (first stage) and itself (second).
-            wide = signed(cfg.post_bits + 3)
-            bias1 = Signal(wide, name=f"bias1_{g}")
-            lo_bits, p_lo, p_hi = self._split_product(m, acc, mult, g, 17, platform)
-            rprod1 = (registered_multiply(m, res, self.m_res, f"rprod1_{g}", platform)
-                      if cfg.residual else Const(0))
-            # The rounding constant joins the bias early (it is a layer constant), so
-            # that every later stage adds two values: product + bias, then + residual
-            # product, both from registers (the DSP outputs land in registers first).
-            m.d.sync += bias1.eq(bias0 + rnd)
-            prod = Signal(signed(cfg.acc_bits + cfg.m_bits), name=f"prod_{g}")
-            rprod = Signal(signed(cfg.a_bits + cfg.m_bits), name=f"rprod_{g}")
-            bias = Signal(wide, name=f"bias_{g}")
-            m.d.sync += [prod.eq((p_hi << lo_bits) + p_lo), bias.eq(bias1), rprod.eq(rprod1)]
-            total = Signal(wide, name=f"total_{g}")
-            m.d.sync += total.eq(prod + bias)
-            rounded = Signal(wide, name=f"rounded_{g}")
-            m.d.sync += rounded.eq(total + rprod)
-            shifted = Signal(signed(cfg.post_bits + 3), name=f"shifted_{g}")
-            m.d.sync += shifted.eq(rounded >> self.shift)
-            m.d.sync += self.o_y[g].eq(self._clamp(shifted))
+        for g in range(self.lanes):
+            self._lane(m, g, rnd, platform)
         return m
+
+    def _lane(self, m, g, rnd, platform):
+        raise NotImplementedError
 
     def _clamp(self, shifted):
         """Clamp and ReLU from the bits: the value fits a_bits when every bit from
@@ -171,19 +109,101 @@ class Requantizer(wiring.Component):
         acc_lo = acc[:lo_bits] if acc_bits > lo_bits else acc
         return lo_bits, acc_lo, acc_hi
 
-    def _split_product(self, m, acc, mult, g, lo_max, platform):
-        """``acc * mult`` as two registered products, of the low and the high bits of
-        ``acc`` (:meth:`_split_acc`): ``(lo_bits, p_lo, p_hi)``, the product being
-        ``(p_hi << lo_bits) + p_lo``."""
-        lo_bits, acc_lo, acc_hi = self._split_acc(acc, lo_max)
+
+_PORTS_DOC = """
+    Parameters
+    ----------
+    config:
+        The :class:`~gen.config.AcceleratorConfig` (``a_bits``, ``m_bits``,
+        ``acc_bits``, ``bias_bits``, ``shift_max``, ``residual``).
+    lanes:
+        Channels processed per cycle, >= 1.
+    tag_shape:
+        Shape of a value carried alongside each input (e.g. its write address).
+
+    Ports
+    -----
+    i_valid, i_lanes, i_acc, i_mult, i_bias, i_res, i_tag:
+        One input per cycle; ``i_lanes`` marks the lanes holding real channels.
+    shift, relu, has_res, m_res:
+        Layer constants, held stable from one cycle before the first input until
+        the last result.
+    o_valid, o_lanes, o_y, o_tag:
+        The results :attr:`latency` cycles later.
+    busy:
+        High while any input is in flight.
+
+    Raises
+    ------
+    ValueError
+        If ``lanes`` is not a positive integer.
+    """
+
+
+class Requantizer(_RequantizerBase):
+    """``lanes`` parallel requant pipelines with a fixed latency of 8 cycles and no stalls,
+    for a fast clock: every stage ends in a register. The inputs are registered first
+    (the engine selects them from block RAM read registers across the die from the
+    multipliers), then the multipliers' operands, partial products, products,
+    product + bias + rounding constant, + residual product, shift, clamp.
+    """ + _PORTS_DOC
+
+    latency = 8
+
+    def _lane(self, m, g, rnd, platform):
+        cfg = self.config
+        acc = Signal(signed(cfg.acc_bits), name=f"acc_{g}")
+        mult = Signal(signed(cfg.m_bits), name=f"mult_{g}")
+        bias_in = Signal(signed(cfg.bias_bits), name=f"bias_in_{g}")
+        res_in = Signal(signed(cfg.a_bits), name=f"res_in_{g}")
+        m.d.sync += [acc.eq(self.i_acc[g]), mult.eq(self.i_mult[g]), bias_in.eq(self.i_bias[g]),
+                     res_in.eq(self.i_res[g])]
+        bias0 = Signal(signed(cfg.bias_bits), name=f"bias0_{g}")
+        res = Signal(signed(cfg.a_bits), name=f"res_{g}")
+        # The residual lands in a fabric register before its product (its source
+        # is a buffer select far from the DSP blocks).
+        m.d.sync += [bias0.eq(bias_in), res.eq(Mux(self.has_res, res_in, 0))]
+        # acc * M as two products of at most 18 x 18 bits, one DSP block each, summed
+        # in the next stage: a wider product would chain DSPs and an adder in one cycle.
+        # Each product registers its operands (first stage) and itself (second).
+        wide = signed(cfg.post_bits + 3)
+        bias1 = Signal(wide, name=f"bias1_{g}")
+        lo_bits, acc_lo, acc_hi = self._split_acc(acc, 17)
         p_lo = registered_multiply(m, acc_lo, mult, f"prod_lo_{g}", platform)
         p_hi = registered_multiply(m, acc_hi, mult, f"prod_hi_{g}", platform)
-        return lo_bits, p_lo, p_hi
+        rprod1 = (registered_multiply(m, res, self.m_res, f"rprod1_{g}", platform)
+                  if cfg.residual else Const(0))
+        # The rounding constant joins the bias early (it is a layer constant), so
+        # that every later stage adds two values: product + bias, then + residual
+        # product, both from registers (the DSP outputs land in registers first).
+        m.d.sync += bias1.eq(bias0 + rnd)
+        prod = Signal(signed(cfg.acc_bits + cfg.m_bits), name=f"prod_{g}")
+        rprod = Signal(signed(cfg.a_bits + cfg.m_bits), name=f"rprod_{g}")
+        bias = Signal(wide, name=f"bias_{g}")
+        m.d.sync += [prod.eq((p_hi << lo_bits) + p_lo), bias.eq(bias1), rprod.eq(rprod1)]
+        total = Signal(wide, name=f"total_{g}")
+        m.d.sync += total.eq(prod + bias)
+        rounded = Signal(wide, name=f"rounded_{g}")
+        m.d.sync += rounded.eq(total + rprod)
+        shifted = Signal(signed(cfg.post_bits + 3), name=f"shifted_{g}")
+        m.d.sync += shifted.eq(rounded >> self.shift)
+        m.d.sync += self.o_y[g].eq(self._clamp(shifted))
 
-    def _compact_lane(self, m, g, rnd, platform):
+
+class CompactRequantizer(_RequantizerBase):
+    """The requantizer of compact builds, for a slower clock: the same ports and
+    results as :class:`Requantizer` with a latency of 4 cycles. A lane takes its
+    operands straight into the multipliers' registers, and the products, their sum
+    and the shift each take one stage fewer registers; the product is split for
+    multipliers of 16 x 16 bits (the iCE40 SB_MAC16). The engine runs it with one
+    lane.
+    """ + _PORTS_DOC
+
+    latency = 4
+
+    def _lane(self, m, g, rnd, platform):
         """One lane in four stages: operands, products (the low one with the bias and
-        the rounding constant added), their sum, shift and clamp. The product is split
-        for multipliers of 16 x 16 bits (the iCE40 SB_MAC16)."""
+        the rounding constant added), their sum, shift and clamp."""
         cfg = self.config
         acc, mult = self.i_acc[g], self.i_mult[g]
         res = Mux(self.has_res, self.i_res[g], 0)
@@ -201,6 +221,12 @@ class Requantizer(wiring.Component):
         rounded = Signal(wide, name=f"rounded_{g}")
         m.d.sync += rounded.eq((p_hi << lo_bits) + t_lo + rprod)
         m.d.sync += self.o_y[g].eq(self._clamp(rounded >> self.shift))
+
+
+def requantizer_class(config: AcceleratorConfig) -> type:
+    """The requantizer of ``config``: :class:`CompactRequantizer` where
+    ``config.compact_requantizer``, else :class:`Requantizer`."""
+    return CompactRequantizer if config.compact_requantizer else Requantizer
 
 
 class PoolAccumulator(wiring.Component):

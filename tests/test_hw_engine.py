@@ -2,8 +2,9 @@
 
 The unit tests check the processing-element array (a small matrix product and the
 weight-bank timing contract), the window feeder's address sequence (padding,
-stride, partial channel tiles, pooling), the requantizer against
-:func:`gen.integer.requant`, and a few layers of the whole engine.
+stride, partial channel tiles, pooling) and a few layers of the whole engine (its
+parts have their own tests: ``test_hw_engine_port``, ``test_hw_issue``,
+``test_hw_accumulator``, ``test_hw_post_reader``, ``test_hw_postproc``).
 
 The cocotb benches (``sim/benches/bench_engine.py``) run random layers on
 Verilator and Icarus, with random idle cycles on every input stream and random
@@ -29,11 +30,9 @@ from amaranth.sim import Simulator
 
 from gen import cost
 from gen.config import AcceleratorConfig
-from gen.integer import requant
 from hw import engine as engine_module
 from hw.engine import ERR_DESCRIPTOR, ConvEngine, check_layer
 from hw.feeder import WindowFeeder, bank_depth, feed_reference
-from hw.postproc import Requantizer
 from hw.systolic import SystolicArray, lut_multiply
 from sim.runner import run_bench, simulator_available, verilog_of
 
@@ -227,64 +226,6 @@ def test_check_layer_names_the_offending_field():
                        (dict(ci=16, co=16), "needs")]:
         with pytest.raises(ValueError, match=field):
             check_layer(cfg, **dict(ok, **bad))
-
-
-# ---------------------------------------------------------------------------------------
-# Requantization
-# ---------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("compact,max_ci,acc_bits", [(False, 8, 18), (True, 8, 18), (True, 1, 15)])
-def test_requantizer_matches_integer_contract(compact, max_ci, acc_bits):
-    # (acc_bits 18: the product is split in two, for 18- and for 16-bit multipliers; 15:
-    # one product, and the compact lane's multiply-add takes the whole accumulator)
-    cfg = AcceleratorConfig(rows=4, cols=4, a_bits=6, w_bits=5, m_bits=10, max_ci=max_ci,
-                            max_co=8, max_k=3, max_h=4, max_w=4, act_depth=128, compact=compact)
-    assert cfg.acc_bits == acc_bits
-    lanes, rng = 3, random.Random(11)
-    dut = Requantizer(cfg, lanes, unsigned(8))
-
-    def extreme(bits):
-        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-        return rng.choice((lo, hi, 0, -1, 1, rng.randint(lo, hi), rng.randint(lo, hi)))
-
-    batches = []
-    for _ in range(40):
-        shift = rng.choice((0, 1, 2, rng.randint(0, cfg.shift_max), cfg.shift_max))
-        consts = dict(shift=shift, relu=rng.random() < 0.5, has_res=rng.random() < 0.5,
-                      m_res=extreme(cfg.m_bits))
-        items = [[(extreme(cfg.acc_bits), extreme(cfg.m_bits), extreme(cfg.bias_bits), extreme(cfg.a_bits))
-                  for _ in range(lanes)] for _ in range(4)]
-        batches.append((consts, items))
-
-    async def tb(ctx):
-        for consts, items in batches:
-            for name, v in consts.items():
-                ctx.set(getattr(dut, name), v)
-            # (the layer constants are stable from one cycle before the first input)
-            await ctx.tick()
-            got = []
-            for i in range(len(items) + dut.latency):
-                ctx.set(dut.i_valid, i < len(items))
-                if i < len(items):
-                    ctx.set(dut.i_tag, i)
-                    ctx.set(dut.i_lanes, (1 << lanes) - 1)
-                    for g, (acc, mult, bias, res) in enumerate(items[i]):
-                        ctx.set(dut.i_acc[g], acc)
-                        ctx.set(dut.i_mult[g], mult)
-                        ctx.set(dut.i_bias[g], bias)
-                        ctx.set(dut.i_res[g], res)
-                await ctx.tick()
-                if ctx.get(dut.o_valid):
-                    got.append((ctx.get(dut.o_tag), [ctx.get(dut.o_y[g]) for g in range(lanes)]))
-            for tag, ys in got:
-                acc, mult, bias, res = (torch.tensor([it[j] for it in items[tag]]) for j in range(4))
-                want = requant(acc.view(1, -1), mult, bias, consts["shift"], cfg.a_bits, consts["relu"],
-                               res=res.view(1, -1) if consts["has_res"] else None,
-                               m_res=consts["m_res"])
-                assert ys == want.view(-1).tolist(), (consts, items[tag])
-            assert [t for t, _ in got] == list(range(len(items)))
-
-    simulate(dut, tb)
 
 
 # ---------------------------------------------------------------------------------------
