@@ -18,14 +18,15 @@ level 2. With ``L <= cols`` lanes a level-2 group covers ``L`` columns of one ti
 row; with more, ``cols`` columns of ``L // cols`` rows (at most ``rows``). Level 1
 uses ``min(lanes, rows)`` of them.
 
-Pipeline (every register advances every cycle; no enables, which keeps the lane
-datapath free of a high-fanout stall net): 0 issue, 1 the stores' registered read
-data, 1a the operands decoded and routed into registers by the multipliers (the
-block RAMs sit in rows across the die, too far from the multipliers for the route,
-the decode and the operand select in one cycle), 2 the multiplier's operand
-registers, 3 the product, 4 the accumulator, 5 the round-half add, 6 the shift,
-7 the saturated weight. The bypass: 1a W1, 2 the round-half add, 3 the shift, 4 the
-saturated weight. The level-1 write leaves at stage 4.
+Pipeline, in cycles after a tag (every register advances every cycle; no enables,
+which keeps the lane datapath free of a high-fanout stall net): 2 the stores' read
+data (registered in the block RAMs), 3 the operands decoded and routed into
+registers by the multipliers (the block RAMs sit in rows across the die, too far
+from the multipliers for the route, the decode and the operand select in one
+cycle), 4 the multiplier's operand registers (inside the DSP block on ECP5), 5 the
+product, 6 the accumulator (and the level-1 write request), 7 the round-half add,
+8 the shift, 9 the saturated weight. The bypass: 3 W1 registered, 4 the round-half
+add, 5 the shift, 6 the saturated weight.
 """
 
 from __future__ import annotations
@@ -69,9 +70,10 @@ def _pick(m, index, options, shape):
 class GenerationLanes(wiring.Component):
     """The multiply-accumulate lanes, the bypass and the rounding (see the module doc).
 
-    Timing: a tag on ``i_tag`` at stage 0 wants its store words on ``*_data`` two
-    cycles later. A level-2 sum comes out on ``o_lanes`` seven cycles after its last
-    tag, a bypass column on ``o_bypass`` four cycles after its tag; ``o_lanes_next`` and
+    Timing: a tag on ``i_tag`` wants its store words on ``*_data`` two cycles later.
+    A level-2 sum comes out on ``o_lanes`` nine cycles after its last tag, a bypass
+    column on ``o_bypass`` six cycles after its tag, a level-1 sum on ``w1_wr`` six
+    cycles after its last tag; ``o_lanes_next`` and
     ``o_bypass_next`` carry the tags of the results one cycle before they come out, so
     that their consumer can decode them into registers.
 
@@ -141,7 +143,8 @@ class GenerationLanes(wiring.Component):
         m.d.sync += [ws_acc.eq(ws_a), ws_byp.eq(ws_b), half_acc.eq(round_half(ws_a, acc_w + 1)),
                      half_byp.eq(round_half(ws_b, w1w + 1))]
 
-        # Stage registers: the tags, and whether they hold one.
+        # The tags of the cycles 1 to 9 after the issue (sr with the read data, sm with
+        # the operands, s7 with the weights), and whether they hold one.
         s0, v0 = self.i_tag.payload, self.i_tag.valid
         s1, sr, sm, s2, s3, s4, s5, s6, s7 = (
             Signal(ctrl, name=f"s{i}") for i in ("1", "r", "m", "2", "3", "4", "5", "6", "7"))
@@ -155,7 +158,7 @@ class GenerationLanes(wiring.Component):
         w1_q = Signal.like(self.w1_data, name="w1_q")
         m.d.sync += w1_q.eq(self.w1_data)
 
-        # Stage 1a: the lanes' operands, decoded and routed from the read registers.
+        # The lanes' operands, decoded and routed from the read registers.
         u_val = [decode_code(self.u_data[r], cfg.qu, form) for r in range(R)]
         v_val = [decode_code(self.v_data[c], cfg.qv, form) for c in range(C)]
         b_val = decode_code(self.b_data, cfg.qb, form)
@@ -180,21 +183,21 @@ class GenerationLanes(wiring.Component):
                                       else (a1, b_val))
                 else:
                     a_next, b_next = a2, b2
-                # Operands registered at stage 1a and again at stage 2 (inside the DSP
-                # block on ECP5), the product at stage 3. In fabric the 64 lanes cost
+                # Operands registered here and again in the multiplier (inside the DSP
+                # block on ECP5), then the product. In fabric the 64 lanes cost
                 # some 7,000 LUT4 more on an LFE5U-85F and congest its routing.
                 a_op = Signal(signed(a_w), name=f"op_a_{l}")
                 b_op = Signal(signed(w1w), name=f"op_b_{l}")
                 m.d.sync += [a_op.eq(a_next), b_op.eq(b_next)]
                 prod.append(registered_multiply(m, a_op, b_op, f"prod_{l}", platform))
 
-        # Bypass: round-half add (stage 2), shift (stage 3), saturate (stage 4).
+        # Bypass: round-half add, shift, saturate.
         byp = [Signal(signed(w1w + 2), name=f"byp_{r}") for r in range(R)]
         byp_sh = [Signal(signed(w1w + 2), name=f"byp_sh_{r}") for r in range(R)]
         m.d.sync += [byp[r].eq(w1_q[r] + half_byp) for r in range(R)]
         m.d.sync += [byp_sh[r].eq(byp[r] >> ws_byp) for r in range(R)]
 
-        # Lanes: accumulate (stage 4), round-half add (5), shift (6), saturate (7).
+        # Lanes: accumulate, round-half add, shift, saturate.
         acc = [Signal(signed(acc_w), name=f"acc_{l}") for l in range(NL)]
         rnd = [Signal(signed(acc_w + 2), name=f"rnd_{l}") for l in range(NL)]
         rnd_sh = [Signal(signed(acc_w + 2), name=f"rnd_sh_{l}") for l in range(NL)]
@@ -212,8 +215,7 @@ class GenerationLanes(wiring.Component):
                 with m.If(s4.pc == p):
                     m.d.comb += wr.en.eq(sum(1 << r for r in range(p * L1L, min(R, (p + 1) * L1L))))
 
-        # Saturation is registered (stage 7 for the lanes, 4 for the bypass): the tile
-        # writes start from registers.
+        # Saturation is registered: the tile writes start from registers.
         lane_w = Signal.like(self.o_lanes.payload.w, name="lane_w")
         byp_w = Signal.like(self.o_bypass.payload.w, name="byp_w")
         m.d.sync += [lane_w[l].eq(saturate(rnd_sh[l], cfg.w_bits)) for l in range(NL)]

@@ -242,7 +242,7 @@ class CodeLoader(_SectionLoader):
     rows), bi, ceil(co / cols)) + 1`` cycles to work out the geometry; the sections
     follow at up to one code per cycle (the code bytes pass a three-entry FIFO first,
     so the unpacker's shifts start from registers). ``start`` is high in the ALIGN cycle
-    after the last code, whose write request leaves in that cycle too.
+    that follows the cycle of the last code (and of its write request).
 
     Parameters
     ----------
@@ -456,8 +456,8 @@ class SerialCodeLoader(_SectionLoader):
 
     Timing: the descriptor is taken in ``IDLE``; ``SETUP`` takes ``max(ci, bi) + 1``
     cycles; then up to one code per cycle, straight from ``i_codes`` through an
-    unpacker of the narrow byte-window kind. ``start`` is high in the ALIGN cycle after
-    the last code.
+    unpacker of the narrow byte-window kind. ``start`` is high in the ALIGN cycle that
+    follows the cycle of the last code.
 
     Members as :class:`CodeLoader`, with ``layer: Out(serial_layer_layout(config))``
     and the write requests ``b_wr`` and ``u_wr``.
