@@ -32,7 +32,8 @@ from gen.config import KERNEL_SIZES, AcceleratorConfig
 from hw.interfaces import descriptor_layout
 from hw.unpacker import CodeUnpacker, decode_code
 
-__all__ = ["CodeLoader", "SerialCodeLoader", "LoadPhase", "LOADING_BIT", "layer_layout",
+__all__ = ["CodeLoader", "SerialCodeLoader", "LoadPhase", "SerialLoadPhase", "LOADING_BIT",
+           "layer_layout",
            "serial_layer_layout", "store_depths", "serial_store_depths", "w1_value_bits",
            "address_limit", "word_shape", "store_write_signature", "register_write",
            "dense_code_bits", "decode_dense", "kernel_taps"]
@@ -56,6 +57,17 @@ class LoadPhase(enum.Enum, shape=5):
 
 
 LOADING_BIT = 4
+
+
+class SerialLoadPhase(enum.Enum, shape=3):
+    """:class:`SerialCodeLoader`'s state: the phases it has, in three bits (its code
+    stream's ready is decoded from them)."""
+    IDLE = 0
+    SETUP = 1
+    LOAD_B = 2
+    LOAD_U = 3
+    ALIGN = 4
+    GENERATE = 5
 
 
 # Sizes ---------------------------------------------------------------------------
@@ -199,30 +211,35 @@ def _members(config: AcceleratorConfig, layer) -> dict:
 
 
 class _SectionLoader(wiring.Component):
-    """What both loaders share: the load phases around the sections, ``start``/``done``."""
+    """What both loaders share: the phases around the sections, ``start``/``done``.
+    ``Phase`` is the loader's state enum (members ``IDLE``, ``SETUP``, ``ALIGN``,
+    ``GENERATE``, ``LOAD_B``, ``LOAD_U``)."""
+
+    Phase = LoadPhase
 
     def _phases(self, m: Module):
         """The phase registers (``state``, ``pend``: where ALIGN goes next), the
         descriptor's ready, ``idle``, ``start`` and the end of a layer."""
-        state, pend = Signal(LoadPhase), Signal(LoadPhase)
-        m.d.comb += [self.i_desc.ready.eq(state == LoadPhase.IDLE),
-                     self.idle.eq(state == LoadPhase.IDLE)]
-        with m.If(state == LoadPhase.ALIGN):
+        P = self.Phase
+        state, pend = Signal(P), Signal(P)
+        m.d.comb += [self.i_desc.ready.eq(state == P.IDLE), self.idle.eq(state == P.IDLE)]
+        with m.If(state == P.ALIGN):
             m.d.sync += state.eq(pend)
-            with m.If(pend == LoadPhase.GENERATE):
+            with m.If(pend == P.GENERATE):
                 m.d.comb += self.start.eq(1)
-        with m.If((state == LoadPhase.GENERATE) & self.done):
-            m.d.sync += state.eq(LoadPhase.IDLE)
+        with m.If((state == P.GENERATE) & self.done):
+            m.d.sync += state.eq(P.IDLE)
         return state, pend
 
     def _end_section(self, m: Module, state, pend, nxt) -> None:
         """After a section's last code: on to ``nxt`` (a load phase, or ``GENERATE``),
         through ALIGN if the sections are byte aligned or the layer's codes are done."""
+        P = self.Phase
         if self.section_align:
-            m.d.sync += [state.eq(LoadPhase.ALIGN), pend.eq(nxt)]
+            m.d.sync += [state.eq(P.ALIGN), pend.eq(nxt)]
         else:
-            with m.If(nxt == LoadPhase.GENERATE):
-                m.d.sync += [state.eq(LoadPhase.ALIGN), pend.eq(nxt)]
+            with m.If(nxt == P.GENERATE):
+                m.d.sync += [state.eq(P.ALIGN), pend.eq(nxt)]
             with m.Else():
                 m.d.sync += state.eq(nxt)
 
@@ -463,6 +480,8 @@ class SerialCodeLoader(_SectionLoader):
     and the write requests ``b_wr`` and ``u_wr``.
     """
 
+    Phase = SerialLoadPhase
+
     def __init__(self, config: AcceleratorConfig, *, section_align: bool = True):
         members = _members(config, serial_layer_layout(config))
         c = config
@@ -512,31 +531,31 @@ class SerialCodeLoader(_SectionLoader):
             m.d.sync += [ci.eq(d.ci), co.eq(d.co), co_m1.eq(d.co - 1), bi.eq(d.bi),
                          has_l1.eq(d.has_l1), fields["dense_sel"].eq(d.dense_bits),
                          fields["w_shift"].eq(d.w_shift),
-                         s_o.eq(0), bikk.eq(0), n.eq(0), state.eq(LoadPhase.SETUP)]
+                         s_o.eq(0), bikk.eq(0), n.eq(0), state.eq(SerialLoadPhase.SETUP)]
             kernel_taps(m, m.d.sync, d.k, kk, cfg.max_k)
 
         # SETUP: s_o = ci * inner and bikk = bi * kk by repeated addition, then the
         # loader's last indices.
-        with m.If(state == LoadPhase.SETUP):
+        with m.If(state == SerialLoadPhase.SETUP):
             m.d.sync += n.eq(n + 1)
             with m.If(n < ci):
                 m.d.sync += s_o.eq(s_o + lay.inner)
             with m.If(n < bi):
                 m.d.sync += bikk.eq(bikk + kk)
             with m.If((n >= ci) & (n >= bi)):
-                m.d.sync += [state.eq(LoadPhase.LOAD_B), xb_last.eq(bikk - 1),
+                m.d.sync += [state.eq(SerialLoadPhase.LOAD_B), xb_last.eq(bikk - 1),
                              xs_last.eq(s_o - 1)]
 
         # A section is co runs of x codes, written at consecutive addresses.
-        in_b, in_u = state == LoadPhase.LOAD_B, state == LoadPhase.LOAD_U
+        in_b, in_u = state == SerialLoadPhase.LOAD_B, state == SerialLoadPhase.LOAD_U
         lx = Signal(range(max(cfg.max_ci * inner_max, cfg.max_bi * kk_max) + 1))
         lo = Signal(range(cfg.max_co + 1))
         la = Signal(range(max(depth["B"], depth["U"]) + 1))
         x_last = Mux(in_b & has_l1, xb_last, xs_last)
         width_b = Mux(has_l1, cfg.qb, dense_code_bits(cfg, fields["dense_sel"]))
         m.d.comb += [unpacker.width.eq(Mux(in_u, cfg.qu, width_b)),
-                     code.ready.eq(state.as_value()[LOADING_BIT]),
-                     unpacker.align.eq(state == LoadPhase.ALIGN)]
+                     code.ready.eq(in_b | in_u),
+                     unpacker.align.eq(state == SerialLoadPhase.ALIGN)]
         take = code.valid & code.ready
         m.d.comb += [self.b_wr.en.eq(take & in_b & has_l1),
                      self.u_wr.en.eq(take & (in_u | (in_b & ~has_l1))),
@@ -548,6 +567,6 @@ class SerialCodeLoader(_SectionLoader):
                 m.d.sync += [lx.eq(0), lo.eq(lo + 1)]
                 with m.If(lo == co_m1):
                     m.d.sync += [lo.eq(0), la.eq(0)]
-                    self._end_section(m, state, pend,
-                                      Mux(in_b & has_l1, LoadPhase.LOAD_U, LoadPhase.GENERATE))
+                    nxt = Mux(in_b & has_l1, SerialLoadPhase.LOAD_U, SerialLoadPhase.GENERATE)
+                    self._end_section(m, state, pend, nxt)
         return m

@@ -4,12 +4,20 @@ Block diagram
 -------------
 ::
 
-    i_desc, i_codes -> CodeLoader ----------> B, U, V, W1 stores
-                        | layer, start/done      |  ^ level-1 sums
-                        v                        v  |
-                      TileSequencer --tags--> GenerationLanes --weights--> WeightTiler -> o_weights
-                        ^  read addresses -> stores       slot_free / tile start, end  |
-                        +-----------------------------------------------------------------+
+                 +------------+   writes    +------------------+
+      i_desc --> | CodeLoader | ----------> |  B, U, V, W1     | <---- level-1 sums ----+
+     i_codes --> |            |             |  stores          |                        |
+                 +------------+             +------------------+                        |
+           layer, start |  ^ done             ^ read      | read data                   |
+                        v  |                  | addresses v (two cycles later)          |
+                 +---------------+ -----------+      +-----------------+                |
+                 | TileSequencer | ---- tags ------> | GenerationLanes | ---------------+
+                 +---------------+                   +-----------------+
+      slot, slot_free ^  | tile_start, tile_end        | weights and their tags
+                      |  v                             v
+                 +----------------------------------------------------+
+                 |                     WeightTiler                    | --> o_weights
+                 +----------------------------------------------------+
 
 * :class:`hw.gen_loader.CodeLoader`: descriptor, layer geometry, code stream into
   the stores (steps 1 and 2 below);

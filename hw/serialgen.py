@@ -39,7 +39,7 @@ when the output FIFO has room for it and every vector already in flight.
 from __future__ import annotations
 
 from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
-from amaranth.lib import data, enum, wiring
+from amaranth.lib import data, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 
 from gen.config import AcceleratorConfig
@@ -56,12 +56,6 @@ __all__ = ["SerialGenerationUnit", "generation_unit", "OUT_VECTORS", "PIPE_STAGE
 OUT_VECTORS = 2
 # Cycles from a weight's issue to its result at the accumulator (hw pipeline depth).
 PIPE_STAGES = 5
-
-
-class _Issue(enum.Enum, shape=2):
-    IDLE = 0
-    ISSUE = 1
-    DRAIN = 2
 
 
 def generation_unit(config: AcceleratorConfig, **kwargs):
@@ -119,9 +113,11 @@ class SerialGenerationUnit(wiring.Component):
         register_write(m, u_wp, loader.u_wr)
         lay = loader.layer
         ci, co, bi, kk, inner, has_l1 = lay.ci, lay.co, lay.bi, lay.kk, lay.inner, lay.has_l1
+        s_o, bikk = lay.s_o, lay.bikk
 
         # Issue: the loop registers of weight-vector order, one MAC a cycle -----------
-        state = Signal(_Issue)
+        # Issuing from start to the layer's last weight, then draining the pipeline.
+        issuing, draining = Signal(), Signal()
         j = Signal(range(cfg.max_bi + 1))
         c = Signal(range(C))
         r = Signal(range(R))
@@ -152,17 +148,16 @@ class SerialGenerationUnit(wiring.Component):
         vec_start = (j == 0) & (c == 0)
         room = claimed < OUT_VECTORS
         issue = Signal()
-        m.d.comb += issue.eq((state == _Issue.ISSUE) & (~vec_start | room))
+        m.d.comb += issue.eq(issuing & (~vec_start | room))
 
         m.d.comb += [u_rp.addr.eq(o_u + i_u + Mux(has_l1, j, tap)),
                      b_rp.addr.eq(o_b + jkk + tap)]
 
         with m.If(loader.start):
-            m.d.sync += [state.eq(_Issue.ISSUE),
+            m.d.sync += [issuing.eq(1),
                          j.eq(0), c.eq(0), r.eq(0), tap.eq(0), co0.eq(0), ci0.eq(0),
                          co_c.eq(0), ci_r.eq(0), o_u0.eq(0), o_u.eq(0), i_u0.eq(0),
                          i_u.eq(0), o_b0.eq(0), o_b.eq(0), jkk.eq(0)]
-        s_o, bikk = lay.s_o, lay.bikk
         with m.If(issue):
             with m.If(~last_j):
                 m.d.sync += [j.eq(j + 1), jkk.eq(jkk + kk)]
@@ -193,7 +188,7 @@ class SerialGenerationUnit(wiring.Component):
                                                  o_u0.eq(o_u + s_o), o_u.eq(o_u + s_o),
                                                  o_b0.eq(o_b + bikk), o_b.eq(o_b + bikk)]
                                 with m.Else():
-                                    m.d.sync += state.eq(_Issue.DRAIN)
+                                    m.d.sync += [issuing.eq(0), draining.eq(1)]
 
         # Pipeline tags: issue (0), memory read (1, 2), operands (3), product (4),
         # accumulator (5).
@@ -210,8 +205,8 @@ class SerialGenerationUnit(wiring.Component):
         taken = out_fifo.r_rdy & out_fifo.r_en
         m.d.sync += claimed.eq(claimed + started - taken)
 
-        with m.If((state == _Issue.DRAIN) & ~Cat(t.valid for t in tags[1:]).any()):
-            m.d.sync += state.eq(_Issue.IDLE)
+        with m.If(draining & ~Cat(t.valid for t in tags[1:]).any()):
+            m.d.sync += draining.eq(0)
             m.d.comb += loader.done.eq(1)
 
         # Stage 2: codes from the memories' read registers, decoded into the multiplier's

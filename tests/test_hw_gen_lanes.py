@@ -74,7 +74,8 @@ def _groups(cfg, rng):
                            for _, w in tags) for r in rows}
             groups.append(("l1", tags, (wa, sums)))
         elif kind == "l2":
-            n, pr, pc = rng.randint(1, cfg.max_bo), rng.randrange(plan["Pr"]), rng.randrange(plan["Pc"])
+            n = rng.randint(1, cfg.max_bo)
+            pr, pc = rng.randrange(plan["Pr"]), rng.randrange(plan["Pc"])
             tags = [(base | {"l2": 1, "first": i == 0, "last": i == n - 1, "pr": pr, "pc": pc},
                      words()) for i in range(n)]
             weights = []
