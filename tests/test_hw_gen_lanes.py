@@ -66,7 +66,8 @@ def _groups(cfg, rng):
         base = {"slot": slot, "rmask": rmask, "cmask": cmask, "tile_done": rng.randrange(2),
                 "layer_last": rng.randrange(2)}
         if kind == "l1":
-            n, p, wa = rng.randint(1, cfg.max_bi), rng.randrange(plan["P1"]), rng.randrange(store_depths(cfg)["W1"])
+            n, p = rng.randint(1, cfg.max_bi), rng.randrange(plan["P1"])
+            wa = rng.randrange(store_depths(cfg)["W1"])
             tags = [({"l1": 1, "first": i == 0, "last": i == n - 1, "pc": p, "wa": wa}, words())
                     for i in range(n)]
             rows = range(p * plan["L1"], min(R, (p + 1) * plan["L1"]))

@@ -51,7 +51,9 @@ def _random_layer(cfg, rng, mode):
     b = codes(b_bits, bo, bi if has_l1 else ci, kk)
     u = codes(cfg.qu, bo, ci, bi) if has_l1 else None
     v = codes(cfg.qv, co, bo) if has_l2 else None
-    flat = lambda x: [c for row in x for c in (flat(row) if isinstance(row, list) else [row])]  # noqa: E731
+    def flat(x):
+        return [c for row in x for c in (flat(row) if isinstance(row, list) else [row])]
+
     sections = [("B", b_bits, flat(b))] + ([("U", cfg.qu, flat(u))] if has_l1 else []) + \
         ([("V", cfg.qv, flat(v))] if has_l2 else [])
     fields = {"ci": ci, "co": co, "k": k, "bi": bi, "bo": bo if has_l2 else 0,

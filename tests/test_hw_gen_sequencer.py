@@ -144,6 +144,7 @@ def test_sequencer_issues_the_loops(name, mode):
         assert len(got) == len(want)
         for i, ((mode_g, tag, addrs), (mode_w, f)) in enumerate(zip(got, want)):
             have = {n: int(getattr(tag, n)) for n in f if hasattr(tag, n)} | addrs
-            assert mode_g == mode_w and {n: have[n] for n in f} == {n: int(v) for n, v in f.items()}, i
+            assert mode_g == mode_w, i
+            assert {n: have[n] for n in f} == {n: int(v) for n, v in f.items()}, i
         n_tiles = cot * cit * kk
         assert tiles == [i % 2 for i in range(n_tiles)]
