@@ -24,10 +24,11 @@ cycles too and come out as 0.
 
 Memories: the B codes of level 1 (``[co, bi, k*k]``, raw) in a block RAM; the U
 codes (``[co, ci, bi]``) or the codes of a dense layer (``[co, ci, k*k]``), raw,
-in one memory that a ``compact`` build puts in single-port RAM (a layer's codes
-are all written before its first weight is read, and the next layer's codes
-only after its last read). Each section is written at consecutive addresses
-in stream order, so the loader is a counter.
+in one single-port memory (a layer's codes are all written before its first weight
+is read, and the next layer's codes only after its last read; on an iCE40 UP5K it
+is the large single-port RAM). Each section is written at consecutive addresses
+in stream order (:class:`hw.gen_loader.SerialCodeLoader`, the loader of the lane
+unit's phases and descriptor handling, with a counter for an address).
 
 Pipeline (no stalls past the issue stage): issue (addresses from the loop
 registers), two cycles of memory read, operands into the multiplier, product,
@@ -38,15 +39,16 @@ when the output FIFO has room for it and every vector already in flight.
 from __future__ import annotations
 
 from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
-from amaranth.lib import data, enum, wiring
+from amaranth.lib import data, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 
-from gen.config import KERNEL_SIZES, AcceleratorConfig
+from gen.config import AcceleratorConfig
 from hw.dsp import registered_multiply
+from hw.gen_loader import SerialCodeLoader, decode_dense, register_write, serial_store_depths
+from hw.gen_loader import w1_value_bits
 from hw.generation import GenerationUnit, WeightRounder, generation_members
-from hw.interfaces import descriptor_layout
 from hw.memory import BlockMemory
-from hw.unpacker import CodeUnpacker, decode_code
+from hw.unpacker import decode_code
 
 __all__ = ["SerialGenerationUnit", "generation_unit", "OUT_VECTORS", "PIPE_STAGES"]
 
@@ -54,16 +56,6 @@ __all__ = ["SerialGenerationUnit", "generation_unit", "OUT_VECTORS", "PIPE_STAGE
 OUT_VECTORS = 2
 # Cycles from a weight's issue to its result at the accumulator (hw pipeline depth).
 PIPE_STAGES = 5
-
-
-class _State(enum.Enum, shape=3):
-    IDLE = 0
-    SETUP = 1
-    LOAD_B = 2
-    LOAD_U = 3
-    ALIGN = 4
-    ISSUE = 5
-    DRAIN = 6
 
 
 def generation_unit(config: AcceleratorConfig, **kwargs):
@@ -79,6 +71,8 @@ class SerialGenerationUnit(wiring.Component):
 
     Parameters and members as :class:`hw.generation.GenerationUnit`; ``config.level2``
     must be false, and a descriptor's ``has_l2`` and ``bo`` are ignored (``bo = co``).
+    The unit is the small-device one whatever ``config.compact`` says: its U store is
+    single-port RAM and its unpacker the narrow byte-window kind.
     """
 
     def __init__(self, config: AcceleratorConfig, *, section_align: bool = True):
@@ -93,10 +87,7 @@ class SerialGenerationUnit(wiring.Component):
     @property
     def memory_depths(self) -> dict[str, int]:
         """Words of the B memory and of the U (or dense code) memory."""
-        c = self.config
-        kk = c.max_k * c.max_k
-        return {"B": c.max_co * c.max_bi * kk,
-                "U": c.max_co * c.max_ci * max(kk, c.max_bi)}
+        return serial_store_depths(self.config)
 
     def elaborate(self, platform):
         m = Module()
@@ -106,96 +97,27 @@ class SerialGenerationUnit(wiring.Component):
         kk_max = cfg.max_k * cfg.max_k
         inner_max = max(kk_max, cfg.max_bi)
         depth = self.memory_depths
-        code_bits = max(cfg.qb, cfg.qu, cfg.qd, cfg.qv)
         # Accumulator: a level-1 sum or a dense value (hw.generation's W1 entry width).
-        acc_w = max(cfg.w1_bits, cfg.b_value_bits, cfg.d_value_bits, cfg.v_value_bits)
+        acc_w = w1_value_bits(cfg)
 
         m.submodules.b_mem = b_mem = BlockMemory(unsigned(cfg.qb), 1, depth["B"], name="b_mem")
-        m.submodules.u_mem = u_mem = BlockMemory(unsigned(code_bits), 1, depth["U"],
-                                                 single_port=cfg.compact, name="u_mem")
+        m.submodules.u_mem = u_mem = BlockMemory(unsigned(SerialCodeLoader.code_bits_of(cfg)), 1,
+                                                 depth["U"], single_port=True, name="u_mem")
         b_wp, b_rp = b_mem.write_port(), b_mem.read_port()
         u_wp, u_rp = u_mem.write_port(), u_mem.read_port()
 
-        m.submodules.unpacker = unpacker = CodeUnpacker(8, code_bits, byte_window=cfg.compact)
-        wiring.connect(m, wiring.flipped(self.i_codes), unpacker.i_stream)
-        code = unpacker.o_stream
-
-        # Layer registers -----------------------------------------------------------
-        desc = descriptor_layout(cfg)
-        ci = Signal(desc["ci"].shape)
-        co = Signal(desc["co"].shape)
-        bi = Signal(desc["bi"].shape)
-        has_l1 = Signal()
-        dense_sel = Signal(2)        # a dense layer's code width: 0 qd, 1 qb, 2 qv
-        w_shift = Signal(desc["w_shift"].shape)
-        kk = Signal(range(kk_max + 1))
-        inner = Signal(range(inner_max + 1))            # bi (level 1) or k*k (dense)
-        s_o = Signal(range(cfg.max_ci * inner_max + 1))  # U/dense words per o: ci * inner
-        bikk = Signal(range(cfg.max_bi * kk_max + 1))    # B words per o: bi * k*k
-
-        state = Signal(_State)
-        pend = Signal(_State)        # where ALIGN goes next
-        # (The loader's last indices: its compares take them from registers.)
-        xb_last, xs_last, co_m1 = Signal.like(bikk), Signal.like(s_o), Signal.like(co)
-
-        d = self.i_desc.payload
-        m.d.comb += self.i_desc.ready.eq(state == _State.IDLE)
-        n = Signal(range(max(cfg.max_ci, cfg.max_bi) + 1))
-        with m.If(self.i_desc.valid & self.i_desc.ready):
-            m.d.sync += [ci.eq(d.ci), co.eq(d.co), co_m1.eq(d.co - 1), bi.eq(d.bi),
-                         has_l1.eq(d.has_l1),
-                         dense_sel.eq(d.dense_bits), w_shift.eq(d.w_shift),
-                         s_o.eq(0), bikk.eq(0), n.eq(0), state.eq(_State.SETUP)]
-            with m.Switch(d.k):
-                for size in KERNEL_SIZES:
-                    if size <= cfg.max_k:
-                        with m.Case(size):
-                            m.d.sync += kk.eq(size * size)
-        m.d.comb += inner.eq(Mux(has_l1, bi, kk))
-
-        # SETUP: s_o = ci * inner and bikk = bi * kk by repeated addition, then the
-        # loader's last indices.
-        with m.If(state == _State.SETUP):
-            m.d.sync += n.eq(n + 1)
-            with m.If(n < ci):
-                m.d.sync += s_o.eq(s_o + inner)
-            with m.If(n < bi):
-                m.d.sync += bikk.eq(bikk + kk)
-            with m.If((n >= ci) & (n >= bi)):
-                m.d.sync += [state.eq(_State.LOAD_B), xb_last.eq(bikk - 1), xs_last.eq(s_o - 1)]
-
-        # Loader: a section is co runs of x codes, written at consecutive addresses.
-        in_b, in_u = state == _State.LOAD_B, state == _State.LOAD_U
-        lx = Signal(range(max(cfg.max_ci * inner_max, cfg.max_bi * kk_max) + 1))
-        lo = Signal(range(cfg.max_co + 1))
-        la = Signal(range(max(depth["B"], depth["U"]) + 1))
-        x_last = Mux(in_b & has_l1, xb_last, xs_last)
-        dense_w = Mux(dense_sel == 1, cfg.qb, Mux(dense_sel == 2, cfg.qv, cfg.qd))
-        m.d.comb += [unpacker.width.eq(Mux(in_u, cfg.qu, Mux(has_l1, cfg.qb, dense_w))),
-                     code.ready.eq(in_b | in_u),
-                     unpacker.align.eq(state == _State.ALIGN)]
-        # Writes leave from registers, a cycle after the code is taken.
-        m.d.sync += [b_wp.en.eq(0), u_wp.en.eq(0), b_wp.addr.eq(la), u_wp.addr.eq(la),
-                     b_wp.data.eq(code.payload), u_wp.data.eq(code.payload)]
-        with m.If(code.valid & code.ready):
-            m.d.sync += [b_wp.en.eq(in_b & has_l1), u_wp.en.eq(in_u | (in_b & ~has_l1)),
-                         la.eq(la + 1), lx.eq(lx + 1)]
-            with m.If(lx == x_last):
-                m.d.sync += [lx.eq(0), lo.eq(lo + 1)]
-                with m.If(lo == co_m1):
-                    nxt = Mux(in_b & has_l1, _State.LOAD_U, _State.ISSUE)
-                    m.d.sync += [lo.eq(0), la.eq(0)]
-                    if self.section_align:
-                        m.d.sync += [state.eq(_State.ALIGN), pend.eq(nxt)]
-                    else:
-                        with m.If(nxt == _State.ISSUE):
-                            m.d.sync += [state.eq(_State.ALIGN), pend.eq(nxt)]
-                        with m.Else():
-                            m.d.sync += state.eq(nxt)
-        with m.If(state == _State.ALIGN):
-            m.d.sync += state.eq(pend)
+        m.submodules.loader = loader = SerialCodeLoader(cfg, section_align=self.section_align)
+        wiring.connect(m, wiring.flipped(self.i_desc), loader.i_desc)
+        wiring.connect(m, wiring.flipped(self.i_codes), loader.i_codes)
+        register_write(m, b_wp, loader.b_wr)
+        register_write(m, u_wp, loader.u_wr)
+        lay = loader.layer
+        ci, co, bi, kk, inner, has_l1 = lay.ci, lay.co, lay.bi, lay.kk, lay.inner, lay.has_l1
+        s_o, bikk = lay.s_o, lay.bikk
 
         # Issue: the loop registers of weight-vector order, one MAC a cycle -----------
+        # Issuing from start to the layer's last weight, then draining the pipeline.
+        issuing, draining = Signal(), Signal()
         j = Signal(range(cfg.max_bi + 1))
         c = Signal(range(C))
         r = Signal(range(R))
@@ -226,13 +148,14 @@ class SerialGenerationUnit(wiring.Component):
         vec_start = (j == 0) & (c == 0)
         room = claimed < OUT_VECTORS
         issue = Signal()
-        m.d.comb += issue.eq((state == _State.ISSUE) & (~vec_start | room))
+        m.d.comb += issue.eq(issuing & (~vec_start | room))
 
         m.d.comb += [u_rp.addr.eq(o_u + i_u + Mux(has_l1, j, tap)),
                      b_rp.addr.eq(o_b + jkk + tap)]
 
-        with m.If(state == _State.ALIGN):
-            m.d.sync += [j.eq(0), c.eq(0), r.eq(0), tap.eq(0), co0.eq(0), ci0.eq(0),
+        with m.If(loader.start):
+            m.d.sync += [issuing.eq(1),
+                         j.eq(0), c.eq(0), r.eq(0), tap.eq(0), co0.eq(0), ci0.eq(0),
                          co_c.eq(0), ci_r.eq(0), o_u0.eq(0), o_u.eq(0), i_u0.eq(0),
                          i_u.eq(0), o_b0.eq(0), o_b.eq(0), jkk.eq(0)]
         with m.If(issue):
@@ -265,7 +188,7 @@ class SerialGenerationUnit(wiring.Component):
                                                  o_u0.eq(o_u + s_o), o_u.eq(o_u + s_o),
                                                  o_b0.eq(o_b + bikk), o_b.eq(o_b + bikk)]
                                 with m.Else():
-                                    m.d.sync += state.eq(_State.DRAIN)
+                                    m.d.sync += [issuing.eq(0), draining.eq(1)]
 
         # Pipeline tags: issue (0), memory read (1, 2), operands (3), product (4),
         # accumulator (5).
@@ -282,16 +205,15 @@ class SerialGenerationUnit(wiring.Component):
         taken = out_fifo.r_rdy & out_fifo.r_en
         m.d.sync += claimed.eq(claimed + started - taken)
 
-        with m.If((state == _State.DRAIN) & ~Cat(t.valid for t in tags[1:]).any()):
-            m.d.sync += state.eq(_State.IDLE)
+        with m.If(draining & ~Cat(t.valid for t in tags[1:]).any()):
+            m.d.sync += draining.eq(0)
+            m.d.comb += loader.done.eq(1)
 
         # Stage 2: codes from the memories' read registers, decoded into the multiplier's
         # operands (a dense value times one).
         raw_u = u_rp.data
         u_val = decode_code(raw_u, cfg.qu, form)
-        d_val = Mux(dense_sel == 1, decode_code(raw_u, cfg.qb, form),
-                    Mux(dense_sel == 2, decode_code(raw_u, cfg.qv, form),
-                        decode_code(raw_u, cfg.qd, form)))
+        d_val = decode_dense(cfg, raw_u, lay.dense_sel)
         b_val = decode_code(b_rp.data, cfg.qb, form)
         a_op = Signal(signed(max(cfg.u_value_bits, cfg.d_value_bits, cfg.b_value_bits,
                                  cfg.v_value_bits)))
@@ -306,9 +228,9 @@ class SerialGenerationUnit(wiring.Component):
             m.d.sync += acc.eq(Mux(t4.first, 0, acc) + prod)
 
         # Stage 5: round, mask, and into the vector (the last weight completes it).
-        m.submodules.rounder = rounder = WeightRounder(acc_w, cfg.w_bits, len(w_shift),
+        m.submodules.rounder = rounder = WeightRounder(acc_w, cfg.w_bits, len(lay.w_shift),
                                                     held_shift=True)
-        m.d.comb += [rounder.x.eq(acc), rounder.shift.eq(w_shift)]
+        m.d.comb += [rounder.x.eq(acc), rounder.shift.eq(lay.w_shift)]
         w = Mux(t5.keep, rounder.y, 0)
         wb = cfg.w_bits
         prev = Signal(max(1, (C - 1) * wb))
@@ -321,5 +243,5 @@ class SerialGenerationUnit(wiring.Component):
         m.d.comb += [self.o_weights.valid.eq(out_fifo.r_rdy),
                      self.o_weights.payload.as_value().eq(out_fifo.r_data),
                      out_fifo.r_en.eq(self.o_weights.ready)]
-        m.d.comb += self.idle.eq((state == _State.IDLE) & (out_fifo.level == 0))
+        m.d.comb += self.idle.eq(loader.idle & (out_fifo.level == 0))
         return m

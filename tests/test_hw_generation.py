@@ -1,5 +1,9 @@
 """Generation unit: Amaranth-simulator unit tests and cocotb benches on both simulators.
 
+(Its parts have tests of their own: ``test_hw_gen_loader``, ``test_hw_gen_sequencer``,
+``test_hw_gen_lanes``, ``test_hw_gen_tiling``, ``test_hw_gen_rounding`` and
+``test_hw_unpacker``.)
+
 The cocotb part elaborates a few tops, each holding several generation units
 with different elaboration configs (code widths, decode form, array shape,
 lanes), so that one build per simulator covers every code width 1..8 of qb,
@@ -22,20 +26,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from amaranth.hdl import Const, Module, UnusedElaboratable, signed
+from amaranth.hdl import Const, Module, UnusedElaboratable
 from amaranth.lib import wiring
 from amaranth.lib.wiring import Out
 from amaranth.sim import Simulator
 
 from gen import cost
-from gen.config import AcceleratorConfig, code_value_bits
+from gen.config import AcceleratorConfig
 from gen.integer import decode_codes, round_w2
 from hw import serialgen
-from hw.generation import GenerationUnit, WeightRounder, lane_plan
+from hw.generation import GenerationUnit, lane_plan
 from hw.interfaces import descriptor_layout, weight_vectors
 from hw.serialgen import SerialGenerationUnit, generation_unit
-from hw.unpacker import CodeDecoder, CodeUnpacker, decode_code
 from sim.runner import SIMULATORS, run_bench, simulator_available
+from tests.support import put_stream
 
 BENCHES = Path(__file__).resolve().parents[1] / "sim" / "benches"
 sys.path.insert(0, str(BENCHES))
@@ -47,134 +51,6 @@ LONG = os.environ.get("MLG_LONG", "") not in ("", "0")
 
 # Amaranth-simulator unit tests -------------------------------------------------------
 
-async def _put_words(ctx, port, words, rng, idle):
-    for w in words:
-        while rng.random() < idle:
-            await ctx.tick()
-        ctx.set(port.payload, w)
-        ctx.set(port.valid, 1)
-        while True:
-            ready = ctx.get(port.ready)
-            await ctx.tick()
-            if ready:
-                break
-        ctx.set(port.valid, 0)
-
-
-@pytest.mark.parametrize("word_bits,byte_window", [(8, False), (16, False), (8, True)])
-def test_unpacker_every_width_straddling(word_bits, byte_window):
-    """Sections of every width 1..8 back to back (not byte aligned), some followed by
-    an align; random idle input and random backpressure."""
-    rng = random.Random(SEED + word_bits)
-    dut = CodeUnpacker(word_bits, byte_window=byte_window)
-    sections = []
-    for _ in range(2):
-        for q in rng.sample(range(1, 9), 8):
-            sections.append((q, [rng.randrange(1 << q) for _ in range(rng.randint(1, 23))],
-                             rng.random() < 0.5))
-    bits, n = 0, 0
-    for q, codes, align in sections:
-        for c in codes:
-            bits |= c << n
-            n += q
-        if align:
-            n = -(-n // 8) * 8
-    n = -(-n // word_bits) * word_bits
-    words = [(bits >> i) & ((1 << word_bits) - 1) for i in range(0, n, word_bits)]
-    got = []
-
-    async def consumer(ctx):
-        for q, codes, align in sections:
-            ctx.set(dut.width, q)
-            for _ in codes:
-                while rng.random() < 0.3:
-                    await ctx.tick()
-                ctx.set(dut.o_stream.ready, 1)
-                code, = await ctx.tick().sample(dut.o_stream.payload).until(dut.o_stream.valid)
-                ctx.set(dut.o_stream.ready, 0)
-                got.append(code)
-            if align:
-                ctx.set(dut.align, 1)
-                await ctx.tick()
-                ctx.set(dut.align, 0)
-
-    async def producer(ctx):
-        await _put_words(ctx, dut.i_stream, words, random.Random(SEED), 0.3)
-
-    sim = Simulator(dut)
-    sim.add_clock(1e-6)
-    sim.add_testbench(producer, background=True)
-    sim.add_testbench(consumer)
-    sim.run()
-    assert got == [c for _, codes, _ in sections for c in codes]
-
-
-@pytest.mark.parametrize("byte_window", [False, True])
-def test_unpacker_full_rate(byte_window):
-    """One code per cycle at every width with a steady input."""
-    for q in range(1, 9):
-        dut = CodeUnpacker(8, byte_window=byte_window)
-        count = 64
-        words = list(range(256)) * ((count * q) // 2048 + 1)
-        cycles = []
-
-        async def tb(ctx, q=q):
-            ctx.set(dut.width, q)
-            ctx.set(dut.o_stream.ready, 1)
-            got = 0
-            for cycle in range(count + 8):
-                if ctx.get(dut.o_stream.valid):
-                    got += 1
-                    if got == count:
-                        cycles.append(cycle)
-                        return
-                await ctx.tick()
-
-        async def producer(ctx):
-            await _put_words(ctx, dut.i_stream, words, random.Random(0), 0.0)
-
-        sim = Simulator(dut)
-        sim.add_clock(1e-6)
-        sim.add_testbench(producer, background=True)
-        sim.add_testbench(tb)
-        sim.run()
-        assert cycles and cycles[0] <= count + 3, f"width {q}: {cycles}"
-
-
-@pytest.mark.parametrize("form", ["signed", "odd"])
-def test_decode_every_width(form):
-    """decode_code (static width) and CodeDecoder (run-time width) equal gen.integer."""
-    class Static(wiring.Component):
-        def __init__(self):
-            super().__init__({f"v{q}": Out(signed(code_value_bits(q, form))) for q in range(1, 9)}
-                             | {"code": wiring.In(8)})
-
-        def elaborate(self, platform):
-            m = Module()
-            for q in range(1, 9):
-                m.d.comb += getattr(self, f"v{q}").eq(decode_code(self.code, q, form))
-            return m
-
-    static, dynamic = Static(), CodeDecoder(form)
-    m = Module()
-    m.submodules.static, m.submodules.dynamic = static, dynamic
-
-    async def tb(ctx):
-        for q in range(1, 9):
-            want = decode_codes(torch.arange(1 << q), q, form).tolist()
-            ctx.set(dynamic.width, q)
-            for c in range(1 << q):
-                junk = random.Random(c).randrange(256) & ~((1 << q) - 1)
-                ctx.set(static.code, c | junk)
-                ctx.set(dynamic.code, c | junk)
-                assert ctx.get(getattr(static, f"v{q}")) == want[c], (q, c)
-                assert ctx.get(dynamic.value) == want[c], (q, c)
-
-    sim = Simulator(m)
-    sim.add_testbench(tb)
-    sim.run()
-
-
 def _raises(exc, match, build):
     """``build()`` raises ``exc``; the half-built component is not reported as unused."""
     with warnings.catch_warnings():
@@ -182,39 +58,6 @@ def _raises(exc, match, build):
         with pytest.raises(exc, match=match):
             build()
         gc.collect()
-
-
-def test_decode_rejects_bad_form():
-    _raises(ValueError, "'twos'", lambda: CodeDecoder("twos"))
-    _raises(ValueError, "word_bits 12", lambda: CodeUnpacker(12))
-
-
-@pytest.mark.parametrize("held_shift", [False, True])
-@pytest.mark.parametrize("in_bits,w_bits", [(6, 4), (12, 8), (22, 8), (9, 2)])
-def test_rounder_matches_round_w2(in_bits, w_bits, held_shift):
-    """WeightRounder equals gen.integer.round_w2 for random values and every shift (with
-    ``held_shift``, from the cycle after the shift is set)."""
-    shift_bits = 6
-    dut = WeightRounder(in_bits, w_bits, shift_bits, held_shift=held_shift)
-    rng = random.Random(SEED + in_bits)
-    lo, hi = -(1 << (in_bits - 1)), (1 << (in_bits - 1)) - 1
-    xs = [lo, hi, 0, -1, 1] + [rng.randint(lo, hi) for _ in range(60)]
-
-    async def tb(ctx):
-        for s in range(in_bits + 4):
-            want = round_w2(torch.tensor(xs), s, w_bits).tolist()
-            ctx.set(dut.shift, s)
-            if held_shift:
-                await ctx.tick()
-            for x, y in zip(xs, want):
-                ctx.set(dut.x, x)
-                assert ctx.get(dut.y) == y, (x, s)
-
-    sim = Simulator(dut)
-    if held_shift:
-        sim.add_clock(1e-6)
-    sim.add_testbench(tb)
-    sim.run()
 
 
 def test_lane_plan():
@@ -256,7 +99,7 @@ def _run_pysim(dut, entries, seed, idle=0.3, backpressure=0.3):
             ctx.set(dut.i_desc.valid, 0)
 
     async def codes(ctx):
-        await _put_words(ctx, dut.i_codes, stream, random.Random(seed), idle)
+        await put_stream(ctx, dut.i_codes, stream, random.Random(seed), idle=idle)
 
     async def weights(ctx):
         r = random.Random(seed + 1)
