@@ -356,7 +356,7 @@ def _minutes_arg(text: str) -> float:
 
 
 def cmd_synth(args) -> int:
-    from hw.synth import format_synth_report, synthesize
+    from hw.flow.synth import format_synth_report, synthesize
 
     if args.freq is None:
         args.freq = 100.0 if args.board == "ulx3s-85f" else 30.0

@@ -20,8 +20,8 @@ relates to the harness's own model, an *auxiliary invariant* on a probed
 internal net (:meth:`Harness.probe`) says so. It is asserted, never assumed,
 so it is proved along with the rest.
 
-Checked properties (:data:`CHECKS`; ``python -m hw.formal [--json]`` runs them all)
-----------------------------------------------------------------------------------
+Checked properties (:data:`CHECKS`; ``python -m hw.flow.formal [--json]`` runs them all)
+----------------------------------------------------------------------------------------
 1. **Stream rules** (:func:`stream_rules`): on every ``lib.stream`` output of a
    block, valid stays high and the payload stable from the first valid cycle
    until ready; the same is assumed of every input, whose valid, ready and
@@ -369,7 +369,7 @@ def link_streams(params=LINK_PARAMS) -> Harness:
     states say so, which lets k-induction close; two more say that the receiver's
     state flags agree with its state.
     """
-    from .link import RX_INSIDE, RX_TAKES, HostLink, _Rx, _Tx
+    from ..link import RX_INSIDE, RX_TAKES, HostLink, _Rx, _Tx
 
     def build(m, h):
         m.submodules.link = dut = HostLink(params)
@@ -392,7 +392,7 @@ def link_streams(params=LINK_PARAMS) -> Harness:
 
 def uart_rx_stream(divisor: int = 4) -> Harness:
     """UARTRx: ``o_stream`` asserted, the serial line arbitrary."""
-    from .uart import UARTRx
+    from ..uart import UARTRx
 
     def build(m, h):
         m.submodules.dut = dut = UARTRx(divisor)
@@ -406,7 +406,7 @@ def unpacker_stream(word_bits: int = 8, max_code_bits: int = 8) -> Harness:
     arbitrary, except while a code waits (``width`` stable, no ``align``: an ``align``
     drops ``valid``; the generation unit raises it only after a cycle with ``ready``
     high)."""
-    from .unpacker import CodeUnpacker
+    from ..unpacker import CodeUnpacker
 
     def build(m, h):
         m.submodules.dut = dut = CodeUnpacker(word_bits, max_code_bits)
@@ -424,7 +424,7 @@ def unpacker_stream(word_bits: int = 8, max_code_bits: int = 8) -> Harness:
 
 def feeder_stream(config: AcceleratorConfig = TINY) -> Harness:
     """WindowFeeder: ``o_vec`` asserted; ``start`` and ``desc`` arbitrary."""
-    from .feeder import WindowFeeder
+    from ..feeder import WindowFeeder
 
     def build(m, h):
         m.submodules.dut = dut = WindowFeeder(config)
@@ -445,7 +445,7 @@ def _desc_in_range(d, config: AcceleratorConfig):
 def generation_stream(config: AcceleratorConfig = TINY) -> Harness:
     """The config's generation unit (``hw.serialgen.generation_unit``): ``o_weights``
     asserted; ``i_desc`` (within the config maxima) and ``i_codes`` assumed."""
-    from .serialgen import generation_unit
+    from ..serialgen import generation_unit
 
     def build(m, h):
         m.submodules.dut = dut = generation_unit(config)
@@ -458,7 +458,7 @@ def generation_stream(config: AcceleratorConfig = TINY) -> Harness:
 
 def engine_streams(config: AcceleratorConfig = TINY) -> Harness:
     """ConvEngine: ``o_read`` asserted; every input stream assumed."""
-    from .engine import ConvEngine
+    from ..engine import ConvEngine
 
     def build(m, h):
         m.submodules.dut = dut = ConvEngine(config)
@@ -536,7 +536,7 @@ def engine_readback(config: AcceleratorConfig = TINY) -> Harness:
     """ConvEngine host read: a command for ``channels x pixels`` values delivers exactly
     that many on ``o_read`` (under any back-pressure) before the engine is idle again.
     No descriptors are offered; host commands are arbitrary."""
-    from .engine import ConvEngine
+    from ..engine import ConvEngine
 
     def build(m, h):
         m.submodules.dut = dut = ConvEngine(config)
@@ -568,7 +568,7 @@ def engine_desc_accept(config: AcceleratorConfig = TINY, cycles: int = 2) -> Har
     """ConvEngine: while it is idle and no host command is offered, a descriptor offered
     is accepted within ``cycles`` cycles (descriptors and host commands take turns).
     Weights, constants and activations arbitrary."""
-    from .engine import ConvEngine
+    from ..engine import ConvEngine
 
     def build(m, h):
         m.submodules.dut = dut = ConvEngine(config)
@@ -656,7 +656,7 @@ def link_frames(params=LINK_PARAMS) -> Harness:
     """HostLink framing (property 3 of the module doc). The executor never answers, so
     the first request stays pending; error frames the link sends itself reopen it to
     the next frame. ``buf_addr`` is an arbitrary constant ``k``."""
-    from .link import HostLink
+    from ..link import HostLink
 
     def build(m, h):
         p = params
@@ -720,7 +720,7 @@ def link_response(params=LINK_PARAMS, cycles: int = LINK_ANSWER_CYCLES) -> Harne
     frame is answered too, but this check counts whole frames); the executor takes
     every request at once and answers with a header at once, payload bytes whenever
     it likes."""
-    from .link import HostLink
+    from ..link import HostLink
 
     def build(m, h):
         p = params
@@ -765,7 +765,7 @@ def uart_loopback(divisor: int = 4) -> Harness:
     """UARTTx -> UARTRx at the same divisor, receiver always read: the ``N``-th byte
     received is the ``N``-th sent, nothing more is received, and no framing error or
     overrun is reported."""
-    from .uart import UARTRx, UARTTx
+    from ..uart import UARTRx, UARTTx
 
     def build(m, h):
         m.submodules.tx = tx = UARTTx(divisor)
@@ -872,7 +872,7 @@ def controller_liveness(config: AcceleratorConfig = CONTROLLER, cycles: int = RU
     ends within ``cycles`` cycles. The host's bytes are arbitrary (stream rules
     assumed), so RUN frames with any layer count, other requests during the run
     and ABORT are all explored; the program memory holds its reset contents."""
-    from .accelerator import Accelerator
+    from ..accelerator import Accelerator
 
     def build(m, h):
         acc = Accelerator(config)
@@ -957,7 +957,7 @@ def _row(r: Result) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hw.formal", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m hw.flow.formal", description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("-k", metavar="TEXT", help="run only the checks whose name contains TEXT")
     ap.add_argument("--workdir", help="keep every check's files under this directory")
