@@ -13,7 +13,7 @@ from amaranth.hdl import UnusedElaboratable
 
 from gen.config import AcceleratorConfig
 from hw.board import BOARDS, BoardTop, board_platform
-from hw.pll import PLLError, ecp5_pll, ice40_pll
+from hw.flow.pll import PLLError, ecp5_pll, ice40_pll
 
 # The smallest useful accelerator: the smoke test builds it for the ULX3S.
 SMOKE = AcceleratorConfig(rows=2, cols=2, max_ci=8, max_co=8, max_h=8, max_w=8, max_bo=4,
