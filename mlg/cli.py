@@ -261,7 +261,7 @@ def cmd_soak(args) -> int:
 
 def cmd_bench(args) -> int:
     from gen.network import load_model_file
-    from sim.bench import bench, format_report, plot_report, resnet_layer_set, save_json
+    from sim.perf import bench, format_report, plot_report, resnet_layer_set, save_json
 
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     suites = {}
