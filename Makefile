@@ -44,14 +44,14 @@ compile: $(BUILD)/digits.pt
 
 # Verilog of the accelerator blocks for the compiled digits model's config.
 rtl: compile
-	$(PY) -m hw.rtl $(BUILD)/digits
+	$(PY) -m hw.flow.rtl $(BUILD)/digits
 
 # The main job: train (or reuse) the digits model, compile it, write its RTL, and run
 # test images end to end on the simulated board through the host driver.
 IMAGES  ?= 100
 demo: $(BUILD)/digits.pt
 	$(MLG) compile $(BUILD)/digits.pt --out $(BUILD)/digits --rows $(ROWS) --cols $(COLS)
-	$(PY) -m hw.rtl $(BUILD)/digits
+	$(PY) -m hw.flow.rtl $(BUILD)/digits
 	$(MLG) sim $(BUILD)/digits --images $(IMAGES)
 
 # Reliability soak: images on the simulated board with link faults and board resets
@@ -67,7 +67,7 @@ bench: $(BUILD)/digits.pt
 
 # Formal checks (SymbiYosys): every property with its depth, the long ones included.
 formal: $(SYNTH_STAMP)
-	MLG_LONG=1 $(PY) -m hw.formal
+	MLG_LONG=1 $(PY) -m hw.flow.formal
 
 # Bitstream and report:
 #   make synth BOARD=ulx3s-85f|icebreaker [FREQ=MHz] [MARGIN=PCT] [SEED=N[,N...]] [PNR_TIMEOUT=MIN]

@@ -20,7 +20,8 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from gen.config import AcceleratorConfig
 
 from .accelerator import Accelerator
-from .pll import ecp5_pll, ice40_pll
+from .flow.pll import ecp5_pll, ice40_pll
+from .pll import ecp5_pll_instance, ice40_pll_instance
 from .uart import UARTRx, UARTTx, uart_divisor
 
 __all__ = ["BOARDS", "Board", "BoardTop", "board_platform"]
@@ -84,10 +85,10 @@ class BoardTop(wiring.Component):
         if b.family == "ecp5":
             osc = platform.request(platform.default_clk, dir="-")
             m.submodules.osc = osc_buf = io.Buffer("i", osc)
-            m.submodules.pll = pll.instance(osc_buf.i, clk, lock)
+            m.submodules.pll = ecp5_pll_instance(pll, osc_buf.i, clk, lock)
         else:
             osc = platform.request(platform.default_clk, dir="-")
-            m.submodules.pll = pll.instance(osc.io, clk, lock)
+            m.submodules.pll = ice40_pll_instance(pll, osc.io, clk, lock)
         m.d.comb += ClockSignal("sync").eq(clk)
         platform.add_clock_constraint(clk, pll.f_out)
         m.submodules.reset_sync = ResetSynchronizer(~lock, domain="sync")

@@ -1,108 +1,40 @@
-"""PLL settings for the board clocks: ECP5 ``EHXPLLL`` and iCE40 ``SB_PLL40_PAD``.
+"""The board PLL primitives: ECP5 ``EHXPLLL`` and iCE40 ``SB_PLL40_PAD`` instances.
 
-Both functions search the divider space for the output closest to the
-requested frequency within the datasheet limits, and return the settings with
-the frequency actually reached. Limits (Lattice FPGA-TN-02200 for ECP5,
-iCE40 sysCLOCK PLL design guide for iCE40):
-
-* ECP5: PFD ``f_in / CLKI_DIV`` in 3.125..400 MHz, VCO ``f_out * CLKOP_DIV`` in
-  400..800 MHz, ``f_out = f_in * CLKFB_DIV / CLKI_DIV`` (feedback from CLKOP).
-* iCE40: PFD ``f_in / (DIVR+1)`` in 10..133 MHz, VCO ``PFD * (DIVF+1)`` in
-  533..1066 MHz, ``f_out = VCO / 2**DIVQ``; the loop filter range follows the PFD.
+The divider settings come from the parameter search of :mod:`hw.flow.pll`
+(:func:`~hw.flow.pll.ecp5_pll`, :func:`~hw.flow.pll.ice40_pll`); these functions
+turn them into the vendor primitive, with its output clock and lock signal.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from amaranth.hdl import Instance
 
-__all__ = ["PLLError", "ECP5PLL", "ICE40PLL", "ecp5_pll", "ice40_pll"]
+__all__ = ["ecp5_pll_instance", "ice40_pll_instance"]
 
 
-class PLLError(ValueError):
-    """No PLL setting reaches the requested frequency within the tolerance."""
+def ecp5_pll_instance(pll, clk_in, clk_out, lock) -> Instance:
+    """An ``EHXPLLL`` for the :class:`~hw.flow.pll.ECP5PLL` settings ``pll``: ``clk_in``
+    (the buffered oscillator) in, ``clk_out`` (fed back from CLKOP) and ``lock`` out."""
+    return Instance(
+        "EHXPLLL",
+        p_PLLRST_ENA="DISABLED", p_INTFB_WAKE="DISABLED", p_STDBY_ENABLE="DISABLED",
+        p_DPHASE_SOURCE="DISABLED", p_OUTDIVIDER_MUXA="DIVA", p_OUTDIVIDER_MUXB="DIVB",
+        p_OUTDIVIDER_MUXC="DIVC", p_OUTDIVIDER_MUXD="DIVD",
+        p_CLKI_DIV=pll.clki_div, p_CLKOP_ENABLE="ENABLED", p_CLKOP_DIV=pll.clkop_div,
+        p_CLKOP_CPHASE=pll.clkop_div - 1, p_CLKOP_FPHASE=0,
+        p_FEEDBK_PATH="CLKOP", p_CLKFB_DIV=pll.clkfb_div,
+        a_FREQUENCY_PIN_CLKI=f"{pll.f_in / 1e6:g}", a_FREQUENCY_PIN_CLKOP=f"{pll.f_out / 1e6:g}",
+        a_ICP_CURRENT="12", a_LPF_RESISTOR="8", a_MFG_ENABLE_FILTEROPAMP="1",
+        a_MFG_GMCREF_SEL="2",
+        i_RST=0, i_STDBY=0, i_CLKI=clk_in, i_CLKFB=clk_out, o_CLKOP=clk_out,
+        i_PHASESEL0=0, i_PHASESEL1=0, i_PHASEDIR=1, i_PHASESTEP=1, i_PHASELOADREG=1,
+        i_PLLWAKESYNC=0, i_ENCLKOP=0, o_LOCK=lock)
 
 
-@dataclass(frozen=True)
-class ECP5PLL:
-    f_in: float
-    f_out: float
-    clki_div: int
-    clkfb_div: int
-    clkop_div: int
-
-    def instance(self, clk_in, clk_out, lock) -> Instance:
-        return Instance(
-            "EHXPLLL",
-            p_PLLRST_ENA="DISABLED", p_INTFB_WAKE="DISABLED", p_STDBY_ENABLE="DISABLED",
-            p_DPHASE_SOURCE="DISABLED", p_OUTDIVIDER_MUXA="DIVA", p_OUTDIVIDER_MUXB="DIVB",
-            p_OUTDIVIDER_MUXC="DIVC", p_OUTDIVIDER_MUXD="DIVD",
-            p_CLKI_DIV=self.clki_div, p_CLKOP_ENABLE="ENABLED", p_CLKOP_DIV=self.clkop_div,
-            p_CLKOP_CPHASE=self.clkop_div - 1, p_CLKOP_FPHASE=0,
-            p_FEEDBK_PATH="CLKOP", p_CLKFB_DIV=self.clkfb_div,
-            a_FREQUENCY_PIN_CLKI=f"{self.f_in / 1e6:g}", a_FREQUENCY_PIN_CLKOP=f"{self.f_out / 1e6:g}",
-            a_ICP_CURRENT="12", a_LPF_RESISTOR="8", a_MFG_ENABLE_FILTEROPAMP="1",
-            a_MFG_GMCREF_SEL="2",
-            i_RST=0, i_STDBY=0, i_CLKI=clk_in, i_CLKFB=clk_out, o_CLKOP=clk_out,
-            i_PHASESEL0=0, i_PHASESEL1=0, i_PHASEDIR=1, i_PHASESTEP=1, i_PHASELOADREG=1,
-            i_PLLWAKESYNC=0, i_ENCLKOP=0, o_LOCK=lock)
-
-
-@dataclass(frozen=True)
-class ICE40PLL:
-    f_in: float
-    f_out: float
-    divr: int
-    divf: int
-    divq: int
-    filter_range: int
-
-    def instance(self, pad, clk_out, lock) -> Instance:
-        return Instance(
-            "SB_PLL40_PAD", p_FEEDBACK_PATH="SIMPLE", p_DIVR=self.divr, p_DIVF=self.divf,
-            p_DIVQ=self.divq, p_FILTER_RANGE=self.filter_range,
-            i_PACKAGEPIN=pad, i_RESETB=1, i_BYPASS=0, o_PLLOUTGLOBAL=clk_out, o_LOCK=lock)
-
-
-def _check(best, f_in, f_out, tolerance, family):
-    if best is None or abs(best.f_out - f_out) > tolerance * f_out:
-        reached = f"; closest {best.f_out / 1e6:.3f} MHz" if best else ""
-        raise PLLError(f"{family} PLL cannot make {f_out / 1e6:g} MHz from {f_in / 1e6:g} MHz "
-                       f"within {tolerance:.1%}{reached}")
-    return best
-
-
-def ecp5_pll(f_in: float, f_out: float, tolerance: float = 0.01) -> ECP5PLL:
-    best = None
-    for clki in range(1, 129):
-        pfd = f_in / clki
-        if not 3.125e6 <= pfd <= 400e6:
-            continue
-        for fb in range(1, 81):
-            out = pfd * fb
-            for op in range(1, 129):
-                if 400e6 <= out * op <= 800e6:
-                    if best is None or abs(out - f_out) < abs(best.f_out - f_out):
-                        best = ECP5PLL(f_in, out, clki, fb, op)
-                    break
-    return _check(best, f_in, f_out, tolerance, "ECP5")
-
-
-def ice40_pll(f_in: float, f_out: float, tolerance: float = 0.01) -> ICE40PLL:
-    best = None
-    for divr in range(16):
-        pfd = f_in / (divr + 1)
-        if not 10e6 <= pfd <= 133e6:
-            continue
-        for divf in range(128):
-            vco = pfd * (divf + 1)
-            if not 533e6 <= vco <= 1066e6:
-                continue
-            for divq in range(1, 7):
-                out = vco / (1 << divq)
-                if best is None or abs(out - f_out) < abs(best.f_out - f_out):
-                    rng = next(i for i, lim in enumerate((17e6, 26e6, 44e6, 66e6, 101e6, 1e12), 1)
-                               if pfd < lim)
-                    best = ICE40PLL(f_in, out, divr, divf, divq, rng)
-    return _check(best, f_in, f_out, tolerance, "iCE40")
+def ice40_pll_instance(pll, pad, clk_out, lock) -> Instance:
+    """An ``SB_PLL40_PAD`` for the :class:`~hw.flow.pll.ICE40PLL` settings ``pll``: the
+    oscillator's package pin ``pad`` in, the global ``clk_out`` and ``lock`` out."""
+    return Instance(
+        "SB_PLL40_PAD", p_FEEDBACK_PATH="SIMPLE", p_DIVR=pll.divr, p_DIVF=pll.divf,
+        p_DIVQ=pll.divq, p_FILTER_RANGE=pll.filter_range,
+        i_PACKAGEPIN=pad, i_RESETB=1, i_BYPASS=0, o_PLLOUTGLOBAL=clk_out, o_LOCK=lock)

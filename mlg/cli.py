@@ -261,7 +261,7 @@ def cmd_soak(args) -> int:
 
 def cmd_bench(args) -> int:
     from gen.network import load_model_file
-    from sim.bench import bench, format_report, plot_report, resnet_layer_set, save_json
+    from sim.perf import bench, format_report, plot_report, resnet_layer_set, save_json
 
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     suites = {}
@@ -356,7 +356,7 @@ def _minutes_arg(text: str) -> float:
 
 
 def cmd_synth(args) -> int:
-    from hw.synth import format_synth_report, synthesize
+    from hw.flow.synth import format_synth_report, synthesize
 
     if args.freq is None:
         args.freq = 100.0 if args.board == "ulx3s-85f" else 30.0

@@ -16,7 +16,7 @@ __all__ = ["simulate", "put_stream", "take_stream", "TINY", "TINY_SERIAL", "TINY
 
 # The small configs of the formal checks (2 x 2 array, 3 x 3 maps, 4-bit data; the
 # serial generation unit) serve the unit tests too; a compact build of TINY.
-from hw.formal import TINY, TINY_SERIAL  # noqa: E402
+from hw.flow.formal import TINY, TINY_SERIAL  # noqa: E402
 
 TINY_COMPACT = dataclasses.replace(TINY, compact=True, layer_log=False)
 

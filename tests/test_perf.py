@@ -1,4 +1,5 @@
-"""The factorized execution form, the form choice, the cost model's structure and the bench."""
+"""The factorized execution form, the form choice, the cost model's structure and the
+performance bench (:mod:`sim.perf`)."""
 
 from __future__ import annotations
 
@@ -137,7 +138,7 @@ def test_factorized_network_bit_exact_on_the_simulated_board():
 
 @pytest.mark.skipif(not simulator_available("verilator"), reason="Verilator not installed")
 def test_bench_suite_runs_mlg_and_dense_bit_exact():
-    from sim.bench import format_report, run_suite
+    from sim.perf import format_report, run_suite
 
     net = random_network(seed=2)
     report = run_suite("test", net, 4, 4, fast_build=True, form="auto", gen_lanes=4,

@@ -1,7 +1,7 @@
-"""``python -m hw.rtl``: Verilog of every block for a build's config."""
+"""``python -m hw.flow.rtl``: Verilog of every block for a build's config."""
 
 from gen.config import AcceleratorConfig
-from hw.rtl import BLOCKS, main
+from hw.flow.rtl import BLOCKS, main
 
 
 def test_writes_every_block(tmp_path, capsys):

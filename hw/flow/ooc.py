@@ -2,8 +2,8 @@
 
 Usage::
 
-    python -m hw.ooc BLOCK [--build DIR] [--freq MHZ] [--family ecp5|ice40] [--no-pnr]
-                     [--by-module] [--json] [--workdir DIR]
+    python -m hw.flow.ooc BLOCK [--build DIR] [--freq MHZ] [--family ecp5|ice40] [--no-pnr]
+                          [--by-module] [--json] [--workdir DIR]
 
 ``BLOCK`` is one of :data:`BLOCKS`. The block is elaborated for the config of a
 ``mlg compile`` build folder (default: the demo's ``build/digits``), synthesized
@@ -39,22 +39,22 @@ __all__ = ["BLOCKS", "ooc_timing", "critical_path", "module_cells", "register_co
 
 
 def _engine(c):
-    from .engine import ConvEngine
+    from ..engine import ConvEngine
     return ConvEngine(c)
 
 
 def _generation(c):
-    from .serialgen import generation_unit
+    from ..serialgen import generation_unit
     return generation_unit(c)
 
 
 def _link(c):
-    from .link import HostLink
+    from ..link import HostLink
     return HostLink(c)
 
 
 def _accelerator(c):
-    from .accelerator import Accelerator
+    from ..accelerator import Accelerator
     return Accelerator(c)
 
 
@@ -203,7 +203,7 @@ def ooc_timing(block: str, config: AcceleratorConfig, workdir: Path, *, family: 
     workdir.mkdir(parents=True, exist_ok=True)
     # The block is elaborated for a board of the family, so that vendor primitives
     # (the ECP5 multipliers with their registers) appear as they do in a board build.
-    from .board import board_platform
+    from ..board import board_platform
 
     platform = board_platform("ulx3s-85f" if family == "ecp5" else "icebreaker")
     (workdir / f"{block}.il").write_text(
@@ -239,7 +239,7 @@ def ooc_timing(block: str, config: AcceleratorConfig, workdir: Path, *, family: 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hw.ooc", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m hw.flow.ooc", description=__doc__.splitlines()[0])
     p.add_argument("block", choices=tuple(BLOCKS))
     p.add_argument("--build", default="build/digits", help="'mlg compile' build folder")
     p.add_argument("--family", choices=tuple(CELLS), default="ecp5")
@@ -257,7 +257,7 @@ def main(argv=None) -> int:
     try:
         config = AcceleratorConfig.load(cfg_path)
     except (OSError, ValueError) as e:
-        print(f"hw.ooc: error: {cfg_path}: {e}", file=sys.stderr)
+        print(f"hw.flow.ooc: error: {cfg_path}: {e}", file=sys.stderr)
         return 2
     workdir = Path(args.workdir or Path(args.build) / f"ooc-{args.family}-{args.block}")
     try:
@@ -265,10 +265,10 @@ def main(argv=None) -> int:
                        pnr=not args.no_pnr, by_module=args.by_module,
                        by_register=args.by_register is not None)
     except ValueError as e:
-        print(f"hw.ooc: error: {e}", file=sys.stderr)
+        print(f"hw.flow.ooc: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        print(f"hw.ooc: error: {e}", file=sys.stderr)
+        print(f"hw.flow.ooc: error: {e}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(r, indent=2))

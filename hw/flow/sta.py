@@ -21,7 +21,7 @@ the nets they drive (``core.engine.drain_1_TRELLIS_FF_Q_2`` is a bit of
 ``core.engine.drain_1``), so the report says which registers, memories and
 multipliers miss the clock and by how much, with each group's worst path.
 
-``python -m hw.sta DESIGN.sdf --freq MHZ [--top N] [--json]``
+``python -m hw.flow.sta DESIGN.sdf --freq MHZ [--top N] [--json]``
 """
 
 from __future__ import annotations
@@ -240,7 +240,7 @@ def report(sdf: Path, freq_mhz: float, top: int = 25) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hw.sta", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m hw.flow.sta", description=__doc__.split("\n\n")[0])
     ap.add_argument("sdf", help="SDF written by nextpnr --sdf")
     ap.add_argument("--freq", type=float, required=True, help="clock, MHz")
     ap.add_argument("--top", type=int, default=25, help="failing signals listed (default 25)")
