@@ -33,8 +33,8 @@ from hw.interfaces import descriptor_layout
 from hw.unpacker import CodeUnpacker, decode_code
 
 __all__ = ["CodeLoader", "SerialCodeLoader", "LoadPhase", "SerialLoadPhase", "LOADING_BIT",
-           "layer_layout",
-           "serial_layer_layout", "store_depths", "serial_store_depths", "w1_value_bits",
+           "layer_layout", "serial_layer_layout", "store_depths", "serial_store_depths",
+           "w1_value_bits",
            "address_limit", "word_shape", "store_write_signature", "register_write",
            "dense_code_bits", "decode_dense", "kernel_taps"]
 
@@ -44,7 +44,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 class LoadPhase(enum.Enum, shape=5):
-    """A loader's state. The load states share bit 4 (:data:`LOADING_BIT`): the code
+    """:class:`CodeLoader`'s state. The load states share bit 4 (:data:`LOADING_BIT`): the code
     stream's ready is that one state register bit, no decode in front of the
     unpacker's handshake."""
     IDLE = 0

@@ -27,8 +27,9 @@ codes (``[co, ci, bi]``) or the codes of a dense layer (``[co, ci, k*k]``), raw,
 in one single-port memory (a layer's codes are all written before its first weight
 is read, and the next layer's codes only after its last read; on an iCE40 UP5K it
 is the large single-port RAM). Each section is written at consecutive addresses
-in stream order (:class:`hw.gen_loader.SerialCodeLoader`, the loader of the lane
-unit's phases and descriptor handling, with a counter for an address).
+in stream order (:class:`hw.gen_loader.SerialCodeLoader`: the load phases and
+descriptor handling it shares with the lane unit's loader, and a counter for the
+address).
 
 Pipeline (no stalls past the issue stage): issue (addresses from the loop
 registers), two cycles of memory read, operands into the multiplier, product,
