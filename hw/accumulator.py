@@ -15,6 +15,7 @@ from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
 from gen.config import AcceleratorConfig
+from gen.contract import ACC_GAP
 from .memory import BlockMemory
 
 __all__ = ["Accumulators"]
@@ -66,7 +67,6 @@ class Accumulators(wiring.Component):
     FORWARD_DEPTH = 4
 
     def __init__(self, config: AcceleratorConfig, *, latency: int, forward: bool = True):
-        from .engine import ACC_GAP     # (hw.engine holds the constant and imports this module)
         if latency < 3:
             raise ValueError(f"Accumulators latency must be at least 3, got {latency!r}: the "
                              "read leaves three stages before the accumulate stage")

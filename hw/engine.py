@@ -91,12 +91,13 @@ from __future__ import annotations
 
 
 from amaranth.hdl import Module, Mux, Signal, signed, unsigned
-from amaranth.lib import data, stream, wiring
+from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from gen.config import KERNEL_SIZES, AcceleratorConfig, clog2
+from gen.config import KERNEL_SIZES, AcceleratorConfig
+from gen.contract import ERR_DESCRIPTOR, ERR_WEIGHTS, channel_layout
 from .accumulator import Accumulators
-from .engine_port import EngineHostPort
+from .engine_port import EngineHostPort, host_command_layout
 from .feeder import WindowFeeder, bank_depth
 from .interfaces import descriptor_layout, weight_stream_signature
 from .memory import BlockMemory
@@ -108,39 +109,9 @@ from .systolic import PE_MULTIPLIERS, SystolicArray
 __all__ = ["ConvEngine", "channel_layout", "host_command_layout", "check_layer",
            "ERR_DESCRIPTOR", "ERR_WEIGHTS", "bank_depth"]
 
-ERR_DESCRIPTOR = 1
-ERR_WEIGHTS = 2
 # The issue stage's counts, as the engine's ports of the same names.
 _COUNTERS = ("cycles", "mac_cycles", "stall_weights", "stall_output", "macs",
              "ev_mac_cycles", "ev_stall_weights", "ev_stall_output", "ev_macs")
-# (compact) Cycles from a vector's issue to the first issue at which another vector may
-# read the accumulator word it writes: its read leaves three stages before the
-# accumulate stage, the sum is written the stage after, and a block RAM read must take
-# its address after the write (hw.memory). Without compact the last four sums are
-# forwarded instead.
-ACC_GAP = 5
-
-
-def _max_channels(config: AcceleratorConfig) -> int:
-    return max(config.max_ci, config.max_co)
-
-
-def channel_layout(config: AcceleratorConfig) -> data.StructLayout:
-    """Per-output-channel requant constants: signed multiplier and bias (product domain)."""
-    return data.StructLayout({"mult": signed(config.m_bits), "bias": signed(config.bias_bits)})
-
-
-def host_command_layout(config: AcceleratorConfig) -> data.StructLayout:
-    """A host transfer: ``write`` (1: load via ``i_load``, 0: read via ``o_read``),
-    buffer ``buf``, and the tensor's ``channels`` and ``pixels`` (H * W)."""
-    return data.StructLayout({
-        "write": unsigned(1),
-        "buf": unsigned(max(1, clog2(config.act_buffers))),
-        "channels": unsigned(_max_channels(config).bit_length()),
-        "pixels": unsigned((config.max_h * config.max_w).bit_length()),
-    })
-
-
 def check_layer(config: AcceleratorConfig, *, op: str, ci: int, co: int, h: int, w: int,
                 k: int = 1, stride: int = 1, pad: int = 0, src: int = 0, dst: int = 1,
                 res: int | None = None, name: str = "layer") -> None:
@@ -245,7 +216,6 @@ class ConvEngine(wiring.Component):
         })
 
     def elaborate(self, platform):
-        cfg = self.config
         m = Module()
         m.submodules.host = host = self.host
         m.submodules.issue = issue = self.issue

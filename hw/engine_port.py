@@ -15,10 +15,21 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-from gen.config import AcceleratorConfig
+from gen.config import AcceleratorConfig, clog2
 from .feeder import bank_depth
 
 __all__ = ["EngineHostPort"]
+
+
+def host_command_layout(config: AcceleratorConfig) -> data.StructLayout:
+    """A host transfer: ``write`` (1: load via ``i_load``, 0: read via ``o_read``),
+    buffer ``buf``, and the tensor's ``channels`` and ``pixels`` (H * W)."""
+    return data.StructLayout({
+        "write": unsigned(1),
+        "buf": unsigned(max(1, clog2(config.act_buffers))),
+        "channels": unsigned(max(config.max_ci, config.max_co).bit_length()),
+        "pixels": unsigned((config.max_h * config.max_w).bit_length()),
+    })
 
 
 class EngineHostPort(wiring.Component):
@@ -60,7 +71,6 @@ class EngineHostPort(wiring.Component):
     """
 
     def __init__(self, config: AcceleratorConfig):
-        from .engine import host_command_layout     # (hw.engine imports this module)
         self.config = config
         R, NB = config.rows, config.act_buffers
         self.addr_shape = unsigned(max(1, (bank_depth(config) - 1).bit_length()))

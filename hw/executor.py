@@ -48,7 +48,7 @@ from host.protocol import (COUNTERS, LOG_COUNTERS, REGION_LOG, ERR_ADDRESS, ERR_
                            REGION_PROGRAM, REGION_STREAM, RESPONSE, act_bytes, const_bytes,
                            identity_bytes, record_bytes)
 
-from .engine import host_command_layout
+from .engine_port import host_command_layout
 from .feeder import bank_depth
 from .link import header_layout
 

@@ -15,6 +15,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from gen.config import KERNEL_SIZES, AcceleratorConfig
+from gen.contract import ERR_DESCRIPTOR, ERR_WEIGHTS
 from .feeder import feed_layout
 from .interfaces import descriptor_layout, weight_stream_signature
 from .systolic import lut_multiply
@@ -151,7 +152,6 @@ class IssueStage(wiring.Component):
     def _control(self, m):
         """Descriptor capture and check, and the layer's states; returns the layer
         reset (the first check cycle, from a register of its own)."""
-        from .engine import ERR_DESCRIPTOR     # (hw.engine imports this module)
         cfg = self.config
         NB = cfg.act_buffers
         d = self.desc
@@ -210,7 +210,6 @@ class IssueStage(wiring.Component):
         """The weight loader: stream -> staging tile -> PE bank. Returns the banks'
         ``loaded`` flags, and ``release`` and ``release_bank`` to drive: the vector just
         issued was the last of its tile on that bank."""
-        from .engine import ERR_WEIGHTS     # (hw.engine imports this module)
         cfg = self.config
         R, C = cfg.rows, cfg.cols
         d = self.desc

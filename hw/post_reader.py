@@ -17,6 +17,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from gen.config import AcceleratorConfig
+from gen.contract import channel_layout
 from .feeder import bank_depth
 from .interfaces import descriptor_layout
 from .memory import BlockMemory
@@ -86,7 +87,6 @@ class PostReader(wiring.Component):
     """
 
     def __init__(self, config: AcceleratorConfig, requantizer: type | None = None):
-        from .engine import channel_layout     # (hw.engine imports this module)
         self.config = config
         R, C, NB = config.rows, config.cols, config.act_buffers
         self.lanes = config.requant_lanes
@@ -258,7 +258,6 @@ class PostReader(wiring.Component):
         """The per-channel constants: ``i_chan`` into ``lanes`` memories (channel
         ``c`` in memory ``c mod lanes`` at ``c // lanes``), read at ``rd_addr``.
         Returns the count of constants taken and the memories' read registers."""
-        from .engine import channel_layout     # (hw.engine imports this module)
         cfg = self.config
         G = self.lanes
         max_ch = max(cfg.max_ci, cfg.max_co)

@@ -44,6 +44,8 @@ from amaranth.lib import data, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 
 from gen.config import AcceleratorConfig
+from gen.contract import SERIAL_OUT_VECTORS as OUT_VECTORS
+from gen.contract import SERIAL_PIPE_STAGES as PIPE_STAGES
 from hw.dsp import registered_multiply
 from hw.gen_loader import SerialCodeLoader, decode_dense, register_write, serial_store_depths
 from hw.gen_loader import w1_value_bits
@@ -52,12 +54,6 @@ from hw.memory import BlockMemory
 from hw.unpacker import decode_code
 
 __all__ = ["SerialGenerationUnit", "generation_unit", "OUT_VECTORS", "PIPE_STAGES"]
-
-# Weight vectors the output FIFO holds.
-OUT_VECTORS = 2
-# Cycles from a weight's issue to its result at the accumulator (hw pipeline depth).
-PIPE_STAGES = 5
-
 
 def generation_unit(config: AcceleratorConfig, **kwargs):
     """The generation unit of an accelerator built for ``config``: the serial one in

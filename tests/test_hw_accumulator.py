@@ -14,7 +14,7 @@ import random
 import pytest
 
 from hw.accumulator import Accumulators
-from hw.engine import ACC_GAP
+from gen.contract import ACC_GAP
 from tests.support import TINY, simulate
 
 LATENCY = 6

@@ -31,10 +31,8 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import Out
 from amaranth.sim import Simulator
 
-from gen import cost
 from gen.config import AcceleratorConfig
 from gen.integer import decode_codes, round_w2
-from hw import serialgen
 from hw.generation import GenerationUnit, lane_plan
 from hw.interfaces import descriptor_layout, weight_vectors
 from hw.serialgen import SerialGenerationUnit, generation_unit
@@ -184,9 +182,6 @@ def test_generation_unit_choice():
     _raises(ValueError, "level2 must be false",
             lambda: SerialGenerationUnit(dataclasses.replace(base, level2=True)))
     _raises(TypeError, "dict", lambda: SerialGenerationUnit({"rows": 8}))
-    # The cost model's figures of the serial unit are the unit's own.
-    assert (cost.SERIAL_OUT_VECTORS, cost.SERIAL_PIPE) == (serialgen.OUT_VECTORS,
-                                                           serialgen.PIPE_STAGES + 1)
 
 
 # cocotb benches ----------------------------------------------------------------------

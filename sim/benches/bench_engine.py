@@ -41,7 +41,8 @@ from gen.contract import channel_layout, descriptor_layout, layer_descriptor, wi
 from gen.golden import golden_layer
 from gen.integer import conv2d_int, encode_values, int_range, pool_multiplier
 from gen.network import LayerSpec, QuantizedNetwork
-from hw.engine import check_layer, host_command_layout
+from hw.engine import check_layer
+from hw.engine_port import host_command_layout
 from hw.interfaces import weight_beat_layout, weight_vectors
 from host.protocol import pack_struct
 
