@@ -55,7 +55,7 @@ from amaranth.lib import data
 
 __all__ = [
     # widths
-    "WidthField", "WIDTHS", "WIDTH_NAMES", "DECODE_FORMS", "width_fields", "width_problem",
+    "int_range", "WidthField", "WIDTHS", "WIDTH_NAMES", "DECODE_FORMS", "width_fields", "width_problem",
     "check_widths", "widths_of",
     # layouts
     "DENSE_BITS", "descriptor_layout", "layer_descriptor", "descriptor_fields",
@@ -84,6 +84,12 @@ def _clog2(n: int) -> int:
 
 
 # ---- widths ----------------------------------------------------------------------------
+
+def int_range(bits: int) -> tuple[int, int]:
+    """Two's complement range of a ``bits``-wide signed integer: every saturation of the
+    integer contract (golden model, training layers, RTL) clamps to it."""
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
 
 # How a code decodes to its integer value (gen.integer): two's complement, or the odd
 # integer 2c - (2**bits - 1). The program header stores the index.

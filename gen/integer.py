@@ -53,6 +53,7 @@ from __future__ import annotations
 import torch
 
 from .config import DECODE_FORMS
+from .contract import int_range
 
 __all__ = [
     "round_shift", "saturate", "int_range", "decode_codes", "encode_values",
@@ -63,11 +64,6 @@ __all__ = [
 
 def bitlen(n: int) -> int:
     return int(abs(int(n))).bit_length()
-
-
-def int_range(bits: int) -> tuple[int, int]:
-    """Two's complement range of a ``bits``-wide signed integer."""
-    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
 def round_shift(x: torch.Tensor, shift: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from gen.integer import int_range
+from gen.contract import int_range
 
 __all__ = ["WeightRounder", "round_half", "shift_saturate", "saturate"]
 

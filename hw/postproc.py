@@ -24,6 +24,7 @@ from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
 from gen.config import AcceleratorConfig
+from gen.contract import int_range
 
 from .dsp import registered_multiply, registered_multiply_add
 
@@ -91,7 +92,7 @@ class _RequantizerBase(wiring.Component):
         a_bits - 1 up equals the sign. ReLU only picks the negative side's result, so
         the layer's flag (one register for all lanes) is the last gate."""
         a_bits = self.config.a_bits
-        lo, hi = -(1 << (a_bits - 1)), (1 << (a_bits - 1)) - 1
+        lo, hi = int_range(a_bits)
         sign = shifted[-1]
         top = shifted[a_bits - 1:-1]
         low = shifted[:a_bits]
