@@ -54,22 +54,20 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from gen.config import AcceleratorConfig
-from host.protocol import (COUNTERS, LOG_COUNTERS, STATE_ERROR, act_bytes, const_bytes,
-                           record_bytes)
+from gen.contract import (COUNTERS, ENGINE_COUNTS, ERR_ABORTED, LINK_COUNTERS, LOG_COUNTERS,
+                          STATE_ERROR, act_bytes, const_bytes, record_bytes)
 
 from .counters import CounterBank, CounterRegisters
 from .engine import ConvEngine
 from .executor import Executor
 from .layer_log import LayerLog
-from .link import LINK_COUNTERS, HostLink
+from .link import HostLink
 from .memory import BlockMemory
-from .sequencer import ERR_ABORTED, EngineSequencer, GenerationSequencer
+from .sequencer import EngineSequencer, GenerationSequencer
 from .serialgen import generation_unit
 
 __all__ = ["Accelerator", "ERR_ABORTED", "ENGINE_COUNTS"]
 
-# The run counters that add up the engine's counts of each layer.
-ENGINE_COUNTS = ("mac_cycles", "macs", "stall_weights", "stall_output")
 # The counters that restart at RUN.
 RUN_COUNTERS = COUNTERS[:COUNTERS.index(LINK_COUNTERS[0])]
 

@@ -42,11 +42,13 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from gen.config import AcceleratorConfig
-from host.protocol import (COUNTERS, LOG_COUNTERS, REGION_LOG, ERR_ADDRESS, ERR_ARGUMENT, ERR_BUSY,
-                           ERR_STATE, ERR_LENGTH, ERR_OPCODE, OP_ABORT, OP_COUNTERS, OP_ERROR,
-                           OP_IDENTIFY, OP_LOAD_ACT, OP_READ, OP_READ_ACT, OP_RUN, OP_STATUS, OP_WRITE, REGION_BASES, REGION_CONSTS,
-                           REGION_PROGRAM, REGION_STREAM, RESPONSE, act_bytes, const_bytes,
-                           identity_bytes, record_bytes)
+from gen.contract import (ARG_BYTES, COUNTERS, COUNTER_BYTES, ERR_ADDRESS, ERR_ARGUMENT,
+                          ERR_BUSY, ERR_LENGTH, ERR_OPCODE, ERR_STATE, FIXED_LENGTH,
+                          LOG_COUNTERS, OP_ABORT, OP_COUNTERS, OP_ERROR, OP_IDENTIFY,
+                          OP_LOAD_ACT, OP_READ, OP_READ_ACT, OP_RUN, OP_STATUS, OP_WRITE,
+                          REGION_BASES, REGION_CONSTS, REGION_LOG, REGION_PROGRAM,
+                          REGION_STREAM, RESPONSE, STATUS_BYTES, act_bytes, const_bytes,
+                          identity_bytes, record_bytes, region_sizes, region_words)
 
 from .engine_port import host_command_layout
 from .feeder import bank_depth
@@ -90,10 +92,6 @@ class _Rd(enum.Enum, shape=3):
  SRC_ERROR, SRC_LOG, SRC_NONE) = range(10)
 _SRC_OF_REGION = {REGION_PROGRAM: SRC_PROG, REGION_BASES: SRC_BASES, REGION_CONSTS: SRC_CONSTS,
                   REGION_LOG: SRC_LOG}
-# Argument bytes of each request, and the payload length of those of fixed length.
-_ARG_BYTES = {OP_WRITE: 5, OP_READ: 7, OP_RUN: 2, OP_LOAD_ACT: 7, OP_READ_ACT: 7}
-_FIXED_LEN = {OP_IDENTIFY: 0, OP_READ: 7, OP_RUN: 2, OP_STATUS: 0, OP_COUNTERS: 0,
-              OP_READ_ACT: 7, OP_ABORT: 0}
 
 
 def write_port_signature(width: int, depth: int, lanes: int = 1) -> wiring.Signature:
@@ -133,7 +131,7 @@ class Executor(wiring.Component):
         # the link refuses a frame longer than max_payload, and a response is at most a
         # region, an activation tensor or a fixed record.
         max_resp = max(*self.region_sizes().values(), len(identity_bytes(cfg)),
-                       8 * len(COUNTERS),
+                       COUNTER_BYTES * len(COUNTERS),
                        max(cfg.max_ci, cfg.max_co) * cfg.max_h * cfg.max_w * self.act_bytes)
         if cfg.compact:
             # The program memory a byte per word. Byte addresses, transfer lengths and
@@ -194,13 +192,7 @@ class Executor(wiring.Component):
 
     def region_sizes(self) -> dict:
         """Bytes of each memory region the config has."""
-        cfg = self.config
-        sizes = {REGION_PROGRAM: cfg.max_layers * self.record_bytes,
-                 REGION_BASES: cfg.base_store_bytes,
-                 REGION_CONSTS: cfg.const_depth * self.const_bytes}
-        if cfg.layer_log:
-            sizes[REGION_LOG] = cfg.max_layers * len(LOG_COUNTERS) * 8
-        return sizes
+        return region_sizes(self.config)
 
     def elaborate(self, platform):
         m = Module()
@@ -297,8 +289,8 @@ class Executor(wiring.Component):
             # The response's opcode and length follow from its source and the request's
             # registers (which hold until the next request): no registers of their own.
             m.d.comb += r.resp_op.eq(Mux(r.src_sel == SRC_ERROR, OP_ERROR, op | RESPONSE))
-            lengths = {SRC_IDENT: len(identity_bytes(cfg)), SRC_STATUS: 4,
-                       SRC_COUNTERS: 8 * len(COUNTERS), SRC_ERROR: 2, SRC_PROG: r.count,
+            lengths = {SRC_IDENT: len(identity_bytes(cfg)), SRC_STATUS: STATUS_BYTES,
+                       SRC_COUNTERS: COUNTER_BYTES * len(COUNTERS), SRC_ERROR: 2, SRC_PROG: r.count,
                        SRC_BASES: r.count, SRC_CONSTS: r.count, SRC_ACT: r.elems << ab_log,
                        **({SRC_LOG: r.count} if cfg.layer_log else {})}
             with m.Switch(r.src_sel):
@@ -320,19 +312,19 @@ class Executor(wiring.Component):
                                  r.link_rd.eq(0), r.arg_pending.eq(0), ex.eq(_Ex.ARGS)]
                     m.d.sync += r.n_args.eq(0)
                     with m.Switch(rq.op):
-                        for code, n in _ARG_BYTES.items():
+                        for code, n in ARG_BYTES.items():
                             with m.Case(code):
                                 m.d.sync += r.n_args.eq(n)
                     # The length check, registered here and decided first in ARGS:
                     # nothing is acted on from a short payload.
                     ok_len = Signal()
                     with m.Switch(rq.op):
-                        for code, n in _FIXED_LEN.items():
+                        for code, n in FIXED_LENGTH.items():
                             with m.Case(code):
                                 m.d.comb += ok_len.eq(rq.len == n)
                         for code in (OP_WRITE, OP_LOAD_ACT):
                             with m.Case(code):
-                                m.d.comb += ok_len.eq(rq.len > _ARG_BYTES[code])
+                                m.d.comb += ok_len.eq(rq.len > ARG_BYTES[code])
                         with m.Default():
                             m.d.comb += ok_len.eq(1)
                     m.d.sync += r.len_ok.eq(ok_len)
@@ -419,8 +411,7 @@ class Executor(wiring.Component):
         bits are refused the same way."""
         cfg, pre, wide = self.config, r.pre, r.pre_wide
         addr, n, end, apix = r.addr, r.pre_n, r.pre_end, r.apix
-        words = {REGION_PROGRAM: self.record_bytes, REGION_BASES: 1,
-                 REGION_CONSTS: self.const_bytes, REGION_LOG: 1}
+        words = region_words(cfg)
         if wide is not None:
             aw, pw = self.aw, self.pw
             addr, n, apix_ok = addr[:aw], n[:aw], ~apix[pw:].any()
@@ -454,9 +445,9 @@ class Executor(wiring.Component):
         with m.If(is_op[OP_IDENTIFY]):
             respond(len(identity_bytes(cfg)), SRC_IDENT)
         with m.Elif(is_op[OP_STATUS]):
-            respond(4, SRC_STATUS)
+            respond(STATUS_BYTES, SRC_STATUS)
         with m.Elif(is_op[OP_COUNTERS]):
-            respond(8 * len(COUNTERS), SRC_COUNTERS)
+            respond(COUNTER_BYTES * len(COUNTERS), SRC_COUNTERS)
         with m.Elif(is_op[OP_ABORT]):
             m.d.comb += self.abort.eq(1)
             respond(0)

@@ -17,7 +17,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from gen.config import AcceleratorConfig
-from host.protocol import LOG_COUNTERS
+from gen.contract import LOG_COUNTERS
 
 __all__ = ["LayerLog"]
 

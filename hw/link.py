@@ -30,14 +30,13 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from gen.config import AcceleratorConfig
+from gen.contract import LINK_COUNTERS
 
 from .link_rx import FrameReceiver, header_layout
 from .link_tx import FrameTransmitter
 
 __all__ = ["HostLink", "header_layout", "LINK_COUNTERS"]
 
-# The link's counters, in the order of host.protocol.COUNTERS.
-LINK_COUNTERS = ("bytes_in", "bytes_out", "frames", "frame_errors")
 
 
 class HostLink(wiring.Component):

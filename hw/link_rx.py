@@ -17,7 +17,7 @@ from amaranth.hdl import Cat, Module, Signal, unsigned
 from amaranth.lib import crc, data, enum, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from host.protocol import CRC_BYTES, ERR_CRC, ERR_LENGTH, ERR_TIMEOUT, SYNC
+from gen.contract import CRC_BYTES, ERR_CRC, ERR_LENGTH, ERR_TIMEOUT, SYNC
 
 __all__ = ["FrameReceiver", "header_layout", "RX_TAKES", "RX_INSIDE"]
 

@@ -14,7 +14,7 @@ from amaranth.lib import crc, enum, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-from host.protocol import OP_ERROR, SYNC
+from gen.contract import OP_ERROR, SYNC
 
 from .link_rx import header_layout
 

@@ -36,16 +36,12 @@ from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from gen.config import AcceleratorConfig
-from host.protocol import STATE_DONE, STATE_ERROR, STATE_RUNNING, const_bytes, record_bytes
+from gen.contract import (ERR_ABORTED, STATE_DONE, STATE_ERROR, STATE_RUNNING, channel_layout,
+                          const_bytes, record_bytes)
 
-from .engine import channel_layout
 from .interfaces import descriptor_layout, layer_record_layout
 
 __all__ = ["GenerationSequencer", "EngineSequencer", "ERR_ABORTED", "read_port_signature"]
-
-# Status error code of a run stopped by ABORT; engine errors use bits 0..1
-# (hw.engine.ERR_DESCRIPTOR, hw.engine.ERR_WEIGHTS).
-ERR_ABORTED = 0x40
 
 
 class _Seq(enum.Enum, shape=3):

@@ -92,7 +92,7 @@ from amaranth.lib import crc, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 
 from gen.config import KERNEL_SIZES, AcceleratorConfig
-from host.protocol import ERR_LENGTH, OP_ERROR, SYNC
+from gen.contract import ERR_LENGTH, OP_ERROR, SYNC
 
 __all__ = ["Harness", "Result", "Check", "CHECKS", "check", "run_checks", "missing_tools",
            "prove", "assume", "cover", "stream_rules", "fifo_tokens", "link_streams",
