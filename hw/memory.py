@@ -49,7 +49,7 @@ simulation.
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, ClockSignal, Const, Elaboratable, Instance, Module, Mux, Shape, Signal, Value
+from amaranth.hdl import ClockSignal, Const, Elaboratable, Instance, Module, Mux, Shape, Signal, Value
 from amaranth.lib import data
 from amaranth.lib.memory import Memory
 
@@ -57,7 +57,7 @@ from .dsp import is_ecp5, is_ice40
 
 SPRAM_WIDTH, SPRAM_DEPTH = 16, 16384
 # Attribute of the registers whose power-on value is left undefined: an iCE40 build
-# removes their ``init`` before synthesis (``hw.synth``), so that Yosys moves them into
+# removes their ``init`` before synthesis (``hw.flow.synth``), so that Yosys moves them into
 # the block RAMs without flip-flops that would supply that value.
 UNDEFINED_INIT = "mlg_undefined_init"
 
