@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from host.protocol import LOG_COUNTERS
+from gen.contract import LOG_COUNTERS
 from hw.layer_log import LayerLog
 from tests.support import TINY, simulate
 
