@@ -14,8 +14,8 @@ from amaranth.sim import Simulator
 
 from gen.config import AcceleratorConfig
 
-__all__ = ["simulate", "put_stream", "take_stream", "TINY", "TINY_SERIAL", "TINY_COMPACT", "LINK",
-           "LINK_BANK", "SMOKE", "small_program"]
+__all__ = ["simulate", "put_stream", "take_stream", "raises_while_building", "TINY", "TINY_SERIAL",
+           "TINY_COMPACT", "LINK", "LINK_BANK", "SMOKE", "small_program"]
 
 # The small configs of the formal checks (2 x 2 array, 3 x 3 maps, 4-bit data; the
 # serial generation unit) serve the unit tests too; a compact build of TINY.
@@ -70,7 +70,8 @@ async def put_stream(ctx, port, items, rng: random.Random | None = None, *, idle
             await ctx.tick()
         for _ in range(rng.randint(0, max_gap) if max_gap else 0):
             await ctx.tick()
-        ctx.set(port.payload, item)
+        payload = port.payload
+        ctx.set(payload.as_value() if hasattr(payload, "as_value") else payload, item)
         ctx.set(port.valid, 1)
         while True:
             ready = ctx.get(port.ready)
@@ -100,3 +101,19 @@ async def take_stream(ctx, port, n: int, rng: random.Random | None = None, *,
             got.append(value)
         ctx.set(port.ready, 0)
     return got
+
+
+def raises_while_building(exc, match: str, build):
+    """``build()`` raises ``exc`` with a message matching ``match``; the half-built
+    component it leaves is not reported as unused."""
+    import gc
+    import warnings
+
+    import pytest
+    from amaranth.hdl import UnusedElaboratable
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnusedElaboratable)
+        with pytest.raises(exc, match=match):
+            build()
+        gc.collect()

@@ -33,6 +33,7 @@ from hw.engine import ERR_DESCRIPTOR, ConvEngine, check_layer
 from hw.feeder import WindowFeeder, bank_depth, feed_reference
 from hw.systolic import SystolicArray, lut_multiply
 from sim.runner import run_bench, simulator_available, verilog_of
+from tests.support import put_stream
 
 BENCHES = Path(__file__).resolve().parents[1] / "sim" / "benches"
 # The cocotb runner hands the simulator's Python this process's sys.path (not the
@@ -238,15 +239,8 @@ def _amaranth_engine_run(cfg, cases_with_load, bad_descriptors, pe_mult):
     dut = ConvEngine(cfg, pe_mult=pe_mult)
     out = []
 
-    async def put(ctx, stream, word):
-        ctx.set(stream.valid, 1)
-        ctx.set(stream.payload.as_value() if hasattr(stream.payload, "as_value") else stream.payload, word)
-        while True:
-            ready = ctx.get(stream.ready)
-            await ctx.tick()
-            if ready:
-                break
-        ctx.set(stream.valid, 0)
+    async def put(ctx, port, word):
+        await put_stream(ctx, port, [word])
 
     async def tb(ctx):
         for case, load in cases_with_load:

@@ -37,7 +37,7 @@ from hw.generation import GenerationUnit, lane_plan
 from hw.interfaces import descriptor_layout, weight_vectors
 from hw.serialgen import SerialGenerationUnit, generation_unit
 from sim.runner import SIMULATORS, run_bench, simulator_available
-from tests.support import put_stream
+from tests.support import put_stream, raises_while_building
 
 BENCHES = Path(__file__).resolve().parents[1] / "sim" / "benches"
 sys.path.insert(0, str(BENCHES))
@@ -49,13 +49,6 @@ LONG = os.environ.get("MLG_LONG", "") not in ("", "0")
 
 # Amaranth-simulator unit tests -------------------------------------------------------
 
-def _raises(exc, match, build):
-    """``build()`` raises ``exc``; the half-built component is not reported as unused."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UnusedElaboratable)
-        with pytest.raises(exc, match=match):
-            build()
-        gc.collect()
 
 
 def test_lane_plan():
@@ -80,7 +73,7 @@ def test_generation_unit_pysim():
 
 
 def test_generation_unit_rejects_non_config():
-    _raises(TypeError, "dict", lambda: GenerationUnit({"rows": 8}))
+    raises_while_building(TypeError, "dict", lambda: GenerationUnit({"rows": 8}))
 
 
 def _run_pysim(dut, entries, seed, idle=0.3, backpressure=0.3):
@@ -179,9 +172,9 @@ def test_generation_unit_choice():
         for change in ({"compact": False}, {"level2": True}):
             assert type(generation_unit(dataclasses.replace(base, **change))) is GenerationUnit
         gc.collect()
-    _raises(ValueError, "level2 must be false",
+    raises_while_building(ValueError, "level2 must be false",
             lambda: SerialGenerationUnit(dataclasses.replace(base, level2=True)))
-    _raises(TypeError, "dict", lambda: SerialGenerationUnit({"rows": 8}))
+    raises_while_building(TypeError, "dict", lambda: SerialGenerationUnit({"rows": 8}))
 
 
 # cocotb benches ----------------------------------------------------------------------

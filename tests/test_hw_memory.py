@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from amaranth.hdl import Fragment, Module, Shape, Signal, UnusedElaboratable, signed
 from amaranth.lib import data
-from amaranth.lib.memory import Memory
 from amaranth.sim import Simulator
 
 from hw.memory import BlockMemory, slice_bits

@@ -3,14 +3,12 @@ streams packed here and ``gen.integer.decode_codes``."""
 
 from __future__ import annotations
 
-import gc
 import os
 import random
-import warnings
 
 import pytest
 import torch
-from amaranth.hdl import Module, UnusedElaboratable, signed
+from amaranth.hdl import Module, signed
 from amaranth.lib import wiring
 from amaranth.lib.wiring import Out
 from amaranth.sim import Simulator
@@ -18,18 +16,11 @@ from amaranth.sim import Simulator
 from gen.config import code_value_bits
 from gen.integer import decode_codes
 from hw.unpacker import CodeDecoder, CodeUnpacker, decode_code
-from tests.support import put_stream
+from tests.support import put_stream, raises_while_building
 
 SEED = int(os.environ.get("MLG_SEED", "2024"))
 
 
-def _raises(exc, match, build):
-    """``build()`` raises ``exc``; the half-built component is not reported as unused."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UnusedElaboratable)
-        with pytest.raises(exc, match=match):
-            build()
-        gc.collect()
 
 
 @pytest.mark.parametrize("word_bits,byte_window", [(8, False), (16, False), (8, True)])
@@ -147,5 +138,5 @@ def test_decode_every_width(form):
 
 
 def test_decode_rejects_bad_form():
-    _raises(ValueError, "'twos'", lambda: CodeDecoder("twos"))
-    _raises(ValueError, "word_bits 12", lambda: CodeUnpacker(12))
+    raises_while_building(ValueError, "'twos'", lambda: CodeDecoder("twos"))
+    raises_while_building(ValueError, "word_bits 12", lambda: CodeUnpacker(12))
