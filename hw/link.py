@@ -6,7 +6,7 @@ hands a request to the accelerator only after the whole frame is in its frame
 buffer and its CRC matched, so a corrupt or truncated frame can never change
 state. Errors it can see itself (bad CRC, length above ``max_payload``, bytes
 stopping mid-frame for ``link_timeout`` cycles) it answers itself; everything
-else is the executor's (:class:`hw.accelerator.Accelerator`).
+else is the executor's (:class:`hw.executor.Executor`).
 
 Parts: :class:`hw.link_rx.FrameReceiver` parses and checks the frames and writes
 their payload to the frame buffer, :class:`hw.link_tx.FrameTransmitter` frames
