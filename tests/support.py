@@ -70,8 +70,10 @@ async def put_stream(ctx, port, items, rng: random.Random | None = None, *, idle
             await ctx.tick()
         for _ in range(rng.randint(0, max_gap) if max_gap else 0):
             await ctx.tick()
+        # (A structured payload takes a dict of its fields, or its bits as an int.)
         payload = port.payload
-        ctx.set(payload.as_value() if hasattr(payload, "as_value") else payload, item)
+        ctx.set(payload.as_value() if isinstance(item, int) and hasattr(payload, "as_value")
+                else payload, item)
         ctx.set(port.valid, 1)
         while True:
             ready = ctx.get(port.ready)
