@@ -332,6 +332,11 @@ def format_soak(r: dict) -> str:
 
 
 def cmd_run(args) -> int:
+    from host.transport import url_problem
+
+    problem = url_problem(args.port)
+    if problem:
+        raise ValueError(f"--port {args.port}: {problem}")
     config, program = _load_build(args.build)
     return _run_on(args.port, args, config, program, {"port": args.port, **_build_rows(args.build)})
 
