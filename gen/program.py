@@ -587,7 +587,7 @@ def read_program(data: bytes, *, source: str = "program",
     # The CRC (the file's last 4 bytes in every version) is checked before the version:
     # a damaged version field is a damaged file, not a file of another version.
     version = struct.unpack_from("<H", data, VERSION_OFFSET)[0]
-    unsupported = (f"version {version} unsupported; this reader accepts {PROGRAM_VERSION}")
+    unsupported = f"version {version} unsupported; this reader accepts {PROGRAM_VERSION}"
     if version != PROGRAM_VERSION:
         if n >= VERSION_OFFSET + 2 + CRC_SIZE:
             stored = CRC.unpack_from(data, n - CRC_SIZE)[0]

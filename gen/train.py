@@ -79,7 +79,9 @@ def check_training(settings: MLGSettings, opt: TrainOptions, names=None) -> None
     command line options); the error names the value and what is accepted."""
     names = names or {}
     name = lambda f: names.get(f, f)  # noqa: E731
-    for field, problem in opt.problems():
+    problems = opt.problems()
+    if problems:
+        field, problem = problems[0]
         raise ValueError(f"{name(field)} {problem}")
     lo, hi = level_ranges(opt.widths, opt.plain)["bi"]
     v = settings.bi
@@ -89,8 +91,8 @@ def check_training(settings: MLGSettings, opt: TrainOptions, names=None) -> None
             f"of the digits network (widths {opt.widths[0]},{opt.widths[1]}"
             f"{', plain' if opt.plain else ''}: level 1 needs 0 < bi < min(Ci, k*k)); "
             f"accepted: {lo}..{hi}")
+    decode = settings.decode if width_problem("decode", settings.decode) is None else "odd"
     for field in WIDTH_NAMES:
-        decode = settings.decode if width_problem("decode", settings.decode) is None else "odd"
         problem = setting_problem(field, getattr(settings, field), decode)
         if problem:
             raise ValueError(f"{name(field)}: {problem}" if field in names else problem)
