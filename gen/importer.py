@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from .golden import golden_forward, quantize_input
-from .layers import ActQuant, MLGConv2d, MLGLinear, MLGSettings, level_sizes
+from .contract import WIDTHS
+from .layers import ActQuant, MLGConv2d, MLGLinear, MLGSettings, level_sizes, setting_problem
 from .lower import lower_model
 from .models import ResNet18
 from .network import save_model_file
@@ -43,12 +44,31 @@ class OfficialBits:
     weight_bit: int = 8       # model.weight_bit (dense layers and the classifier)
 
     def validate(self):
-        for name in ("basis_bit", "coeff_in_bit", "coeff_out_bit", "weight_bit"):
+        """The accelerator's range for each width (:func:`gen.layers.setting_problem`, the
+        check of ``mlg train`` too), less 1 bit, where the official code differs."""
+        for name, field in OFFICIAL_FIELDS.items():
             v = getattr(self, name)
-            if not isinstance(v, int) or not 2 <= v <= 8:
-                extra = (" (the official code keeps weights in float at >= 16 bits and uses a "
-                         "different sign quantizer at 1 bit; the accelerator needs 2..8-bit codes)")
-                raise ImportError_(f"{name} = {v!r} out of range; accepted 2..8{extra}")
+            problem = setting_problem(field, v, "odd")
+            option = "--" + name.replace("_", "-")
+            if problem:
+                extra = (" (the official code keeps weights in float at >= 16 bits)"
+                         if isinstance(v, int) and v >= 16 else "")
+                raise ImportError_(f"{name} = {v!r} ({option}, the network's {field}): "
+                                   f"{problem}{extra}")
+            if v == 1:
+                raise ImportError_(
+                    f"{name} = 1 ({option}, the network's {field}): the official code quantizes "
+                    "1-bit tensors with a sign quantizer of its own, which the import does not "
+                    f"reproduce; accepted: 2..{_hi(field)} (the accelerator's {field} range "
+                    "above 1 bit)")
+
+
+# The official bit-width of each network width field.
+OFFICIAL_FIELDS = {"basis_bit": "qb", "coeff_in_bit": "qu", "coeff_out_bit": "qv", "weight_bit": "qd"}
+
+
+def _hi(field: str) -> int:
+    return next(f.hi for f in WIDTHS if f.name == field)
 
 
 def read_official_checkpoint(path) -> dict[str, torch.Tensor]:
@@ -78,51 +98,111 @@ def _expected_keys(model: nn.Module) -> set[str]:
     return keys
 
 
+def _nonfinite(sd: dict[str, torch.Tensor]) -> list[str]:
+    """One line per floating tensor holding NaN or infinity: key, counts, first index."""
+    out = []
+    for k in sorted(sd):
+        v = sd[k]
+        if not v.is_floating_point():
+            continue
+        bad = ~torch.isfinite(v)
+        if bad.any():
+            nan, inf = int(torch.isnan(v).sum()), int(torch.isinf(v).sum())
+            first = tuple(int(i) for i in bad.nonzero()[0]) if v.dim() else ()
+            what = ", ".join(p for p in (f"{nan} NaN" if nan else "",
+                                         f"{inf} infinite" if inf else "") if p)
+            out.append(f"{_layer_field(k)}: {what} of {v.numel()} value(s), first at index {first}")
+    return out
+
+
+def _layer_field(key: str) -> str:
+    layer, _, field = key.rpartition(".")
+    return f"layer {layer}, field {field}" if layer else f"field {field}"
+
+
+def _shape(t) -> str:
+    return "absent" if t is None else str(tuple(t.shape))
+
+
+def _coeff_shape_problem(name: str, ci: int, co: int, cin, cout) -> str | None:
+    """What is wrong with the shape of a layer's coeff_out [Co, bo] or coeff_in
+    [bo, Ci, bi] on its own, naming the field at fault."""
+    if cout is not None and (cout.dim() != 2 or cout.shape[0] != co):
+        return (f"layer {name}, field coeff_out: shape {_shape(cout)}, expected [Co={co}, bo] "
+                f"(coeff_in {_shape(cin)})")
+    if cin is not None and (cin.dim() != 3 or cin.shape[1] != ci):
+        return f"layer {name}, field coeff_in: shape {_shape(cin)}, expected [bo, Ci={ci}, bi]"
+    return None
+
+
+def _coeff_pair_problem(name: str, co: int, cin, cout) -> str | None:
+    """What is wrong with a layer's coeff_in / coeff_out pair (each well formed): their bo
+    disagree (both named), or coeff_in needs a coeff_out that is absent."""
+    if cin is not None and cout is not None and cin.shape[0] != cout.shape[1]:
+        return (f"layer {name}: coeff_in {_shape(cin)} holds bo = {cin.shape[0]} but coeff_out "
+                f"{_shape(cout)} holds bo = {cout.shape[1]}; they must agree (coeff_in "
+                "[bo, Ci, bi], coeff_out [Co, bo])")
+    if cin is not None and cout is None and cin.shape[0] != co:
+        return (f"layer {name}: missing key '{name}.coeff_out' (field coeff_out): coeff_in "
+                f"{_shape(cin)} holds bo = {cin.shape[0]} < Co = {co} bases, which level 2 "
+                f"combines with coeff_out [{co}, {cin.shape[0]}]")
+    return None
+
+
 def build_from_official(sd: dict[str, torch.Tensor], bits: OfficialBits, source: str = "checkpoint",
                         a_bits: int = 8, w_bits: int = 8, m_bits: int = 16) -> ResNet18:
-    """Instantiate our ResNet-18 with the levels and shapes the checkpoint holds."""
+    """Instantiate our ResNet-18 with the levels and shapes the checkpoint holds.
+
+    Every problem of one kind is listed at once (unsupported keys, missing keys, shape
+    mismatches); a tensor holding NaN or infinity is named by layer and field."""
     bits.validate()
-    conv_w = sd.get("conv1.weight")
-    if conv_w is None or conv_w.dim() != 4:
-        raise ImportError_(f"{source}: missing key 'conv1.weight' (layer conv1, field weight); "
-                           "this does not look like an official ResNet-18 checkpoint")
-    in_ch = conv_w.shape[1]
-    lin = sd.get("linear.weight")
-    if lin is None or lin.dim() != 2:
-        raise ImportError_(f"{source}: missing key 'linear.weight' (layer linear, field weight)")
+    nonfinite = _nonfinite(sd)
+    if nonfinite:
+        raise ImportError_(f"{source}: {len(nonfinite)} tensor(s) hold NaN or infinity (a "
+                           "diverged or damaged checkpoint): " + "; ".join(nonfinite))
+    conv_w, lin = sd.get("conv1.weight"), sd.get("linear.weight")
+    in_ch = conv_w.shape[1] if conv_w is not None and conv_w.dim() == 4 else 3
+    n_cls = lin.shape[0] if lin is not None and lin.dim() == 2 else 10
     bi = next((v.shape[2] for k, v in sd.items() if k.endswith(".coeff_in") and v.dim() == 3), 0)
     bo = next((v.shape[1] for k, v in sd.items() if k.endswith(".coeff_out") and v.dim() == 2), 0)
     settings = MLGSettings(bi=int(bi), bo=int(bo), qb=bits.basis_bit, qu=bits.coeff_in_bit,
                            qv=bits.coeff_out_bit, qd=bits.weight_bit, decode="odd",
                            w_bits=w_bits, a_bits=a_bits, m_bits=m_bits)
-    model = ResNet18(settings, quant=True, in_channels=in_ch, num_classes=lin.shape[0])
+    model = ResNet18(settings, quant=True, in_channels=in_ch, num_classes=n_cls)
 
-    # Pre-flight: every key the accelerator cannot place is listed at once.
+    # Pre-flight: every key the accelerator cannot place, every key it lacks and every
+    # shape that differs is listed in one error.
     convs = {n: m for n, m in model.named_modules() if isinstance(m, (MLGConv2d, MLGLinear))}
     expected = _expected_keys(model)
     coeff_keys = {f"{n}.{c}" for n in convs for c in ("coeff_in", "coeff_out")}
+    problems = []
     unknown = sorted(k for k in sd if k not in expected and k not in coeff_keys)
     if unknown:
         layers = sorted({k.rsplit(".", 1)[0] for k in unknown})
-        raise ImportError_(f"{source}: {len(layers)} unsupported layer(s) or field(s): "
-                           + ", ".join(f"{k} {tuple(sd[k].shape)}" for k in unknown)
-                           + "; an official ResNet-18 holds MLGConv2d, BatchNorm2d and linear")
+        problems.append(f"{len(layers)} unsupported layer(s) or field(s): "
+                        + ", ".join(f"{k} {tuple(sd[k].shape)}" for k in unknown)
+                        + "; an official ResNet-18 holds MLGConv2d, BatchNorm2d and linear")
 
     for name, m in convs.items():
         ci, co, k = m.in_channels, m.out_channels, m.kernel_size
         cin, cout = sd.get(f"{name}.coeff_in"), sd.get(f"{name}.coeff_out")
-        l_bi = int(cin.shape[2]) if cin is not None and cin.dim() == 3 else 0
-        l_bo = int(cout.shape[1]) if cout is not None and cout.dim() == 2 else 0
         if isinstance(m, MLGLinear) and cin is not None:
             raise ImportError_(f"{source}: layer {name}: field coeff_in is not supported on the "
                                "classifier (the official code never enables it)")
+        problem = _coeff_shape_problem(name, ci, co, cin, cout)
+        if problem:
+            raise ImportError_(f"{source}: {problem}")
+        l_bi = int(cin.shape[2]) if cin is not None else 0
+        l_bo = int(cout.shape[1]) if cout is not None else 0
         r_bi, r_bo, l1, l2 = level_sizes(ci, co, k, l_bi, l_bo)
         if (cin is not None) != l1 or (cout is not None) != l2:
             raise ImportError_(
-                f"{source}: layer {name}: coeff_in {None if cin is None else tuple(cin.shape)} / "
-                f"coeff_out {None if cout is None else tuple(cout.shape)} contradict the official "
-                f"level rules for Ci={ci}, Co={co}, k={k} (level 1 needs 0 < bi < {min(ci, k * k)}, "
-                f"level 2 needs 0 < bo < {min(co, ci * k * k)})")
+                f"{source}: layer {name}: coeff_in {_shape(cin)} / coeff_out {_shape(cout)} "
+                f"contradict the official level rules for Ci={ci}, Co={co}, k={k} (level 1 "
+                f"needs 0 < bi < {min(ci, k * k)}, level 2 needs 0 < bo < {min(co, ci * k * k)})")
+        problem = _coeff_pair_problem(name, co, cin, cout)
+        if problem:
+            raise ImportError_(f"{source}: {problem}")
         m.base_in, m.base_out = r_bi, r_bo
         m.coeff_in = nn.Parameter(torch.empty(r_bo, ci, r_bi)) if l1 else None
         m.coeff_out = nn.Parameter(torch.empty(co, r_bo)) if l2 else None
@@ -130,14 +210,21 @@ def build_from_official(sd: dict[str, torch.Tensor], bits: OfficialBits, source:
     expected = _expected_keys(model)
     missing = sorted(k for k in expected if k not in sd and not k.endswith("num_batches_tracked"))
     if missing:
-        raise ImportError_(f"{source}: missing key(s): " + ", ".join(
-            f"{k} (layer {k.rsplit('.', 1)[0]}, field {k.rsplit('.', 1)[1]})" for k in missing))
+        problems.append(f"{len(missing)} missing key(s): " + ", ".join(
+            f"{k} ({_layer_field(k)})" for k in missing))
     own = model.state_dict()
-    for k in sorted(expected & set(sd)):
-        if tuple(own[k].shape) != tuple(sd[k].shape):
-            layer, field = k.rsplit(".", 1)
-            raise ImportError_(f"{source}: layer {layer}, field {field}: shape "
-                               f"{tuple(sd[k].shape)}, expected {tuple(own[k].shape)}")
+    wrong = [f"{_layer_field(k)}: shape {tuple(sd[k].shape)}, expected {tuple(own[k].shape)}"
+             for k in sorted(expected & set(sd)) if tuple(own[k].shape) != tuple(sd[k].shape)]
+    if wrong:
+        problems.append(f"{len(wrong)} shape mismatch(es): " + "; ".join(wrong))
+    if problems:
+        hint = ""
+        if any(k.startswith("fc.") or ".downsample." in k for k in sd):
+            hint = ("; this looks like a torchvision ResNet (fc, downsample): mlg import reads "
+                    "the official MLG ResNet-18 for CIFAR-10 (linear, shortcut, 3 x 3 conv1)")
+        elif "conv1.weight" not in sd and "linear.weight" not in sd:
+            hint = "; this does not look like an official ResNet-18 checkpoint"
+        raise ImportError_(f"{source}: " + "; ".join(problems) + hint)
     model.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=False)
     return model
 

@@ -17,11 +17,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .contract import check_widths, width_fields
+from .contract import WIDTH_NAMES, WIDTHS, width_fields, width_problem
 from .integer import int_range
 
 __all__ = ["MLGSettings", "MLGConv2d", "MLGLinear", "ActQuant", "quantize_latent",
-           "ste_round", "level_sizes"]
+           "ste_round", "level_sizes", "CODE_WIDTHS", "setting_problem"]
+
+# The code widths of a network: basis B, coefficients U and V, dense layers.
+CODE_WIDTHS = ("qb", "qu", "qv", "qd")
+
+
+def setting_problem(name: str, value, decode: str = "odd") -> str | None:
+    """What is wrong with ``value`` for the width field ``name`` of a network whose codes
+    decode as ``decode`` (a message that starts ``name = value`` and says what is
+    accepted), or None. The one check of ``mlg train``, ``mlg import`` and
+    :meth:`MLGSettings.validate`: the range of :data:`gen.contract.WIDTHS`, and for
+    ``signed`` codes at least 2 bits (training needs a code for +x as well as -x,
+    :func:`quantize_latent`)."""
+    problem = width_problem(name, value)
+    if problem is None and decode == "signed" and name in CODE_WIDTHS and value < 2:
+        f = next(f for f in WIDTHS if f.name == name)
+        problem = (f"{name} = {value} has no symmetric signed level; accepted: 2..{f.hi} "
+                   f"with decode 'signed' ({f.accepted} with 'odd')")
+    return problem
 
 
 @dataclass(frozen=True)
@@ -36,13 +54,11 @@ class MLGSettings:
     bo: int = 8
 
     def validate(self, source: str = "settings") -> None:
-        check_widths(self, ValueError, f"{source}: ")
-        if self.decode == "signed":
-            # Training needs a code for +x as well as -x (gen.layers.quantize_latent).
-            for name in ("qb", "qu", "qv", "qd"):
-                if getattr(self, name) < 2:
-                    raise ValueError(f"{source}: {name} = 1 has no symmetric signed level; "
-                                     "use 2 bits or more, or decode 'odd'")
+        decode = self.decode if width_problem("decode", self.decode) is None else "odd"
+        for name in WIDTH_NAMES:
+            problem = setting_problem(name, getattr(self, name), decode)
+            if problem:
+                raise ValueError(f"{source}: {problem}")
         for name in ("bi", "bo"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:

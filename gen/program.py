@@ -584,10 +584,20 @@ def read_program(data: bytes, *, source: str = "program",
     if n < 6:
         raise ProgramError(f"{source}: truncated: {n} bytes, expected at least "
                            f"{HEADER_SIZE + CRC_SIZE} (header and CRC)")
+    # The CRC (the file's last 4 bytes in every version) is checked before the version:
+    # a damaged version field is a damaged file, not a file of another version.
     version = struct.unpack_from("<H", data, VERSION_OFFSET)[0]
+    unsupported = f"version {version} unsupported; this reader accepts {PROGRAM_VERSION}"
     if version != PROGRAM_VERSION:
-        raise ProgramError(f"{source}: version {version} unsupported; this reader accepts "
-                           f"{PROGRAM_VERSION}")
+        if n >= VERSION_OFFSET + 2 + CRC_SIZE:
+            stored = CRC.unpack_from(data, n - CRC_SIZE)[0]
+            computed = zlib.crc32(memoryview(data)[:n - CRC_SIZE])
+            if stored != computed:
+                raise ProgramError(f"{source}: CRC mismatch: stored {stored:#010x}, computed "
+                                   f"{computed:#010x} (the file is corrupted; its version "
+                                   f"field reads {version}, this reader accepts "
+                                   f"{PROGRAM_VERSION})")
+        raise ProgramError(f"{source}: {unsupported}")
     if n < HEADER_SIZE + CRC_SIZE:
         raise ProgramError(f"{source}: truncated: {n} bytes, expected at least "
                            f"{HEADER_SIZE + CRC_SIZE} (header and CRC)")

@@ -17,12 +17,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .golden import golden_predict
-from .layers import MLGConv2d, MLGLinear, MLGSettings
+from .contract import WIDTH_NAMES, width_problem
+from .layers import MLGConv2d, MLGLinear, MLGSettings, setting_problem
 from .lower import lower_model
 from .models import DigitsNet
 from .network import save_model_file
 
-__all__ = ["TrainOptions", "load_digits_split", "train_digits", "evaluate_float"]
+__all__ = ["TrainOptions", "load_digits_split", "train_digits", "evaluate_float", "level_ranges",
+           "check_training"]
 
 
 @dataclass
@@ -40,6 +42,60 @@ class TrainOptions:
     widths: tuple[int, int] = (24, 48)
     plain: bool = False      # no residual add, no pooling (DigitsNet's ``plain``)
     progress: bool = True
+
+    def problems(self) -> list[tuple[str, str]]:
+        """``(field, what is wrong and what is accepted)`` for every option out of range."""
+        out = []
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            out.append(("epochs", f"{self.epochs!r} trains no student; accepted: a whole "
+                                  "number of epochs >= 1"))
+        if (isinstance(self.teacher_epochs, bool) or not isinstance(self.teacher_epochs, int)
+                or self.teacher_epochs < 0):
+            out.append(("teacher_epochs", f"{self.teacher_epochs!r}; accepted: a whole number "
+                                          "of epochs >= 0 (0 trains no teacher)"))
+        return out
+
+
+def level_ranges(widths=(24, 48), plain: bool = False) -> dict[str, tuple[int, int]]:
+    """The values of ``bi`` and ``bo`` that put level 1 / level 2 on at least one layer
+    of the digits network with these stage widths (the official rules,
+    :func:`gen.layers.level_sizes`: level 1 needs ``0 < bi < min(Ci, k*k)``, level 2
+    ``0 < bo < min(Co, Ci*k*k)``)."""
+    net = DigitsNet(MLGSettings(bi=0, bo=0), quant=False, widths=widths, plain=plain)
+    convs = [m for m in net.modules() if isinstance(m, MLGConv2d)]
+    kk = [m.kernel_size ** 2 for m in convs]
+    hi_bi = max(min(m.in_channels, k) for m, k in zip(convs, kk)) - 1
+    hi_bo = max(min(m.out_channels, m.in_channels * k) for m, k in zip(convs, kk)) - 1
+    return {"bi": (1, hi_bi), "bo": (1, hi_bo)}
+
+
+def check_training(settings: MLGSettings, opt: TrainOptions, names=None) -> None:
+    """Refuse, before any work, settings and options that cannot train what they say:
+    widths out of range (:meth:`MLGSettings.validate`), no epoch, and a ``bi`` that
+    leaves level 1 out of every layer of the network (it would train silently without
+    the bases of level 1). A ``bo`` outside :func:`level_ranges` is accepted: it
+    leaves level 2 out, as the smallest builds want (:func:`train_digits` says so).
+    ``names`` maps a field to the name the message gives it (the
+    command line options); the error names the value and what is accepted."""
+    names = names or {}
+    name = lambda f: names.get(f, f)  # noqa: E731
+    problems = opt.problems()
+    if problems:
+        field, problem = problems[0]
+        raise ValueError(f"{name(field)} {problem}")
+    lo, hi = level_ranges(opt.widths, opt.plain)["bi"]
+    v = settings.bi
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ValueError(
+            f"{name('bi')} {v!r} puts level 1 (the bases B and coefficients U) on no layer "
+            f"of the digits network (widths {opt.widths[0]},{opt.widths[1]}"
+            f"{', plain' if opt.plain else ''}: level 1 needs 0 < bi < min(Ci, k*k)); "
+            f"accepted: {lo}..{hi}")
+    decode = settings.decode if width_problem("decode", settings.decode) is None else "odd"
+    for field in WIDTH_NAMES:
+        problem = setting_problem(field, getattr(settings, field), decode)
+        if problem:
+            raise ValueError(f"{name(field)}: {problem}" if field in names else problem)
 
 
 def load_digits_split(test_fraction: float = 0.2, seed: int = 0):
@@ -115,6 +171,7 @@ def train_digits(settings: MLGSettings, opt: TrainOptions, out_path=None, log=pr
     Returns the metrics (``float_acc``, ``golden_acc``, ``teacher_acc``, ``train_seconds``).
     """
     settings.validate("train settings")
+    check_training(settings, opt)
     t0 = time.perf_counter()
     torch.manual_seed(opt.seed)
     g = torch.Generator().manual_seed(opt.seed)
@@ -122,6 +179,10 @@ def train_digits(settings: MLGSettings, opt: TrainOptions, out_path=None, log=pr
     metrics: dict = {"train_images": len(ytr), "test_images": len(yte)}
 
     student = DigitsNet(settings, quant=True, widths=opt.widths, plain=opt.plain)
+    if not any(m.has_l2 for m in student.mlg_layers()):
+        lo, hi = level_ranges(opt.widths, opt.plain)["bo"]
+        log(f"bo = {settings.bo}: level 2 is on no layer (it needs bo in {lo}..{hi} for "
+            f"widths {opt.widths[0]},{opt.widths[1]})")
     teacher = None
     if opt.distill and opt.teacher_epochs > 0:
         dense = MLGSettings(**{**settings.to_dict(), "bi": 0, "bo": 0})

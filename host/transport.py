@@ -8,11 +8,45 @@ A :class:`Transport` moves bytes and counts them; it knows nothing of frames.
 
 from __future__ import annotations
 
-__all__ = ["Transport", "SerialTransport", "TransportError"]
+__all__ = ["Transport", "SerialTransport", "TransportError", "url_problem"]
+
+# What a URL of a device may look like (said by every error about one).
+ACCEPTED_URLS = ("a serial device (/dev/ttyUSB0, COM3), or socket://HOST:PORT with PORT "
+                 "1..65535 (the simulated board's URL, e.g. socket://127.0.0.1:5000)")
 
 
 class TransportError(OSError):
     """The transport cannot be opened or has failed."""
+
+
+def url_problem(url: str, device: bool = True) -> str | None:
+    """What is wrong with the pyserial URL ``url`` (a message that says what is accepted),
+    or None. Only its form is checked, nothing is opened. ``socket://`` and
+    ``rfc2217://`` need ``HOST:PORT`` with a port number; with ``device``, ``loop://``
+    (which echoes every byte back and has no device behind it) is refused."""
+    if not isinstance(url, str) or not url.strip():
+        return f"no URL given; accepted: {ACCEPTED_URLS}"
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return None                      # a device path, opened as it is
+    scheme = scheme.lower()
+    if scheme == "loop":
+        if device:
+            return ("loop:// echoes every request back and has no device behind it (it "
+                    f"serves tests of the driver); accepted: {ACCEPTED_URLS}")
+        return None
+    if scheme in ("socket", "rfc2217"):
+        address = rest.split("?", 1)[0].rstrip("/")
+        host, colon, port = address.rpartition(":")
+        example = f"{scheme}://127.0.0.1:5000"
+        if not colon or not host:
+            return (f"{scheme}:// needs HOST:PORT, got {address!r}; accepted: "
+                    f"{scheme}://HOST:PORT with PORT 1..65535, e.g. {example}")
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            what = "is not a number" if not port.isdigit() else "is out of range"
+            return (f"port {port!r} {what}; accepted: {scheme}://HOST:PORT with PORT "
+                    f"1..65535, e.g. {example}")
+    return None
 
 
 class Transport:
@@ -65,10 +99,19 @@ class SerialTransport(Transport):
         import serial
 
         self.url = url
+        problem = url_problem(url, device=False)
+        if problem:
+            raise TransportError(f"cannot open {url!r}: {problem}")
         try:
             self.port = serial.serial_for_url(url, baudrate=baud, timeout=0.1)
         except (serial.SerialException, ValueError) as e:
-            raise TransportError(f"cannot open {url!r}: {e}") from None
+            hint = ""
+            if "Connection refused" in str(e):
+                hint = ("; nothing accepts connections at that address: is the simulated "
+                        "board (sim.board.SimulatedBoard) running, on the port its url gives?")
+            elif "protocol" in str(e) and "not known" in str(e):
+                hint = f"; accepted: {ACCEPTED_URLS}"
+            raise TransportError(f"cannot open {url!r}: {e}{hint}") from None
 
     def _write(self, data: bytes) -> None:
         import serial

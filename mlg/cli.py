@@ -30,9 +30,16 @@ def _widths(text: str) -> tuple[int, int]:
     return w
 
 
+# The option of each field of MLGSettings and TrainOptions that ``mlg train`` sets.
+TRAIN_OPTIONS = {"epochs": "--epochs", "teacher_epochs": "--teacher-epochs", "bi": "--bi",
+                 "bo": "--bo", "qb": "--qb", "qu": "--qu", "qv": "--qv", "qd": "--qd",
+                 "decode": "--decode", "w_bits": "--w-bits", "a_bits": "--a-bits",
+                 "m_bits": "--m-bits", "widths": "--widths"}
+
+
 def cmd_train(args) -> int:
     from gen.layers import MLGSettings
-    from gen.train import TrainOptions, train_digits
+    from gen.train import TrainOptions, check_training, train_digits
 
     settings = MLGSettings(bi=args.bi, bo=args.bo, qb=args.qb, qu=args.qu, qv=args.qv, qd=args.qd,
                            decode=args.decode, w_bits=args.w_bits, a_bits=args.a_bits,
@@ -40,6 +47,7 @@ def cmd_train(args) -> int:
     opt = TrainOptions(epochs=args.epochs, teacher_epochs=args.teacher_epochs, seed=args.seed,
                        widths=args.widths, plain=args.plain,
                        distill=not args.no_distill, progress=not args.json and sys.stderr.isatty())
+    check_training(settings, opt, names=TRAIN_OPTIONS)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -58,6 +66,10 @@ def cmd_import(args) -> int:
     from gen.importer import OfficialBits, import_official
 
     bits = OfficialBits(args.basis_bit, args.coeff_in_bit, args.coeff_out_bit, args.weight_bit)
+    bits.validate()
+    if args.data is None and args.calib_images < 1:
+        raise ValueError(f"--calib-images {args.calib_images}: accepted a number of synthetic "
+                         "calibration images >= 1")
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -320,6 +332,11 @@ def format_soak(r: dict) -> str:
 
 
 def cmd_run(args) -> int:
+    from host.transport import url_problem
+
+    problem = url_problem(args.port)
+    if problem:
+        raise ValueError(f"--port {args.port}: {problem}")
     config, program = _load_build(args.build)
     return _run_on(args.port, args, config, program, {"port": args.port, **_build_rows(args.build)})
 

@@ -172,7 +172,7 @@ def test_sim_and_run_refuse_a_corrupt_or_missing_build(quick_model, tmp_path, ca
     data = bytearray((build / "program.bin").read_bytes())
     data[200] ^= 0x40
     (build / "program.bin").write_bytes(bytes(data))
-    for cmd in (["sim", str(build)], ["run", str(build), "--port", "loop://"]):
+    for cmd in (["sim", str(build)], ["run", str(build), "--port", "socket://127.0.0.1:1"]):
         assert main(cmd) == 2
         err = capsys.readouterr().err
         assert "program.bin" in err and "CRC" in err and "Traceback" not in err
@@ -198,3 +198,66 @@ def test_train_refuses_bad_widths(widths, tmp_path, capsys):
         main(["train", "--widths", widths, "--out", str(tmp_path / "x.pt")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"--widths {widths!r}" in err and "e.g. 8,16" in err
+
+
+@pytest.mark.parametrize("port,needle", [
+    ("socket://127.0.0.1:notaport", "--port socket://127.0.0.1:notaport: port 'notaport' is not "
+                                    "a number; accepted: socket://HOST:PORT with PORT 1..65535"),
+    ("loop://", "--port loop://: loop:// echoes every request back and has no device behind it"),
+])
+def test_run_refuses_a_port_url_before_loading_the_build(tmp_path, capsys, port, needle):
+    # No build at all: the port is checked first, so its error is the one given.
+    assert main(["run", str(tmp_path / "nothing"), "--port", port]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "not a build directory" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--bi", "0"], "--bi 0 puts level 1 (the bases B and coefficients U) on no layer of the "
+                    "digits network (widths 24,48"),
+    (["--bi", "9"], "--bi 9 puts level 1"),
+    (["--bi", "8", "--widths", "8,16"], None),
+    (["--epochs", "0"], "--epochs 0 trains no student; accepted: a whole number of epochs >= 1"),
+    (["--teacher-epochs", "-1"], "--teacher-epochs -1; accepted: a whole number of epochs >= 0"),
+    (["--qb", "9"], "--qb: qb = 9 is out of range; accepted: 1..8"),
+    (["--qb", "0"], "--qb: qb = 0 is out of range; accepted: 1..8"),
+    (["--qu", "1", "--decode", "signed"], "--qu: qu = 1 has no symmetric signed level; "
+                                          "accepted: 2..8 with decode 'signed' (1..8 with 'odd')"),
+    (["--m-bits", "30"], "--m-bits: m_bits = 30 is out of range; accepted: 2..24"),
+])
+def test_train_refuses_bad_options_before_any_work(tmp_path, capsys, monkeypatch, args, needle):
+    import gen.train
+
+    def no_training(*a, **k):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(gen.train, "load_digits_split", no_training)
+    out = tmp_path / "sub" / "x.pt"
+    if needle is None:       # accepted: it gets as far as loading the data set
+        with pytest.raises(AssertionError, match="training started"):
+            main(["train", *args, "--out", str(out)])
+        return
+    assert main(["train", *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"mlg train: error: {needle}" in err and "Traceback" not in err
+    assert not out.parent.exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--basis-bit", "9"], "basis_bit = 9 (--basis-bit, the network's qb): qb = 9 is out of "
+                           "range; accepted: 1..8"),
+    (["--basis-bit", "1"], "basis_bit = 1 (--basis-bit, the network's qb): the official code "
+                           "quantizes 1-bit tensors with a sign quantizer of its own"),
+    (["--calib-images", "0"], "--calib-images 0: accepted a number of synthetic calibration "
+                              "images >= 1"),
+])
+def test_import_refuses_bad_options_before_reading_the_checkpoint(tmp_path, capsys, args, needle):
+    base = {"--basis-bit": "3", "--coeff-in-bit": "6", "--coeff-out-bit": "3"}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    flat = [x for kv in base.items() for x in kv]
+    # The checkpoint does not exist: the options are refused before it is read.
+    assert main(["import", str(tmp_path / "absent.pt"), "--out", str(tmp_path / "m.pt"),
+                 *flat]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "no such checkpoint" not in err

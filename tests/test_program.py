@@ -280,7 +280,7 @@ def test_size(cfg):
 
 def test_flip_any_byte_is_a_crc_error(prog_bytes):
     read_program(prog_bytes)  # intact: fine
-    for pos in range(6, len(prog_bytes)):
+    for pos in range(4, len(prog_bytes)):  # from the version field on
         buf = bytearray(prog_bytes)
         buf[pos] ^= 0xFF
         with pytest.raises(ProgramError) as e:
@@ -335,6 +335,19 @@ def test_unsupported_version(prog_bytes):
         read_program(data)
     with pytest.raises(ProgramError, match="version 7 unsupported; this reader accepts 1"):
         read_program(patch(prog_bytes, 4, "H", 7))
+
+
+@pytest.mark.parametrize("bit", range(16))
+def test_flipped_version_bit_is_a_crc_error_not_an_unsupported_version(prog_bytes, bit):
+    """The CRC is checked before the version: a damaged version field is a damaged file."""
+    buf = bytearray(prog_bytes)
+    struct.pack_into("<H", buf, 4, struct.unpack_from("<H", buf, 4)[0] ^ (1 << bit))
+    version = struct.unpack_from("<H", buf, 4)[0]
+    with pytest.raises(ProgramError) as e:
+        read_program(bytes(buf), source="p.bin")
+    msg = str(e.value)
+    assert msg.startswith("p.bin: CRC mismatch: stored 0x") and "unsupported" not in msg
+    assert f"its version field reads {version}, this reader accepts 1" in msg
 
 
 @pytest.mark.parametrize("field", [f for f in WIDTHS if f.choices is None],

@@ -1,9 +1,15 @@
-"""The default digits training run meets its accuracy targets."""
+"""The default digits training run meets its accuracy targets; bad settings are refused
+before any work."""
 
+import re
+
+import pytest
+
+from gen import train as train_module
 from gen.layers import MLGSettings
 from gen.network import load_model_file
 from gen.golden import golden_predict
-from gen.train import TrainOptions, load_digits_split, train_digits
+from gen.train import TrainOptions, level_ranges, load_digits_split, train_digits
 from mlg.cli import build_parser
 
 
@@ -24,3 +30,36 @@ def test_default_training_meets_targets(tmp_path):
     assert data["mlg"]["bo"] == args.bo and data["arch"] == "digits"
     kinds = {(l.has_l1, l.has_l2) for l in data["network"].conv_layers()}
     assert (True, True) in kinds and (False, False) in kinds  # generated and dense layers
+
+
+@pytest.mark.parametrize("settings,opt,needle", [
+    (MLGSettings(bi=0), TrainOptions(), "bi 0 puts level 1 (the bases B and coefficients U) on "
+                                        "no layer of the digits network (widths 24,48"),
+    (MLGSettings(bi=8), TrainOptions(widths=(4, 8)), "accepted: 1..7"),
+    (MLGSettings(), TrainOptions(epochs=0), "epochs 0 trains no student; accepted: a whole "
+                                            "number of epochs >= 1"),
+    (MLGSettings(), TrainOptions(teacher_epochs=-2), "teacher_epochs -2; accepted"),
+    (MLGSettings(qv=1, decode="signed"), TrainOptions(), "qv = 1 has no symmetric signed level"),
+])
+def test_training_refuses_before_any_work(monkeypatch, settings, opt, needle):
+    def no_data(*a, **k):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(train_module, "load_digits_split", no_data)
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        train_digits(settings, opt, log=lambda *a: None)
+
+
+def test_level_ranges_follow_the_official_rules():
+    # Level 1 needs 0 < bi < min(Ci, 9): the widest 3x3 conv input decides; level 2
+    # needs 0 < bo < min(Co, 9 Ci).
+    assert level_ranges((24, 48)) == {"bi": (1, 8), "bo": (1, 47)}
+    assert level_ranges((4, 8)) == {"bi": (1, 7), "bo": (1, 7)}
+    assert level_ranges((8, 16), plain=True) == {"bi": (1, 8), "bo": (1, 15)}
+
+
+def test_a_bo_that_leaves_level_2_out_is_said(tmp_path):
+    logs = []
+    opt = TrainOptions(epochs=1, teacher_epochs=0, widths=(8, 16), progress=False)
+    train_digits(MLGSettings(bi=2, bo=16), opt, log=logs.append)
+    assert "bo = 16: level 2 is on no layer (it needs bo in 1..15 for widths 8,16)" in logs
