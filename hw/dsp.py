@@ -68,13 +68,23 @@ def registered_multiply(m: Module, a, b, name: str, platform=None) -> Signal:
     return prod
 
 
+def _as_signed(m: Module, x: Value, name: str) -> Value:
+    """``x`` as a signed value: itself if signed, else with a zero sign bit in front."""
+    if x.shape().signed:
+        return x
+    x_s = Signal(signed(len(x) + 1), name=name)
+    m.d.comb += x_s.eq(x)
+    return x_s
+
+
 def registered_multiply_add(m: Module, a, b, c, name: str, platform=None) -> Signal:
     """``a * b + c`` two cycles later: ``a``, ``b`` and ``c`` sampled at the first edge,
     the sum at the second (signed if any operand is, with the exact width).
 
     One multiply-add between registers (without reset on iCE40, like
-    :func:`registered_multiply`): the sum's register replaces the product's, and the
-    adder takes the product as wide as the sum.
+    :func:`registered_multiply`): the sum's register replaces the product's. On iCE40,
+    Yosys (``synth_ice40 -dsp``) maps it to one SB_MAC16 with its adder, its C operand
+    register and its output register, when the sum fits the block's 32 bits.
     """
     a, b, c = Value.cast(a), Value.cast(b), Value.cast(c)
     is_signed = any(x.shape().signed for x in (a, b, c))
@@ -84,10 +94,13 @@ def registered_multiply_add(m: Module, a, b, c, name: str, platform=None) -> Sig
     b_d = Signal(b.shape(), name=f"{name}_b", reset_less=rl)
     c_d = Signal(c.shape(), name=f"{name}_c", reset_less=rl)
     out = Signal(signed(width) if is_signed else width, name=name, reset_less=rl)
-    # (``a`` is extended in front of the multiplier, so that the product is as wide as
-    # the sum: 36 fewer iCE40 logic cells in the compact requantizer than a product of
-    # its natural width.)
-    a_x = Signal(signed(width - len(b)) if is_signed else width - len(b), name=f"{name}_ax")
-    m.d.comb += a_x.eq(a_d)
-    m.d.sync += [a_d.eq(a), b_d.eq(b), c_d.eq(c), out.eq(a_x * b_d + c_d)]
+    # The multiplier's operands as Yosys' ice40_dsp reads them: both signed (an unsigned
+    # one with a zero sign bit), so that the product has its natural width, the sum of
+    # theirs, and enters the adder unextended. The pass leaves the adder and the
+    # registers around it in the fabric for a product narrower than that (Amaranth's
+    # exact width for mixed signs), and for one padded with sign bits to the sum's width
+    # unless Yosys' wreduce happens to visit the cells in an order that strips them.
+    a_m, b_m = (_as_signed(m, x, f"{name}_{n}s") if is_signed else x
+                for x, n in ((a_d, "a"), (b_d, "b")))
+    m.d.sync += [a_d.eq(a), b_d.eq(b), c_d.eq(c), out.eq(a_m * b_m + c_d)]
     return out

@@ -44,8 +44,9 @@ class EngineHostPort(wiring.Component):
     Ports
     -----
     accept, i_host:
-        A command is taken in a cycle with ``accept`` (``i_host.ready`` is ``accept``);
-        the offered payload is captured whatever its ``valid``. A command with no
+        A command is taken in a cycle with ``accept`` (``i_host.ready`` is ``accept``),
+        which comes only while not ``busy``; the offered payload is captured whatever
+        its ``valid``. A command with no
         channels or pixels, or naming a buffer past ``act_buffers``, is ignored.
     busy:
         High from the cycle after a command is taken until its last element is written
@@ -108,15 +109,7 @@ class EngineHostPort(wiring.Component):
         ch_last = Signal.like(ch)
         last = (pix == pix_last) & (ch == ch_last)
 
-        # The offered command is captured whatever its valid, so that valid only moves
-        # the state (a small fanout) and not every field.
         m.d.comb += self.i_host.ready.eq(self.accept)
-        with m.If(self.accept):
-            m.d.sync += [write.eq(hp.write), buf.eq(hp.buf), pixels.eq(hp.pixels),
-                         pix_last.eq(hp.pixels - 1), ch_last.eq(hp.channels - 1), ch.eq(0),
-                         bank.eq(0), base.eq(0), pix.eq(0), addr.eq(0), more.eq(1)]
-            with m.If(self.i_host.valid & (hp.channels != 0) & (hp.pixels != 0) & (hp.buf < NB)):
-                m.d.sync += self.busy.eq(1)
 
         def step():
             with m.If(pix != pix_last):
@@ -169,4 +162,16 @@ class EngineHostPort(wiring.Component):
             # FIFO is counted by its level a cycle before it shows on r_rdy.
             with m.Elif(~more & ~rd_v1 & ~rd_v2 & (rd_fifo.level == 0)):
                 m.d.sync += self.busy.eq(0)
+
+        # The offered command is captured whatever its valid, so that valid only moves
+        # the state (a small fanout) and not every field. (Last, so that it takes
+        # precedence over the transfer's updates, which it never meets as accept comes
+        # only while idle: the zeros are then the registers' synchronous resets and the
+        # updates their enables, no multiplexers.)
+        with m.If(self.accept):
+            m.d.sync += [write.eq(hp.write), buf.eq(hp.buf), pixels.eq(hp.pixels),
+                         pix_last.eq(hp.pixels - 1), ch_last.eq(hp.channels - 1), ch.eq(0),
+                         bank.eq(0), base.eq(0), pix.eq(0), addr.eq(0), more.eq(1)]
+            with m.If(self.i_host.valid & (hp.channels != 0) & (hp.pixels != 0) & (hp.buf < NB)):
+                m.d.sync += self.busy.eq(1)
         return m

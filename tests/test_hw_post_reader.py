@@ -111,7 +111,9 @@ def _run(cfg, *, pool, channels, pixels, relu, residual, seed):
             ctx.set(dut.i_full, 0)
 
     async def constants(ctx):
-        await put_stream(ctx, dut.i_chan, consts, rng, idle=0.5, max_gap=3)
+        layout = dut.i_chan.payload.shape()
+        await put_stream(ctx, dut.i_chan, [layout.const(k).as_bits() for k in consts], rng,
+                         idle=0.5, max_gap=3)
 
     async def tb(ctx):
         for _ in range(60 * channels * pixels + 200):
