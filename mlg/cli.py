@@ -309,6 +309,12 @@ def cmd_bench(args) -> int:
     return 0 if all(not any(s["mismatches"].values()) for s in report["suites"]) else 1
 
 
+def cmd_sweep(args) -> int:
+    from mlg.sweep import main_args
+
+    return main_args(args)
+
+
 def format_soak(r: dict) -> str:
     fz = r["frame_fuzz"]
     rows = [
@@ -556,6 +562,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="also write the report (JSON) to this file")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
+
+    sw = sub.add_parser("sweep", help="a design-space sweep on Dask: every point of a spec's "
+                                      "axes through its stages, cached; table and Pareto plot")
+    sw.add_argument("spec", help="sweep spec (TOML, or YAML with suffix .yaml/.yml)")
+    sw.add_argument("--out", help="results folder (default: the spec's [sweep] out, else "
+                                  "build/sweeps/NAME)")
+    sw.add_argument("--cache", help="stage cache folder (default OUT/cache); sweeps may share one")
+    sw.add_argument("--scheduler", metavar="tcp://HOST:PORT",
+                    help="an existing Dask scheduler (default: a local cluster)")
+    sw.add_argument("--workers", type=int, default=None,
+                    help="worker processes of the local cluster (default: one per CPU)")
+    sw.add_argument("--dry-run", action="store_true", help="list the points and stop")
+    sw.add_argument("--json", action="store_true")
+    sw.set_defaults(func=cmd_sweep)
 
     for name, helptext in (("sim", "run test images end to end on the RTL in simulation"),
                            ("run", "run test images end to end on a board")):
