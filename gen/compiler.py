@@ -263,3 +263,18 @@ def format_report(report: dict) -> str:
                  f"than int8, {t['fp32_over_mlg']:.1f}x smaller than fp32; program "
                  f"{report.get('program_bytes', 0)} bytes")
     return "\n".join(lines)
+
+
+def describe_model(result: CompileResult, path, data: dict, arch: str) -> None:
+    """Add the model file and, for a digits network, the golden accuracy of the program
+    as compiled (its forms, its rounding points) to ``result.report``."""
+    result.report["model"] = {"file": str(path), "arch": data.get("arch"),
+                              "metrics": data.get("metrics", {})}
+    if arch == "digits":
+        from .golden import golden_predict
+        from .train import load_digits_split
+
+        _, _, x, y = load_digits_split()
+        result.report["program_golden_acc"] = float(
+            (golden_predict(result.network, x) == y).float().mean())
+        result.report["program_golden_images"] = int(x.shape[0])

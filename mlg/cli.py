@@ -88,7 +88,7 @@ def cmd_import(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    from gen.compiler import compile_network, format_report, write_build
+    from gen.compiler import compile_network, describe_model, format_report, write_build
     from gen.network import load_model_file
 
     data = load_model_file(args.model)
@@ -107,17 +107,7 @@ def cmd_compile(args) -> int:
         calib = _calibration_inputs(net, args.calib_images)
     result = compile_network(net, rows=args.rows, cols=args.cols, form=args.form, calib=calib,
                              **overrides)
-    result.report["model"] = {"file": str(args.model), "arch": data.get("arch"),
-                              "metrics": data.get("metrics", {})}
-    if net.arch == "digits":
-        # The golden model of the program as compiled (its forms, its rounding points).
-        from gen.golden import golden_predict
-        from gen.train import load_digits_split
-
-        _, _, x, y = load_digits_split()
-        result.report["program_golden_acc"] = float(
-            (golden_predict(result.network, x) == y).float().mean())
-        result.report["program_golden_images"] = int(x.shape[0])
+    describe_model(result, args.model, data, net.arch)
     paths = write_build(result, args.out)
     if args.json:
         _print_json({"config": result.config.to_dict(), "config_hash": result.config.hash_hex,

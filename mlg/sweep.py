@@ -469,7 +469,7 @@ def _overrides(params: dict) -> dict:
 
 def _stage_compile(params: dict, cache: Path, upstream: dict) -> dict:
     """As ``mlg compile MODEL --out DIR --rows R --cols C [options]``."""
-    from gen.compiler import compile_network, write_build
+    from gen.compiler import compile_network, describe_model, write_build
     from gen.network import load_model_file
     from mlg.cli import _calibration_inputs
 
@@ -490,16 +490,7 @@ def _stage_compile(params: dict, cache: Path, upstream: dict) -> dict:
             calib = _calibration_inputs(net, c.get("calib_images", 16))
         result = compile_network(net, rows=params["rows"], cols=params["cols"],
                                  form=params["form"], calib=calib, **overrides)
-        result.report["model"] = {"file": str(path), "arch": data.get("arch"),
-                                  "metrics": data.get("metrics", {})}
-        if net.arch == "digits":
-            from gen.golden import golden_predict
-            from gen.train import load_digits_split
-
-            _, _, x, y = load_digits_split()
-            result.report["program_golden_acc"] = float(
-                (golden_predict(result.network, x) == y).float().mean())
-            result.report["program_golden_images"] = int(x.shape[0])
+        describe_model(result, path, data, net.arch)
         write_build(result, d)
         rep = result.report
         return {"config_hash": result.config.hash_hex, "config": result.config.to_dict(),
