@@ -84,7 +84,8 @@ def test_golden_times_scale_matches_fake_quant_model(seed, plain):
             # Same inputs: the integer requant differs from the float path only by the
             # rounding of M, bias and m_res to integers, i.e. at most one output step
             # and only on values that sit at a rounding boundary.
-            assert float(diff.max()) <= 1.0 + 1e-6, layer.name
+            # (the float path runs in float32: allow its rounding noise, far below a step)
+            assert float(diff.max()) <= 1.0 + 1e-4, layer.name
             assert float((diff > 0.5).double().mean()) < 0.01, layer.name
             checked += 1
         logits = m(x)
@@ -92,9 +93,13 @@ def test_golden_times_scale_matches_fake_quant_model(seed, plain):
     # plain: no residual add, no pool, a 1 x 1 map out of the classifier
     assert plain == all(op.op == "conv" and op.res is None for op in m.program())
     assert net.layers[-1].ho * net.layers[-1].wo == 1
+    # End to end the per-layer step differences may add up, but only to a few output steps.
+    # (Argmax agreement is no measure here: the training loss pulls the logits to zero, so
+    # many samples have tied logits and any one-step difference flips their argmax.)
     out = golden_forward(net, quantize_input(net, x))
-    agree = (out.argmax(1) == logits.argmax(1)).double().mean()
-    assert float(agree) >= 0.9
+    steps = (logits.double() / net.layers[-1].out_scale - out.double()).abs()
+    assert float(steps.mean()) <= 0.5
+    assert float(steps.max()) <= 6.0
 
 
 def test_level_rules_follow_official():
