@@ -27,6 +27,9 @@ __all__ = [
     "code_value_bits",
     "clog2",
     "lane_plan",
+    "pe_pack_problem",
+    "pe_pack_fits",
+    "DSP_OPERAND_BITS",
 ]
 
 CONFIG_SCHEMA_VERSION = 1
@@ -34,7 +37,10 @@ KERNEL_SIZES = (1, 3, 5, 7)
 # Fields added after the first configs were written: a config file may leave them
 # out (they take these values), and the canonical form omits them at these values.
 OPTIONAL_FIELDS = {"counter_bits": 48, "layer_log": True, "compact": False, "level2": True,
-                   "residual": True, "pool": True, "stream": True}
+                   "residual": True, "pool": True, "stream": True, "pe_pack": 1}
+# Operand width of the multiplier blocks the PE products map to (ECP5 MULT18X18D).
+DSP_OPERAND_BITS = 18
+PE_PACKINGS = (1, 2)
 
 
 class ConfigError(ValueError):
@@ -53,6 +59,26 @@ def code_value_bits(bits: int, form: str) -> int:
     decode to ``2c - (2**bits - 1)``, an odd integer that needs one more bit.
     """
     return bits if form == "signed" else bits + 1
+
+
+def pe_pack_problem(a_bits: int, w_bits: int, cols: int) -> str | None:
+    """Why two PE products cannot share one multiplier block for these widths and
+    ``cols`` (``None`` if they can): the packed weight operand needs
+    ``a_bits + 2 * w_bits + 1`` bits (the low product's field is ``a_bits + w_bits``
+    wide, the high weight sits above it with a sign bit of headroom)."""
+    need = a_bits + 2 * w_bits + 1
+    if need > DSP_OPERAND_BITS:
+        return (f"the packed weight operand needs a_bits + 2 * w_bits + 1 = {need} bits, "
+                f"more than the {DSP_OPERAND_BITS} of a multiplier block "
+                f"(w_bits <= {(DSP_OPERAND_BITS - 1 - a_bits) // 2} with a_bits = {a_bits})")
+    if cols % 2:
+        return f"cols = {cols} is odd (columns are paired)"
+    return None
+
+
+def pe_pack_fits(a_bits: int, w_bits: int, cols: int) -> bool:
+    """Whether :func:`pe_pack_problem` finds none."""
+    return pe_pack_problem(a_bits, w_bits, cols) is None
 
 
 def _check_int(name: str, value, lo: int, hi: int | None = None, *, choices=None):
@@ -131,6 +157,14 @@ class AcceleratorConfig:
         leaves out its logic, and its engine refuses a layer that needs it
         (``ERR_DESCRIPTOR``); ``mlg compile --trim`` leaves out what the model does
         not use.
+    pe_pack:
+        PE products per multiplier block, 1 or 2. With 2, each pair of neighbouring
+        columns ``2j, 2j + 1`` of a row shares one multiplier: the two weights are packed
+        in one operand (``w_lo + w_hi * 2**(a_bits + w_bits)``), so one product of the
+        row's activation gives both, and the array needs ``rows * cols / 2`` blocks. It
+        needs an even ``cols`` and a packed operand that fits the block
+        (``a_bits + 2 * w_bits + 1 <= 18``: weights of 4 bits or fewer with 8-bit
+        activations); :func:`pe_pack_fits` says whether a config allows it.
     stream:
         Codes may be streamed from the host during a run (``REGION_STREAM``, for
         layers whose codes the base store does not hold). A build without it has no
@@ -138,8 +172,8 @@ class AcceleratorConfig:
         every layer's codes in the base store (``mlg compile --trim`` leaves it out
         when they all fit).
 
-    ``counter_bits``, ``layer_log``, ``compact``, ``level2``, ``residual``, ``pool`` and
-    ``stream`` may be left out of a config file; a field at its default is left out of the
+    ``counter_bits``, ``layer_log``, ``compact``, ``level2``, ``residual``, ``pool``,
+    ``stream`` and ``pe_pack`` may be left out of a config file; a field at its default is left out of the
     canonical form (:attr:`digest`), so that configs written before these fields
     existed keep their identity.
     """
@@ -170,6 +204,7 @@ class AcceleratorConfig:
     residual: bool = True
     pool: bool = True
     stream: bool = True
+    pe_pack: int = 1
     schema: int = field(default=CONFIG_SCHEMA_VERSION)
 
     def __post_init__(self):
@@ -201,6 +236,11 @@ class AcceleratorConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"AcceleratorConfig.{name} = {getattr(self, name)!r} must be "
                                   "true or false")
+        _check_int("pe_pack", self.pe_pack, 1, choices=PE_PACKINGS)
+        if self.pe_pack == 2:
+            problem = pe_pack_problem(self.a_bits, self.w_bits, self.cols)
+            if problem:
+                raise ConfigError(f"AcceleratorConfig.pe_pack = 2: {problem}; use pe_pack = 1")
         if self.post_bits > 63:
             raise ConfigError(
                 f"requant product needs {self.post_bits} bits (accumulator {self.acc_bits} + "

@@ -13,6 +13,11 @@ the PEs: the weight-vector stream fills the staging rows, then a transfer wave
 copies staging row ``r`` into the chosen bank of array row ``r`` at cycle
 ``X + r``, the same diagonal the activation wavefront follows, so a bank can
 be refilled while its last activations are still crossing the array.
+
+With ``config.pe_pack == 2`` the two PEs of columns ``2j`` and ``2j + 1`` of a row
+share one multiplier block: their weights are packed into one operand and both
+products come out of one multiplication (:meth:`SystolicArray._pair_products`), so
+an array of narrow weights needs half as many blocks as it has PEs.
 """
 
 from __future__ import annotations
@@ -96,7 +101,9 @@ class SystolicArray(wiring.Component):
     pe_mult:
         ``"infer"`` writes the PE product as ``*`` (synthesis maps it to DSP
         blocks); ``"lut"`` builds it from partial products in fabric, for arrays
-        with more PEs than the device has multipliers.
+        with more PEs than the device has multipliers. With ``config.pe_pack == 2``
+        and ``"infer"``, neighbouring columns share one multiplier
+        (:meth:`_pair_products`); ``"lut"`` builds every product on its own.
 
     Ports
     -----
@@ -129,6 +136,8 @@ class SystolicArray(wiring.Component):
             raise ValueError(f"pe_mult {pe_mult!r} unsupported; accepted: {', '.join(PE_MULTIPLIERS)}")
         self.config = config
         self.pe_mult = pe_mult
+        # Two PEs per multiplier (config.pe_pack) where the products use multiplier blocks.
+        self.packed = config.pe_pack == 2 and pe_mult == "infer"
         # The product takes two register stages either way: DSP inputs registered next to
         # the DSP, or a fabric multiplier split after its first adder level.
         self.latency = config.rows + config.cols + 2
@@ -145,6 +154,27 @@ class SystolicArray(wiring.Component):
             "xfer": In(1),
             "xfer_bank": In(1),
         })
+
+    def _pair_products(self, m, a, w, name, platform):
+        """The products of ``a`` with the weights ``w[0]`` (column ``c``) and ``w[1]``
+        (column ``c + 1``) from one multiplier, each at the cycle the unpacked PEs would
+        give it: column ``c``'s two cycles after the operands, column ``c + 1``'s one
+        cycle later (it sees the activation one cycle after column ``c``).
+
+        The multiplier's second operand is ``w[0] + w[1] * 2**S`` with ``S = a_bits +
+        w_bits``, the exact width of one product, so ``a * w[0]`` is the low ``S`` bits of
+        the result read as signed, and ``a * w[1]`` is the rest plus the sign bit of the
+        low field (a negative low product borrowed one from the high one).
+        """
+        S = self.config.a_bits + self.config.w_bits
+        packed = Signal(signed(S + self.config.w_bits + 1), name=f"{name}_w")
+        m.d.comb += packed.eq(w[0] + (w[1] << S))
+        p = registered_multiply(m, a, packed, name, platform)
+        lo = Signal(signed(S), name=f"{name}_lo")
+        hi = Signal(signed(S), name=f"{name}_hi")
+        m.d.comb += lo.eq(p[:S])
+        m.d.sync += hi.eq(p[S:].as_signed() + lo[S - 1])
+        return [lo, hi]
 
     def _product(self, m, a, w, name, platform):
         """The PE product after two register stages (operands are sampled in the first)."""
@@ -194,20 +224,26 @@ class SystolicArray(wiring.Component):
             row_sel.append(s_prev)
 
         psum_above = [None] * C
+        step = 2 if self.packed else 1
         for r in range(R):
             a_in, s_in = row_act[r], row_sel[r]
             width = A + W + clog2(r + 1)
-            for c in range(C):
-                w = Mux(s_in, bank[1][r][c], bank[0][r][c])
-                psum = Signal(signed(width), name=f"psum_{r}_{c}")
+            for c in range(0, C, step):
+                w = [Mux(s_in, bank[1][r][c + j], bank[0][r][c + j]) for j in range(step)]
                 # The product is registered before the add: the extra cycles are the same
                 # for every PE, so the diagonal timing of the partial sums is unchanged.
-                prod = self._product(m, a_in, w, f"prod_{r}_{c}", platform)
-                m.d.sync += psum.eq(prod if r == 0 else psum_above[c] + prod)
-                psum_above[c] = psum
-                if c < C - 1:
-                    a_nx = Signal(signed(A), name=f"act_{r}_{c}")
-                    s_nx = Signal(name=f"sel_{r}_{c}")
+                if self.packed:
+                    prods = self._pair_products(m, a_in, w, f"prod_{r}_{c}", platform)
+                else:
+                    prods = [self._product(m, a_in, w[0], f"prod_{r}_{c}", platform)]
+                for j, prod in enumerate(prods):
+                    psum = Signal(signed(width), name=f"psum_{r}_{c + j}")
+                    m.d.sync += psum.eq(prod if r == 0 else psum_above[c + j] + prod)
+                    psum_above[c + j] = psum
+                # The activation reaches the next PE (pair) one cycle per column later.
+                for j in range(step if c + step < C else 0):
+                    a_nx = Signal(signed(A), name=f"act_{r}_{c + j}")
+                    s_nx = Signal(name=f"sel_{r}_{c + j}")
                     m.d.sync += [a_nx.eq(a_in), s_nx.eq(s_in)]
                     a_in, s_in = a_nx, s_nx
 

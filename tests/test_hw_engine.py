@@ -85,19 +85,25 @@ ARRAY_CFG = AcceleratorConfig(rows=3, cols=4, a_bits=5, w_bits=4, max_ci=6, max_
                               max_h=4, max_w=4, act_depth=96)
 
 
-@pytest.mark.parametrize("pe_mult", ["infer", "lut"])
-def test_array_matmul_and_bank_timing(pe_mult):
+@pytest.mark.parametrize("pe_mult,pe_pack", [("infer", 1), ("lut", 1), ("infer", 2)])
+def test_array_matmul_and_bank_timing(pe_mult, pe_pack):
     """Column sums equal W^T a for the bank each vector selects, including a bank
-    refilled at the earliest cycle the documented timing allows."""
-    cfg, rng = ARRAY_CFG, random.Random(3)
+    refilled at the earliest cycle the documented timing allows. With ``pe_pack = 2``
+    the extreme weights and activations are among the random ones (the packed
+    product's sign correction)."""
+    cfg, rng = dataclasses.replace(ARRAY_CFG, pe_pack=pe_pack), random.Random(3)
     R, C = cfg.rows, cfg.cols
     dut = SystolicArray(cfg, pe_mult=pe_mult)
-    tiles = [[[rng.randint(-8, 7) for _ in range(C)] for _ in range(R)] for _ in range(3)]
+    assert dut.packed == (pe_pack == 2 and pe_mult == "infer")
+    edge_w, edge_a = [-8, -8, 7, 7, -1, 0], [-16, 15, -16, 15, -1, 0]
+    tiles = [[[rng.choice(edge_w) if rng.random() < 0.4 else rng.randint(-8, 7)
+               for _ in range(C)] for _ in range(R)] for _ in range(3)]
     vectors = []  # (array-input cycle, sel, activations, tile index)
     expected = []
 
     def vec(t, sel, tile):
-        a = [rng.randint(-16, 15) for _ in range(R)]
+        a = [rng.choice(edge_a) if rng.random() < 0.4 else rng.randint(-16, 15)
+             for _ in range(R)]
         vectors.append((t, sel, a))
         expected.append([sum(a[r] * tiles[tile][r][c] for r in range(R)) for c in range(C)])
 
