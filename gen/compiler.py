@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import AcceleratorConfig, ConfigError
+from .config import AcceleratorConfig, ConfigError, pe_pack_fits
 from .contract import act_bytes, widths_of
 from .network import QuantizedNetwork
 from .program import write_program
@@ -91,7 +91,9 @@ def derive_config(net: QuantizedNetwork, rows: int = 8, cols: int = 8, *,
     bytes, else the budget (see :func:`place_codes`). With ``trim``, the config
     leaves out the layer features (level 2, the residual add, pooling) that no
     layer of ``net`` uses, and code streaming if the base store holds every
-    layer's codes.
+    layer's codes. Two PEs share a multiplier block (``pe_pack = 2``) where the
+    widths allow it (:func:`gen.config.pe_pack_problem`), except on ``compact``
+    builds; ``pe_pack=1`` in ``overrides`` keeps one block per PE.
     """
     conv = net.conv_layers()
     acts = [net.input_shape[0] * net.input_shape[1] * net.input_shape[2]]
@@ -120,6 +122,11 @@ def derive_config(net: QuantizedNetwork, rows: int = 8, cols: int = 8, *,
         # The frame buffer holds a whole input image and its LOAD_ACT header.
         max_payload=min(65535, _pow2(max(256, in_bytes + 7))),
     )
+    # Two PE products per multiplier block wherever the weights are narrow enough; not on
+    # compact builds (the iCE40's 16 x 16 blocks are narrower than the packed operand).
+    compact = overrides.get("compact", False)
+    fields["pe_pack"] = 2 if not compact and pe_pack_fits(fields["a_bits"], fields["w_bits"],
+                                                          cols) else 1
     if trim:
         fields.update(level2=any(l.has_l2 for l in conv),
                       residual=any(l.res is not None for l in net.layers),

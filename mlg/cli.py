@@ -99,6 +99,8 @@ def cmd_compile(args) -> int:
         overrides["layer_log"] = False
     if args.compact:
         overrides["compact"] = True
+    if args.pe_pack is not None:
+        overrides["pe_pack"] = args.pe_pack
     if args.trim:
         overrides["trim"] = True
     net = data["network"]
@@ -474,6 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--compact", action="store_true",
                    help="build for a small device such as the iCEBreaker's UP5K: less logic, "
                         "a few more cycles per layer")
+    c.add_argument("--pe-pack", type=int, choices=(1, 2), default=None,
+                   help="PE products per multiplier block: 2 packs the weights of two "
+                        "neighbouring columns into one operand (needs a_bits + 2 * w_bits + 1 "
+                        "<= 18 and an even --cols); default 2 where it fits, 1 on --compact")
     c.add_argument("--trim", action="store_true",
                    help="leave out the hardware of layer features the model does not use "
                         "(level-2 generation, the residual add, pooling, and code streaming "

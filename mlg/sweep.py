@@ -726,6 +726,7 @@ def point_row(spec: dict, point: dict, results: dict) -> dict:
     row["accuracy"] = acc
     row["accuracy_source"] = acc_src
     row["gen_lanes"] = comp["config"]["gen_lanes"] if comp else None
+    row["pe_pack"] = comp["config"].get("pe_pack", 1) if comp else None
     row["config_hash"] = comp["config_hash"][:16] if comp else None
     row["mlg_kib"] = comp["mlg_bytes"] / 1024 if comp else None
     row["factorized"] = " ".join(comp["factorized"]) if comp else None

@@ -39,12 +39,13 @@ def _codes(gen, shape, bits):
     return torch.randint(0, 1 << bits, shape, generator=gen, dtype=torch.int64)
 
 
-def random_network(seed: int = 0, plain: bool = False) -> QuantizedNetwork:
+def random_network(seed: int = 0, plain: bool = False, w_bits: int = 8) -> QuantizedNetwork:
     """Random integer network with calibrated shifts (outputs neither all 0 nor saturated):
-    every layer kind, or with ``plain`` conv layers without level 2 or a residual."""
+    every layer kind, or with ``plain`` conv layers without level 2 or a residual; PE
+    weights of ``w_bits``."""
     g = torch.Generator().manual_seed(seed)
     net = QuantizedNetwork(arch="test", input_shape=(2, 8, 8), input_scale=1.0, num_classes=5,
-                           a_bits=8, w_bits=8, m_bits=16, qb=3, qu=6, qv=3, qd=7, decode="odd")
+                           a_bits=8, w_bits=w_bits, m_bits=16, qb=3, qu=6, qv=3, qd=7, decode="odd")
     specs = [  # name, ci, co, k, stride, pad, bi, bo, l1, l2, src, dst, res, relu
         ("dense", 2, 6, 3, 1, 1, 0, 6, False, False, 0, 1, None, True),
         ("both_s2", 6, 8, 3, 2, 1, 2, 4, True, True, 1, 2, None, True),

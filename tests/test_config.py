@@ -67,8 +67,10 @@ def test_optional_fields_keep_older_configs_and_their_digest(tmp_path):
     assert loaded.digest == hashlib.sha256(json.dumps(older, sort_keys=True).encode()).digest()
     # A field away from its default is part of the identity.
     for name, value in (("counter_bits", 24), ("layer_log", False), ("compact", True),
-                        ("level2", False), ("residual", False), ("pool", False)):
-        other = AcceleratorConfig(rows=4, **{name: value})
+                        ("level2", False), ("residual", False), ("pool", False),
+                        ("pe_pack", 2)):
+        other = AcceleratorConfig(rows=4, **({name: value, "w_bits": 4} if name == "pe_pack"
+                                             else {name: value}))
         assert other.digest != c.digest
         assert f'"{name}"' in other.canonical_json() and f'"{name}"' not in c.canonical_json()
         assert AcceleratorConfig.from_json(other.to_json()).digest == other.digest
@@ -79,10 +81,24 @@ def test_optional_fields_keep_older_configs_and_their_digest(tmp_path):
     ("counter_bits", 64, "counter_bits = 64"),
     ("layer_log", "yes", "layer_log = 'yes' must be true or false"),
     ("pool", 0, "pool = 0 must be true or false"),
+    ("pe_pack", 3, "pe_pack = 3 is not supported; accepted: 1, 2"),
 ])
 def test_optional_fields_validated(field, value, needle):
     with pytest.raises(ConfigError, match=needle):
         AcceleratorConfig(**{field: value})
+
+
+@pytest.mark.parametrize("fields,needle", [
+    ({"w_bits": 8}, r"a_bits \+ 2 \* w_bits \+ 1 = 25 bits.*w_bits <= 4 with a_bits = 8"),
+    ({"w_bits": 4, "a_bits": 10}, r"= 19 bits.*w_bits <= 3 with a_bits = 10"),
+    ({"w_bits": 4, "cols": 7}, "cols = 7 is odd"),
+])
+def test_pe_pack_refused_where_the_packed_operand_does_not_fit(fields, needle):
+    with pytest.raises(ConfigError, match="pe_pack = 2: .*" + needle):
+        AcceleratorConfig(pe_pack=2, **fields)
+    # the widest packings that fit
+    AcceleratorConfig(pe_pack=2, w_bits=4, a_bits=9)
+    AcceleratorConfig(pe_pack=2, w_bits=2, a_bits=13)
 
 
 def test_lacks_names_the_features_a_layer_needs_and_the_config_leaves_out():

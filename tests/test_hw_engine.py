@@ -298,9 +298,12 @@ def _amaranth_engine_run(cfg, cases_with_load, bad_descriptors, pe_mult):
     return out
 
 
-@pytest.mark.parametrize("pe_mult,compact", [("infer", False), ("lut", False), ("infer", True)])
-def test_engine_small_layers_in_amaranth_simulator(pe_mult, compact):
-    cfg = dataclasses.replace(SMALL_CFG, compact=compact)
+@pytest.mark.parametrize("pe_mult,compact,pe_pack", [("infer", False, 1), ("lut", False, 1),
+                                                      ("infer", True, 1), ("infer", False, 2)])
+def test_engine_small_layers_in_amaranth_simulator(pe_mult, compact, pe_pack):
+    # (two PEs per multiplier pair the columns: four of them)
+    cfg = dataclasses.replace(SMALL_CFG, compact=compact, pe_pack=pe_pack,
+                              cols=4 if pe_pack == 2 else SMALL_CFG.cols)
     plan = {"seed": 5, "items": [
         {"chain": [dict(op="conv", ci=3, co=3, h=4, w=5, k=3, stride=1, pad=1, relu=True, src=0, dst=1,
                         res=None),

@@ -136,6 +136,39 @@ def test_factorized_network_bit_exact_on_the_simulated_board():
             assert [e["macs"] for e in log] == [l.macs for l in program.network().layers]
 
 
+def test_compile_packs_two_pe_products_per_multiplier_where_the_weights_allow():
+    narrow = random_network(seed=1, w_bits=4)
+    assert compile_network(narrow, 4, 4).config.pe_pack == 2
+    assert compile_network(narrow, 4, 4, pe_pack=1).config.pe_pack == 1
+    assert compile_network(narrow, 4, 4, compact=True).config.pe_pack == 1
+    assert compile_network(narrow, 4, 5).config.pe_pack == 1        # odd cols
+    assert compile_network(random_network(seed=1), 4, 4).config.pe_pack == 1  # 8-bit weights
+    with pytest.raises(CompileError, match="pe_pack = 2: .*25 bits"):
+        compile_network(random_network(seed=1), 4, 4, pe_pack=2)
+
+
+@pytest.mark.skipif(not simulator_available("verilator"), reason="Verilator not installed")
+def test_packed_pe_products_bit_exact_on_the_simulated_board():
+    """4-bit PE weights, two products per multiplier: every logit as the golden model's."""
+    from host.driver import Driver
+    from host.transport import SerialTransport
+    from sim.board import SimulatedBoard
+
+    net = random_network(seed=1, w_bits=4)
+    result = compile_network(net, rows=4, cols=4, gen_lanes=4, link_timeout=LINK_TIMEOUT)
+    assert result.config.pe_pack == 2
+    program = read_program(result.program, config=result.config)
+    # the PE weights span the 4-bit range, both extremes included
+    w = torch.cat([l.weights_pe(program.network()).flatten()
+                   for l in program.network().conv_layers()])
+    assert int(w.min()) == -8 and int(w.max()) == 7
+    with SimulatedBoard(result.config, "verilator", fast_build=True) as board:
+        with SerialTransport(board.url) as tr:
+            drv = Driver(tr, timeout=30)
+            drv.load_program(result.config, program)
+            _check_images(drv, program, 3, seed=5)
+
+
 @pytest.mark.skipif(not simulator_available("verilator"), reason="Verilator not installed")
 def test_bench_suite_runs_mlg_and_dense_bit_exact():
     from sim.perf import format_report, run_suite
