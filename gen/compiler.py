@@ -177,6 +177,59 @@ def predicted_cycles(net: QuantizedNetwork, rows: int, cols: int, **overrides) -
     return sum(c.cycles for c in layer_costs(net, derive_config(net, rows, cols, **overrides)))
 
 
+# The arrays :func:`size_array` considers: 2..MAX_SIZED rows and columns.
+MAX_SIZED = 32
+
+
+def size_array(nets, multipliers: int, *, fixed: dict | None = None, **overrides) -> dict:
+    """The array shape for a network on a device with ``multipliers`` multiplier blocks.
+
+    ``nets`` are the network in the execution forms the compile may use (e.g. the
+    generate form and the fully factorized one, :func:`choose_forms`). Of the
+    ``rows x cols`` arrays (2..:data:`MAX_SIZED` each) on which some form's build fits
+    the blocks (:attr:`gen.config.AcceleratorConfig.multiplier_blocks`, with two PE
+    products per block where ``pe_pack`` allows), the one :mod:`gen.cost` predicts
+    fastest in its fastest fitting form (fewer PEs, then the squarer shape, on a tie).
+
+    Returns ``{"rows", "cols", "predicted_cycles", "multiplier_blocks", "pe_pack",
+    "form", "candidates"}``: ``form`` is the index in ``nets`` of the form the
+    prediction is for, ``candidates`` how many shapes fit. Raises
+    :class:`CompileError` if not even a 2 x 2 array fits. ``fixed`` may hold ``rows``
+    or ``cols``: only shapes with that many are considered.
+    """
+    from .cost import layer_costs
+
+    fixed = fixed or {}
+    nets = [allocate_buffers(n) for n in (nets if isinstance(nets, (list, tuple)) else [nets])]
+    best, fits = None, 0
+    for rows in ([fixed["rows"]] if "rows" in fixed else range(2, MAX_SIZED + 1)):
+        for cols in ([fixed["cols"]] if "cols" in fixed else range(2, MAX_SIZED + 1)):
+            options = []
+            for i, net in enumerate(nets):
+                try:
+                    config = derive_config(net, rows, cols, **overrides)
+                except CompileError:
+                    continue
+                if config.multiplier_blocks["total"] <= multipliers:
+                    cycles = sum(c.cycles for c in layer_costs(net, config))
+                    options.append((cycles, i, config))
+            if not options:
+                continue
+            fits += 1
+            cycles, i, config = min(options, key=lambda o: o[:2])
+            key = (cycles, rows * cols, abs(rows - cols))
+            if best is None or key < best[0]:
+                best = (key, rows, cols, i, config)
+    if best is None:
+        shape = " and ".join(f"{k} = {v}" for k, v in fixed.items()) or \
+            f"2..{MAX_SIZED} rows and columns"
+        raise CompileError(f"no array of {shape} fits {multipliers} multiplier blocks")
+    (cycles, _, _), rows, cols, i, config = best
+    return {"rows": rows, "cols": cols, "predicted_cycles": cycles,
+            "multiplier_blocks": config.multiplier_blocks, "pe_pack": config.pe_pack,
+            "form": i, "candidates": fits}
+
+
 def choose_forms(net: QuantizedNetwork, rows: int, cols: int, form: str,
                  calib, **overrides) -> QuantizedNetwork:
     """``net`` with its execution forms chosen: ``generate`` keeps form 1 everywhere,

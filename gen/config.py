@@ -284,6 +284,17 @@ class AcceleratorConfig:
         return 1 if self.compact else math.gcd(self.rows, self.cols)
 
     @property
+    def multiplier_blocks(self) -> dict:
+        """Multiplier blocks (``MULT18X18D`` on ECP5) the build instantiates, by block:
+        ``pe`` (``rows * cols / pe_pack``), ``requant`` (per lane two for the
+        accumulator times the multiplier, one for the residual add) and ``generation``
+        (one per lane; one for the serial unit), and their ``total``."""
+        n = {"pe": self.rows * self.cols // self.pe_pack,
+             "requant": self.requant_lanes * (3 if self.residual else 2),
+             "generation": 1 if self.serial_generation else self.gen_lanes}
+        return {**n, "total": sum(n.values())}
+
+    @property
     def b_value_bits(self) -> int:
         return code_value_bits(self.qb, self.decode)
 

@@ -107,7 +107,11 @@ def cmd_compile(args) -> int:
     calib = None
     if args.form != "generate":
         calib = _calibration_inputs(net, args.calib_images)
-    result = compile_network(net, rows=args.rows, cols=args.cols, form=args.form, calib=calib,
+    rows, cols = args.rows, args.cols
+    if args.board is not None and (rows is None or cols is None):
+        rows, cols = _size_for_board(net, args, calib, overrides)
+    rows, cols = rows or 8, cols or 8
+    result = compile_network(net, rows=rows, cols=cols, form=args.form, calib=calib,
                              **overrides)
     describe_model(result, args.model, data, net.arch)
     paths = write_build(result, args.out)
@@ -116,8 +120,39 @@ def cmd_compile(args) -> int:
                      "report": result.report, "files": {k: str(v) for k, v in paths.items()}})
     else:
         print(format_report(result.report))
-        print(f"config {result.config.hash_hex[:16]} ({args.rows}x{args.cols} array) -> {args.out}")
+        print(f"config {result.config.hash_hex[:16]} ({rows}x{cols} array) -> {args.out}")
     return 0
+
+
+def _size_for_board(net, args, calib, overrides) -> tuple[int, int]:
+    """The array :func:`gen.compiler.size_array` picks for ``args.board``'s multiplier
+    blocks, in the forms ``args.form`` allows (said on stderr); a given ``--rows`` or
+    ``--cols`` is kept."""
+    from gen.compiler import size_array
+    from gen.factorize import factorizable, factorize
+    from hw.board import BOARDS
+
+    board = BOARDS[args.board]
+    forms = []
+    if args.form in ("generate", "auto"):
+        forms.append(("generate", net))
+    names = [l.name for l in net.layers if factorizable(l)]
+    if args.form in ("factorized", "auto") and names:
+        forms.append(("factorized", factorize(net, names, calib)))
+    if not forms:
+        forms.append(("generate", net))
+    over = dict(overrides)
+    if board.family == "ice40":
+        over.setdefault("compact", True)
+    fixed = {k: v for k, v in (("rows", args.rows), ("cols", args.cols)) if v is not None}
+    pick = size_array([n for _, n in forms], board.multipliers, fixed=fixed, **over)
+    b = pick["multiplier_blocks"]
+    print(f"{args.board}: {pick['rows']}x{pick['cols']} array of the {pick['candidates']} that "
+          f"fit its {board.multipliers} multiplier blocks ({b['total']} used: {b['pe']} PE"
+          f"{' (two products each)' if pick['pe_pack'] == 2 else ''}, {b['requant']} requant, "
+          f"{b['generation']} generation), predicted {pick['predicted_cycles']:,} cycles in the "
+          f"{forms[pick['form']][0]} form", file=sys.stderr)
+    return pick["rows"], pick["cols"]
 
 
 def _calibration_inputs(net, n: int):
@@ -464,8 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="derive the accelerator config and the layer program")
     c.add_argument("model")
     c.add_argument("--out", required=True, help="build directory")
-    c.add_argument("--rows", type=int, default=8)
-    c.add_argument("--cols", type=int, default=8)
+    c.add_argument("--rows", type=int, default=None,
+                   help="array rows (default 8, or as --board sizes it)")
+    c.add_argument("--cols", type=int, default=None,
+                   help="array columns (default 8, or as --board sizes it)")
+    c.add_argument("--board", choices=("ulx3s-85f", "icebreaker"), default=None,
+                   help="size the array for this board: of the shapes whose multiplier "
+                        "blocks fit the device, the one the cost model predicts fastest for "
+                        "the model (a given --rows or --cols is kept)")
     c.add_argument("--gen-lanes", type=int, default=None,
                    help="generation-unit multipliers (default: one per PE, at most 256)")
     c.add_argument("--counter-bits", type=int, default=None,

@@ -942,7 +942,7 @@ def run_sweep(spec: dict, out, *, cache=None, scheduler: str | None = None,
         n_workers = len(client.nthreads())
         threads = max(1, (os.cpu_count() or 1) // max(1, n_workers)) if cluster else None
         log(f"mlg sweep {spec['name']}: {len(points)} points x {len(stages)} stages "
-            f"({', '.join(stages)}) on {n_workers} Dask workers "
+            f"({', '.join(stages)}) on {n_workers} Dask worker{'' if n_workers == 1 else 's'} "
             f"({'local cluster' if cluster else scheduler}); cache {cache}")
         futures: dict[str, object] = {}
         point_futures = []

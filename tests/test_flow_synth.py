@@ -56,6 +56,8 @@ def test_synthesis_smoke_ulx3s(tmp_path):
     assert r["timing_met"] == (clock["achieved_mhz"] >= clock["constraint_mhz"])
     lut = r["resources"]["LUT4"]
     assert 0 < lut["used"] <= lut["available"] == 83_640
+    # the multiplier blocks the config counts (PEs, requant lanes, generation lanes)
+    assert r["resources"]["MULT18X18D"]["used"] == SMOKE.multiplier_blocks["total"]
     assert set(r["seconds"]) == {"yosys", "nextpnr", "pack"}
     assert (tmp_path / "mlg_top.bit").stat().st_size > 100_000
     # The endpoint analysis of nextpnr's SDF finds the clock's worst path again.

@@ -147,6 +147,32 @@ def test_compile_packs_two_pe_products_per_multiplier_where_the_weights_allow():
         compile_network(random_network(seed=1), 4, 4, pe_pack=2)
 
 
+def test_array_sized_for_a_multiplier_budget():
+    from gen.compiler import size_array
+
+    wide, narrow = random_network(seed=1), random_network(seed=1, w_bits=4)
+    picks = {}
+    for budget in (40, 80, 156):
+        for name, net in (("w8", wide), ("w4", narrow)):
+            p = size_array(net, budget)
+            cfg = compile_network(net, p["rows"], p["cols"]).config
+            assert cfg.multiplier_blocks == p["multiplier_blocks"]
+            assert p["multiplier_blocks"]["total"] <= budget
+            assert p["predicted_cycles"] == compile_network(net, p["rows"], p["cols"]).report[
+                "predicted_cycles"]
+            picks[name, budget] = p
+    for name in ("w8", "w4"):   # a larger budget is never slower
+        cycles = [picks[name, b]["predicted_cycles"] for b in (40, 80, 156)]
+        assert cycles == sorted(cycles, reverse=True) and cycles[0] > cycles[-1]
+    # two products per block: 4-bit weights get more PEs from the same blocks
+    assert all(picks["w4", b]["pe_pack"] == 2 for b in (40, 80, 156))
+    assert picks["w4", 80]["predicted_cycles"] < picks["w8", 80]["predicted_cycles"]
+    # a fixed side is kept; a budget nothing fits is refused with the shape it tried
+    assert size_array(wide, 80, fixed={"rows": 4})["rows"] == 4
+    with pytest.raises(CompileError, match="no array of rows = 4 fits 5 multiplier blocks"):
+        size_array(wide, 5, fixed={"rows": 4})
+
+
 @pytest.mark.skipif(not simulator_available("verilator"), reason="Verilator not installed")
 def test_packed_pe_products_bit_exact_on_the_simulated_board():
     """4-bit PE weights, two products per multiplier: every logit as the golden model's."""
