@@ -8,9 +8,9 @@ import os
 import shlex
 import signal
 import sys
-import threading
-from contextlib import contextmanager
 from pathlib import Path
+
+from hw.flow.procs import Terminated, end_on_signals
 
 __all__ = ["main"]
 
@@ -631,41 +631,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class Terminated(BaseException):
-    """The process was asked to end (SIGTERM, SIGHUP): raised where it runs, so that
-    every ``finally`` on the way out runs too (the tools a command started are stopped,
-    its files closed). A ``BaseException``, so that no ``except Exception`` holds it."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-@contextmanager
-def _end_on_signals(signums=(signal.SIGTERM, signal.SIGHUP)):
-    """Turn the signals in ``signums`` into :class:`Terminated` while the block runs.
-    A signal that the process ignores (``nohup`` ignores SIGHUP) stays ignored."""
-
-    def handler(signum, frame):
-        raise Terminated(signum)
-
-    saved = {}
-    try:
-        for s in signums:
-            # (Handlers belong to the main thread: elsewhere the signals keep theirs.)
-            if threading.current_thread() is threading.main_thread() and \
-                    signal.getsignal(s) == signal.SIG_DFL:
-                saved[s] = signal.signal(s, handler)
-        yield
-    finally:
-        for s, old in saved.items():
-            signal.signal(s, old)
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with _end_on_signals():
+        with end_on_signals():
             return args.func(args)
     except Terminated as t:
         print(f"mlg {args.command}: stopped by {signal.Signals(t.signum).name}", file=sys.stderr)

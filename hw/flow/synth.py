@@ -24,6 +24,7 @@ from pathlib import Path
 from gen.config import AcceleratorConfig
 
 from . import sta
+from .procs import stop
 from ..board import BOARDS, BoardTop, board_platform
 from ..memory import UNDEFINED_INIT
 
@@ -70,17 +71,6 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """End a tool that is still running and reap it (killed if it ignores the request)."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def _exit_text(code: int) -> str:
     return f"exit {code}" if code >= 0 else f"killed by signal {-code}"
 
@@ -123,7 +113,7 @@ def _run(cmd: list[str], cwd: Path, log: Path, step: str, progress: bool,
                     raise _TimedOut(f"{step} stopped at its time limit of {_minutes(timeout)}; "
                                     f"see {log}")
         finally:
-            _stop(proc)
+            stop(proc)
             if bar:
                 bar.close()
     if proc.returncode:
@@ -283,7 +273,7 @@ def _sweep(seeds, jobs: int, cmd_of, out: Path, inputs, top, margin_pct: float,
                 if proc.poll() is None:
                     late = timeout is not None and time.monotonic() - t0 > timeout
                     if met or no_fit is not None or late:
-                        _stop(proc)
+                        stop(proc)
                         log.close()
                         del running[s]
                         results[s].update(status="timed out" if late else "stopped",
@@ -320,7 +310,7 @@ def _sweep(seeds, jobs: int, cmd_of, out: Path, inputs, top, margin_pct: float,
                 met = met or passed
     finally:
         for proc, log, _ in running.values():
-            _stop(proc)
+            stop(proc)
             log.close()
         if bar:
             bar.close()
