@@ -27,7 +27,7 @@ Executor interface
 
 from __future__ import annotations
 
-from amaranth.hdl import Module, unsigned
+from amaranth.hdl import Module, Signal, unsigned
 from amaranth.lib import stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -94,7 +94,10 @@ class HostLink(wiring.Component):
         m.submodules.buf = buf = Memory(shape=8, depth=self.depth, init=[])
         wp = buf.write_port()
         rp = buf.read_port()
-        m.d.comb += [wp.addr.eq(rx.buf_waddr), wp.data.eq(rx.buf_wdata), wp.en.eq(rx.buf_we),
+        # (The write enable is kept as a net of its own: the formal checks observe it.)
+        buf_we = Signal(attrs={"keep": 1})
+        m.d.comb += [buf_we.eq(rx.buf_we), wp.en.eq(buf_we)]
+        m.d.comb += [wp.addr.eq(rx.buf_waddr), wp.data.eq(rx.buf_wdata),
                      rp.addr.eq(self.buf_addr), self.buf_data.eq(rp.data)]
 
         wiring.connect(m, wiring.flipped(self.i_rx), rx.i_rx)

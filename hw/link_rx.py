@@ -114,7 +114,8 @@ class FrameReceiver(wiring.Component):
         crc_count = Signal(range(CRC_BYTES + 1))
         idle = Signal(range(cfg.link_timeout + 1))
         err_code = Signal(8)
-        len_over, len_zero = Signal(), Signal()   # the length checks, registered
+        len_over = Signal()                       # the length checks, registered
+        len_zero = Signal()
         drop = Signal()                           # the frame is refused for its length
         pay_last = Signal()                       # count == length - 1, registered
         byte = self.i_rx.payload
