@@ -33,8 +33,8 @@ Channel constants (:func:`channel_layout`)
 
 Link protocol constants
     The frame bytes (:data:`SYNC`, :data:`RESPONSE`, :data:`HEADER_BYTES`,
-    :data:`CRC_BYTES`, the request tags :data:`TAGS`), the requests and their arguments (:data:`REQUESTS`), the
-    memory regions (``REGION_*``, :func:`region_sizes`, :func:`region_words`), the
+    :data:`CRC_BYTES`, the request tags :data:`TAGS`), the requests and their
+    arguments (:data:`REQUESTS`), the memory regions (``REGION_*``, :func:`region_sizes`, :func:`region_words`), the
     error and state codes, the counters (:data:`COUNTERS`), the IDENTITY and STATUS
     payloads. :mod:`host.protocol` specifies the frame format and implements the
     host's side; ``hw.link`` and ``hw.accelerator`` the device's.
