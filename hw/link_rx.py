@@ -74,8 +74,6 @@ class FrameReceiver(wiring.Component):
         last byte for a CRC or a length (an oversized frame's declared last byte),
         ``link_timeout + 1`` cycles after the last byte for a timeout or a drop
         ended by a gap.
-    dropping: the receiver takes the declared rest of a frame refused for its
-        length (nothing of it is written or executed).
     i_done: the answer is sent: hunt for the next frame.
     ev_frame: high in the cycle a request is accepted (``o_req.valid`` rises next).
     ev_refused: high in the cycle after a frame was refused (a registered pulse).
@@ -98,7 +96,6 @@ class FrameReceiver(wiring.Component):
             "i_done": In(1),
             "ev_frame": Out(1),
             "ev_refused": Out(1),
-            "dropping": Out(1),
         })
 
     def elaborate(self, platform):
@@ -225,8 +222,7 @@ class FrameReceiver(wiring.Component):
 
         m.d.comb += [self.waiting.eq((state == _Rx.EXEC) & ~pending),
                      self.error.eq(state == _Rx.ERROR),
-                     self.err_code.eq(err_code), self.err_op.eq(op), self.tag.eq(tag),
-                     self.dropping.eq(drop & inside)]
+                     self.err_code.eq(err_code), self.err_op.eq(op), self.tag.eq(tag)]
         # The frame is answered: take the next one.
         with m.If(self.i_done):
             m.d.sync += [*goto(_Rx.HUNT), drop.eq(0)]
