@@ -33,8 +33,8 @@ Channel constants (:func:`channel_layout`)
 
 Link protocol constants
     The frame bytes (:data:`SYNC`, :data:`RESPONSE`, :data:`HEADER_BYTES`,
-    :data:`CRC_BYTES`), the requests and their arguments (:data:`REQUESTS`), the
-    memory regions (``REGION_*``, :func:`region_sizes`, :func:`region_words`), the
+    :data:`CRC_BYTES`, the request tags :data:`TAGS`), the requests and their
+    arguments (:data:`REQUESTS`), the memory regions (``REGION_*``, :func:`region_sizes`, :func:`region_words`), the
     error and state codes, the counters (:data:`COUNTERS`), the IDENTITY and STATUS
     payloads. :mod:`host.protocol` specifies the frame format and implements the
     host's side; ``hw.link`` and ``hw.accelerator`` the device's.
@@ -62,13 +62,13 @@ __all__ = [
     "layer_record_layout", "channel_layout", "act_bytes", "record_bytes", "const_bytes",
     # link
     "SYNC", "PROTOCOL_VERSION", "IDENTITY_MAGIC", "RESPONSE", "OP_ERROR", "HEADER_BYTES",
-    "CRC_BYTES", "OP_IDENTIFY", "OP_WRITE", "OP_READ", "OP_RUN", "OP_STATUS", "OP_COUNTERS",
+    "CRC_BYTES", "TAGS", "OP_IDENTIFY", "OP_WRITE", "OP_READ", "OP_RUN", "OP_STATUS", "OP_COUNTERS",
     "OP_LOAD_ACT", "OP_READ_ACT", "OP_ABORT", "Request", "REQUESTS", "OP_NAMES", "ARG_BYTES",
     "FIXED_LENGTH",
     "REGION_PROGRAM", "REGION_BASES", "REGION_CONSTS", "REGION_STREAM", "REGION_LOG",
     "REGION_NAMES", "region_sizes", "region_words",
     "ERR_CRC", "ERR_LENGTH", "ERR_OPCODE", "ERR_ADDRESS", "ERR_BUSY", "ERR_TIMEOUT",
-    "ERR_ARGUMENT", "ERR_STATE", "ERRORS", "ERR_DESCRIPTOR", "ERR_WEIGHTS", "ERR_ABORTED",
+    "ERR_ARGUMENT", "ERR_STATE", "ERR_NO_RESULT", "ERRORS", "ERR_DESCRIPTOR", "ERR_WEIGHTS", "ERR_ABORTED",
     "RUN_ERRORS", "STATE_IDLE", "STATE_RUNNING", "STATE_DONE", "STATE_ERROR", "STATE_NAMES",
     "STATUS", "STATUS_BYTES", "COUNTER_TABLE", "COUNTERS", "N_COUNTERS", "COUNTER_BYTES",
     "LOG_COUNTERS", "LINK_COUNTERS", "ENGINE_COUNTS", "IDENTITY", "IDENTITY_BYTES",
@@ -294,10 +294,11 @@ def const_bytes(config) -> int:
 # ---- link: frames and requests -------------------------------------------------------
 
 SYNC = 0xA5
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2      # 2: a tag in every header; ERR_NO_RESULT
 IDENTITY_MAGIC = b"MLGA"
-HEADER_BYTES = 4          # SYNC, OP, LEN u16
+HEADER_BYTES = 5          # SYNC, OP, LEN u16, TAG
 CRC_BYTES = 2
+TAGS = 256                # a request's tag is one byte; its answer carries the same
 RESPONSE = 0x80           # a response carries its request's OP | RESPONSE
 OP_ERROR = 0xFF           # ... or this, with payload [error code, request opcode]
 
@@ -396,10 +397,12 @@ ERR_BUSY = 5
 ERR_TIMEOUT = 6
 ERR_ARGUMENT = 7
 ERR_STATE = 8
+ERR_NO_RESULT = 9
 ERRORS = {ERR_CRC: "bad CRC", ERR_LENGTH: "bad length", ERR_OPCODE: "unknown opcode",
           ERR_ADDRESS: "address out of range", ERR_BUSY: "device busy",
           ERR_TIMEOUT: "frame timed out", ERR_ARGUMENT: "bad argument",
-          ERR_STATE: "no run is taking streamed codes"}
+          ERR_STATE: "no run is taking streamed codes",
+          ERR_NO_RESULT: "no result: the last run stopped in the error state"}
 
 # Bits of STATUS's error byte: why a run stopped (state STATE_ERROR). The engine sets
 # the first two (hw.engine), ABORT the last.

@@ -2,9 +2,12 @@
 
 A :class:`Driver` speaks :mod:`host.protocol` over any :class:`~host.transport.Transport`,
 so the same code drives a board (UART) and the simulated board (TCP bridge).
-Every request waits for its one response; a missing response raises
-:class:`LinkTimeout`, an error frame :class:`DeviceError` naming the device's
-error and the request, a device built for another config :class:`IdentityMismatch`.
+Every request carries a new tag and waits for the one response with that tag;
+an answer with another tag (a late answer to an earlier request) is dropped and
+counted in :attr:`Driver.stale`. A missing response raises :class:`LinkTimeout`,
+an error frame :class:`DeviceError` naming the device's error and the request, a
+device built for another config :class:`IdentityMismatch`, a result asked of a
+run that stopped in the error state :class:`RunError`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from gen.config import AcceleratorConfig
-from gen.contract import ARG_BYTES, COUNTER_BYTES, REQUESTS, RUN_ERRORS, STATUS
+from gen.contract import (ARG_BYTES, COUNTER_BYTES, ERR_NO_RESULT, REQUESTS, RUN_ERRORS, STATUS,
+                          TAGS)
 from gen.integer import int_range
 from gen.program import Program, load_program
 
@@ -87,6 +91,8 @@ class Driver:
         self.timeout = timeout
         self.progress = progress
         self.decoder = FrameDecoder()
+        self.tag = 0      # the tag of the next request
+        self.stale = 0    # answers dropped because their tag was not the one awaited
         self.identity: Identity | None = None
         self.config: AcceleratorConfig | None = None
         self.program: Program | None = None
@@ -95,11 +101,17 @@ class Driver:
     # ---- frames -----------------------------------------------------------------------
 
     def request(self, op: int, payload: bytes = b"", timeout: float | None = None) -> bytes:
-        """Send one request and return its response payload."""
-        self.transport.write(encode_frame(op, payload))
+        """Send one request and return its response payload: the first frame that
+        carries the request's tag (frames with another tag are dropped and counted
+        in :attr:`stale`)."""
+        tag, self.tag = self.tag, (self.tag + 1) % TAGS
+        self.transport.write(encode_frame(op, payload, tag))
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
             frame = self.decoder.pop()
+            if frame is not None and frame.tag != tag:
+                self.stale += 1
+                continue
             if frame is not None:
                 break
             left = deadline - time.monotonic()
@@ -288,9 +300,7 @@ class Driver:
             if st.state == STATE_DONE:
                 return st
             if st.state == STATE_ERROR:
-                why = ", ".join(name for bit, name in RUN_ERRORS.items() if st.error & bit)
-                raise RunError(f"run stopped at layer {st.layer} with device error 0x{st.error:02x}"
-                               + (f" ({why})" if why else ""))
+                raise RunError(_stopped(st))
             if st.state != STATE_RUNNING or time.monotonic() > deadline:
                 if st.state == STATE_RUNNING:
                     self.abort()
@@ -321,8 +331,15 @@ class Driver:
         self.request(OP_LOAD_ACT, REQUESTS[OP_LOAD_ACT].pack_args(buf, c, pixels) + body)
 
     def read_activations(self, buf: int, channels: int, pixels: int) -> torch.Tensor:
+        """The tensor ``[channels, pixels]`` in buffer ``buf``; :class:`RunError` when the
+        device refuses it because the last run stopped in the error state."""
         ident = self._ident()
-        raw = self.request(OP_READ_ACT, REQUESTS[OP_READ_ACT].pack_args(buf, channels, pixels))
+        try:
+            raw = self.request(OP_READ_ACT, REQUESTS[OP_READ_ACT].pack_args(buf, channels, pixels))
+        except DeviceError as e:
+            if e.code != ERR_NO_RESULT:
+                raise
+            raise RunError(f"no result to read: {_stopped(self.status())}") from None
         ab = ident.act_bytes
         if len(raw) != channels * pixels * ab:
             raise DriverError(f"READ_ACT returned {len(raw)} bytes, expected {channels * pixels * ab}")
@@ -370,3 +387,10 @@ class Driver:
         from tqdm import tqdm
 
         return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False)
+
+
+def _stopped(st: Status) -> str:
+    """What a STATUS in the error state says about the run."""
+    why = ", ".join(name for bit, name in RUN_ERRORS.items() if st.error & bit)
+    return (f"run stopped at layer {st.layer} with device error 0x{st.error:02x}"
+            + (f" ({why})" if why else ""))

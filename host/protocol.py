@@ -13,19 +13,28 @@ Both directions use the same frame::
     SYNC  u8        0xA5
     OP    u8        request opcode; a response carries OP | 0x80, an error OP_ERROR
     LEN   u16 LE    payload bytes (a request is refused above the device's max_payload)
+    TAG   u8        chosen by the host per request; the answer carries the same
     PAYLOAD         LEN bytes
-    CRC   u16 BE    CRC-16/CCITT-FALSE (poly 0x1021, init 0xFFFF) of OP, LEN and PAYLOAD
+    CRC   u16 BE    CRC-16/CCITT-FALSE (poly 0x1021, init 0xFFFF) of OP, LEN, TAG, PAYLOAD
 
 The CRC goes most significant byte first, so a receiver that runs the CRC over
 the whole frame after SYNC, CRC included, ends on the residue 0.
 
-A device answers every request with exactly one frame. It executes a request
-only after its CRC has been checked; a request with a bad CRC, a length above
-``max_payload``, an unknown opcode, a bad argument or an out-of-range address
-gets an error frame (``OP_ERROR``, payload ``[error code, request opcode]``)
-and changes no state. A frame whose bytes stop arriving for ``link_timeout``
-cycles is dropped with ``ERR_TIMEOUT``. Between frames the device skips every
-byte that is not SYNC.
+A device answers every request with exactly one frame, which carries the
+request's TAG (error frames too). It executes a request only after its CRC has
+been checked; a request with a bad CRC, a length above ``max_payload``, an
+unknown opcode, a bad argument or an out-of-range address gets an error frame
+(``OP_ERROR``, payload ``[error code, request opcode]``) and changes no state.
+A frame whose bytes stop arriving for ``link_timeout`` cycles is dropped with
+``ERR_TIMEOUT``. A frame whose LEN is above ``max_payload`` is still read to
+its declared end (LEN payload bytes and the CRC) and dropped, then answered
+with ``ERR_LENGTH``: no byte inside a declared frame starts another frame (a
+gap of ``link_timeout`` cycles ends the drop early). Between frames the device
+skips every byte that is not SYNC.
+
+The host gives every request a new TAG (:data:`TAGS` values, in turn) and takes
+as its answer only a frame with that TAG: an answer that arrives late, after
+its request was given up, is recognised and dropped.
 
 Requests
 --------
@@ -39,9 +48,12 @@ RUN      n_layers u16                               (none)
 STATUS   (none)                                     state u8, error u8, layer u16
 COUNTERS (none)                                     N_COUNTERS x u64, in COUNTERS order
 LOAD_ACT buffer u8, channels u16, pixels u32, data  (none)
-READ_ACT buffer u8, channels u16, pixels u32        channels * pixels * act_bytes
+READ_ACT buffer u8, channels u16, pixels u32        channels * pixels * act_bytes (*)
 ABORT    (none)                                     (none)
 ======== ========================================== =======================================
+
+(*) refused with ``ERR_NO_RESULT`` while the device is in the error state (the
+last run stopped on a fault or was aborted): a stopped run leaves no result.
 
 :data:`gen.contract.REQUESTS` holds this table's argument fields and sizes.
 All multi-byte fields are little endian except the CRC.
@@ -85,11 +97,11 @@ from amaranth.hdl import Shape
 from gen.contract import (
     ARG_BYTES, COUNTER_BYTES, FIXED_LENGTH, REQUESTS, RUN_ERRORS, STATUS, STATUS_BYTES, Request,
     COUNTERS, CRC_BYTES, ERR_ADDRESS, ERR_ARGUMENT, ERR_BUSY, ERR_CRC, ERR_LENGTH, ERR_OPCODE,
-    ERR_STATE, ERR_TIMEOUT, ERRORS, HEADER_BYTES, IDENTITY, IDENTITY_BYTES, IDENTITY_MAGIC,
+    ERR_NO_RESULT, ERR_STATE, ERR_TIMEOUT, ERRORS, HEADER_BYTES, IDENTITY, IDENTITY_BYTES, IDENTITY_MAGIC,
     LOG_COUNTERS, N_COUNTERS, OP_ABORT, OP_COUNTERS, OP_ERROR, OP_IDENTIFY, OP_LOAD_ACT,
     OP_NAMES, OP_READ, OP_READ_ACT, OP_RUN, OP_STATUS, OP_WRITE, PROTOCOL_VERSION,
     REGION_BASES, REGION_CONSTS, REGION_LOG, REGION_NAMES, REGION_PROGRAM, REGION_STREAM,
-    RESPONSE, STATE_DONE, STATE_ERROR, STATE_IDLE, STATE_NAMES, STATE_RUNNING, SYNC,
+    RESPONSE, STATE_DONE, STATE_ERROR, STATE_IDLE, STATE_NAMES, STATE_RUNNING, SYNC, TAGS,
     act_bytes, const_bytes, identity_bytes, record_bytes)
 from gen.integer import int_range
 
@@ -99,7 +111,7 @@ __all__ = [
     "OP_ERROR", "OP_NAMES", "RESPONSE", "REGION_PROGRAM", "REGION_BASES", "REGION_CONSTS",
     "REGION_STREAM", "REGION_LOG", "LOG_COUNTERS",
     "REGION_NAMES", "ERRORS", "ERR_CRC", "ERR_LENGTH", "ERR_OPCODE", "ERR_ADDRESS",
-    "ERR_BUSY", "ERR_TIMEOUT", "ERR_ARGUMENT", "ERR_STATE", "STATE_IDLE", "STATE_RUNNING", "STATE_DONE",
+    "ERR_BUSY", "ERR_TIMEOUT", "ERR_ARGUMENT", "ERR_STATE", "ERR_NO_RESULT", "TAGS", "STATE_IDLE", "STATE_RUNNING", "STATE_DONE",
     "STATE_ERROR", "STATE_NAMES", "COUNTERS", "N_COUNTERS", "HEADER_BYTES", "CRC_BYTES",
     "IDENTITY_BYTES", "crc16", "encode_frame", "Frame", "FrameDecoder", "ProtocolError",
     "Identity", "parse_identity", "identity_bytes", "act_bytes", "record_bytes",
@@ -117,13 +129,15 @@ def crc16(data: bytes) -> int:
     return binascii.crc_hqx(bytes(data), 0xFFFF)
 
 
-def encode_frame(op: int, payload: bytes = b"") -> bytes:
-    """One frame: SYNC, OP, LEN, PAYLOAD, CRC."""
+def encode_frame(op: int, payload: bytes = b"", tag: int = 0) -> bytes:
+    """One frame: SYNC, OP, LEN, TAG, PAYLOAD, CRC."""
     if not 0 <= op <= 0xFF:
         raise ValueError(f"opcode {op} out of range 0..255")
+    if not 0 <= tag < TAGS:
+        raise ValueError(f"tag {tag} out of range 0..{TAGS - 1}")
     if len(payload) > 0xFFFF:
         raise ValueError(f"payload of {len(payload)} bytes exceeds the 65535 a frame carries")
-    body = struct.pack("<BH", op, len(payload)) + bytes(payload)
+    body = struct.pack("<BHB", op, len(payload), tag) + bytes(payload)
     return bytes([SYNC]) + body + struct.pack(">H", crc16(body))
 
 
@@ -131,6 +145,7 @@ def encode_frame(op: int, payload: bytes = b"") -> bytes:
 class Frame:
     op: int
     payload: bytes
+    tag: int = 0
 
     @property
     def is_error(self) -> bool:
@@ -184,7 +199,7 @@ class FrameDecoder:
                 del self.buf[:1]
                 raise ProtocolError(f"frame of opcode 0x{op:02x} with {length} payload bytes has "
                                     f"CRC 0x{crc:04x}, computed 0x{crc16(body):04x}")
-            self.frames.append(Frame(op, body[3:]))
+            self.frames.append(Frame(op, body[HEADER_BYTES - 1:], body[HEADER_BYTES - 2]))
             del self.buf[:end]
         return self.frames
 

@@ -23,7 +23,9 @@ changes no state.
 
 Memory writes and reads, activation transfers and RUN are refused with
 ``ERR_BUSY`` while ``running``; IDENTIFY, STATUS, COUNTERS, ABORT and writes of
-streamed codes are served at any time.
+streamed codes are served at any time. ``READ_ACT`` is refused with
+``ERR_NO_RESULT`` while the last run's state is ``STATE_ERROR`` (a run that
+stopped on a fault or an ABORT left no result to read).
 
 Timing: a request takes its argument bytes one a cycle, three registered steps
 of checks (PRE, PRE2, PRE3), then CHECK decides; activation transfers first sum
@@ -43,7 +45,8 @@ from amaranth.lib.wiring import In, Out
 
 from gen.config import AcceleratorConfig
 from gen.contract import (ARG_BYTES, COUNTERS, COUNTER_BYTES, ERR_ADDRESS, ERR_ARGUMENT,
-                          ERR_BUSY, ERR_LENGTH, ERR_OPCODE, ERR_STATE, FIXED_LENGTH,
+                          ERR_BUSY, ERR_LENGTH, ERR_NO_RESULT, ERR_OPCODE, ERR_STATE,
+                          FIXED_LENGTH, STATE_ERROR,
                           LOG_COUNTERS, OP_ABORT, OP_COUNTERS, OP_ERROR, OP_IDENTIFY,
                           OP_LOAD_ACT, OP_READ, OP_READ_ACT, OP_RUN, OP_STATUS, OP_WRITE,
                           REGION_BASES, REGION_CONSTS, REGION_LOG, REGION_PROGRAM,
@@ -488,6 +491,8 @@ class Executor(wiring.Component):
         with m.Elif(is_op[OP_LOAD_ACT] | is_op[OP_READ_ACT]):
             with m.If(running):
                 refuse(ERR_BUSY)
+            with m.Elif(is_op[OP_READ_ACT] & (self.status[:8] == STATE_ERROR)):
+                refuse(ERR_NO_RESULT)
             with m.Elif(pre["abuf_bad"]):
                 refuse(ERR_ADDRESS)
             with m.Elif(~pre["act_ok"]):

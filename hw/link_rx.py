@@ -23,7 +23,8 @@ __all__ = ["FrameReceiver", "header_layout", "RX_TAKES", "RX_INSIDE"]
 
 
 def header_layout() -> data.StructLayout:
-    """A request or response header: opcode and payload length."""
+    """A request or response header as the executor sees it: opcode and payload length
+    (the link keeps the frame's tag itself and echoes it in the answer)."""
     return data.StructLayout({"op": unsigned(8), "len": unsigned(16)})
 
 
@@ -38,12 +39,12 @@ class _Rx(enum.Enum, shape=4):
     EXEC = 7
     ERROR = 8
     SETTLE = 9   # the CRC register holds the whole frame; its check is registered
-    LENCHK = 10  # the length checks act from registers, not from the line's byte
+    TAG = 10     # the length checks act from registers, when the tag is taken
 
 
 # The receive states that take line bytes, and those inside a frame.
-RX_TAKES = (_Rx.HUNT, _Rx.OP, _Rx.LEN0, _Rx.LEN1, _Rx.PAYLOAD, _Rx.CRC)
-RX_INSIDE = (_Rx.OP, _Rx.LEN0, _Rx.LEN1, _Rx.LENCHK, _Rx.PAYLOAD, _Rx.CRC)
+RX_TAKES = (_Rx.HUNT, _Rx.OP, _Rx.LEN0, _Rx.LEN1, _Rx.TAG, _Rx.PAYLOAD, _Rx.CRC)
+RX_INSIDE = (_Rx.OP, _Rx.LEN0, _Rx.LEN1, _Rx.TAG, _Rx.PAYLOAD, _Rx.CRC)
 
 
 class FrameReceiver(wiring.Component):
@@ -66,11 +67,13 @@ class FrameReceiver(wiring.Component):
         ``i`` goes to address ``i`` in the cycle the line hands it over.
     waiting: the request was taken; the receiver waits for the response
         (an executor may answer only now).
+    tag: the frame's tag byte, held until ``i_done`` (the answer echoes it).
     error, err_code, err_op: the frame was refused with ``err_code``
         (``ERR_CRC``, ``ERR_LENGTH``, ``ERR_TIMEOUT``); ``err_op`` is its opcode.
-        ``error`` stays high until ``i_done``. It rises 2 cycles after the
-        length's last byte for a length, 3 cycles after the CRC's last byte for
-        a CRC, ``link_timeout + 1`` cycles after the last byte for a timeout.
+        ``error`` stays high until ``i_done``. It rises 3 cycles after the CRC's
+        last byte for a CRC or a length (an oversized frame's declared last byte),
+        ``link_timeout + 1`` cycles after the last byte for a timeout or a drop
+        ended by a gap.
     i_done: the answer is sent: hunt for the next frame.
     ev_frame: high in the cycle a request is accepted (``o_req.valid`` rises next).
     ev_refused: high in the cycle after a frame was refused (a registered pulse).
@@ -86,6 +89,7 @@ class FrameReceiver(wiring.Component):
             "buf_waddr": Out(range(self.depth)),
             "buf_wdata": Out(8),
             "waiting": Out(1),
+            "tag": Out(8),
             "error": Out(1),
             "err_code": Out(8),
             "err_op": Out(8),
@@ -101,12 +105,15 @@ class FrameReceiver(wiring.Component):
 
         state = Signal(_Rx)
         op = Signal(8)
+        tag = Signal(8)
         length = Signal(16)
         count = Signal(16)
         crc_count = Signal(range(CRC_BYTES + 1))
         idle = Signal(range(cfg.link_timeout + 1))
         err_code = Signal(8)
-        len_over, len_zero = Signal(), Signal()   # the length checks, registered
+        len_over = Signal()                       # the length checks, registered
+        len_zero = Signal()
+        drop = Signal()                           # the frame is refused for its length
         pay_last = Signal()                       # count == length - 1, registered
         byte = self.i_rx.payload
         fire = self.i_rx.valid & self.i_rx.ready
@@ -165,17 +172,19 @@ class FrameReceiver(wiring.Component):
                     new_len = Cat(length[:8], byte)
                     m.d.sync += [length[8:].eq(byte), count.eq(0), crc_count.eq(0),
                                  len_over.eq(new_len > self.depth), len_zero.eq(new_len == 0),
-                                 *goto(_Rx.LENCHK)]
-            with m.Case(_Rx.LENCHK):
+                                 *goto(_Rx.TAG)]
+            with m.Case(_Rx.TAG):
+                # An oversized frame's declared rest is taken as a payload and a CRC
+                # that go nowhere (``drop``): nothing inside it can start a frame.
                 m.d.sync += pay_last.eq(length == 1)
-                with m.If(len_over):
-                    refuse(ERR_LENGTH)
-                with m.Elif(len_zero):
-                    m.d.sync += goto(_Rx.CRC)
-                with m.Else():
-                    m.d.sync += goto(_Rx.PAYLOAD)
+                with m.If(fire):
+                    m.d.sync += [tag.eq(byte), drop.eq(len_over)]
+                    with m.If(len_zero):
+                        m.d.sync += goto(_Rx.CRC)
+                    with m.Else():
+                        m.d.sync += goto(_Rx.PAYLOAD)
             with m.Case(_Rx.PAYLOAD):
-                m.d.comb += self.buf_we.eq(fire)
+                m.d.comb += self.buf_we.eq(fire & ~drop)
                 with m.If(fire):
                     m.d.sync += [count.eq(count + 1), pay_last.eq(count + 2 == length)]
                     with m.If(pay_last):
@@ -188,16 +197,21 @@ class FrameReceiver(wiring.Component):
             with m.Case(_Rx.SETTLE):
                 m.d.sync += goto(_Rx.CHECK)
             with m.Case(_Rx.CHECK):
-                with m.If(crc_match):
+                with m.If(drop):
+                    refuse(ERR_LENGTH)
+                with m.Elif(crc_match):
                     m.d.sync += goto(_Rx.EXEC)
                 with m.Else():
                     refuse(ERR_CRC)
         with m.If(inside & timed_out & ~fire):
-            refuse(ERR_TIMEOUT)
+            with m.If(drop):
+                refuse(ERR_LENGTH)
+            with m.Else():
+                refuse(ERR_TIMEOUT)
 
         # The request, held until the executor takes it.
         pending = Signal()
-        accept = (state == _Rx.CHECK) & crc_match
+        accept = (state == _Rx.CHECK) & crc_match & ~drop
         m.d.comb += [self.ev_frame.eq(accept),
                      self.o_req.valid.eq(pending),
                      self.o_req.payload.op.eq(op), self.o_req.payload.len.eq(length)]
@@ -208,8 +222,8 @@ class FrameReceiver(wiring.Component):
 
         m.d.comb += [self.waiting.eq((state == _Rx.EXEC) & ~pending),
                      self.error.eq(state == _Rx.ERROR),
-                     self.err_code.eq(err_code), self.err_op.eq(op)]
+                     self.err_code.eq(err_code), self.err_op.eq(op), self.tag.eq(tag)]
         # The frame is answered: take the next one.
         with m.If(self.i_done):
-            m.d.sync += goto(_Rx.HUNT)
+            m.d.sync += [*goto(_Rx.HUNT), drop.eq(0)]
         return m

@@ -1,10 +1,11 @@
 """The transmit side of the host link: responses and error frames framed onto the byte stream.
 
 :class:`FrameTransmitter` sends one :mod:`host.protocol` frame at a time: SYNC,
-opcode, the 16-bit length (little-endian), the payload and the CRC (high byte
-first). The frame is either the executor's response (a header on ``i_resp``,
-then its ``len`` payload bytes on ``i_payload``) or the link's own error frame
-(``OP_ERROR``, payload ``err_code``, ``err_op``), sent while ``error`` is high.
+opcode, the 16-bit length (little-endian), the tag, the payload and the CRC
+(high byte first). The frame is either the executor's response (a header on
+``i_resp``, then its ``len`` payload bytes on ``i_payload``) or the link's own
+error frame (``OP_ERROR``, payload ``err_code``, ``err_op``), sent while
+``error`` is high. Either carries ``tag``, the tag of the request it answers.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .link_rx import header_layout
 __all__ = ["FrameTransmitter"]
 
 
-class _Tx(enum.Enum, shape=3):
+class _Tx(enum.Enum, shape=4):
     IDLE = 0
     SYNC = 1
     OP = 2
@@ -30,6 +31,7 @@ class _Tx(enum.Enum, shape=3):
     PAYLOAD = 5
     CRC_HI = 6
     CRC_LO = 7
+    TAG = 8
 
 
 class FrameTransmitter(wiring.Component):
@@ -45,6 +47,7 @@ class FrameTransmitter(wiring.Component):
     i_payload: the response's ``len`` payload bytes, taken into the FIFO
         while the payload is being sent.
     accept: the executor may answer (the receiver holds a request taken).
+    tag: the tag of the frame being answered; taken when the frame starts.
     error, err_code, err_op: send the error frame ``OP_ERROR`` with payload
         ``err_code``, ``err_op``. Seen only while idle, where it takes
         precedence over ``i_resp``; the frame starts the next cycle. ``error``
@@ -59,6 +62,7 @@ class FrameTransmitter(wiring.Component):
             "i_resp": In(stream.Signature(header_layout())),
             "i_payload": In(stream.Signature(8)),
             "accept": In(1),
+            "tag": In(8),
             "error": In(1),
             "err_code": In(8),
             "err_op": In(8),
@@ -72,6 +76,7 @@ class FrameTransmitter(wiring.Component):
         state = Signal(_Tx)
         t_op = Signal(8)
         t_len = Signal(16)
+        t_tag = Signal(8)
         t_count = Signal(16)
         own = Signal()     # the link's own error frame (payload err_code, err_op)
         out = self.o_tx
@@ -95,6 +100,7 @@ class FrameTransmitter(wiring.Component):
         m.d.comb += self.i_resp.ready.eq((state == _Tx.IDLE) & self.accept & ~self.error)
         with m.Switch(state):
             with m.Case(_Tx.IDLE):
+                m.d.sync += t_tag.eq(self.tag)
                 with m.If(self.error):
                     m.d.sync += [t_op.eq(OP_ERROR), t_len.eq(2), own.eq(1), state.eq(_Tx.SYNC)]
                 with m.Elif(self.i_resp.valid & self.i_resp.ready):
@@ -114,6 +120,10 @@ class FrameTransmitter(wiring.Component):
                     m.d.sync += state.eq(_Tx.LEN1)
             with m.Case(_Tx.LEN1):
                 m.d.comb += [out.valid.eq(1), out.payload.eq(t_len[8:])]
+                with m.If(out.ready):
+                    m.d.sync += state.eq(_Tx.TAG)
+            with m.Case(_Tx.TAG):
+                m.d.comb += [out.valid.eq(1), out.payload.eq(t_tag)]
                 with m.If(out.ready):
                     m.d.sync += [t_count.eq(0),
                                  state.eq(Mux(t_len == 0, _Tx.CRC_HI, _Tx.PAYLOAD))]

@@ -36,7 +36,7 @@ from host.faults import FAULT_KINDS, FaultyTransport
 from host.protocol import (CRC_BYTES, ERR_ADDRESS, ERR_CRC, ERR_LENGTH, ERR_OPCODE, ERR_STATE,
                            ERR_TIMEOUT, HEADER_BYTES, OP_ERROR, OP_IDENTIFY, OP_READ, OP_STATUS,
                            OP_WRITE, REGION_BASES, REGION_CONSTS, REGION_PROGRAM, REGION_STREAM,
-                           RESPONSE, SYNC, FrameDecoder, encode_frame, identity_bytes)
+                           RESPONSE, SYNC, FrameDecoder, crc16, encode_frame, identity_bytes)
 from host.transport import Transport
 
 from .board import SimulatedBoard
@@ -226,7 +226,7 @@ def _expect(ok: bool, what) -> None:
 
 TRUNCATED_MAX_TIMEOUT = 100_000
 FRAME_KINDS = ("write", "read", "identify", "status", "counters", "bad_crc", "bad_length",
-               "bad_opcode", "bad_address", "truncated", "noise", "stream_idle", "reset", "image")
+               "hidden_frame", "bad_opcode", "bad_address", "truncated", "noise", "stream_idle", "reset", "image")
 
 
 def frame_fuzz(board: SimulatedBoard, transport: Transport, config: AcceleratorConfig,
@@ -241,7 +241,10 @@ def frame_fuzz(board: SimulatedBoard, transport: Transport, config: AcceleratorC
     parts of the base store and constants the program leaves unused), which error
     each bad frame must get, how many frames the link refused and how many bytes
     it took since the last reset. A run must give the golden outputs: no bad frame
-    may have changed the program. A frame cut short is answered only after the
+    may have changed the program. A frame refused for its length is sent whole (its
+    declared payload and CRC): with a valid WRITE hidden in that payload
+    (``hidden_frame``: 16 bytes to the base store's address 0 that differ from what
+    it holds), which must not be executed. A frame cut short is answered only after the
     config's ``link_timeout`` cycles: ``truncated_wait`` more seconds are allowed
     for it. By default ``kinds`` leaves truncated frames out when ``link_timeout``
     exceeds :data:`TRUNCATED_MAX_TIMEOUT` cycles (a simulator takes minutes to
@@ -347,9 +350,19 @@ def frame_fuzz(board: SimulatedBoard, transport: Transport, config: AcceleratorC
             i = rng.choice([1] + list(range(HEADER_BYTES, len(frame))))
             frame[i] ^= 1 << rng.randrange(8)
             expect_error(bytes(frame), ERR_CRC, True)
-        elif kind == "bad_length":
-            n = rng.randint(ident.max_payload + 1, 0xFFFF)
-            expect_error(bytes([SYNC, OP_WRITE]) + struct.pack("<H", n), ERR_LENGTH, True)
+        elif kind in ("bad_length", "hidden_frame"):
+            # The whole declared frame: the link reads it to its end and refuses it.
+            n = rng.randint(ident.max_payload + 1, ident.max_payload + 64)
+            flipped = bytes(b ^ 0xFF for b in mem[REGION_BASES][:16])
+            inner = (encode_frame(OP_WRITE, struct.pack("<BI", REGION_BASES, 0) + flipped)
+                     if kind == "hidden_frame" else b"")
+            body = (struct.pack("<BHB", OP_WRITE, n, rng.randrange(256)) + inner
+                    + bytes(rng.randrange(256) for _ in range(n - len(inner))))
+            expect_error(bytes([SYNC]) + body + struct.pack(">H", crc16(body)), ERR_LENGTH, True)
+            if kind == "hidden_frame":
+                got = drv.read(REGION_BASES, 0, 16)
+                _expect(got == bytes(mem[REGION_BASES][:16]),
+                        "a WRITE hidden in a frame refused for its length changed the base store")
         elif kind == "bad_opcode":
             op = rng.choice([0x00, 0x0A, 0x42, 0x7F, 0x81, 0xFE])
             expect_error(encode_frame(op, bytes(rng.randrange(4))), ERR_OPCODE, False)

@@ -22,12 +22,13 @@ from gen.golden import golden_forward
 from gen.integer import bitlen, conv2d_int, int_range, pool_multiplier, w2_shift
 from gen.network import LayerSpec, QuantizedNetwork
 from gen.program import read_program
-from host.driver import DeviceError, Driver, DriverError
+from gen.contract import ERR_ABORTED, REQUESTS
+from host.driver import DeviceError, Driver, DriverError, RunError
 from host.image import ImageError, build_image
 from host.protocol import (ERR_ADDRESS, ERR_ARGUMENT, ERR_CRC, ERR_LENGTH, ERR_OPCODE,
                            ERR_STATE, ERR_TIMEOUT, OP_ERROR, OP_IDENTIFY, OP_LOAD_ACT, OP_READ, OP_READ_ACT, OP_RUN,
-                           OP_STATUS, OP_WRITE, REGION_BASES, REGION_CONSTS, REGION_LOG, REGION_PROGRAM, REGION_STREAM, LOG_COUNTERS, SYNC, FrameDecoder,
-                           encode_frame)
+                           OP_STATUS, OP_WRITE, REGION_BASES, REGION_CONSTS, REGION_LOG, REGION_PROGRAM, REGION_STREAM, LOG_COUNTERS, SYNC, TAGS, FrameDecoder,
+                           crc16, encode_frame)
 from host.transport import SerialTransport
 from sim.board import SimulatedBoard
 from sim.runner import simulator_available
@@ -182,8 +183,16 @@ def test_board_verilator_bit_exact_counters_and_faults(streamed_build):
             bad_crc[-1] ^= 0x5A
             _expect_error(drv, bytes(bad_crc), ERR_CRC)
             assert drv.read(REGION_BASES, 0, 8) == image.bases[:8]
-            _expect_error(drv, bytes([SYNC, OP_STATUS]) + struct.pack("<H", config.max_payload + 1),
-                          ERR_LENGTH)
+            # A frame whose length is above max_payload is read to its declared end and
+            # refused: a valid WRITE hidden in its payload is not executed. A header
+            # whose declared rest never comes is refused after a gap of link_timeout.
+            hidden = encode_frame(OP_WRITE, struct.pack("<BI", REGION_BASES, 0)
+                                  + bytes(b ^ 0xFF for b in image.bases[:16]))
+            n = config.max_payload + 1
+            body = struct.pack("<BHB", OP_WRITE, n, 0) + hidden + bytes(n - len(hidden))
+            _expect_error(drv, bytes([SYNC]) + body + struct.pack(">H", crc16(body)), ERR_LENGTH)
+            assert drv.read(REGION_BASES, 0, len(image.bases)) == image.bases
+            _expect_error(drv, bytes([SYNC, OP_STATUS]) + struct.pack("<HB", 0xFFFF, 0), ERR_LENGTH)
             _expect_error(drv, encode_frame(0x42), ERR_OPCODE)
             _expect_error(drv, encode_frame(OP_STATUS, b"\x00"), ERR_LENGTH)
             _expect_error(drv, encode_frame(OP_WRITE, struct.pack("<BI", 7, 0) + b"\x00"), ERR_ADDRESS)
@@ -206,6 +215,25 @@ def test_board_verilator_bit_exact_counters_and_faults(streamed_build):
             _expect_error(drv, encode_frame(OP_IDENTIFY)[:3], ERR_TIMEOUT)
             with pytest.raises(DeviceError, match="READ: address out of range"):
                 drv.read(REGION_BASES, config.base_store_bytes, 1)
+
+            # A late answer (to a request the host gave up on) is told from the awaited
+            # one by its tag, and dropped.
+            stale = drv.stale
+            drv.transport.write(encode_frame(OP_STATUS, b"", (drv.tag + TAGS // 2) % TAGS))
+            assert drv.identify().config_digest == config.digest
+            assert drv.stale == stale + 1
+            # A run stopped by ABORT leaves no result: READ_ACT is refused and the driver
+            # raises a run error (the run waits for streamed codes that never come).
+            net = program.network()
+            first, last = net.layers[0], net.layers[-1]
+            drv.load_activations(first.src, _images(program, 1, seed=17)[0])
+            drv.request(OP_RUN, REQUESTS[OP_RUN].pack_args(image.n_layers))
+            assert drv.status().name == "running"
+            drv.abort()
+            st = drv.status()
+            assert (st.name, st.error) == ("error", ERR_ABORTED)
+            with pytest.raises(RunError, match="no result to read: .*aborted"):
+                drv.read_activations(last.dst, last.out_channels, last.ho * last.wo)
 
             # Random bytes: whatever comes back is error frames only.
             rng = random.Random(5)

