@@ -824,8 +824,11 @@ def plot_pareto(rows: list[dict], path, title: str = "") -> list[str]:
                              layout="constrained")
     accs = [r["accuracy"] for r in ok if r.get("accuracy") is not None]
     vmin, vmax = (min(accs), max(accs)) if accs else (0, 1)
-    if vmin == vmax:
-        vmin, vmax = vmin - 0.005, vmax + 0.005
+    if vmax - vmin < 0.01:   # (one accuracy, or nearly: a span that still reads)
+        mid = (vmin + vmax) / 2
+        vmin, vmax = mid - 0.005, mid + 0.005
+        if vmax > 1.0:       # an accuracy never exceeds 1
+            vmin, vmax = vmin - (vmax - 1.0), 1.0
     sc = None
     for ax, (key, label) in zip(axes[0], panels):
         pts = [r for r in ok if r.get(key) is not None]
@@ -845,9 +848,15 @@ def plot_pareto(rows: list[dict], path, title: str = "") -> list[str]:
         labels: dict[tuple, list[str]] = {}
         for r in pts:
             labels.setdefault((r[key], r["cycles"]), []).append(r["point"])
-        for xy, names in labels.items():
-            ax.annotate("\n".join(names), xy, fontsize=7, xytext=(5, 5),
-                        textcoords="offset points")
+        # Neighbours along the x axis take their labels above and below in turn.
+        for i, (xy, names) in enumerate(sorted(labels.items())):
+            up = i % 2 == 0
+            ax.annotate("\n".join(names), xy, fontsize=7,
+                        xytext=(5, 5 if up else -5), textcoords="offset points",
+                        va="bottom" if up else "top")
+        ax.margins(x=0.06, y=0.08)
+        lo, hi = ax.get_xlim()       # (the labels run to the right of their points)
+        ax.set_xlim(lo, hi + 0.2 * (hi - lo))
         ax.set_xlabel(label)
         ax.set_ylabel(f"cycles per image ({ok[0]['cycles_source'] if ok else ''})")
         ax.grid(alpha=0.3)
@@ -866,7 +875,7 @@ def plot_pareto(rows: list[dict], path, title: str = "") -> list[str]:
 
 
 CSV_COLUMNS = ("point", "status", "failed_stage", "error", "array", "rows", "cols",
-               "gen_lanes", "form", "board", "seed", "model", *TRAIN_BITS, "accuracy",
+               "gen_lanes", "pe_pack", "form", "board", "seed", "model", *TRAIN_BITS, "accuracy",
                "cycles", "cycles_source", "cost_cycles", "bench_cycles", "bench_predicted",
                "bench_dense_preloaded", "bench_mismatches", "freq_mhz", "frames_per_s",
                "luts", "ffs", "bram", "mult", "resources_source", "fmax_mhz", "timing_met",
