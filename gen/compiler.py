@@ -327,7 +327,8 @@ def format_report(report: dict) -> str:
 
 def describe_model(result: CompileResult, path, data: dict, arch: str) -> None:
     """Add the model file and, for a digits network, the golden accuracy of the program
-    as compiled (its forms, its rounding points) to ``result.report``."""
+    as compiled (its forms, its rounding points) to ``result.report``; with factorized
+    layers also that of the model in the generate form (``generate_golden_acc``)."""
     result.report["model"] = {"file": str(path), "arch": data.get("arch"),
                               "metrics": data.get("metrics", {})}
     if arch == "digits":
@@ -338,3 +339,18 @@ def describe_model(result: CompileResult, path, data: dict, arch: str) -> None:
         result.report["program_golden_acc"] = float(
             (golden_predict(result.network, x) == y).float().mean())
         result.report["program_golden_images"] = int(x.shape[0])
+        if result.report.get("factorized"):
+            result.report["generate_golden_acc"] = float(
+                (golden_predict(data["network"], x) == y).float().mean())
+
+
+def form_accuracy_warning(report: dict, points: float = 1.0) -> str | None:
+    """A warning when the factorized layers of a compiled digits program cost more than
+    ``points`` percentage points of golden accuracy against the generate form (with
+    narrow PE weights the factorized form rounds ``W1`` itself to ``w_bits``)."""
+    prog, gen = report.get("program_golden_acc"), report.get("generate_golden_acc")
+    if prog is None or gen is None or (gen - prog) * 100 <= points:
+        return None
+    return (f"the factorized form of {', '.join(report['factorized'])} costs "
+            f"{(gen - prog) * 100:.1f} points of golden accuracy ({prog:.4f} against "
+            f"{gen:.4f} in the generate form); --form generate keeps the accuracy")

@@ -88,7 +88,8 @@ def cmd_import(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    from gen.compiler import compile_network, describe_model, format_report, write_build
+    from gen.compiler import (compile_network, describe_model, form_accuracy_warning,
+                              format_report, write_build)
     from gen.network import load_model_file
 
     data = load_model_file(args.model)
@@ -114,6 +115,9 @@ def cmd_compile(args) -> int:
     result = compile_network(net, rows=rows, cols=cols, form=args.form, calib=calib,
                              **overrides)
     describe_model(result, args.model, data, net.arch)
+    warning = form_accuracy_warning(result.report)
+    if warning:
+        print(f"mlg compile: warning: {warning}", file=sys.stderr)
     paths = write_build(result, args.out)
     if args.json:
         _print_json({"config": result.config.to_dict(), "config_hash": result.config.hash_hex,

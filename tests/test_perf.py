@@ -231,3 +231,16 @@ def test_program_keeps_dense_code_widths_and_rejects_them_elsewhere():
     with pytest.raises(ProgramError, match="flags"):
         read_program(bytes(data))
     assert write_program(result.network, result.config) == result.program
+
+
+def test_a_factorized_form_that_costs_accuracy_is_warned_of():
+    from gen.compiler import form_accuracy_warning
+
+    report = {"factorized": ["conv2", "conv3"], "program_golden_acc": 0.9361,
+              "generate_golden_acc": 0.9778}
+    w = form_accuracy_warning(report)
+    assert w.startswith("the factorized form of conv2, conv3 costs 4.2 points")
+    assert "--form generate" in w
+    assert form_accuracy_warning({**report, "program_golden_acc": 0.9700}) is None  # 0.8 points
+    assert form_accuracy_warning({**report, "program_golden_acc": 0.9972}) is None  # better
+    assert form_accuracy_warning({"program_golden_acc": 0.9}) is None   # nothing factorized
