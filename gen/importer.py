@@ -238,38 +238,45 @@ def build_from_official(sd: dict[str, torch.Tensor], bits: OfficialBits, source:
                         + ", ".join(f"{k} {tuple(sd[k].shape)}" for k in unknown)
                         + f"; an official {arch} holds MLGConv2d, BatchNorm2d and linear")
 
+    # Each layer's levels are read from its coeff keys; a layer whose keys are at fault is
+    # named once (its coeff keys are then left out of the missing and shape lists).
+    bad_coeff = set()
     for name, m in convs.items():
         ci, co, k = m.in_channels, m.out_channels, m.kernel_size
         cin, cout = sd.get(f"{name}.coeff_in"), sd.get(f"{name}.coeff_out")
+        problem = None
         if isinstance(m, MLGLinear) and cin is not None:
-            raise ImportError_(f"{source}: layer {name}: field coeff_in is not supported on the "
-                               "classifier (the official code never enables it)")
-        problem = _coeff_shape_problem(name, ci, co, cin, cout)
+            problem = (f"layer {name}: field coeff_in is not supported on the classifier (the "
+                       "official code never enables it)")
+        problem = problem or _coeff_shape_problem(name, ci, co, cin, cout)
+        if problem is None:
+            l_bi = int(cin.shape[2]) if cin is not None else 0
+            l_bo = int(cout.shape[1]) if cout is not None else 0
+            r_bi, r_bo, l1, l2 = level_sizes(ci, co, k, l_bi, l_bo)
+            if (cin is not None) != l1 or (cout is not None) != l2:
+                problem = (f"layer {name}: coeff_in {_shape(cin)} / coeff_out {_shape(cout)} "
+                           f"contradict the official level rules for Ci={ci}, Co={co}, k={k} "
+                           f"(level 1 needs 0 < bi < {min(ci, k * k)}, level 2 needs 0 < bo < "
+                           f"{min(co, ci * k * k)})")
+        problem = problem or _coeff_pair_problem(name, co, cin, cout)
         if problem:
-            raise ImportError_(f"{source}: {problem}")
-        l_bi = int(cin.shape[2]) if cin is not None else 0
-        l_bo = int(cout.shape[1]) if cout is not None else 0
-        r_bi, r_bo, l1, l2 = level_sizes(ci, co, k, l_bi, l_bo)
-        if (cin is not None) != l1 or (cout is not None) != l2:
-            raise ImportError_(
-                f"{source}: layer {name}: coeff_in {_shape(cin)} / coeff_out {_shape(cout)} "
-                f"contradict the official level rules for Ci={ci}, Co={co}, k={k} (level 1 "
-                f"needs 0 < bi < {min(ci, k * k)}, level 2 needs 0 < bo < {min(co, ci * k * k)})")
-        problem = _coeff_pair_problem(name, co, cin, cout)
-        if problem:
-            raise ImportError_(f"{source}: {problem}")
+            problems.append(problem)
+            bad_coeff |= {f"{name}.coeff_in", f"{name}.coeff_out"}
+            continue
         m.base_in, m.base_out = r_bi, r_bo
         m.coeff_in = nn.Parameter(torch.empty(r_bo, ci, r_bi)) if l1 else None
         m.coeff_out = nn.Parameter(torch.empty(co, r_bo)) if l2 else None
 
     expected = _expected_keys(model)
-    missing = sorted(k for k in expected if k not in sd and not k.endswith("num_batches_tracked"))
+    missing = sorted(k for k in expected - bad_coeff
+                     if k not in sd and not k.endswith("num_batches_tracked"))
     if missing:
         problems.append(f"{len(missing)} missing key(s): " + ", ".join(
             f"{k} ({_layer_field(k)})" for k in missing))
     own = model.state_dict()
     wrong = [f"{_layer_field(k)}: shape {tuple(sd[k].shape)}, expected {tuple(own[k].shape)}"
-             for k in sorted(expected & set(sd)) if tuple(own[k].shape) != tuple(sd[k].shape)]
+             for k in sorted((expected - bad_coeff) & set(sd))
+             if tuple(own[k].shape) != tuple(sd[k].shape)]
     if wrong:
         problems.append(f"{len(wrong)} shape mismatch(es): " + "; ".join(wrong))
     if problems:

@@ -24,12 +24,15 @@ def _conv_entries(name, ci, co, k, bi, bo, g):
     return out
 
 
-def _bn_entries(name, c, g):
+def _bn_entries(name, c, g, fan_in=3):
+    """A BatchNorm after a conv of ``fan_in`` = Ci k k inputs: its running variance is that
+    of the conv's output (generated weights of mean square about 1/3, unit inputs), so
+    that the activations of a deep random network stay in range, as in a trained one."""
     return {
         f"{name}.weight": 1 + 0.1 * torch.randn(c, generator=g),
         f"{name}.bias": 0.1 * torch.randn(c, generator=g),
         f"{name}.running_mean": 0.1 * torch.randn(c, generator=g),
-        f"{name}.running_var": 1 + 0.1 * torch.rand(c, generator=g),
+        f"{name}.running_var": fan_in / 3 * (1 + 0.1 * torch.rand(c, generator=g)),
         f"{name}.num_batches_tracked": torch.tensor(100),
     }
 
@@ -58,7 +61,7 @@ def official_resnet_state(depth=18, bi=2, bo=44, seed=0, num_classes=10, in_chan
     g = torch.Generator().manual_seed(seed)
     sd = {}
     sd.update(_conv_entries("conv1", in_channels, widths[0], 3, bi, bo, g))
-    sd.update(_bn_entries("bn1", widths[0], g))
+    sd.update(_bn_entries("bn1", widths[0], g, in_channels * 9))
     ci = widths[0]
     for i, (planes, stride) in enumerate(zip(widths, (1, 2, 2, 2)), 1):
         co = planes * expansion
@@ -72,10 +75,10 @@ def official_resnet_state(depth=18, bi=2, bo=44, seed=0, num_classes=10, in_chan
                 main = [("conv1", ci, co, 3), ("conv2", co, co, 3)]
             for n, (name, a, b, k) in enumerate(main, 1):
                 sd.update(_conv_entries(f"{p}.{name}", a, b, k, bi, bo, g))
-                sd.update(_bn_entries(f"{p}.bn{n}", b, g))
+                sd.update(_bn_entries(f"{p}.bn{n}", b, g, a * k * k))
             if s != 1 or ci != co:
                 sd.update(_conv_entries(f"{p}.shortcut.0", ci, co, 1, bi, bo, g))
-                sd.update(_bn_entries(f"{p}.shortcut.1", co, g))
+                sd.update(_bn_entries(f"{p}.shortcut.1", co, g, ci))
             ci = co
     sd["linear.weight"] = torch.randn(num_classes, ci, generator=g) * 0.1
     return sd

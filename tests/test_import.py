@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from gen.importer import (ImportError_, OfficialBits, build_from_official, import_official,
-                          read_official_checkpoint)
+                          infer_arch, read_official_checkpoint)
 from gen.layers import MLGConv2d, MLGLinear
 from gen.network import load_model_file
-from tests.official import official_resnet18_state
+from tests.official import official_resnet18_state, official_resnet_state
 
 
 def _official_dorefa_sym(x, k):
@@ -147,9 +147,9 @@ def test_not_a_checkpoint(tmp_path):
 # Errors name the layer and field at fault, and list every problem at once
 
 
-def _import_error(tmp_path, sd, bits=OfficialBits()) -> str:
+def _import_error(tmp_path, sd, bits=OfficialBits(), arch=None) -> str:
     with pytest.raises(ImportError_) as e:
-        import_official(_save(tmp_path, sd), bits, log=lambda *a: None)
+        import_official(_save(tmp_path, sd), bits, log=lambda *a: None, arch=arch)
     return str(e.value)
 
 
@@ -253,3 +253,72 @@ def test_import_and_train_accept_the_same_code_widths(tmp_path):
                 assert f"{official} = {v} (--{official.replace('_', '-')}, the network's {field})" in import_msg
             elif not import_ok:
                 assert "own" in import_msg and f"accepted: 2..{f.hi}" in import_msg
+
+
+# ---------------------------------------------------------------------------
+# The official ResNet family: ResNet-34 (basic blocks), ResNet-50/101/152 (bottlenecks)
+
+# Published conv counts (stem + blocks x convs per block + projection shortcuts).
+OFFICIAL_CONVS = {34: 1 + 16 * 2 + 3, 50: 1 + 16 * 3 + 4}
+
+
+@pytest.mark.parametrize("depth,num_classes,in_channels", [(34, 10, 3), (50, 100, 1)])
+def test_resnet34_and_50_import_reproduce_official_weights(depth, num_classes, in_channels):
+    bits = OfficialBits(3, 6, 3, 8)
+    sd = official_resnet_state(depth, bi=2, bo=44, seed=3, num_classes=num_classes,
+                               in_channels=in_channels)
+    said = []
+    model = build_from_official(sd, bits, log=said.append)
+    assert model.arch == f"resnet{depth}" and said and f"resnet{depth}" in said[0]
+    assert "inferred" in said[0]
+    assert model.in_channels == in_channels and model.num_classes == num_classes
+    n_conv, worst = 0, 0.0
+    for name, m in model.named_modules():
+        if not isinstance(m, (MLGConv2d, MLGLinear)):
+            continue
+        ref = _official_build_weight(sd, name, bits, m.out_channels, m.in_channels, m.kernel_size)
+        diff = float((m.float_generated_weight().double() - ref).abs().max())
+        assert diff < 1e-5, (name, diff)
+        worst = max(worst, diff)
+        n_conv += isinstance(m, MLGConv2d)
+    assert n_conv == OFFICIAL_CONVS[depth]
+    if depth == 50:   # the bottleneck's 1x1 convs and stride on the 3x3
+        b = model.layer2[0]
+        assert (b.conv1.kernel_size, b.conv2.kernel_size, b.conv3.kernel_size) == (1, 3, 1)
+        assert (b.conv1.stride, b.conv2.stride, b.shortcut[0].stride) == (1, 2, 2)
+        assert b.conv3.out_channels == 512 and model.linear.in_features == 2048
+        assert model.layer1[0].shortcut[0].out_channels == 256    # stride 1, 64 -> 256
+
+
+@pytest.mark.parametrize("depth", [18, 34, 50, 101, 152])
+def test_arch_inferred_from_the_keys(depth):
+    assert infer_arch(official_resnet_state(depth, widths=(8, 8, 8, 8))
+                      if depth > 50 else official_resnet_state(depth)) == (f"resnet{depth}", 0)
+
+
+def test_wrong_arch_lists_every_key_at_once_and_names_the_right_one(tmp_path):
+    sd = official_resnet_state(50, seed=4)
+    msg = _import_error(tmp_path, sd, arch="resnet34")
+    # every bottleneck's conv3 and bn3 and the stage-1 shortcut are not in a ResNet-34
+    for j in range(3):
+        assert f"layer1.{j}.conv3.weight" in msg and f"layer1.{j}.bn3.running_var" in msg
+    assert "layer layer2.0.shortcut.0, field coeff_out: shape (512, 44), expected [Co=128, bo]" in msg
+    assert "layer1.0.shortcut.0.weight" in msg          # a ResNet-34 has no stage-1 shortcut
+    assert "layer layer1.0.conv1, field weight: shape (64, 64, 1, 1), expected (64, 64, 3, 3)" in msg
+    assert "layer linear, field weight: shape (10, 2048), expected (10, 512)" in msg
+    assert "--arch resnet50" in msg
+    with pytest.raises(ImportError_, match=r"architecture 'resnet20' \(--arch\): accepted resnet18, "
+                                           r"resnet34, resnet50, resnet101, resnet152"):
+        build_from_official(sd, OfficialBits(), arch="resnet20")
+
+
+def test_arch_given_is_said_and_saved(tmp_path):
+    ckpt = _save(tmp_path, official_resnet_state(34, seed=5))
+    said, logs = [], []
+    out = tmp_path / "r34.pt"
+    m = import_official(ckpt, OfficialBits(), out_path=out, calib_images=2, log=logs.append,
+                        arch="resnet34", info=said.append)
+    assert m["arch"] == "resnet34" and any("(--arch)" in line for line in said)
+    data = load_model_file(out)
+    assert data["arch"] == "resnet34" and data["network"].arch == "resnet34"
+    assert len(data["network"].conv_layers()) == OFFICIAL_CONVS[34] + 1   # + linear
