@@ -194,8 +194,9 @@ def build_from_official(sd: dict[str, torch.Tensor], bits: OfficialBits, source:
     default inferred from the keys, and said through ``log``) with the levels and shapes
     the checkpoint holds.
 
-    Every problem of one kind is listed at once (unsupported keys, missing keys, shape
-    mismatches); a tensor holding NaN or infinity is named by layer and field."""
+    Every problem is listed in one error (unsupported keys, missing keys, shape
+    mismatches, coeff keys at fault), each by layer and field; tensors holding NaN or
+    infinity are named by layer and field before that."""
     if arch is not None and arch not in OFFICIAL_RESNETS:
         raise ImportError_(f"architecture {arch!r} (--arch): accepted "
                            f"{', '.join(OFFICIAL_RESNETS)}")

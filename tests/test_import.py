@@ -322,3 +322,68 @@ def test_arch_given_is_said_and_saved(tmp_path):
     data = load_model_file(out)
     assert data["arch"] == "resnet34" and data["network"].arch == "resnet34"
     assert len(data["network"].conv_layers()) == OFFICIAL_CONVS[34] + 1   # + linear
+
+
+def _reduced_resnet50(seed=0, size=8):
+    """A ResNet-50-shaped network (bottleneck blocks, every stage and shortcut kind: a
+    stride-1 projection, identity, stride-2 projections) at reduced widths and depths,
+    calibrated on synthetic images and lowered to integers."""
+    from gen.importer import calibrate
+    from gen.layers import MLGSettings
+    from gen.lower import lower_model
+    from gen.models import ResNet50
+
+    torch.manual_seed(seed)
+    model = ResNet50(MLGSettings(bi=2, bo=6, qb=3, qu=6, qv=3, qd=8), size=size,
+                     widths=(4, 8, 8, 8), depths=(2, 1, 1, 1))
+    x = torch.randn(16, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
+    calibrate(model, x)
+    return model, lower_model(model), x
+
+
+def test_reduced_resnet50_compiles_and_its_golden_model_runs():
+    from gen.compiler import compile_network, format_report
+    from gen.golden import golden_forward, quantize_input
+    from tests.test_accelerator import LINK_TIMEOUT
+
+    model, net, x = _reduced_resnet50()
+    assert model.arch == "resnet50"
+    result = compile_network(net, rows=4, cols=4, gen_lanes=4, link_timeout=LINK_TIMEOUT)
+    rows = {r["layer"]: r for r in result.report["layers"]}
+    convs = [n for n, m in model.named_modules() if isinstance(m, (MLGConv2d, MLGLinear))]
+    assert sorted(rows) == sorted(convs)        # every bottleneck conv in the memory table
+    for b in ("layer1.0", "layer2.0"):
+        assert [rows[f"{b}.{c}"]["k"] for c in ("conv1", "conv2", "conv3", "shortcut.0")] == [1, 3, 1, 1]
+    assert rows["layer2.0.conv2"]["stride"] == 2 and rows["layer2.0.shortcut.0"]["stride"] == 2
+    assert rows["layer1.0.conv3"]["co"] == 16 and "layer1.1.shortcut.0" not in rows  # identity
+    assert "layer1.0.conv3" in format_report(result.report)
+    xi = quantize_input(net, x)
+    golden = golden_forward(result.network, xi)
+    assert torch.equal(golden, golden_forward(net, xi))   # buffer allocation keeps the outputs
+    with torch.no_grad():
+        steps = (model(x).double() / net.layers[-1].out_scale - golden.double()).abs()
+    # the float model and the integers differ by the rounding of each layer only
+    assert float(steps.mean()) <= 1.0 and float(steps.max()) <= 6.0
+
+
+def test_reduced_resnet50_bit_exact_on_the_simulated_board():
+    from gen.compiler import compile_network
+    from gen.program import read_program
+    from host.driver import Driver
+    from host.transport import SerialTransport
+    from sim.board import SimulatedBoard
+    from sim.runner import simulator_available
+    from tests.test_accelerator import LINK_TIMEOUT, _check_images
+
+    if not simulator_available("verilator"):
+        pytest.skip("Verilator not installed")
+    _, net, _ = _reduced_resnet50()
+    result = compile_network(net, rows=4, cols=4, gen_lanes=4, link_timeout=LINK_TIMEOUT)
+    program = read_program(result.program, config=result.config)
+    with SimulatedBoard(result.config, "verilator", fast_build=True) as board:
+        with SerialTransport(board.url) as tr:
+            drv = Driver(tr, timeout=30)
+            drv.load_program(result.config, program)
+            _check_images(drv, program, 3, seed=5)
+            log = drv.layer_log()
+            assert [e["macs"] for e in log] == [l.macs for l in program.network().layers]
