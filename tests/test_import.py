@@ -387,3 +387,23 @@ def test_reduced_resnet50_bit_exact_on_the_simulated_board():
             _check_images(drv, program, 3, seed=5)
             log = drv.layer_log()
             assert [e["macs"] for e in log] == [l.macs for l in program.network().layers]
+
+
+def test_cli_says_the_inferred_arch_on_stderr_and_refuses_a_wrong_one(tmp_path, capsys):
+    import json
+
+    from mlg.cli import main
+
+    ckpt = _save(tmp_path, official_resnet18_state(seed=6))
+    bits = ["--basis-bit", "3", "--coeff-in-bit", "6", "--coeff-out-bit", "3"]
+    out = tmp_path / "m.pt"
+    assert main(["import", str(ckpt), "--out", str(out), *bits, "--calib-images", "2",
+                 "--json"]) == 0
+    cap = capsys.readouterr()
+    assert "architecture resnet18 (basic blocks, 2, 2, 2, 2 per stage), inferred" in cap.err
+    assert json.loads(cap.out)["arch"] == "resnet18"
+    assert main(["import", str(ckpt), "--out", str(out), *bits, "--arch", "resnet50"]) == 2
+    err = capsys.readouterr().err
+    assert "architecture resnet50 (bottleneck blocks, 3, 4, 6, 3 per stage) (--arch)" in err
+    assert "layer1.0.conv3.weight (layer layer1.0.conv3, field weight)" in err
+    assert "--arch resnet18" in err
