@@ -1,4 +1,9 @@
-"""Import of checkpoints saved by the official MLG code (ResNet-18, CIFAR-10).
+"""Import of checkpoints saved by the official MLG code (the CIFAR ResNets).
+
+The official code defines ResNet-18 and -34 (basic blocks) and ResNet-50, -101
+and -152 (bottleneck blocks: 1x1, 3x3, 1x1 and a 1x1 projection shortcut), for
+any ``num_classes`` and ``in_channels``. The architecture is given by the user
+or inferred from the checkpoint's conv layer names (:func:`infer_arch`).
 
 The file is a ``torch.save`` of a state_dict, or of a dict holding it under
 ``"state_dict"``. Level presence is read from the keys (``coeff_in``,
@@ -23,11 +28,12 @@ from .golden import golden_forward, quantize_input
 from .contract import WIDTHS
 from .layers import ActQuant, MLGConv2d, MLGLinear, MLGSettings, level_sizes, setting_problem
 from .lower import lower_model
-from .models import ResNet18
+from .models import ARCHS, BLOCKS, OFFICIAL_RESNETS, OFFICIAL_WIDTHS, ResNet
 from .network import save_model_file
 
 __all__ = ["ImportError_", "OfficialBits", "read_official_checkpoint", "build_from_official",
-           "calibrate", "import_official", "load_calibration_data"]
+           "calibrate", "import_official", "load_calibration_data", "infer_arch",
+           "official_conv_names"]
 
 
 class ImportError_(ValueError):
@@ -149,12 +155,51 @@ def _coeff_pair_problem(name: str, co: int, cin, cout) -> str | None:
     return None
 
 
-def build_from_official(sd: dict[str, torch.Tensor], bits: OfficialBits, source: str = "checkpoint",
-                        a_bits: int = 8, w_bits: int = 8, m_bits: int = 16) -> ResNet18:
-    """Instantiate our ResNet-18 with the levels and shapes the checkpoint holds.
+def official_conv_names(arch: str, widths: tuple = OFFICIAL_WIDTHS) -> list[str]:
+    """The conv layer names of an official ResNet (stem, blocks, projection shortcuts),
+    in program order, computed from the architecture alone."""
+    block, depths = OFFICIAL_RESNETS[arch]
+    cls = BLOCKS[block]
+    main = ("conv1", "conv2", "conv3") if block == "bottleneck" else ("conv1", "conv2")
+    names, ci = ["conv1"], widths[0]
+    for i, (planes, stride) in enumerate(zip(widths, (1, 2, 2, 2)), 1):
+        for j in range(depths[i - 1]):
+            co = planes * cls.expansion
+            names += [f"layer{i}.{j}.{c}" for c in main]
+            if (stride if j == 0 else 1) != 1 or ci != co:
+                names.append(f"layer{i}.{j}.shortcut.0")
+            ci = co
+    return names
 
-    Every problem of one kind is listed at once (unsupported keys, missing keys, shape
-    mismatches); a tensor holding NaN or infinity is named by layer and field."""
+
+def infer_arch(sd: dict[str, torch.Tensor]) -> tuple[str, int]:
+    """The official architecture whose conv layer names are nearest to the checkpoint's
+    (4-D ``.weight`` keys), and how many conv layers differ (0: an exact match). Ties go
+    to the smaller network."""
+    have = {k[: -len(".weight")] for k, v in sd.items() if k.endswith(".weight") and v.dim() == 4}
+    scores = {a: len(have ^ set(official_conv_names(a))) for a in OFFICIAL_RESNETS}
+    best = min(OFFICIAL_RESNETS, key=lambda a: scores[a])
+    return best, scores[best]
+
+
+def _arch_text(arch: str) -> str:
+    block, depths = OFFICIAL_RESNETS[arch]
+    return f"{arch} ({block} blocks, {', '.join(map(str, depths))} per stage)"
+
+
+def build_from_official(sd: dict[str, torch.Tensor], bits: OfficialBits, source: str = "checkpoint",
+                        a_bits: int = 8, w_bits: int = 8, m_bits: int = 16,
+                        arch: str | None = None, log=None) -> ResNet:
+    """Instantiate our ResNet of ``arch`` (one of :data:`gen.models.OFFICIAL_RESNETS`; by
+    default inferred from the keys, and said through ``log``) with the levels and shapes
+    the checkpoint holds.
+
+    Every problem is listed in one error (unsupported keys, missing keys, shape
+    mismatches, coeff keys at fault), each by layer and field; tensors holding NaN or
+    infinity are named by layer and field before that."""
+    if arch is not None and arch not in OFFICIAL_RESNETS:
+        raise ImportError_(f"architecture {arch!r} (--arch): accepted "
+                           f"{', '.join(OFFICIAL_RESNETS)}")
     bits.validate()
     nonfinite = _nonfinite(sd)
     if nonfinite:
@@ -168,7 +213,18 @@ def build_from_official(sd: dict[str, torch.Tensor], bits: OfficialBits, source:
     settings = MLGSettings(bi=int(bi), bo=int(bo), qb=bits.basis_bit, qu=bits.coeff_in_bit,
                            qv=bits.coeff_out_bit, qd=bits.weight_bit, decode="odd",
                            w_bits=w_bits, a_bits=a_bits, m_bits=m_bits)
-    model = ResNet18(settings, quant=True, in_channels=in_ch, num_classes=n_cls)
+    nearest, differ = infer_arch(sd)
+    if arch is None:
+        arch = nearest
+        if log is not None:
+            if differ == 0:
+                log(f"architecture {_arch_text(arch)}, inferred from the checkpoint's keys")
+            else:
+                log(f"architecture {_arch_text(arch)}: the nearest official ResNet to the "
+                    f"checkpoint's keys ({differ} conv layer(s) differ); pass --arch to choose")
+    elif log is not None:
+        log(f"architecture {_arch_text(arch)} (--arch)")
+    model = ARCHS[arch](settings, quant=True, in_channels=in_ch, num_classes=n_cls)
 
     # Pre-flight: every key the accelerator cannot place, every key it lacks and every
     # shape that differs is listed in one error.
@@ -181,49 +237,59 @@ def build_from_official(sd: dict[str, torch.Tensor], bits: OfficialBits, source:
         layers = sorted({k.rsplit(".", 1)[0] for k in unknown})
         problems.append(f"{len(layers)} unsupported layer(s) or field(s): "
                         + ", ".join(f"{k} {tuple(sd[k].shape)}" for k in unknown)
-                        + "; an official ResNet-18 holds MLGConv2d, BatchNorm2d and linear")
+                        + f"; an official {arch} holds MLGConv2d, BatchNorm2d and linear")
 
+    # Each layer's levels are read from its coeff keys; a layer whose keys are at fault is
+    # named once (its coeff keys are then left out of the missing and shape lists).
+    bad_coeff = set()
     for name, m in convs.items():
         ci, co, k = m.in_channels, m.out_channels, m.kernel_size
         cin, cout = sd.get(f"{name}.coeff_in"), sd.get(f"{name}.coeff_out")
+        problem = None
         if isinstance(m, MLGLinear) and cin is not None:
-            raise ImportError_(f"{source}: layer {name}: field coeff_in is not supported on the "
-                               "classifier (the official code never enables it)")
-        problem = _coeff_shape_problem(name, ci, co, cin, cout)
+            problem = (f"layer {name}: field coeff_in is not supported on the classifier (the "
+                       "official code never enables it)")
+        problem = problem or _coeff_shape_problem(name, ci, co, cin, cout)
+        if problem is None:
+            l_bi = int(cin.shape[2]) if cin is not None else 0
+            l_bo = int(cout.shape[1]) if cout is not None else 0
+            r_bi, r_bo, l1, l2 = level_sizes(ci, co, k, l_bi, l_bo)
+            if (cin is not None) != l1 or (cout is not None) != l2:
+                problem = (f"layer {name}: coeff_in {_shape(cin)} / coeff_out {_shape(cout)} "
+                           f"contradict the official level rules for Ci={ci}, Co={co}, k={k} "
+                           f"(level 1 needs 0 < bi < {min(ci, k * k)}, level 2 needs 0 < bo < "
+                           f"{min(co, ci * k * k)})")
+        problem = problem or _coeff_pair_problem(name, co, cin, cout)
         if problem:
-            raise ImportError_(f"{source}: {problem}")
-        l_bi = int(cin.shape[2]) if cin is not None else 0
-        l_bo = int(cout.shape[1]) if cout is not None else 0
-        r_bi, r_bo, l1, l2 = level_sizes(ci, co, k, l_bi, l_bo)
-        if (cin is not None) != l1 or (cout is not None) != l2:
-            raise ImportError_(
-                f"{source}: layer {name}: coeff_in {_shape(cin)} / coeff_out {_shape(cout)} "
-                f"contradict the official level rules for Ci={ci}, Co={co}, k={k} (level 1 "
-                f"needs 0 < bi < {min(ci, k * k)}, level 2 needs 0 < bo < {min(co, ci * k * k)})")
-        problem = _coeff_pair_problem(name, co, cin, cout)
-        if problem:
-            raise ImportError_(f"{source}: {problem}")
+            problems.append(problem)
+            bad_coeff |= {f"{name}.coeff_in", f"{name}.coeff_out"}
+            continue
         m.base_in, m.base_out = r_bi, r_bo
         m.coeff_in = nn.Parameter(torch.empty(r_bo, ci, r_bi)) if l1 else None
         m.coeff_out = nn.Parameter(torch.empty(co, r_bo)) if l2 else None
 
     expected = _expected_keys(model)
-    missing = sorted(k for k in expected if k not in sd and not k.endswith("num_batches_tracked"))
+    missing = sorted(k for k in expected - bad_coeff
+                     if k not in sd and not k.endswith("num_batches_tracked"))
     if missing:
         problems.append(f"{len(missing)} missing key(s): " + ", ".join(
             f"{k} ({_layer_field(k)})" for k in missing))
     own = model.state_dict()
     wrong = [f"{_layer_field(k)}: shape {tuple(sd[k].shape)}, expected {tuple(own[k].shape)}"
-             for k in sorted(expected & set(sd)) if tuple(own[k].shape) != tuple(sd[k].shape)]
+             for k in sorted((expected - bad_coeff) & set(sd))
+             if tuple(own[k].shape) != tuple(sd[k].shape)]
     if wrong:
         problems.append(f"{len(wrong)} shape mismatch(es): " + "; ".join(wrong))
     if problems:
         hint = ""
         if any(k.startswith("fc.") or ".downsample." in k for k in sd):
             hint = ("; this looks like a torchvision ResNet (fc, downsample): mlg import reads "
-                    "the official MLG ResNet-18 for CIFAR-10 (linear, shortcut, 3 x 3 conv1)")
+                    "the official MLG CIFAR ResNets (linear, shortcut, 3 x 3 conv1)")
         elif "conv1.weight" not in sd and "linear.weight" not in sd:
-            hint = "; this does not look like an official ResNet-18 checkpoint"
+            hint = ("; this does not look like an official ResNet checkpoint (accepted: "
+                    f"{', '.join(OFFICIAL_RESNETS)})")
+        elif nearest != arch and differ == 0:
+            hint = f"; the checkpoint's keys are those of {_arch_text(nearest)}: --arch {nearest}"
         raise ImportError_(f"{source}: " + "; ".join(problems) + hint)
     model.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=False)
     return model
@@ -268,10 +334,13 @@ def calibrate(model: nn.Module, x: torch.Tensor, batch: int = 32) -> None:
 
 
 def import_official(path, bits: OfficialBits, out_path=None, data=None, calib_images: int = 64,
-                    seed: int = 0, log=print) -> dict:
-    """Import, calibrate, lower and (optionally) save a model file. Returns metrics."""
+                    seed: int = 0, log=print, arch: str | None = None, info=None) -> dict:
+    """Import, calibrate, lower and (optionally) save a model file. Returns metrics.
+
+    ``arch`` is an official ResNet name, or None to infer it from the keys; the
+    architecture is said through ``info`` (by default ``log``)."""
     sd = read_official_checkpoint(path)
-    model = build_from_official(sd, bits, source=str(path))
+    model = build_from_official(sd, bits, source=str(path), arch=arch, log=info or log)
     if data is not None:
         x, y = load_calibration_data(data, model.in_channels, model.size)
         log(f"calibrating activation scales on {x.shape[0]} images from {data}")
@@ -283,7 +352,7 @@ def import_official(path, bits: OfficialBits, out_path=None, data=None, calib_im
             "(no data set given: pass --data FILE.npz for real calibration)")
     calibrate(model, x)
     net = lower_model(model)
-    metrics: dict = {"calibration": "data" if data is not None else "synthetic",
+    metrics: dict = {"arch": model.arch, "calibration": "data" if data is not None else "synthetic",
                      "calibration_images": int(x.shape[0])}
     n_eval = x.shape[0] if y is not None else min(x.shape[0], 16)
     with torch.no_grad():
@@ -295,6 +364,6 @@ def import_official(path, bits: OfficialBits, out_path=None, data=None, calib_im
         metrics["float_acc"] = float((f == y[:n_eval]).float().mean())
         metrics["golden_acc"] = float((g_ == y[:n_eval]).float().mean())
     if out_path is not None:
-        save_model_file(out_path, arch="resnet18", mlg={**model.settings.to_dict()},
+        save_model_file(out_path, arch=model.arch, mlg={**model.settings.to_dict()},
                         network=net, state_dict=model.state_dict(), metrics=metrics)
     return metrics

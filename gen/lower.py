@@ -38,10 +38,10 @@ class UnsupportedLayerError(ValueError):
 
 def preflight(model: nn.Module) -> None:
     """List every unsupported module of ``model`` at once, before any work."""
-    from .models import BasicBlock, _MLGModel
+    from .models import BLOCKS, _MLGModel
 
     bad = [f"{name or '<model>'} ({type(m).__name__})" for name, m in model.named_modules()
-           if not isinstance(m, SUPPORTED + (BasicBlock, _MLGModel))]
+           if not isinstance(m, SUPPORTED + tuple(BLOCKS.values()) + (_MLGModel,))]
     if bad:
         raise UnsupportedLayerError(
             f"{len(bad)} unsupported layer(s): {', '.join(bad)}; the accelerator runs "

@@ -1,4 +1,5 @@
-"""MLG networks: the digits CNN trained by ``mlg train`` and ResNet-18 for CIFAR-10.
+"""MLG networks: the digits CNN trained by ``mlg train`` and the official CIFAR ResNets
+(ResNet-18/34 of basic blocks, ResNet-50/101/152 of bottleneck blocks).
 
 Each model describes itself as a layer program (:meth:`program`): the ordered
 operations, which activation buffers they read and write and which quantizers
@@ -17,8 +18,9 @@ from torch import nn
 from .layers import ActQuant, MLGConv2d, MLGLinear, MLGSettings, ste_round
 from .integer import int_range
 
-__all__ = ["Op", "DigitsNet", "ResNet18", "BasicBlock", "build_model", "ARCHS",
-           "mlg_conv"]
+__all__ = ["Op", "DigitsNet", "ResNet", "ResNet18", "ResNet34", "ResNet50", "ResNet101",
+           "ResNet152", "BasicBlock", "Bottleneck", "BLOCKS", "OFFICIAL_RESNETS",
+           "OFFICIAL_WIDTHS", "build_model", "ARCHS", "mlg_conv"]
 
 
 @dataclass
@@ -152,7 +154,9 @@ class DigitsNet(_MLGModel):
 
 
 class BasicBlock(nn.Module):
-    """ResNet basic block; module names match the official checkpoint."""
+    """ResNet basic block (two 3x3 convs); module names match the official checkpoint."""
+
+    expansion = 1
 
     def __init__(self, ci, co, stride, s: MLGSettings, quant: bool):
         super().__init__()
@@ -172,29 +176,101 @@ class BasicBlock(nn.Module):
         sc = self.aq_sc(self.shortcut(x)) if self.aq_sc is not None else x
         return self.aq_out(F.relu(self.bn2(self.conv2(out)) + sc))
 
+    def convs(self):
+        """(name, conv, bn, relu) of the main path in order; the last one adds the shortcut."""
+        return [("conv1", self.conv1, self.bn1, self.aq1), ("conv2", self.conv2, self.bn2, None)]
 
-class ResNet18(_MLGModel):
-    """ResNet-18 for 32x32 CIFAR-10 with the official module names."""
 
-    arch = "resnet18"
+class Bottleneck(nn.Module):
+    """ResNet bottleneck block: 1x1 (to ``planes``), 3x3 (the block's stride), 1x1 (to
+    ``4 * planes``), and a 1x1 projection shortcut where the stride or the width changes;
+    module names match the official checkpoint."""
+
+    expansion = 4
+
+    def __init__(self, ci, planes, stride, s: MLGSettings, quant: bool):
+        super().__init__()
+        a, co = s.a_bits, planes * self.expansion
+        self.conv1, self.bn1, self.aq1 = (mlg_conv(ci, planes, 1, 1, s, quant),
+                                          nn.BatchNorm2d(planes), ActQuant(a))
+        self.conv2, self.bn2, self.aq2 = (mlg_conv(planes, planes, 3, stride, s, quant),
+                                          nn.BatchNorm2d(planes), ActQuant(a))
+        self.conv3, self.bn3 = mlg_conv(planes, co, 1, 1, s, quant), nn.BatchNorm2d(co)
+        self.shortcut = nn.Sequential()
+        self.aq_sc = None
+        if stride != 1 or ci != co:
+            self.shortcut = nn.Sequential(mlg_conv(ci, co, 1, stride, s, quant), nn.BatchNorm2d(co))
+            self.aq_sc = ActQuant(a)
+        self.aq_out = ActQuant(a)
+        self.stride = stride
+
+    def forward(self, x):
+        out = self.aq1(F.relu(self.bn1(self.conv1(x))))
+        out = self.aq2(F.relu(self.bn2(self.conv2(out))))
+        sc = self.aq_sc(self.shortcut(x)) if self.aq_sc is not None else x
+        return self.aq_out(F.relu(self.bn3(self.conv3(out)) + sc))
+
+    def convs(self):
+        """(name, conv, bn, relu) of the main path in order; the last one adds the shortcut."""
+        return [("conv1", self.conv1, self.bn1, self.aq1), ("conv2", self.conv2, self.bn2, self.aq2),
+                ("conv3", self.conv3, self.bn3, None)]
+
+
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+# The official depths: architecture name -> (block, blocks per stage).
+OFFICIAL_RESNETS = {
+    "resnet18": ("basic", (2, 2, 2, 2)),
+    "resnet34": ("basic", (3, 4, 6, 3)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+    "resnet101": ("bottleneck", (3, 4, 23, 3)),
+    "resnet152": ("bottleneck", (3, 8, 36, 3)),
+}
+OFFICIAL_WIDTHS = (64, 128, 256, 512)
+
+
+class ResNet(_MLGModel):
+    """The official CIFAR ResNet (3x3 stem of stride 1, four stages of stride 1, 2, 2, 2,
+    global average pooling, a classifier named ``linear``) with the official module names.
+
+    ``block`` is ``"basic"`` or ``"bottleneck"``, ``depths`` the blocks per stage and
+    ``widths`` the stage widths (``planes``; a bottleneck stage outputs 4x that). The
+    official networks use :data:`OFFICIAL_WIDTHS`; smaller widths give reduced networks
+    of the same shape."""
+
+    arch = "resnet"
+    block = "basic"
+    default_depths = (2, 2, 2, 2)
 
     def __init__(self, settings: MLGSettings, quant: bool = True, in_channels: int = 3,
-                 size: int = 32, num_classes: int = 10, depths: tuple = (2, 2, 2, 2)):
+                 size: int = 32, num_classes: int = 10, depths: tuple | None = None,
+                 widths: tuple = OFFICIAL_WIDTHS, block: str | None = None):
         super().__init__()
+        block = block or self.block
+        depths = tuple(self.default_depths if depths is None else depths)
+        if block not in BLOCKS:
+            raise ValueError(f"ResNet block {block!r}: accepted {', '.join(BLOCKS)}")
         if len(depths) != 4 or any(not isinstance(d, int) or d < 1 for d in depths):
-            raise ValueError(f"ResNet18 depths {depths!r}: four block counts >= 1 accepted")
+            raise ValueError(f"{type(self).__name__} depths {depths!r}: four block counts >= 1 accepted")
+        widths = tuple(widths)
+        if len(widths) != 4 or any(not isinstance(c, int) or c < 1 for c in widths):
+            raise ValueError(f"{type(self).__name__} widths {widths!r}: four stage widths >= 1 accepted")
+        cls = BLOCKS[block]
         s, a = settings, settings.a_bits
         self.settings, self.size, self.in_channels, self.num_classes = s, size, in_channels, num_classes
+        self.block, self.depths, self.widths = block, depths, widths
         self.aq_in = ActQuant(a)
-        self.conv1, self.bn1, self.aq1 = mlg_conv(in_channels, 64, 3, 1, s, quant), nn.BatchNorm2d(64), ActQuant(a)
-        cfg = [(64, 1), (128, 2), (256, 2), (512, 2)]
-        ci = 64
-        for i, (co, stride) in enumerate(cfg, 1):
-            blocks = [BasicBlock(ci, co, stride, s, quant)]
-            blocks += [BasicBlock(co, co, 1, s, quant) for _ in range(depths[i - 1] - 1)]
+        c0 = widths[0]
+        self.conv1, self.bn1, self.aq1 = mlg_conv(in_channels, c0, 3, 1, s, quant), nn.BatchNorm2d(c0), ActQuant(a)
+        ci = c0
+        for i, (planes, stride) in enumerate(zip(widths, (1, 2, 2, 2)), 1):
+            blocks = []
+            for j in range(depths[i - 1]):
+                blocks.append(cls(ci, planes, stride if j == 0 else 1, s, quant))
+                ci = planes * cls.expansion
             setattr(self, f"layer{i}", nn.Sequential(*blocks))
-            ci = co
-        self.linear = MLGLinear(512, num_classes, bias=False, settings=s, quant=quant)
+        self.features = ci
+        self.linear = MLGLinear(ci, num_classes, bias=False, settings=s, quant=quant)
         self.aq_out = ActQuant(a)
 
     def blocks(self):
@@ -214,25 +290,58 @@ class ResNet18(_MLGModel):
         for i in range(1, 5):
             for j, b in enumerate(getattr(self, f"layer{i}")):
                 p = f"layer{i}.{j}"
-                mid = nxt
-                ops.append(Op(f"{p}.conv1", "conv", buf, mid, q, b.aq1, n, n, b.conv1, b.bn1, True))
+                main = b.convs()
+                # logical buffers: one per main-path output, then the shortcut's
+                outs = [nxt + t for t in range(len(main) - 1)] + [nxt + len(main)]
+                sc = nxt + len(main) - 1
                 res, res_q = buf, q
-                if b.aq_sc is not None:
-                    sc = nxt + 1
-                    ops.append(Op(f"{p}.shortcut.0", "conv", buf, sc, q, b.aq_sc, n, n,
-                                  b.shortcut[0], b.shortcut[1], False))
-                    res, res_q = sc, b.aq_sc
-                n = (n + 2 - 3) // b.stride + 1
-                out = nxt + 2
-                ops.append(Op(f"{p}.conv2", "conv", mid, out, b.aq1, b.aq_out, n, n, b.conv2,
-                              b.bn2, True, res=res, res_q=res_q))
-                buf, q, nxt = out, b.aq_out, nxt + 3
+                src, src_q = buf, q
+                for t, (cname, conv, bn, aq) in enumerate(main):
+                    last = t == len(main) - 1
+                    if last:
+                        ops.append(Op(f"{p}.{cname}", "conv", src, outs[t], src_q, b.aq_out, n, n,
+                                      conv, bn, True, res=res, res_q=res_q))
+                        break
+                    ops.append(Op(f"{p}.{cname}", "conv", src, outs[t], src_q, aq, n, n, conv, bn,
+                                  True))
+                    if t == 0 and b.aq_sc is not None:
+                        ops.append(Op(f"{p}.shortcut.0", "conv", buf, sc, q, b.aq_sc, n, n,
+                                      b.shortcut[0], b.shortcut[1], False))
+                        res, res_q = sc, b.aq_sc
+                    if conv.stride != 1:
+                        n = (n + 2 * conv.padding - conv.kernel_size) // conv.stride + 1
+                    src, src_q = outs[t], aq
+                buf, q, nxt = outs[-1], b.aq_out, nxt + len(main) + 1
         ops.append(Op("pool", "pool", buf, nxt, q, q, n, n))
         ops.append(Op("linear", "conv", nxt, nxt + 1, q, self.aq_out, 1, 1, self.linear, None, False))
         return ops
 
 
-ARCHS = {"digits": DigitsNet, "resnet18": ResNet18}
+class ResNet18(ResNet):
+    """ResNet-18 for 32x32 CIFAR-10 with the official module names (``depths`` may be
+    reduced for small builds; the architecture name stays ``resnet18``)."""
+
+    arch, block, default_depths = "resnet18", *OFFICIAL_RESNETS["resnet18"]
+
+
+class ResNet34(ResNet):
+    arch, block, default_depths = "resnet34", *OFFICIAL_RESNETS["resnet34"]
+
+
+class ResNet50(ResNet):
+    arch, block, default_depths = "resnet50", *OFFICIAL_RESNETS["resnet50"]
+
+
+class ResNet101(ResNet):
+    arch, block, default_depths = "resnet101", *OFFICIAL_RESNETS["resnet101"]
+
+
+class ResNet152(ResNet):
+    arch, block, default_depths = "resnet152", *OFFICIAL_RESNETS["resnet152"]
+
+
+ARCHS = {"digits": DigitsNet, "resnet18": ResNet18, "resnet34": ResNet34, "resnet50": ResNet50,
+         "resnet101": ResNet101, "resnet152": ResNet152}
 
 
 def build_model(arch: str, settings: MLGSettings, quant: bool = True, **kw) -> _MLGModel:

@@ -74,12 +74,13 @@ def cmd_import(args) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     m = import_official(args.checkpoint, bits, out_path=out, data=args.data,
-                        calib_images=args.calib_images, log=log)
+                        calib_images=args.calib_images, log=log, arch=args.arch,
+                        info=lambda *a: print(*a, file=sys.stderr))
     m["model"] = str(out)
     if args.json:
         _print_json(m)
     else:
-        print(f"imported {args.checkpoint} -> {out}")
+        print(f"imported {args.checkpoint} ({m['arch']}) -> {out}")
         print(f"golden vs float top-1 agreement on {m['agreement_images']} images: "
               f"{m['golden_float_agreement']:.3f}")
         if "golden_acc" in m:
@@ -487,8 +488,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_train)
 
-    i = sub.add_parser("import", help="import an official MLG ResNet-18 checkpoint")
+    i = sub.add_parser("import", help="import an official MLG ResNet checkpoint "
+                       "(ResNet-18/34/50/101/152 for CIFAR)")
     i.add_argument("checkpoint")
+    i.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
+                   help="the official architecture; by default inferred from the checkpoint's "
+                        "keys (and said on stderr)")
     i.add_argument("--out", required=True, help="model file to write")
     i.add_argument("--basis-bit", type=int, required=True, help="official mlg.basis_bit")
     i.add_argument("--coeff-in-bit", type=int, required=True, help="official mlg.coeff_in_bit")

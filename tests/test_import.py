@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from gen.importer import (ImportError_, OfficialBits, build_from_official, import_official,
-                          read_official_checkpoint)
+                          infer_arch, read_official_checkpoint)
 from gen.layers import MLGConv2d, MLGLinear
 from gen.network import load_model_file
-from tests.official import official_resnet18_state
+from tests.official import official_resnet18_state, official_resnet_state
 
 
 def _official_dorefa_sym(x, k):
@@ -147,9 +147,9 @@ def test_not_a_checkpoint(tmp_path):
 # Errors name the layer and field at fault, and list every problem at once
 
 
-def _import_error(tmp_path, sd, bits=OfficialBits()) -> str:
+def _import_error(tmp_path, sd, bits=OfficialBits(), arch=None) -> str:
     with pytest.raises(ImportError_) as e:
-        import_official(_save(tmp_path, sd), bits, log=lambda *a: None)
+        import_official(_save(tmp_path, sd), bits, log=lambda *a: None, arch=arch)
     return str(e.value)
 
 
@@ -253,3 +253,157 @@ def test_import_and_train_accept_the_same_code_widths(tmp_path):
                 assert f"{official} = {v} (--{official.replace('_', '-')}, the network's {field})" in import_msg
             elif not import_ok:
                 assert "own" in import_msg and f"accepted: 2..{f.hi}" in import_msg
+
+
+# ---------------------------------------------------------------------------
+# The official ResNet family: ResNet-34 (basic blocks), ResNet-50/101/152 (bottlenecks)
+
+# Published conv counts (stem + blocks x convs per block + projection shortcuts).
+OFFICIAL_CONVS = {34: 1 + 16 * 2 + 3, 50: 1 + 16 * 3 + 4}
+
+
+@pytest.mark.parametrize("depth,num_classes,in_channels", [(34, 10, 3), (50, 100, 1)])
+def test_resnet34_and_50_import_reproduce_official_weights(depth, num_classes, in_channels):
+    bits = OfficialBits(3, 6, 3, 8)
+    sd = official_resnet_state(depth, bi=2, bo=44, seed=3, num_classes=num_classes,
+                               in_channels=in_channels)
+    said = []
+    model = build_from_official(sd, bits, log=said.append)
+    assert model.arch == f"resnet{depth}" and said and f"resnet{depth}" in said[0]
+    assert "inferred" in said[0]
+    assert model.in_channels == in_channels and model.num_classes == num_classes
+    n_conv, worst = 0, 0.0
+    for name, m in model.named_modules():
+        if not isinstance(m, (MLGConv2d, MLGLinear)):
+            continue
+        ref = _official_build_weight(sd, name, bits, m.out_channels, m.in_channels, m.kernel_size)
+        diff = float((m.float_generated_weight().double() - ref).abs().max())
+        assert diff < 1e-5, (name, diff)
+        worst = max(worst, diff)
+        n_conv += isinstance(m, MLGConv2d)
+    assert n_conv == OFFICIAL_CONVS[depth]
+    if depth == 50:   # the bottleneck's 1x1 convs and stride on the 3x3
+        b = model.layer2[0]
+        assert (b.conv1.kernel_size, b.conv2.kernel_size, b.conv3.kernel_size) == (1, 3, 1)
+        assert (b.conv1.stride, b.conv2.stride, b.shortcut[0].stride) == (1, 2, 2)
+        assert b.conv3.out_channels == 512 and model.linear.in_features == 2048
+        assert model.layer1[0].shortcut[0].out_channels == 256    # stride 1, 64 -> 256
+
+
+@pytest.mark.parametrize("depth", [18, 34, 50, 101, 152])
+def test_arch_inferred_from_the_keys(depth):
+    assert infer_arch(official_resnet_state(depth, widths=(8, 8, 8, 8))
+                      if depth > 50 else official_resnet_state(depth)) == (f"resnet{depth}", 0)
+
+
+def test_wrong_arch_lists_every_key_at_once_and_names_the_right_one(tmp_path):
+    sd = official_resnet_state(50, seed=4)
+    msg = _import_error(tmp_path, sd, arch="resnet34")
+    # every bottleneck's conv3 and bn3 and the stage-1 shortcut are not in a ResNet-34
+    for j in range(3):
+        assert f"layer1.{j}.conv3.weight" in msg and f"layer1.{j}.bn3.running_var" in msg
+    assert "layer layer2.0.shortcut.0, field coeff_out: shape (512, 44), expected [Co=128, bo]" in msg
+    assert "layer1.0.shortcut.0.weight" in msg          # a ResNet-34 has no stage-1 shortcut
+    assert "layer layer1.0.conv1, field weight: shape (64, 64, 1, 1), expected (64, 64, 3, 3)" in msg
+    assert "layer linear, field weight: shape (10, 2048), expected (10, 512)" in msg
+    assert "--arch resnet50" in msg
+    with pytest.raises(ImportError_, match=r"architecture 'resnet20' \(--arch\): accepted resnet18, "
+                                           r"resnet34, resnet50, resnet101, resnet152"):
+        build_from_official(sd, OfficialBits(), arch="resnet20")
+
+
+def test_arch_given_is_said_and_saved(tmp_path):
+    ckpt = _save(tmp_path, official_resnet_state(34, seed=5))
+    said, logs = [], []
+    out = tmp_path / "r34.pt"
+    m = import_official(ckpt, OfficialBits(), out_path=out, calib_images=2, log=logs.append,
+                        arch="resnet34", info=said.append)
+    assert m["arch"] == "resnet34" and any("(--arch)" in line for line in said)
+    data = load_model_file(out)
+    assert data["arch"] == "resnet34" and data["network"].arch == "resnet34"
+    assert len(data["network"].conv_layers()) == OFFICIAL_CONVS[34] + 1   # + linear
+
+
+def _reduced_resnet50(seed=0, size=8):
+    """A ResNet-50-shaped network (bottleneck blocks, every stage and shortcut kind: a
+    stride-1 projection, identity, stride-2 projections) at reduced widths and depths,
+    calibrated on synthetic images and lowered to integers."""
+    from gen.importer import calibrate
+    from gen.layers import MLGSettings
+    from gen.lower import lower_model
+    from gen.models import ResNet50
+
+    torch.manual_seed(seed)
+    model = ResNet50(MLGSettings(bi=2, bo=6, qb=3, qu=6, qv=3, qd=8), size=size,
+                     widths=(4, 8, 8, 8), depths=(2, 1, 1, 1))
+    x = torch.randn(16, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
+    calibrate(model, x)
+    return model, lower_model(model), x
+
+
+def test_reduced_resnet50_compiles_and_its_golden_model_runs():
+    from gen.compiler import compile_network, format_report
+    from gen.golden import golden_forward, quantize_input
+    from tests.test_accelerator import LINK_TIMEOUT
+
+    model, net, x = _reduced_resnet50()
+    assert model.arch == "resnet50"
+    result = compile_network(net, rows=4, cols=4, gen_lanes=4, link_timeout=LINK_TIMEOUT)
+    rows = {r["layer"]: r for r in result.report["layers"]}
+    convs = [n for n, m in model.named_modules() if isinstance(m, (MLGConv2d, MLGLinear))]
+    assert sorted(rows) == sorted(convs)        # every bottleneck conv in the memory table
+    for b in ("layer1.0", "layer2.0"):
+        assert [rows[f"{b}.{c}"]["k"] for c in ("conv1", "conv2", "conv3", "shortcut.0")] == [1, 3, 1, 1]
+    assert rows["layer2.0.conv2"]["stride"] == 2 and rows["layer2.0.shortcut.0"]["stride"] == 2
+    assert rows["layer1.0.conv3"]["co"] == 16 and "layer1.1.shortcut.0" not in rows  # identity
+    assert "layer1.0.conv3" in format_report(result.report)
+    xi = quantize_input(net, x)
+    golden = golden_forward(result.network, xi)
+    assert torch.equal(golden, golden_forward(net, xi))   # buffer allocation keeps the outputs
+    with torch.no_grad():
+        steps = (model(x).double() / net.layers[-1].out_scale - golden.double()).abs()
+    # the float model and the integers differ by the rounding of each layer only
+    assert float(steps.mean()) <= 1.0 and float(steps.max()) <= 6.0
+
+
+def test_reduced_resnet50_bit_exact_on_the_simulated_board():
+    from gen.compiler import compile_network
+    from gen.program import read_program
+    from host.driver import Driver
+    from host.transport import SerialTransport
+    from sim.board import SimulatedBoard
+    from sim.runner import simulator_available
+    from tests.test_accelerator import LINK_TIMEOUT, _check_images
+
+    if not simulator_available("verilator"):
+        pytest.skip("Verilator not installed")
+    _, net, _ = _reduced_resnet50()
+    result = compile_network(net, rows=4, cols=4, gen_lanes=4, link_timeout=LINK_TIMEOUT)
+    program = read_program(result.program, config=result.config)
+    with SimulatedBoard(result.config, "verilator", fast_build=True) as board:
+        with SerialTransport(board.url) as tr:
+            drv = Driver(tr, timeout=30)
+            drv.load_program(result.config, program)
+            _check_images(drv, program, 3, seed=5)
+            log = drv.layer_log()
+            assert [e["macs"] for e in log] == [l.macs for l in program.network().layers]
+
+
+def test_cli_says_the_inferred_arch_on_stderr_and_refuses_a_wrong_one(tmp_path, capsys):
+    import json
+
+    from mlg.cli import main
+
+    ckpt = _save(tmp_path, official_resnet18_state(seed=6))
+    bits = ["--basis-bit", "3", "--coeff-in-bit", "6", "--coeff-out-bit", "3"]
+    out = tmp_path / "m.pt"
+    assert main(["import", str(ckpt), "--out", str(out), *bits, "--calib-images", "2",
+                 "--json"]) == 0
+    cap = capsys.readouterr()
+    assert "architecture resnet18 (basic blocks, 2, 2, 2, 2 per stage), inferred" in cap.err
+    assert json.loads(cap.out)["arch"] == "resnet18"
+    assert main(["import", str(ckpt), "--out", str(out), *bits, "--arch", "resnet50"]) == 2
+    err = capsys.readouterr().err
+    assert "architecture resnet50 (bottleneck blocks, 3, 4, 6, 3 per stage) (--arch)" in err
+    assert "layer1.0.conv3.weight (layer layer1.0.conv3, field weight)" in err
+    assert "--arch resnet18" in err
