@@ -156,6 +156,8 @@ class Driver:
             n = COUNTER_BYTES * len(COUNTERS)
         elif op == OP_IDENTIFY:
             n = IDENTITY_BYTES
+        elif op == OP_STATUS:
+            n = STATUS.size
         return HEADER_BYTES + max(n, 2) + CRC_BYTES
 
     def resync(self) -> bytes:

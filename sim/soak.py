@@ -353,6 +353,7 @@ def soak(board: SimulatedBoard, transport: Transport, config: AcceleratorConfig,
                     st.outcome(armed, "got_through" if fired else "not_fired")
                     if fired:
                         # What the fault left on the line (a second answer) is its own.
+                        wire.drain(max(0.3, margin * response[step] * wire.byte_seconds))
                         drv.resync()
                 got = out.reshape(-1)
                 if torch.equal(got, golden[j]):
