@@ -108,10 +108,10 @@ class Driver:
     def request(self, op: int, payload: bytes = b"", timeout: float | None = None) -> bytes:
         """Send one request and return its response payload, waiting for it
         :meth:`wait_seconds` of the bytes both move (or ``timeout`` seconds)."""
-        frame = encode_frame(op, payload)
-        self.transport.write(frame)
+        sent = encode_frame(op, payload)
+        self.transport.write(sent)
         if timeout is None:
-            timeout = self.wait_seconds(len(frame) + self._answer_bytes(op, payload))
+            timeout = self.wait_seconds(len(sent) + self._answer_bytes(op, payload))
         deadline = time.monotonic() + timeout
         while True:
             frame = self.decoder.pop()
