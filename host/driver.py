@@ -25,7 +25,8 @@ from gen.integer import int_range
 from gen.program import Program, load_program
 
 from .image import DeviceImage, build_image
-from .protocol import (COUNTERS, LOG_COUNTERS, REGION_LOG, CRC_BYTES, ERRORS, HEADER_BYTES, REGION_NAMES, OP_ABORT, OP_COUNTERS, OP_ERROR, OP_IDENTIFY,
+from .protocol import (COUNTERS, LOG_COUNTERS, REGION_LOG, CRC_BYTES, ERRORS, HEADER_BYTES,
+                       IDENTITY_BYTES, REGION_NAMES, OP_ABORT, OP_COUNTERS, OP_ERROR, OP_IDENTIFY,
                        OP_LOAD_ACT, OP_NAMES, OP_READ, OP_READ_ACT, OP_RUN, OP_STATUS, OP_WRITE,
                        PROTOCOL_VERSION, REGION_BASES, REGION_CONSTS, REGION_PROGRAM,
                        REGION_STREAM, RESPONSE,
@@ -81,14 +82,24 @@ class Driver:
     transport:
         The byte pipe.
     timeout:
-        Seconds to wait for a response.
+        Seconds to wait for a response, on top of the time its bytes take on the
+        link (see :meth:`wait_seconds`).
+    margin:
+        Factor on the time the bytes of a request and its response take on the
+        link (the transport's ``byte_seconds``), for a slow or loaded link.
     progress:
         Show progress bars on long transfers.
     """
 
-    def __init__(self, transport: Transport, *, timeout: float = 5.0, progress: bool = False):
+    def __init__(self, transport: Transport, *, timeout: float = 5.0, margin: float = 2.0,
+                 progress: bool = False):
+        if not timeout > 0:
+            raise ValueError(f"timeout {timeout!r}: accepted seconds > 0")
+        if not margin >= 1:
+            raise ValueError(f"margin {margin!r}: accepted a factor >= 1")
         self.transport = transport
         self.timeout = timeout
+        self.margin = margin
         self.progress = progress
         self.decoder = FrameDecoder()
         self.tag = 0      # the tag of the next request
@@ -103,10 +114,14 @@ class Driver:
     def request(self, op: int, payload: bytes = b"", timeout: float | None = None) -> bytes:
         """Send one request and return its response payload: the first frame that
         carries the request's tag (frames with another tag are dropped and counted
-        in :attr:`stale`)."""
+        in :attr:`stale`), waited for :meth:`wait_seconds` of the bytes both move
+        (or ``timeout`` seconds)."""
         tag, self.tag = self.tag, (self.tag + 1) % TAGS
-        self.transport.write(encode_frame(op, payload, tag))
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        sent = encode_frame(op, payload, tag)
+        self.transport.write(sent)
+        if timeout is None:
+            timeout = self.wait_seconds(len(sent) + self._answer_bytes(op, payload))
+        deadline = time.monotonic() + timeout
         while True:
             frame = self.decoder.pop()
             if frame is not None and frame.tag != tag:
@@ -117,7 +132,7 @@ class Driver:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise LinkTimeout(f"no response to {OP_NAMES.get(op, op)} within "
-                                  f"{self.timeout if timeout is None else timeout:.1f} s")
+                                  f"{timeout:.1f} s")
             chunk = self.transport.read(65536, min(left, 0.5))
             if chunk:
                 try:
@@ -135,6 +150,28 @@ class Driver:
                               f"expected 0x{op | RESPONSE:02x}")
         return frame.payload
 
+    def wait_seconds(self, n_bytes: int) -> float:
+        """Seconds to wait for a request whose frame and answer move ``n_bytes`` bytes:
+        ``timeout + margin * n_bytes * byte_seconds`` (the transport's time per byte)."""
+        return self.timeout + self.margin * n_bytes * self.transport.byte_seconds
+
+    def _answer_bytes(self, op: int, payload: bytes) -> int:
+        """Bytes of the answer to request ``op`` with ``payload`` (its frame overhead
+        included), as far as the request says; a short answer otherwise."""
+        n = 0
+        if op == OP_READ and len(payload) >= ARG_BYTES[OP_READ]:
+            (n,) = struct.unpack_from("<H", payload, ARG_BYTES[OP_READ] - 2)
+        elif op == OP_READ_ACT and len(payload) >= ARG_BYTES[OP_READ_ACT]:
+            _, channels, pixels = struct.unpack_from(REQUESTS[OP_READ_ACT].arg_format, payload)
+            n = channels * pixels * (self.identity.act_bytes if self.identity else 4)
+        elif op == OP_COUNTERS:
+            n = COUNTER_BYTES * len(COUNTERS)
+        elif op == OP_IDENTIFY:
+            n = IDENTITY_BYTES
+        elif op == OP_STATUS:
+            n = STATUS.size
+        return HEADER_BYTES + max(n, 2) + CRC_BYTES
+
     def resync(self) -> bytes:
         """Forget partial input: drain the line and clear the decoder; returns what was dropped."""
         self.decoder = FrameDecoder()
@@ -145,12 +182,14 @@ class Driver:
 
         Sends zero bytes enough to complete any frame the device may be part way
         through (it answers it with an error frame; between frames it skips zeros),
-        drains the line until it has been quiet for ``quiet`` seconds, and checks
+        drains the line until it has been quiet for ``quiet`` seconds (at least
+        ``margin`` times the time those bytes take on the link), and checks
         that IDENTIFY is answered. A run still going on is aborted. What the failed
         request did is unknown: :meth:`verify_image` says whether the device's
         memories still hold the loaded program.
         """
         fill = (self.identity.max_payload if self.identity else 0xFFFF) + HEADER_BYTES + CRC_BYTES + 2
+        quiet = max(quiet, self.margin * fill * self.transport.byte_seconds)
         last: Exception | None = None
         for _ in range(attempts):
             self.transport.write(bytes(fill))

@@ -8,7 +8,7 @@ A :class:`Transport` moves bytes and counts them; it knows nothing of frames.
 
 from __future__ import annotations
 
-__all__ = ["Transport", "SerialTransport", "TransportError", "url_problem"]
+__all__ = ["Transport", "SerialTransport", "TransportError", "url_problem", "UART_BITS_PER_BYTE"]
 
 # What a URL of a device may look like (said by every error about one).
 ACCEPTED_URLS = ("a serial device (/dev/ttyUSB0, COM3), or socket://HOST:PORT with PORT "
@@ -49,8 +49,20 @@ def url_problem(url: str, device: bool = True) -> str | None:
     return None
 
 
+# Bits on the line per byte of a UART: a start bit, eight data bits, a stop bit.
+UART_BITS_PER_BYTE = 10
+
+
 class Transport:
-    """Abstract byte pipe. Subclasses implement :meth:`_write`, :meth:`_read`, :meth:`close`."""
+    """Abstract byte pipe. Subclasses implement :meth:`_write`, :meth:`_read`, :meth:`close`.
+
+    :attr:`byte_seconds` is the time one byte takes on the link (0 if unknown): a
+    serial port sets it from its baud; for the simulated board, whose speed is the
+    simulator's, :meth:`sim.board.SimulatedBoard.measure_link` measures it. The
+    driver's timeouts grow with it (:meth:`host.driver.Driver.wait_seconds`).
+    """
+
+    byte_seconds: float = 0.0
 
     def __init__(self):
         self.bytes_sent = 0
@@ -99,6 +111,9 @@ class SerialTransport(Transport):
         import serial
 
         self.url = url
+        if not isinstance(baud, int) or baud < 1:
+            raise TransportError(f"cannot open {url!r}: baud {baud!r}, accepted an integer >= 1")
+        self.byte_seconds = UART_BITS_PER_BYTE / baud
         problem = url_problem(url, device=False)
         if problem:
             raise TransportError(f"cannot open {url!r}: {problem}")

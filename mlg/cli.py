@@ -263,44 +263,50 @@ def cmd_sim(args) -> int:
 
 
 def cmd_soak(args) -> int:
-    import time
+    from sim.soak import SoakOptions, soak_session, verdict
 
+    # Every option is checked before any work starts.
+    options = SoakOptions(images=args.images, distinct=args.distinct, frames=args.frames,
+                          fault_rate=args.fault_rate, timeout=args.timeout, margin=args.margin,
+                          run_timeout=args.run_timeout, truncated_wait=args.truncated_wait,
+                          retries=args.retries, seed=args.seed, every_kind=args.every_kind)
+    if not args.start_timeout > 0:
+        raise ValueError(f"--start-timeout {args.start_timeout!r}: accepted seconds > 0")
     from gen.golden import golden_forward, quantize_input
-    from sim.board import SimulatedBoard
-    from host.transport import SerialTransport
-    from sim.soak import frame_fuzz, soak
 
     config, program = _load_build(args.build)
-    x, _ = _images(program, min(args.images, args.distinct))
+    try:
+        x, _ = _images(program, min(args.images, args.distinct))
+    except ValueError as e:
+        if args.distinct < args.images:
+            raise ValueError(str(e).replace("--images", "--distinct")) from None
+        raise
     net = program.network()
     x_int = quantize_input(net, x)
     golden = golden_forward(net, x_int)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     log(f"building and starting the simulated board ({args.simulator}) ...")
-    t0 = time.monotonic()
-    with SimulatedBoard(config, args.simulator) as board:
-        log(f"simulated board on {board.url} after {time.monotonic() - t0:.0f} s; "
-            f"{args.frames} random frames, then {args.images} images with faults in "
-            f"{args.fault_rate:.0%} of them")
-        progress = not args.json and sys.stderr.isatty()
-        with SerialTransport(board.url, baud=config.baud) as transport:
-            fuzz = frame_fuzz(board, transport, config, program, x_int, golden,
-                              frames=args.frames, seed=args.seed, progress=progress)
-            report = soak(board, transport, config, program, x_int, golden, images=args.images,
-                          fault_rate=args.fault_rate, seed=args.seed, every_kind=args.every_kind,
-                          timeout=args.timeout, progress=progress)
-    report["simulator"] = args.simulator
-    report["frame_fuzz"] = fuzz
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    if args.json:
-        _print_json(report)
-    else:
-        print(format_soak(report))
-    ok = (report["silently_wrong"] == 0 and report["faults_absorbed"] == 0
-          and report["faults_reported"] == report["faults_injected"]
-          and report["unexpected_failures"] == 0 and report["images_given_up"] == 0)
-    return 0 if ok else 1
+
+    def show(report):
+        if args.json:
+            _print_json(report)
+        else:
+            print(format_soak(report))
+
+    try:
+        report = soak_session(config, program, x_int, golden, options, simulator=args.simulator,
+                              start_timeout=args.start_timeout, out=args.out, log=log,
+                              progress=not args.json and sys.stderr.isatty())
+    except BaseException as e:
+        partial = getattr(e, "soak_report", None)
+        if partial is not None:
+            show(partial)
+        if isinstance(e, KeyboardInterrupt):
+            print("mlg soak: stopped by Ctrl-C (SIGINT)", file=sys.stderr)
+            return 128 + signal.SIGINT
+        raise
+    show(report)
+    return 0 if verdict(report) else 1
 
 
 def cmd_bench(args) -> int:
@@ -348,21 +354,43 @@ def cmd_sweep(args) -> int:
 
 
 def format_soak(r: dict) -> str:
+    """The soak's report as text (whole or partial)."""
     fz = r["frame_fuzz"]
-    rows = [
+    kinds = r["by_kind"]
+    rows = []
+    if r["partial"]:
+        rows.append(("PARTIAL REPORT", f"stopped by {r['stopped_by']} during {r['stage']}"))
+    rows += [
         ("random frames", f"{fz['frames']:,}, every answer as the device model expects "
                           f"({', '.join(f'{k} {v}' for k, v in fz['by_kind'].items())})"),
         ("frame kinds left out", ", ".join(fz["kinds_left_out"]) or "none"),
-        ("images", f"{r['images']:,} ({r['computed_bit_exact']:,} computed bit-exact, "
-                   f"{r['silently_wrong']} silently wrong)"),
-        ("faults injected", f"{r['faults_injected']:,} ({r['faults_reported']:,} reported, "
-                            f"{r['faults_absorbed']} absorbed, {r['faults_not_fired']} not fired)"),
-        ("by kind/phase", ", ".join(f"{k} {v}" for k, v in r["faults_by_kind"].items()) or "-"),
+        ("images", f"{r['images_done']:,} of {r['images']:,} ({r['computed_bit_exact']:,} "
+                   f"computed bit-exact, {r['silently_wrong']} silently wrong, "
+                   f"{r['images_lost']} lost)"),
+        ("faults injected", f"{r['faults_injected']:,} ({r['faults_caught']:,} caught: "
+                            + ", ".join(f"{k} {v}" for k, v in r["caught_by"].items())
+                            + f"; {r['faults_got_through']} got through, "
+                            f"{r['faults_not_fired']} not fired)"),
+    ]
+    if kinds:
+        width = max(len(k) for k in kinds)
+        head = "  ".join(f"{c:>8}" for c in ("injected", "crc", "check", "timeout", "through",
+                                              "unfired"))
+        rows.append(("by kind", f"{'':<{width}}  {head}"))
+        for k, v in kinds.items():
+            cells = "  ".join(f"{v[c]:>8}" for c in ("injected", "crc", "check", "timeout",
+                                                     "got_through", "not_fired"))
+            rows.append(("", f"{k:<{width}}  {cells}"))
+    seconds = r["byte_seconds"]
+    rows += [
         ("errors the driver raised", ", ".join(f"{k} {v}" for k, v in r["errors"].items()) or "-"),
+        ("recoveries", f"{r['recoveries']} ({r['recovery_failures']} failed and retried, "
+                       f"{r['board_resets_by_soak']} board resets by the soak)"),
         ("board resets fired", f"{r['resets_fired']}"),
         ("program reloads", f"{r['program_reloads']} (read-back found the program damaged)"),
-        ("failures without a fault", f"{r['unexpected_failures']}"),
-        ("cycles per run", f"{r['cycles_per_run']:,}"),
+        ("failures without a fault", f"{r['failures_without_fault']}"),
+        ("cycles per run", f"{r['cycles_per_run']:,}" if r["cycles_per_run"] else "-"),
+        ("link", f"{seconds * 1e6:.0f} us per byte (measured)" if seconds else "-"),
         ("wall time", f"{r['wall_seconds']:.0f} s"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -574,19 +602,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     so = sub.add_parser("soak", help="images on the simulated board with link faults and resets injected")
     so.add_argument("build", help="build directory from 'mlg compile'")
-    so.add_argument("--images", type=int, default=1000)
+    so.add_argument("--images", type=int, default=1000, help="images to run, >= 1 (default 1000)")
     so.add_argument("--distinct", type=int, default=100,
-                    help="distinct test images, cycled through (default 100)")
+                    help="distinct test images, cycled through, >= 1 (default 100)")
     so.add_argument("--fault-rate", type=float, default=0.2,
-                    help="share of the images that get one fault (default 0.2)")
+                    help="share of the images that get one fault, 0 to 1 (default 0.2)")
     so.add_argument("--every-kind", action="store_true",
                     help="walk through every fault kind and phase in turn instead of at random")
     so.add_argument("--frames", type=int, default=1000,
-                    help="random frames checked against the device model first (default 1000)")
+                    help="random frames checked against the device model first, >= 0 (default 1000)")
     so.add_argument("--seed", type=int, default=0)
-    so.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for a response")
+    so.add_argument("--timeout", type=float, default=3.0,
+                    help="seconds to wait for a response on top of the time its bytes take on "
+                         "the link times --margin (default 3)")
+    so.add_argument("--margin", type=float, default=4.0,
+                    help="factor >= 1 on the measured time of a request's bytes on the link, "
+                         "and of a run (default 4)")
+    so.add_argument("--run-timeout", type=float, default=120.0,
+                    help="seconds to wait for the first run, which measures how long a run "
+                         "takes (default 120)")
+    so.add_argument("--truncated-wait", type=float, default=60.0,
+                    help="more seconds to wait for the answer to a frame cut short (the "
+                         "device's link_timeout cycles) (default 60)")
+    so.add_argument("--retries", type=int, default=3,
+                    help="attempts at an image, and at a recovery, before the image is lost "
+                         "(default 3)")
+    so.add_argument("--start-timeout", type=float, default=900.0,
+                    help="seconds to wait for the simulated board to build and start "
+                         "(default 900)")
     so.add_argument("--simulator", choices=("verilator", "icarus"), default="verilator")
-    so.add_argument("--out", help="also write the report (JSON) to this file")
+    so.add_argument("--out", help="also write the report (JSON) to this file; written "
+                                  "however the soak ends, marked partial if it did not finish")
     so.add_argument("--json", action="store_true")
     so.set_defaults(func=cmd_soak)
 

@@ -4,8 +4,13 @@
 config, builds it once (Verilator or Icarus, cached by content), starts the
 cocotb bench ``bench_board`` in a background thread and gives the URL the
 driver opens (``socket://127.0.0.1:PORT``), exactly as it would open a board's
-serial port. Leaving the ``with`` block closes the connection and ends the
-simulation.
+serial port. The board serves connections one after another (a second program
+may open the URL once the first has closed it) and keeps its state between
+them, as a board does. Leaving the ``with`` block ends the simulation.
+
+The link of the simulated board is as fast as the simulator, not the config's
+baud: :meth:`SimulatedBoard.measure_link` measures its time per byte once and
+hands it to the transport, whose driver timeouts then grow with it.
 
 :meth:`SimulatedBoard.reset_after` presses the board's reset button at a chosen
 point of the traffic (after so many bytes in, cycles, bytes out), which is how
@@ -21,6 +26,7 @@ import time
 from pathlib import Path
 
 from gen.config import AcceleratorConfig
+from gen.contract import OP_READ, REQUESTS
 
 __all__ = ["SimulatedBoard", "BoardError"]
 
@@ -92,7 +98,36 @@ class SimulatedBoard:
         port, ctl_port = (int(w) for w in port_file.read_text().split())
         self.url = f"socket://127.0.0.1:{port}"
         self._ctl_port = ctl_port
+        # The control connection stays open while the board runs: the bench ends
+        # when it closes, so a board whose host is gone does not run on.
+        self._connect_control()
         return self
+
+    def measure_link(self, transport, *, timeout: float, n_bytes: int = 2048) -> float:
+        """Measure the seconds one byte takes on the simulated link and set
+        ``transport.byte_seconds`` to it; returns it.
+
+        One IDENTIFY (waited for ``timeout`` seconds) gives a first bound per byte,
+        then a READ of ``n_bytes`` of the base store (at most its size) is timed: its
+        request and answer bytes over its time, fixed costs included, so the figure
+        errs on the slow side.
+        """
+        from host.driver import Driver
+        from host.protocol import CRC_BYTES, HEADER_BYTES, REGION_BASES
+
+        if not timeout > 0:
+            raise ValueError(f"measure_link: timeout {timeout!r}, accepted seconds > 0")
+        drv = Driver(transport, timeout=timeout)
+        t0 = time.monotonic()
+        ident = drv.identify()
+        first = (time.monotonic() - t0) / (2 * HEADER_BYTES + 2 * CRC_BYTES + 2)
+        n = max(1, min(n_bytes, self.config.base_store_bytes, ident.max_payload))
+        moved = 2 * (HEADER_BYTES + CRC_BYTES) + 7 + n
+        t0 = time.monotonic()
+        drv.request(OP_READ, REQUESTS[OP_READ].pack_args(REGION_BASES, 0, n),
+                    timeout=timeout + 4 * first * moved)
+        transport.byte_seconds = (time.monotonic() - t0) / moved
+        return transport.byte_seconds
 
     def reset_after(self, rx: int = 0, cycles: int = 0, tx: int = 0) -> None:
         """Arm one reset of the board: it fires once the device has taken ``rx`` more
@@ -107,11 +142,15 @@ class SimulatedBoard:
         """Forget a reset armed by :meth:`reset_after` that has not fired."""
         self._control("disarm")
 
-    def _control(self, command: str) -> None:
+    def _connect_control(self) -> None:
         if self._ctl is None:
             if self._ctl_port is None:
                 raise BoardError("the simulated board is not running")
-            self._ctl = socket.create_connection(("127.0.0.1", self._ctl_port), timeout=30)
+            self._ctl = socket.create_connection(("127.0.0.1", self._ctl_port),
+                                                 timeout=self.start_timeout)
+
+    def _control(self, command: str) -> None:
+        self._connect_control()
         self._ctl.sendall(f"{command}\n".encode())
         while True:
             line = self._control_line()
@@ -151,7 +190,13 @@ class SimulatedBoard:
         return text
 
     def close(self, timeout: float = 60.0) -> None:
+        """Stop the simulation (once the driver's connection is closed) and wait
+        ``timeout`` seconds for it to end."""
         if self._ctl is not None:
+            try:
+                self._ctl.sendall(b"stop\n")
+            except OSError:
+                pass            # the bench has ended already
             self._ctl.close()
             self._ctl = None
         if self._thread is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -170,3 +172,37 @@ def test_driver_on_arbitrary_answers_raises_only_driver_errors(request, form, bl
         _REQUESTS[request](drv)
     except DriverError as e:
         assert str(e)
+
+
+def test_wait_scales_with_the_bytes_a_request_moves():
+    """The wait for an answer is the timeout plus margin x the time the request's and
+    the answer's bytes take on the link: a READ of many bytes waits longer than a
+    STATUS, and a slower link longer than a faster one."""
+    cfg = AcceleratorConfig()
+    tr = ScriptedTransport([])
+    tr.byte_seconds = 1e-4
+    drv = Driver(tr, timeout=0.05, margin=2.0)
+    drv.identity = parse_identity(identity_bytes(cfg))
+    assert drv.wait_seconds(0) == 0.05
+    assert drv.wait_seconds(1000) == pytest.approx(0.05 + 2.0 * 1000 * 1e-4)
+    t0 = time.monotonic()
+    with pytest.raises(LinkTimeout) as small:
+        drv.status()
+    t_small = time.monotonic() - t0
+    t0 = time.monotonic()
+    with pytest.raises(LinkTimeout) as big:
+        drv.read(1, 0, 2000)
+    t_big = time.monotonic() - t0
+    w_small, w_big = (float(str(e.value).split("within ")[1].split(" s")[0]) for e in (small, big))
+    # READ of 2000 bytes: at least 2 x 2000 x 1e-4 = 0.4 s more than the bare timeout.
+    assert w_small <= 0.1 and w_big >= 0.4
+    assert t_small >= 0.05 and t_big >= 0.4
+    tr.byte_seconds = 2e-4                       # a slower link waits longer
+    assert drv.wait_seconds(1000) == pytest.approx(0.05 + 2.0 * 1000 * 2e-4)
+
+
+def test_driver_refuses_bad_timeouts():
+    with pytest.raises(ValueError, match="timeout 0: accepted seconds > 0"):
+        Driver(ScriptedTransport([]), timeout=0)
+    with pytest.raises(ValueError, match="margin 0.5: accepted a factor >= 1"):
+        Driver(ScriptedTransport([]), margin=0.5)

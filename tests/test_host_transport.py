@@ -53,3 +53,13 @@ def test_unknown_scheme_lists_what_is_accepted():
     with pytest.raises(TransportError, match=r"protocol 'bogus' not known; accepted: a serial"):
         SerialTransport("bogus://x")
     assert "no URL given" in url_problem("")
+
+
+def test_byte_time_follows_the_baud():
+    with SerialTransport("loop://", baud=115_200) as t:
+        assert t.byte_seconds == pytest.approx(10 / 115_200)
+    with SerialTransport("loop://", baud=3_000_000) as t:
+        assert t.byte_seconds == pytest.approx(10 / 3_000_000)
+    for baud in (0, -9600, 1.5):
+        with pytest.raises(TransportError, match=f"baud {baud!r}, accepted an integer >= 1"):
+            SerialTransport("loop://", baud=baud)

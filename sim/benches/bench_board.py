@@ -1,9 +1,14 @@
 """cocotb bench: the accelerator as a board on a TCP socket (127.0.0.1).
 
 The bench listens on ``MLG_BOARD_PORT`` (0: any free port), writes the port it
-got to ``MLG_BOARD_PORT_FILE``, accepts one connection and moves bytes between
-it and the DUT's ``i_rx``/``o_tx`` streams until the host closes it. The host
-side is the ordinary driver on ``socket://127.0.0.1:PORT``.
+got to ``MLG_BOARD_PORT_FILE`` and serves connections one after another: it
+moves bytes between a connection and the DUT's ``i_rx``/``o_tx`` streams until
+the host closes it, then takes the next one, as a board stays on between two
+programs that open its port. The device keeps its state from one connection to
+the next. The host side is the ordinary driver on ``socket://127.0.0.1:PORT``.
+The bench ends on ``stop`` from the control port, when the control connection
+closes (its host is gone), or when no one has connected to either port within
+``MLG_BOARD_ACCEPT_TIMEOUT`` seconds of the start.
 
 A second socket, the control port (its number is the second word of the port
 file), takes board-level commands, one line each, answered with ``ok``:
@@ -14,6 +19,7 @@ file), takes board-level commands, one line each, answered with ``ok``:
   and loses the bytes on the line at that moment, as pressing a board's reset
   button would; the bench then writes ``reset CYCLE`` on the control socket.
 * ``disarm``: forget the armed reset.
+* ``stop``: end the simulation once the current connection (if any) is closed.
 
 While bytes move, the bench works cycle by cycle (at the falling edge, as the
 DUT's valid and ready depend only on its registers then). While the line is
@@ -27,6 +33,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import time
 from pathlib import Path
 
 import cocotb
@@ -56,12 +63,15 @@ class _Control:
         self.conn: socket.socket | None = None
         self.line = bytearray()
         self.armed: list[int] | None = None   # [rx bytes, cycles, tx bytes] still to go
+        self.connected = False
+        self.stopped = False
 
     def poll(self) -> None:
         if self.conn is None:
             try:
                 self.conn, _ = self.srv.accept()
                 self.conn.setblocking(False)
+                self.connected = True
             except BlockingIOError:
                 return
         try:
@@ -71,6 +81,7 @@ class _Control:
         if not data:
             self.conn.close()
             self.conn = None
+            self.stopped = True      # the host that controls the board is gone
             return
         self.line += data
         while b"\n" in self.line:
@@ -83,8 +94,11 @@ class _Control:
             elif words == ["disarm"]:
                 self.armed = None
                 _send(self.conn, b"ok\n")
+            elif words == ["stop"]:
+                self.stopped = True
+                _send(self.conn, b"ok\n")
             else:
-                _send(self.conn, b"error: expected 'reset RX CYCLES TX' or 'disarm'\n")
+                _send(self.conn, b"error: expected 'reset RX CYCLES TX', 'disarm' or 'stop'\n")
 
     def took(self, n: int = 1) -> None:
         if self.armed and self.armed[0]:
@@ -137,15 +151,41 @@ async def board(dut):
     port_file = os.environ.get("MLG_BOARD_PORT_FILE")
     if port_file:
         Path(port_file).write_text(f"{srv.getsockname()[1]} {ctl.port}")
-    srv.settimeout(float(os.environ.get("MLG_BOARD_ACCEPT_TIMEOUT", "120")))
-    conn, _ = srv.accept()
+    srv.setblocking(False)
+    accept_timeout = float(os.environ.get("MLG_BOARD_ACCEPT_TIMEOUT", "120"))
+    started = time.monotonic()
+    cycle = 0
+    while True:
+        conn = _accept(srv, ctl, started + accept_timeout)
+        if conn is None:
+            break
+        cycle = await _serve(dut, conn, ctl, cycle, max_step)
     srv.close()
-    conn.setblocking(False)
 
+
+def _accept(srv: socket.socket, ctl: _Control, deadline: float) -> socket.socket | None:
+    """The next connection; None once the board is to stop."""
+    while True:
+        ctl.poll()
+        if ctl.stopped:
+            return None
+        if not ctl.connected and time.monotonic() > deadline:
+            return None
+        readable, _, _ = select.select([srv], [], [], 0.05)
+        if readable:
+            try:
+                conn, _ = srv.accept()
+            except BlockingIOError:
+                continue
+            conn.setblocking(False)
+            return conn
+
+
+async def _serve(dut, conn: socket.socket, ctl: _Control, cycle: int, max_step: int) -> int:
+    """Move bytes between ``conn`` and the DUT until the host closes it; returns the cycle."""
     rx = bytearray()
     tx = bytearray()
     step = 1
-    cycle = 0
     closed = False
 
     async def maybe_reset() -> bool:
@@ -218,6 +258,7 @@ async def board(dut):
         if step == max_step:
             select.select([conn], [], [], 0.0005)
     conn.close()
+    return cycle
 
 
 def _send(conn: socket.socket, data: bytes) -> None:
