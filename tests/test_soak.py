@@ -182,7 +182,10 @@ def test_soak_catches_every_fault_kind(board_and_build):
         if not kind.startswith(("insert", "dup")):
             assert caught == 1, (kind, v, [f for f in r["faults"] if f.get("kind") == kind])
     assert r["faults_caught"] + r["faults_got_through"] == len(KINDS)
-    assert all(r["caught_by"][k] > 0 for k in CAUGHT_BY), r["caught_by"]
+    # The CRC and the waits catch some of these faults each. (Since answers carry their
+    # request's tag, an answer damaged into a frame of another tag is dropped and the
+    # request times out: which faults the other checks catch depends on the draw.)
+    assert r["caught_by"]["crc"] > 0 and r["caught_by"]["timeout"] > 0, r["caught_by"]
     assert r["by_kind"]["reorder_tx"]["timeout"] == 1 and r["by_kind"]["reorder_rx"]["timeout"] == 1
 
 
@@ -256,7 +259,7 @@ def test_soak_options_are_checked_before_any_work(tmp_path, capsys):
 _SOAK_SCRIPT = """
 import sys
 from gen.golden import golden_forward
-from mlg.cli import Terminated, _end_on_signals
+from hw.flow.procs import Terminated, end_on_signals
 from sim.soak import SoakOptions, soak_session
 from tests.test_accelerator import _build, _images
 
@@ -264,7 +267,7 @@ config, program = _build()
 x = _images(program, 2, seed=25)
 golden = golden_forward(program.network(), x)
 try:
-    with _end_on_signals():
+    with end_on_signals():
         soak_session(config, program, x, golden,
                      SoakOptions(images=100000, frames=0, timeout=2.0, fault_rate=0.5),
                      fast_build=True, out=sys.argv[1], log=lambda *a: print(*a, flush=True))
@@ -373,3 +376,19 @@ def test_random_frame_sequence_matches_the_device_model(board_and_build):
     # The image soak goes on over the same connection, as in mlg soak.
     r = soak(board, transport, config, program, x, golden_forward(net, x), images=3, fault_rate=0.0)
     assert r["computed_bit_exact"] == 3 and r["faults_injected"] == 0
+
+
+def test_what_caught_a_fault_is_named_by_its_error():
+    from host.driver import DeviceError, DriverError, LinkTimeout, RunError
+    from host.protocol import ERR_CRC, ERR_LENGTH, ERR_STATE, ERR_TIMEOUT, OP_WRITE
+    from sim.soak import caught_by
+
+    assert caught_by(DeviceError(ERR_CRC, OP_WRITE)) == "crc"
+    assert caught_by(DeviceError(ERR_TIMEOUT, OP_WRITE)) == "timeout"
+    assert caught_by(DeviceError(ERR_LENGTH, OP_WRITE)) == "check"
+    assert caught_by(DeviceError(ERR_STATE, OP_WRITE)) == "check"
+    assert caught_by(LinkTimeout("no response to RUN within 3.0 s")) == "timeout"
+    assert caught_by(RunError("the run did not finish within 5 s")) == "timeout"
+    assert caught_by(RunError("the run ended in the error state")) == "check"
+    assert caught_by(DriverError("corrupt response to READ: bad CRC")) == "crc"
+    assert caught_by(DriverError("response opcode 0x85 to READ, expected 0x83")) == "check"
